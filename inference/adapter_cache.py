@@ -1,0 +1,479 @@
+"""The adapter registry and its three tiers: device (in the model), host (RAM), disk (source).
+
+Every adapter version the server knows is an :class:`AdapterEntry`. Its weights may sit in
+up to three places:
+
+- **device**: injected into the model as a LoRA slot, usable by the next forward pass;
+  bounded by a slot count and a byte budget, LRU, pinned entries never leave;
+- **host**: validated tensors in CPU memory, so promotion to the device is a copy, not a
+  file read and re-validation; bounded by a byte budget, LRU;
+- **disk**: the source directory, always there.
+
+Rules:
+- an entry with in-flight requests (``refcount > 0``) is never evicted from the device;
+- disk reads and validation run in a loader thread, never on the engine thread;
+- the model is only ever changed on the engine thread (``ensure_on_device``, ``finish_evict``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from loramux.names import AdapterRef, TenantRef
+
+from .adapters import AdapterRejected, BaseFacts, HostAdapter, read_adapter
+from .lora_backend import LoraBackend
+from .metrics import Metrics
+
+log = logging.getLogger("loramux.cache")
+
+
+class AdapterState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+class Residency(StrEnum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+class UnknownAdapter(LookupError):
+    """No servable adapter answers to the reference (HTTP 404)."""
+
+
+class AdapterUnavailable(RuntimeError):
+    """The adapter exists but cannot serve: failed to load, or being evicted (HTTP 503)."""
+
+
+class AdapterConflict(RuntimeError):
+    """A registration contradicts what is resident (HTTP 409)."""
+
+
+class Prepared(StrEnum):
+    READY = "ready"
+    WAIT = "wait"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    ref: AdapterRef
+    path: Path
+    pinned: bool = False
+    state: AdapterState = AdapterState.LOADING
+    reason: str | None = None
+    reason_code: str | None = None
+    host: HostAdapter | None = None
+    slot: str | None = None
+    nbytes: int = 0
+    rank: int = 0
+    refcount: int = 0
+    hits: int = 0
+    registered_at: float = field(default_factory=time.time)
+    last_used: float = 0.0
+    disk_load_seconds: float | None = None
+    host_to_device_seconds: float | None = None
+    loading: concurrent.futures.Future | None = None
+    evicted: concurrent.futures.Future | None = None
+    merged: bool = False
+
+    @property
+    def residency(self) -> Residency:
+        if self.slot is not None or self.merged:
+            return Residency.DEVICE
+        if self.host is not None:
+            return Residency.HOST
+        return Residency.DISK
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        base: BaseFacts,
+        backend: LoraBackend,
+        metrics: Metrics,
+        *,
+        device_slots: int,
+        device_bytes: int,
+        host_bytes: int,
+        max_rank: int,
+        allow_pickle: bool = False,
+        loader_threads: int = 2,
+    ) -> None:
+        self._base = base
+        self._backend = backend
+        self._metrics = metrics
+        self.device_slots = device_slots
+        self.device_bytes = device_bytes
+        self.host_bytes = host_bytes
+        self.max_rank = max_rank
+        self.allow_pickle = allow_pickle
+        self._lock = threading.RLock()
+        self._entries: dict[AdapterRef, AdapterEntry] = {}
+        self._active: dict[str, str] = {}
+        self._device_lru: dict[AdapterRef, None] = {}  # insertion order = LRU order
+        self._host_lru: dict[AdapterRef, None] = {}
+        self._slot_ids = itertools.count(1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            loader_threads, thread_name_prefix="adapter-loader"
+        )
+        # Called (from any thread) when something the engine waits on has changed.
+        self.on_change: Callable[[], None] = lambda: None
+        # Runs a function on the engine thread; set by the engine.
+        self.run_on_engine: Callable[[Callable[[], object]], concurrent.futures.Future] = (
+            _run_inline
+        )
+
+    # ------------------------------------------------------------------ registration
+    def register(
+        self, ref: AdapterRef, path: Path, *, pinned: bool = False, activate: bool = False
+    ) -> concurrent.futures.Future:
+        """Register a version and start reading it from disk. The future gives the entry."""
+        with self._lock:
+            entry = self._entries.get(ref)
+            if entry is not None and entry.state == AdapterState.DRAINING:
+                raise AdapterConflict(f"{ref} is being evicted; retry once it is gone")
+            if entry is not None and entry.state != AdapterState.FAILED:
+                if Path(path).resolve() != entry.path.resolve():
+                    raise AdapterConflict(
+                        f"{ref} is already loaded from {entry.path}; versions are immutable, "
+                        "publish a new version instead"
+                    )
+                entry.pinned = entry.pinned or pinned
+                if activate:
+                    self._active[ref.tenant] = ref.version
+                if entry.loading is not None:
+                    return entry.loading
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                done.set_result(entry)
+                return done
+            entry = AdapterEntry(ref=ref, path=Path(path), pinned=pinned)
+            self._entries[ref] = entry
+            future = self._start_disk_load(entry)
+            activate_now = activate
+        def _after(fut: concurrent.futures.Future) -> None:
+            if fut.exception() is None:
+                with self._lock:
+                    if activate_now or ref.tenant not in self._active:
+                        self._active[ref.tenant] = ref.version
+        future.add_done_callback(_after)
+        return future
+
+    def register_merged(self, ref: AdapterRef, nbytes: int, rank: int) -> AdapterEntry:
+        """An adapter already merged into the base weights (merge mode): always resident."""
+        with self._lock:
+            entry = AdapterEntry(ref=ref, path=Path("."), pinned=True, state=AdapterState.READY,
+                                 nbytes=nbytes, rank=rank, merged=True)
+            self._entries[ref] = entry
+            self._active[ref.tenant] = ref.version
+            return entry
+
+    def _start_disk_load(self, entry: AdapterEntry) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        entry.loading = future
+
+        def load() -> None:
+            started = time.perf_counter()
+            try:
+                host = read_adapter(entry.path, self._base, self.max_rank, self.allow_pickle)
+                if host.nbytes > self.device_bytes:
+                    raise AdapterRejected(
+                        "too_large",
+                        f"adapter is {host.nbytes} bytes, above the device tier budget of "
+                        f"{self.device_bytes} bytes",
+                    )
+            except AdapterRejected as exc:
+                self._fail(entry, exc.code, exc.message)
+                future.set_exception(exc)
+                return
+            except Exception as exc:  # an unexpected reader failure must still fail alone
+                log.exception("adapter load crashed", extra={"adapter": str(entry.ref)})
+                self._fail(entry, "load_error", f"{type(exc).__name__}: {exc}")
+                future.set_exception(AdapterRejected("load_error", str(exc)))
+                return
+            seconds = time.perf_counter() - started
+            with self._lock:
+                entry.host = host
+                entry.nbytes = host.nbytes
+                entry.rank = host.rank
+                entry.disk_load_seconds = seconds
+                if entry.state == AdapterState.LOADING:
+                    entry.state = AdapterState.READY
+                    entry.reason = entry.reason_code = None
+                entry.loading = None
+                self._host_lru[entry.ref] = None
+                self._enforce_host_budget(keep=entry.ref)
+                self._update_gauges()
+            self._metrics.adapter_load_seconds.labels("disk", "host").observe(seconds)
+            log.info(
+                "adapter read from disk",
+                extra={"tenant": entry.ref.tenant, "version": entry.ref.version,
+                       "bytes": host.nbytes, "rank": host.rank, "seconds": round(seconds, 4)},
+            )
+            future.set_result(entry)
+            self.on_change()
+
+        self._pool.submit(load)
+        return future
+
+    def _fail(self, entry: AdapterEntry, code: str, message: str) -> None:
+        with self._lock:
+            entry.loading = None
+            if entry.state != AdapterState.DRAINING:
+                entry.state = AdapterState.FAILED
+            entry.reason, entry.reason_code = message, code
+        self._metrics.adapter_load_failures.labels(code).inc()
+        log.warning(
+            "adapter rejected",
+            extra={"tenant": entry.ref.tenant, "version": entry.ref.version,
+                   "reason": code, "detail": message},
+        )
+        self.on_change()
+
+    # ------------------------------------------------------------------ lookups
+    def set_active(self, tenant: str, version: str) -> AdapterEntry:
+        with self._lock:
+            entry = self._entries.get(AdapterRef(tenant, version))
+            if entry is None:
+                raise UnknownAdapter(f"{tenant}@{version} is not registered")
+            if entry.state in (AdapterState.FAILED, AdapterState.DRAINING):
+                raise AdapterUnavailable(
+                    f"{tenant}@{version} cannot be activated: {entry.state}"
+                    + (f" ({entry.reason})" if entry.reason else "")
+                )
+            self._active[tenant] = version
+            log.info("active version set", extra={"tenant": tenant, "version": version})
+            return entry
+
+    def resolve(self, want: TenantRef) -> AdapterEntry:
+        with self._lock:
+            version = want.version or self._active.get(want.tenant)
+            entry = self._entries.get(AdapterRef(want.tenant, version)) if version else None
+            if entry is None:
+                raise UnknownAdapter(f"no adapter for {want}")
+            return entry
+
+    def acquire(self, want: TenantRef) -> AdapterEntry:
+        """Resolve and take a reference for one request; ``release`` must follow."""
+        with self._lock:
+            entry = self.resolve(want)
+            if entry.state == AdapterState.FAILED:
+                raise AdapterUnavailable(f"adapter {entry.ref} failed to load: {entry.reason}")
+            if entry.state == AdapterState.DRAINING:
+                raise AdapterUnavailable(f"adapter {entry.ref} is being evicted")
+            entry.refcount += 1
+            entry.hits += 1
+            entry.last_used = time.time()
+            return entry
+
+    def release(self, entry: AdapterEntry) -> None:
+        with self._lock:
+            entry.refcount -= 1
+            finish = entry.state == AdapterState.DRAINING and entry.refcount == 0
+        if finish:
+            self.run_on_engine(lambda: self._finish_evict(entry))
+        self.on_change()
+
+    def entries(self) -> list[AdapterEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def active_version(self, tenant: str) -> str | None:
+        with self._lock:
+            return self._active.get(tenant)
+
+    def servable_tenants(self) -> dict[str, str]:
+        with self._lock:
+            return {
+                tenant: version
+                for tenant, version in self._active.items()
+                if (e := self._entries.get(AdapterRef(tenant, version))) is not None
+                and e.state == AdapterState.READY
+            }
+
+    def pinned_resident(self) -> tuple[bool, list[str]]:
+        with self._lock:
+            missing = [str(e.ref) for e in self._entries.values()
+                       if e.pinned and e.residency != Residency.DEVICE]
+            return not missing, missing
+
+    # ------------------------------------------------------------------ engine thread only
+    def prepare(self, entry: AdapterEntry) -> Prepared:
+        """Make ``entry`` usable by the next forward pass if possible (engine thread only)."""
+        with self._lock:
+            if entry.merged:
+                return Prepared.READY
+            if entry.slot is not None:
+                self._device_lru.pop(entry.ref, None)
+                self._device_lru[entry.ref] = None
+                self._metrics.cache_hits.labels("device").inc()
+                return Prepared.READY
+            if entry.state == AdapterState.FAILED:
+                return Prepared.FAILED
+            if entry.host is None:
+                if entry.loading is None:
+                    self._metrics.cache_misses.labels("device").inc()
+                    self._metrics.cache_misses.labels("host").inc()
+                    self._start_disk_load(entry)
+                return Prepared.WAIT
+            if not self._make_device_room(entry.nbytes):
+                return Prepared.WAIT
+            host = entry.host
+            slot = f"lmx{next(self._slot_ids)}"
+        started = time.perf_counter()
+        try:
+            self._backend.add(slot, host)
+        except Exception as exc:
+            log.exception("adapter injection failed", extra={"adapter": str(entry.ref)})
+            self._fail(entry, "inject_failed", f"{type(exc).__name__}: {exc}")
+            return Prepared.FAILED
+        seconds = time.perf_counter() - started
+        with self._lock:
+            entry.slot = slot
+            entry.host_to_device_seconds = seconds
+            self._device_lru[entry.ref] = None
+            self._host_lru.pop(entry.ref, None)
+            self._host_lru[entry.ref] = None
+            self._metrics.cache_misses.labels("device").inc()
+            self._metrics.cache_hits.labels("host").inc()
+            self._update_gauges()
+        self._metrics.adapter_load_seconds.labels("host", "device").observe(seconds)
+        log.info(
+            "adapter moved to device",
+            extra={"tenant": entry.ref.tenant, "version": entry.ref.version,
+                   "seconds": round(seconds, 5)},
+        )
+        return Prepared.READY
+
+    def _device_usage(self) -> tuple[int, int]:
+        on_device = [self._entries[r] for r in self._device_lru]
+        return len(on_device), sum(e.nbytes for e in on_device)
+
+    def _make_device_room(self, nbytes: int) -> bool:
+        """Evict unpinned, idle entries (LRU first) until ``nbytes`` fit. Lock held."""
+        while True:
+            count, used = self._device_usage()
+            if count < self.device_slots and used + nbytes <= self.device_bytes:
+                return True
+            victim = next(
+                (self._entries[r] for r in self._device_lru
+                 if not self._entries[r].pinned and self._entries[r].refcount == 0),
+                None,
+            )
+            if victim is None:
+                return False
+            self._drop_from_device(victim)
+
+    def _drop_from_device(self, entry: AdapterEntry) -> None:
+        if entry.slot is None:
+            return
+        self._backend.remove(entry.slot)
+        entry.slot = None
+        self._device_lru.pop(entry.ref, None)
+        self._metrics.cache_evictions.labels("device").inc()
+        log.info("adapter evicted from device",
+                 extra={"tenant": entry.ref.tenant, "version": entry.ref.version})
+        self._update_gauges()
+
+    def _enforce_host_budget(self, keep: AdapterRef) -> None:
+        """Drop host copies (LRU) that are not needed soon. Lock held."""
+        def used() -> int:
+            return sum(self._entries[r].nbytes for r in self._host_lru)
+
+        for ref in list(self._host_lru):
+            if used() <= self.host_bytes:
+                break
+            entry = self._entries[ref]
+            # A host copy that a waiting request is about to promote stays.
+            needed = entry.slot is None and (entry.refcount > 0 or entry.pinned)
+            if ref == keep or needed:
+                continue
+            entry.host = None
+            self._host_lru.pop(ref, None)
+            self._metrics.cache_evictions.labels("host").inc()
+
+    def promote_pinned(self) -> None:
+        """Bring pinned adapters onto the device (engine thread, between steps)."""
+        for entry in self.entries():
+            if entry.pinned and entry.state == AdapterState.READY and entry.slot is None:
+                self.prepare(entry)
+
+    # ------------------------------------------------------------------ eviction
+    def begin_evict(self, ref: AdapterRef) -> concurrent.futures.Future:
+        """Stop new requests on ``ref``; remove it once its in-flight requests finish."""
+        with self._lock:
+            entry = self._entries.get(ref)
+            if entry is None:
+                raise UnknownAdapter(f"{ref} is not registered")
+            if entry.merged:
+                raise AdapterConflict(f"{ref} is merged into the base and cannot be evicted")
+            if entry.evicted is not None:
+                return entry.evicted
+            entry.state = AdapterState.DRAINING
+            entry.evicted = concurrent.futures.Future()
+            if self._active.get(ref.tenant) == ref.version:
+                # The sidecar activates a new version before evicting the old one; if it
+                # did not, fall back to the newest remaining ready version, else none.
+                others = sorted(
+                    (e for e in self._entries.values()
+                     if e.ref.tenant == ref.tenant and e is not entry
+                     and e.state == AdapterState.READY),
+                    key=lambda e: e.registered_at,
+                )
+                if others:
+                    self._active[ref.tenant] = others[-1].ref.version
+                else:
+                    self._active.pop(ref.tenant, None)
+            idle = entry.refcount == 0
+            future = entry.evicted
+        log.info("adapter draining", extra={"tenant": ref.tenant, "version": ref.version,
+                                            "in_flight": entry.refcount})
+        if idle:
+            self.run_on_engine(lambda: self._finish_evict(entry))
+        return future
+
+    def _finish_evict(self, entry: AdapterEntry) -> None:
+        with self._lock:
+            if entry.refcount > 0 or entry.evicted is None or entry.evicted.done():
+                return
+            self._drop_from_device(entry)
+            entry.host = None
+            self._host_lru.pop(entry.ref, None)
+            self._entries.pop(entry.ref, None)
+            self._update_gauges()
+        log.info("adapter evicted",
+                 extra={"tenant": entry.ref.tenant, "version": entry.ref.version})
+        entry.evicted.set_result(entry)
+
+    def _update_gauges(self) -> None:
+        device = [self._entries[r] for r in self._device_lru if r in self._entries]
+        host = [self._entries[r] for r in self._host_lru if r in self._entries]
+        self._metrics.resident_adapters.labels("device").set(len(device))
+        self._metrics.resident_bytes.labels("device").set(sum(e.nbytes for e in device))
+        self._metrics.resident_adapters.labels("host").set(len(host))
+        self._metrics.resident_bytes.labels("host").set(sum(e.nbytes for e in host))
+        self._metrics.resident_adapters.labels("disk").set(len(self._entries))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_inline(fn: Callable[[], object]) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        future.set_result(fn())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future

@@ -1,0 +1,532 @@
+"""The FastAPI app: public, admin and health routers over one engine.
+
+Errors map to status codes in one place (:class:`ApiError` and the handlers registered in
+:func:`create_app`). Handlers only translate HTTP to engine calls and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loramux.names import AdapterRef, InvalidName, TenantRef, validate_label
+
+from .adapter_cache import (
+    AdapterConflict,
+    AdapterEntry,
+    AdapterState,
+    AdapterUnavailable,
+    UnknownAdapter,
+)
+from .adapters import AdapterRejected
+from .engine import ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
+from .sampling import SamplingParams
+from .schemas import (
+    ActivateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    LoadAdapterRequest,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from .server import Runtime
+
+log = logging.getLogger("loramux.http")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+
+def _error_body(message: str, code: str, status: int) -> dict[str, Any]:
+    return {"error": {"message": message, "code": code, "status": status}}
+
+
+# ---------------------------------------------------------------------- request plumbing
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies above a byte limit with 413, chunked uploads included."""
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Callable) -> None:
+        body = json.dumps(_error_body(
+            f"request body exceeds {self.max_bytes} bytes", "body_too_large", 413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def require_admin(request: Request) -> None:
+    """Admin routes: a bearer token when one is configured, else loopback clients only."""
+    runtime = _runtime(request)
+    token = runtime.admin_token
+    if token:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            raise ApiError(401, "admin routes need 'Authorization: Bearer <token>'",
+                           "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return
+    host = request.client.host if request.client else ""
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        raise ApiError(403, "admin routes accept only loopback clients when no token is set",
+                       "forbidden")
+
+
+# ---------------------------------------------------------------------- generation core
+class _Target:
+    """What a request resolved to: an adapter entry (holding a reference) or the base."""
+
+    def __init__(self, entry: AdapterEntry | None, fallback: bool, tenant: str | None) -> None:
+        self.entry, self.fallback, self.tenant = entry, fallback, tenant
+
+    @property
+    def adapter(self) -> str | None:
+        return str(self.entry.ref) if self.entry is not None else None
+
+
+def _resolve(runtime: Runtime, name: str, *, openai: bool) -> _Target:
+    if name in runtime.base_names:
+        if runtime.merged_entry is not None:
+            raise ApiError(404, f"this deployment serves only {runtime.merged_entry.ref} "
+                                "(merged); the plain base is not available", "model_not_found")
+        return _Target(None, False, None)
+    try:
+        want = TenantRef.parse(name)
+    except InvalidName as exc:
+        if openai:
+            raise ApiError(404, f"model {name[:80]!r} not found: {exc}", "model_not_found") from exc
+        raise ApiError(422, str(exc), "invalid_name") from exc
+    try:
+        return _Target(runtime.cache.acquire(want), False, want.tenant)
+    except UnknownAdapter as exc:
+        if runtime.settings.unknown_tenant == "base" and runtime.merged_entry is None:
+            runtime.metrics.fallback_requests.inc()
+            log.info("unknown tenant served by the base model", extra={"tenant": want.tenant})
+            return _Target(None, True, want.tenant)
+        raise ApiError(404, str(exc), "model_not_found") from exc
+    except AdapterUnavailable as exc:
+        raise ApiError(503, str(exc), "adapter_unavailable", {"Retry-After": "5"}) from exc
+
+
+def _params(runtime: Runtime, max_tokens: int | None, temperature: float, top_p: float,
+            stop: list[str], ignore_eos: bool, seed: int | None) -> SamplingParams:
+    limit = runtime.settings.max_new_tokens_limit
+    wanted = max_tokens if max_tokens is not None else runtime.settings.default_max_new_tokens
+    if wanted > limit:
+        raise ApiError(422, f"max_new_tokens {wanted} exceeds this server's limit of {limit}",
+                       "max_tokens_too_large")
+    return SamplingParams(max_new_tokens=wanted, temperature=temperature, top_p=top_p,
+                          stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed)
+
+
+def _tokenize(runtime: Runtime, prompt: str, *, special: bool = True) -> list[int]:
+    ids = runtime.tokenizer.encode(prompt, add_special_tokens=special)
+    limit = runtime.settings.max_prompt_tokens
+    if len(ids) > limit:
+        raise ApiError(413, f"prompt is {len(ids)} tokens; this server accepts at most {limit}",
+                       "prompt_too_long")
+    if not ids:
+        raise ApiError(422, "prompt encodes to no tokens", "empty_prompt")
+    return ids
+
+
+def _submit(runtime: Runtime, target: _Target, prompt_ids: list[int],
+            params: SamplingParams) -> Sequence:
+    seq = Sequence(prompt_ids=prompt_ids, params=params, entry=target.entry,
+                   loop=asyncio.get_running_loop(),
+                   timeout_s=runtime.settings.request_timeout_s)
+    try:
+        runtime.engine.submit(seq)
+    except QueueFull as exc:
+        _release(runtime, target)
+        raise ApiError(429, f"server is busy: {exc}", "queue_full", {"Retry-After": "1"}) from exc
+    return seq
+
+
+def _release(runtime: Runtime, target: _Target) -> None:
+    if target.entry is not None:
+        runtime.cache.release(target.entry)
+
+
+async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
+    """Wait for the sequence's end; cancel it if the client disconnects meanwhile."""
+    try:
+        while True:
+            getter = asyncio.ensure_future(seq.events.get())
+            while not getter.done():
+                await asyncio.wait({getter}, timeout=0.25)
+                if not getter.done() and await request.is_disconnected():
+                    getter.cancel()
+                    seq.cancel()
+                    raise ApiError(499, "client disconnected", "client_closed")
+            event = getter.result()
+            if isinstance(event, FinishEvent):
+                return event
+            if isinstance(event, ErrorEvent):
+                raise ApiError(event.status, event.reason, "generation_failed")
+    finally:
+        if not seq.done:
+            seq.cancel()
+
+
+async def _stream_events(seq: Sequence) -> AsyncIterator[TokenEvent | FinishEvent | ErrorEvent]:
+    """Yield events until the end; a cancelled stream (client gone) cancels the sequence."""
+    try:
+        while True:
+            event = await seq.events.get()
+            yield event
+            if isinstance(event, FinishEvent | ErrorEvent):
+                return
+    finally:
+        if not seq.done:
+            seq.cancel()
+
+
+def _sse(payload: Any) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---------------------------------------------------------------------- routers
+public = APIRouter()
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+health = APIRouter()
+
+
+@public.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request) -> Any:
+    runtime = _runtime(request)
+    params = _params(runtime, body.max_new_tokens, body.temperature, body.top_p, body.stop,
+                     body.ignore_eos, body.seed)
+    prompt_ids = _tokenize(runtime, body.prompt)
+    target = _resolve(runtime, body.tenant_id, openai=False)
+    version = target.entry.ref.version if target.entry is not None else None
+    seq = _submit(runtime, target, prompt_ids, params)
+    if body.stream:
+        async def events() -> AsyncIterator[bytes]:
+            async for event in _stream_events(seq):
+                if isinstance(event, TokenEvent):
+                    yield _sse({"text": event.text})
+                elif isinstance(event, FinishEvent):
+                    yield _sse({"tenant_id": body.tenant_id, "version": version,
+                                "adapter": target.adapter, "finish_reason": event.finish_reason,
+                                "usage": _usage(event).model_dump()})
+                else:
+                    yield _sse({"error": _error_body(event.reason, "generation_failed",
+                                                     event.status)["error"]})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    done = await _await_finish(seq, request)
+    return GenerateResponse(tenant_id=body.tenant_id, version=version, adapter=target.adapter,
+                            text=done.text, finish_reason=done.finish_reason, usage=_usage(done))
+
+
+def _usage(event: FinishEvent) -> Usage:
+    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                 total_tokens=event.prompt_tokens + event.completion_tokens)
+
+
+async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
+                  ChatCompletionRequest, prompt_ids: list[int], chat: bool) -> Any:
+    params = _params(runtime, body.max_completion_tokens or body.max_tokens, body.temperature,
+                     body.top_p, body.stop, body.ignore_eos, body.seed)
+    target = _resolve(runtime, body.model, openai=True)
+    seq = _submit(runtime, target, prompt_ids, params)
+    created = int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    headers = {"X-Loramux-Adapter": target.adapter or "none"}
+    if body.stream:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                if text:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                          "logprobs": None}
+            return {"id": rid, "object": obj, "created": created, "model": body.model,
+                    "adapter": target.adapter, "choices": [choice]}
+
+        async def events() -> AsyncIterator[bytes]:
+            if chat:
+                yield _sse(chunk(None, None, first=True))
+            async for event in _stream_events(seq):
+                if isinstance(event, TokenEvent):
+                    yield _sse(chunk(event.text, None))
+                elif isinstance(event, FinishEvent):
+                    final = chunk(None, event.finish_reason)
+                    final["usage"] = _usage(event).model_dump()
+                    yield _sse(final)
+                else:
+                    yield _sse({"error": _error_body(event.reason, "generation_failed",
+                                                     event.status)["error"]})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, **headers})
+    done = await _await_finish(seq, request)
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
+                                  "message": {"role": "assistant", "content": done.text}}
+    else:
+        choice = {"index": 0, "text": done.text, "finish_reason": done.finish_reason,
+                  "logprobs": None}
+    payload = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+               "created": created, "model": body.model, "adapter": target.adapter,
+               "choices": [choice], "usage": _usage(done).model_dump()}
+    return JSONResponse(payload, headers=headers)
+
+
+@public.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    runtime = _runtime(request)
+    assert isinstance(body.prompt, str)
+    return await _openai(runtime, request, body, _tokenize(runtime, body.prompt), chat=False)
+
+
+@public.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    runtime = _runtime(request)
+    if not getattr(runtime.tokenizer, "chat_template", None):
+        raise ApiError(422, "the base model's tokenizer has no chat template; use "
+                            "/v1/completions", "no_chat_template")
+    text = runtime.tokenizer.apply_chat_template(
+        [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
+    )
+    ids = _tokenize(runtime, text, special=False)
+    return await _openai(runtime, request, body, ids, chat=True)
+
+
+@public.get("/v1/models")
+async def models(request: Request) -> Any:
+    runtime = _runtime(request)
+    created = int(runtime.started_at)
+    data: list[dict[str, Any]] = []
+    if runtime.merged_entry is None:
+        data.append({"id": runtime.base_name, "object": "model", "created": created,
+                     "owned_by": "loramux", "root": runtime.base_name, "parent": None,
+                     "quantization": runtime.quantization})
+    for entry in sorted(runtime.cache.entries(), key=lambda e: str(e.ref)):
+        if entry.state != AdapterState.READY:
+            continue
+        active = runtime.cache.active_version(entry.ref.tenant) == entry.ref.version
+        ids = [str(entry.ref)] + ([entry.ref.tenant] if active else [])
+        for model_id in ids:
+            data.append({"id": model_id, "object": "model", "created": created,
+                         "owned_by": "loramux", "root": runtime.base_name,
+                         "parent": runtime.base_name, "tenant": entry.ref.tenant,
+                         "version": entry.ref.version, "merged": entry.merged})
+    return {"object": "list", "data": data, "base_model": runtime.base_name,
+            "base_model_aliases": list(runtime.base_names)}
+
+
+def _entry_view(runtime: Runtime, entry: AdapterEntry) -> dict[str, Any]:
+    return {
+        "tenant": entry.ref.tenant, "version": entry.ref.version, "state": str(entry.state),
+        "reason": entry.reason, "reason_code": entry.reason_code,
+        "residency": str(entry.residency), "pinned": entry.pinned,
+        "active": runtime.cache.active_version(entry.ref.tenant) == entry.ref.version,
+        "bytes": entry.nbytes, "rank": entry.rank, "in_flight": entry.refcount,
+        "hits": entry.hits, "last_used": entry.last_used or None,
+        "path": str(entry.path), "merged": entry.merged,
+        "disk_load_seconds": entry.disk_load_seconds,
+        "host_to_device_seconds": entry.host_to_device_seconds,
+    }
+
+
+def _ref(tenant: str, version: str) -> AdapterRef:
+    try:
+        return AdapterRef(tenant, version)
+    except InvalidName as exc:
+        raise ApiError(422, str(exc), "invalid_name") from exc
+
+
+@admin.get("/adapters")
+async def list_adapters(request: Request) -> Any:
+    runtime = _runtime(request)
+    return {"adapters": [_entry_view(runtime, e) for e in
+                         sorted(runtime.cache.entries(), key=lambda e: str(e.ref))]}
+
+
+@admin.put("/adapters/{tenant}/{version}")
+async def load_adapter(tenant: str, version: str, body: LoadAdapterRequest,
+                       request: Request) -> Any:
+    runtime = _runtime(request)
+    ref = _ref(tenant, version)
+    path = Path(body.path)
+    if not path.is_absolute():
+        raise ApiError(422, "path must be absolute", "bad_path")
+    root = runtime.settings.adapter_root
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise ApiError(422, f"path must be inside {root}", "bad_path")
+    try:
+        future = runtime.cache.register(ref, path, pinned=body.pinned, activate=body.activate)
+    except AdapterConflict as exc:
+        raise ApiError(409, str(exc), "conflict") from exc
+    try:
+        entry = await asyncio.wrap_future(future)
+    except AdapterRejected as exc:
+        raise ApiError(422, f"adapter {ref} rejected: {exc.message}", exc.code) from exc
+    if body.pinned:
+        await asyncio.wrap_future(runtime.engine.call(lambda: runtime.cache.prepare(entry)))
+    if body.activate:
+        runtime.cache.set_active(ref.tenant, ref.version)
+    return _entry_view(runtime, entry)
+
+
+@admin.delete("/adapters/{tenant}/{version}")
+async def evict_adapter(tenant: str, version: str, request: Request) -> Any:
+    runtime = _runtime(request)
+    ref = _ref(tenant, version)
+    try:
+        future = runtime.cache.begin_evict(ref)
+    except UnknownAdapter as exc:
+        raise ApiError(404, str(exc), "not_found") from exc
+    except AdapterConflict as exc:
+        raise ApiError(409, str(exc), "conflict") from exc
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
+                               runtime.settings.drain_timeout_s)
+    except TimeoutError:
+        return JSONResponse({"tenant": tenant, "version": version, "state": "draining"},
+                            status_code=202)
+    return {"tenant": tenant, "version": version, "state": "evicted"}
+
+
+@admin.put("/tenants/{tenant}/active")
+async def set_active(tenant: str, body: ActivateRequest, request: Request) -> Any:
+    runtime = _runtime(request)
+    ref = _ref(tenant, body.version)
+    try:
+        entry = runtime.cache.set_active(ref.tenant, ref.version)
+    except UnknownAdapter as exc:
+        raise ApiError(404, str(exc), "not_found") from exc
+    except AdapterUnavailable as exc:
+        raise ApiError(409, str(exc), "not_ready") from exc
+    return _entry_view(runtime, entry)
+
+
+@health.get("/healthz")
+async def healthz(request: Request) -> Any:
+    runtime = _runtime(request)
+    if not runtime.engine.alive:
+        raise ApiError(503, "engine thread is not running", "engine_down")
+    return {"status": "ok"}
+
+
+@health.get("/readyz")
+async def readyz(request: Request) -> Any:
+    runtime = _runtime(request)
+    if not runtime.engine.alive:
+        raise ApiError(503, "engine thread is not running", "engine_down")
+    ok, missing = runtime.cache.pinned_resident()
+    if not ok:
+        raise ApiError(503, f"pinned adapters not resident yet: {missing}", "not_ready")
+    return {"status": "ready", "base_model": runtime.base_name}
+
+
+@health.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_runtime(request).metrics.registry),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------- app
+def create_app(runtime: Runtime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.engine.start()
+        yield
+        runtime.engine.stop()
+        runtime.cache.shutdown()
+
+    app = FastAPI(title="loramux", version=runtime.version, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.include_router(public)
+    app.include_router(admin)
+    app.include_router(health)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.message, exc.code, exc.status),
+                            status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg')}")
+        return JSONResponse(_error_body("; ".join(problems)[:2000], "invalid_request", 422),
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(_error_body("internal error; see the server log", "internal", 500),
+                            status_code=500)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    return app
+
+
+__all__ = ["ApiError", "create_app", "validate_label"]

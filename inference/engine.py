@@ -1,0 +1,459 @@
+"""The engine: the one owner of the model, running continuous batching on its own thread.
+
+HTTP handlers call :meth:`Engine.submit` and read events from the sequence's queue. The
+engine thread loops:
+
+1. run queued commands (adapter promotions, evictions) between forward passes;
+2. drop cancelled and timed-out sequences, freeing their rows;
+3. admit waiting sequences whose adapter is on the device, up to the batch limit. A sequence
+   whose adapter is still loading stays waiting and does not hold up anyone else;
+4. prefill the admitted prompts in one forward pass and splice them into the running batch;
+5. decode one token for every running sequence, whatever its tenant, in one forward pass.
+
+Each row carries its own adapter slot; there is no model-wide active adapter and no lock
+around the forward pass. The running batch is left-padded: each row has its own position
+ids and attention mask, and the KV cache is re-packed when rows join or leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .adapter_cache import AdapterCache, AdapterEntry, Prepared
+from .lora_backend import LoraBackend
+from .metrics import BASE_LABEL, Metrics
+from .sampling import RowSampler, SamplingParams, StopTextTracker, sample_rows
+
+log = logging.getLogger("loramux.engine")
+
+
+class QueueFull(RuntimeError):
+    """Too many requests wait to join the batch (HTTP 429)."""
+
+
+@dataclass
+class TokenEvent:
+    text: str
+
+
+@dataclass
+class FinishEvent:
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    status: int
+    reason: str
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    entry: AdapterEntry | None
+    loop: asyncio.AbstractEventLoop
+    timeout_s: float
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    done: bool = False
+    sampler: RowSampler = field(init=False)
+    tracker: StopTextTracker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sampler = RowSampler(self.params)
+        self.tracker = StopTextTracker(self.params.stop)
+
+    @property
+    def tenant_label(self) -> str:
+        return self.entry.ref.tenant if self.entry is not None else BASE_LABEL
+
+    def cancel(self) -> None:
+        """Called by the HTTP side when the client goes away; the engine frees the row."""
+        self.cancelled = True
+
+
+@dataclass
+class _Batch:
+    """The running rows: left-padded KV cache, masks and positions, one row per sequence."""
+
+    seqs: list[Sequence]
+    cache: Any  # transformers DynamicCache
+    mask: torch.Tensor  # [rows, cached_len] 1 = real token
+    positions: torch.Tensor  # [rows] position id of the next token
+    last_tokens: torch.Tensor  # [rows] token to feed next
+
+
+def _pad_left(t: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
+    if amount == 0:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [amount, 0]
+    return F.pad(t, pad)
+
+
+class Engine:
+    def __init__(
+        self,
+        model_config: Any,
+        tokenizer: Any,
+        backend: LoraBackend,
+        cache: AdapterCache,
+        metrics: Metrics,
+        *,
+        device: str,
+        max_batch_size: int,
+        max_queue: int,
+        max_prefill_tokens: int = 4096,
+        eos_token_ids: set[int] | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.cache = cache
+        self.metrics = metrics
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.eos_token_ids = eos_token_ids or set()
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future]]
+        self._commands = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pending = 0  # submitted, not yet admitted
+        self._pending_lock = threading.Lock()
+        self._waiting: deque[Sequence] = deque()
+        self._batch: _Batch | None = None
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        cache.on_change = self.wake
+        cache.run_on_engine = self.call
+
+    # ------------------------------------------------------------------ public, any thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between forward passes."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if threading.current_thread() is self._thread:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future
+
+    def submit(self, seq: Sequence) -> None:
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise QueueFull(f"{self._pending} requests already wait (limit {self.max_queue})")
+            self._pending += 1
+        self.metrics.queue_depth.inc()
+        self._inbox.put(seq)
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        batch = self._batch
+        return len(batch.seqs) if batch is not None else 0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        log.info("engine started", extra={"max_batch_size": self.max_batch_size})
+        while not self._stop.is_set():
+            try:
+                worked = self._step()
+            except Exception:  # the loop must survive anything a step throws
+                log.exception("engine step failed; failing the running batch")
+                self._fail_batch(503, "the engine hit an internal error on this batch")
+                worked = True
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
+        self._fail_batch(503, "server is shutting down")
+        for seq in list(self._waiting):
+            self._finish_error(seq, 503, "server is shutting down")
+        self._waiting.clear()
+
+    def _step(self) -> bool:
+        worked = self._run_commands()
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        self.cache.promote_pinned()
+        self._reap()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+            worked = True
+        if self._batch is not None and self._batch.seqs:
+            self._decode()
+            worked = True
+        self.metrics.running.set(self.running)
+        return worked
+
+    def _run_commands(self) -> bool:
+        ran = False
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return ran
+            ran = True
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _reap(self) -> None:
+        """Finish cancelled or timed-out sequences, waiting or running."""
+        now = time.monotonic()
+        for seq in list(self._waiting):
+            if seq.cancelled or now - seq.submitted_at > seq.timeout_s:
+                self._waiting.remove(seq)
+                self._unqueue()
+                self._end(seq, now)
+        if self._batch is not None:
+            gone = [s for s in self._batch.seqs
+                    if s.cancelled or now - s.submitted_at > s.timeout_s]
+            for seq in gone:
+                self._end(seq, now)
+            if gone:
+                self._drop_rows(gone)
+
+    def _end(self, seq: Sequence, now: float) -> None:
+        if seq.cancelled:
+            self._finish_error(seq, 499, "client disconnected")
+        else:
+            self._finish_error(seq, 504, f"request exceeded its timeout of {seq.timeout_s:g}s")
+
+    def _unqueue(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        self.metrics.queue_depth.dec()
+
+    def _admit(self) -> list[Sequence]:
+        room = self.max_batch_size - self.running
+        budget = self.max_prefill_tokens
+        admitted: list[Sequence] = []
+        for seq in list(self._waiting):
+            if room <= 0:
+                break
+            if admitted and len(seq.prompt_ids) > budget:
+                break
+            state = Prepared.READY if seq.entry is None else self.cache.prepare(seq.entry)
+            if state == Prepared.WAIT:
+                continue  # its adapter is loading: others go ahead
+            self._waiting.remove(seq)
+            self._unqueue()
+            if state == Prepared.FAILED:
+                reason = seq.entry.reason if seq.entry is not None else None
+                self._finish_error(seq, 503, f"adapter failed to load: {reason}")
+                continue
+            admitted.append(seq)
+            room -= 1
+            budget -= len(seq.prompt_ids)
+        return admitted
+
+    def _slots(self, seqs: list[Sequence]) -> list[str | None]:
+        return [s.entry.slot if s.entry is not None else None for s in seqs]
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        from transformers import DynamicCache
+
+        longest = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            ids[row, longest - n:] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+            mask[row, longest - n:] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model_config)
+        logits = self.backend.forward(
+            ids.to(self.device), mask.to(self.device), positions.to(self.device), cache,
+            self._slots(seqs),
+        )
+        group = _Batch(
+            seqs=list(seqs),
+            cache=cache,
+            mask=mask.to(self.device),
+            positions=mask.sum(dim=1).to(self.device),
+            last_tokens=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
+        )
+        self._merge(group)
+        self._accept_tokens(list(seqs), logits, offset=len(self._batch.seqs) - len(seqs))
+
+    def _merge(self, group: _Batch) -> None:
+        if self._batch is None or not self._batch.seqs:
+            self._batch = group
+            return
+        batch = self._batch
+        old_len, new_len = batch.mask.shape[1], group.mask.shape[1]
+        target = max(old_len, new_len)
+        for old_layer, new_layer in zip(batch.cache.layers, group.cache.layers, strict=True):
+            old_layer.keys = torch.cat([_pad_left(old_layer.keys, target - old_len, 2),
+                                        _pad_left(new_layer.keys, target - new_len, 2)])
+            old_layer.values = torch.cat([_pad_left(old_layer.values, target - old_len, 2),
+                                          _pad_left(new_layer.values, target - new_len, 2)])
+        batch.mask = torch.cat([_pad_left(batch.mask, target - old_len, 1),
+                                _pad_left(group.mask, target - new_len, 1)])
+        batch.positions = torch.cat([batch.positions, group.positions])
+        batch.last_tokens = torch.cat([batch.last_tokens, group.last_tokens])
+        batch.seqs.extend(group.seqs)
+
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        rows = len(batch.seqs)
+        mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype,
+                                                 device=batch.mask.device)], dim=1)
+        slots = self._slots(batch.seqs)
+        self.metrics.batch_size.observe(rows)
+        self.metrics.distinct_adapters.observe(len(set(slots)))
+        logits = self.backend.forward(
+            batch.last_tokens[:, None], mask, batch.positions[:, None], batch.cache, slots
+        )
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        self.steps += 1
+        self._accept_tokens(list(batch.seqs), logits, offset=0)
+
+    def _accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor, offset: int) -> None:
+        """Sample a token per row, stream it, and retire rows that are done."""
+        batch = self._batch
+        assert batch is not None
+        tokens = sample_rows(logits, [s.sampler for s in seqs])
+        now = time.monotonic()
+        finished: list[Sequence] = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            batch.last_tokens[offset + i] = token
+            seq.generated.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.metrics.ttft.labels(seq.tenant_label).observe(now - seq.submitted_at)
+            hit_eos = token in self.eos_token_ids and not seq.params.ignore_eos
+            at_length = len(seq.generated) >= seq.params.max_new_tokens
+            ids = seq.generated[:-1] if hit_eos else seq.generated
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            final = hit_eos or at_length
+            delta = seq.tracker.update(text, final=final)
+            if delta:
+                self._emit(seq, TokenEvent(delta))
+            if seq.tracker.stopped or final:
+                reason = "stop" if (hit_eos or seq.tracker.stopped) else "length"
+                self._finish_ok(seq, reason)
+                finished.append(seq)
+        if finished:
+            self._drop_rows(finished)
+
+    def _drop_rows(self, gone: list[Sequence]) -> None:
+        batch = self._batch
+        assert batch is not None
+        keep = [i for i, s in enumerate(batch.seqs) if s not in gone]
+        if not keep:
+            self._batch = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask.index_select(0, index)
+        # Columns that are padding in every remaining row are dead weight: trim them.
+        live = mask.any(dim=0).nonzero()
+        start = int(live[0]) if len(live) else 0
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, start:, :]
+        batch.mask = mask[:, start:]
+        batch.positions = batch.positions.index_select(0, index)
+        batch.last_tokens = batch.last_tokens.index_select(0, index)
+        batch.seqs = [batch.seqs[i] for i in keep]
+
+    def _fail_batch(self, status: int, reason: str) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            for seq in batch.seqs:
+                self._finish_error(seq, status, reason)
+
+    # ------------------------------------------------------------------ completion
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.loop.call_soon_threadsafe(seq.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq.entry is not None:
+            self.cache.release(seq.entry)
+
+    def _finish_ok(self, seq: Sequence, reason: str) -> None:
+        if seq.done:
+            return
+        now = time.monotonic()
+        label = seq.tenant_label
+        self.metrics.requests.labels(label, "ok").inc()
+        self.metrics.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
+        self.metrics.completion_tokens.labels(label).inc(len(seq.generated))
+        self.metrics.e2e.labels(label).observe(now - seq.submitted_at)
+        self._emit(seq, FinishEvent(seq.tracker.text, reason, len(seq.prompt_ids),
+                                    len(seq.generated)))
+        self._release(seq)
+        if seq.entry is not None:
+            log.debug("sequence finished", extra={"tenant": seq.entry.ref.tenant,
+                                                  "version": seq.entry.ref.version,
+                                                  "tokens": len(seq.generated)})
+
+    def _finish_error(self, seq: Sequence, status: int, reason: str) -> None:
+        if seq.done:
+            return
+        outcome = {499: "cancelled", 504: "timeout"}.get(status, "error")
+        self.metrics.requests.labels(seq.tenant_label, outcome).inc()
+        self._emit(seq, ErrorEvent(status, reason))
+        self._release(seq)

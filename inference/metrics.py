@@ -1,0 +1,83 @@
+"""Prometheus metrics of one server process, on its own registry.
+
+Tenant labels only ever carry validated DNS-1123 names (or ``_base`` for the base model), so
+a client cannot blow up label cardinality with made-up names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BASE_LABEL = "_base"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loramux_requests_total", "Requests finished, by tenant and outcome.",
+            ["tenant", "outcome"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "loramux_prompt_tokens_total", "Prompt tokens processed.", ["tenant"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "loramux_completion_tokens_total", "Tokens generated.", ["tenant"], registry=r
+        )
+        self.ttft = Histogram(
+            "loramux_time_to_first_token_seconds", "Submission to first generated token.",
+            ["tenant"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "loramux_request_latency_seconds", "Submission to last token.",
+            ["tenant"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "loramux_batch_size", "Sequences in each decode step.",
+            buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64), registry=r,
+        )
+        self.distinct_adapters = Histogram(
+            "loramux_step_distinct_adapters", "Distinct adapters (base included) in each step.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r,
+        )
+        self.queue_depth = Gauge(
+            "loramux_queue_depth", "Requests waiting to join the batch.", registry=r
+        )
+        self.running = Gauge("loramux_running_sequences", "Sequences decoding now.", registry=r)
+        self.cache_hits = Counter(
+            "loramux_adapter_cache_hits_total", "Adapter lookups served by a tier.", ["tier"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "loramux_adapter_cache_misses_total", "Adapter lookups a tier could not serve.",
+            ["tier"], registry=r,
+        )
+        self.cache_evictions = Counter(
+            "loramux_adapter_cache_evictions_total", "Adapters evicted from a tier.", ["tier"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loramux_adapter_load_seconds", "Time to bring an adapter into a tier.",
+            ["source", "target"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=r,
+        )
+        self.adapter_load_failures = Counter(
+            "loramux_adapter_load_failures_total", "Adapters rejected or failed to load.",
+            ["reason"], registry=r,
+        )
+        self.resident_adapters = Gauge(
+            "loramux_resident_adapters", "Adapters resident per tier.", ["tier"], registry=r
+        )
+        self.resident_bytes = Gauge(
+            "loramux_resident_adapter_bytes", "Adapter bytes resident per tier.", ["tier"],
+            registry=r,
+        )
+        self.fallback_requests = Counter(
+            "loramux_base_fallback_requests_total",
+            "Requests for an unknown tenant served by the base model (fallback mode).",
+            registry=r,
+        )

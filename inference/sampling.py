@@ -1,0 +1,89 @@
+"""Per-row sampling and stop-string handling; each sequence keeps its own parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class RowSampler:
+    params: SamplingParams
+    generator: torch.Generator | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None and self.params.temperature > 0:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+
+def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
+    """Pick one token per row. Greedy rows share one argmax; sampled rows go one by one."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out: list[int] = []
+    for row, sampler in enumerate(samplers):
+        p = sampler.params
+        if p.temperature <= 0:
+            out.append(int(greedy[row]))
+            continue
+        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            cut = cumulative - sorted_probs > p.top_p
+            sorted_probs[cut] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        token = torch.multinomial(probs, 1, generator=sampler.generator)
+        out.append(int(token.item()))
+    return out
+
+
+class StopTextTracker:
+    """Turns the decoded text of a growing sequence into safe-to-send deltas.
+
+    Text that might still become a stop string, or an incomplete UTF-8 character, is held
+    back until it is known; a stop string found anywhere ends the sequence and is cut off.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self.sent = 0
+        self.text = ""
+        self.stopped = False
+
+    def update(self, full_text: str, final: bool = False) -> str:
+        cut = min((i for s in self.stop if (i := full_text.find(s)) != -1), default=-1)
+        if cut != -1:
+            full_text = full_text[:cut]
+            self.stopped = True
+            final = True
+        self.text = full_text
+        safe = len(full_text)
+        if not final:
+            if full_text.endswith("\ufffd"):
+                safe -= 1
+            safe -= self._partial_stop_suffix(full_text[:safe])
+        safe = max(safe, self.sent)
+        delta = full_text[self.sent:safe]
+        self.sent = safe
+        return delta
+
+    def _partial_stop_suffix(self, text: str) -> int:
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest

@@ -1,0 +1,154 @@
+"""Assembling one server process from its settings, and running it under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loramux import __version__
+from loramux.names import AdapterRef, InvalidName
+
+from .adapter_cache import AdapterCache, AdapterEntry
+from .adapters import AdapterRejected, BaseFacts, read_adapter
+from .engine import Engine
+from .lora_backend import PeftMixedBatchBackend
+from .metrics import Metrics
+from .model_loader import BaseModel, load_base_model
+from .settings import ServeSettings
+
+log = logging.getLogger("loramux.server")
+
+
+@dataclass
+class Runtime:
+    settings: ServeSettings
+    base: BaseModel
+    cache: AdapterCache
+    engine: Engine
+    metrics: Metrics
+    admin_token: str | None
+    merged_entry: AdapterEntry | None = None
+    started_at: float = field(default_factory=time.time)
+    version: str = __version__
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.base.tokenizer
+
+    @property
+    def base_name(self) -> str:
+        return self.base.name
+
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        return (self.base.name, *self.base.aliases)
+
+    @property
+    def quantization(self) -> str:
+        return self.base.quantization
+
+
+def parse_adapter_flag(text: str) -> tuple[AdapterRef, Path]:
+    ref_text, sep, path = text.partition("=")
+    if not sep or not path:
+        raise ValueError(f"--adapter {text!r}: expected tenant@version=PATH")
+    tenant, at, version = ref_text.partition("@")
+    if not at:
+        raise ValueError(f"--adapter {text!r}: expected tenant@version=PATH")
+    return AdapterRef(tenant, version), Path(path)
+
+
+def _merge_ref(settings: ServeSettings, path: Path) -> AdapterRef:
+    if settings.merge_adapter_ref:
+        tenant, _, version = settings.merge_adapter_ref.partition("@")
+        return AdapterRef(tenant, version or "merged")
+    try:
+        return AdapterRef(path.parent.name, path.name)
+    except InvalidName as exc:
+        raise ValueError(
+            "--merge-adapter path is not <tenant>/<version>; pass --merge-adapter-ref"
+        ) from exc
+
+
+def build_runtime(settings: ServeSettings) -> Runtime:
+    quantization = settings.quantization
+    if settings.merge_adapter is not None and quantization in ("auto", "nf4"):
+        # Merging into 4-bit weights is lossy: merge into a dequantized copy instead.
+        quantization = "bf16" if torch.cuda.is_available() and settings.device != "cpu" else "none"
+        log.info("merge mode: loading the base unquantized for an exact merge",
+                 extra={"quantization": quantization})
+    base = load_base_model(settings.model, quantization, settings.device, settings.cache_dir,
+                           settings.served_model_name)
+    facts = BaseFacts.from_model(base.model, base.aliases)
+    metrics = Metrics()
+    backend = PeftMixedBatchBackend(base.model)
+    merged_ref: AdapterRef | None = None
+    merged_bytes = merged_rank = 0
+    if settings.merge_adapter is not None:
+        merged_ref = _merge_ref(settings, settings.merge_adapter)
+        host = read_adapter(settings.merge_adapter, facts, settings.max_lora_rank,
+                            settings.allow_pickle_adapters)
+        backend.add("merged", host)
+        merged_model = backend.model.merge_and_unload()
+        merged_model.eval()
+        backend = PeftMixedBatchBackend(merged_model)
+        base.model = merged_model
+        merged_bytes, merged_rank = host.nbytes, host.rank
+        log.info("adapter merged into the base",
+                 extra={"tenant": merged_ref.tenant, "version": merged_ref.version})
+    cache = AdapterCache(
+        facts, backend, metrics,
+        device_slots=settings.device_adapter_slots,
+        device_bytes=settings.device_cache_bytes,
+        host_bytes=settings.host_cache_bytes,
+        max_rank=settings.max_lora_rank,
+        allow_pickle=settings.allow_pickle_adapters,
+    )
+    eos: set[int] = set()
+    for source in (base.tokenizer.eos_token_id,
+                   getattr(base.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, list):
+            eos.update(int(x) for x in source)
+    engine = Engine(
+        base.model.config, base.tokenizer, backend, cache, metrics,
+        device=base.device,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        eos_token_ids=eos,
+    )
+    runtime = Runtime(settings, base, cache, engine, metrics, settings.resolved_admin_token())
+    if merged_ref is not None:
+        runtime.merged_entry = cache.register_merged(merged_ref, merged_bytes, merged_rank)
+    pinned = set(settings.pin)
+    for flag in settings.adapter:
+        ref, path = parse_adapter_flag(flag)
+        try:
+            cache.register(ref, path, pinned=str(ref) in pinned, activate=True).result()
+        except AdapterRejected as exc:
+            # One bad preload fails alone; it shows in /admin/adapters with its reason.
+            log.error("preloaded adapter rejected",
+                      extra={"tenant": ref.tenant, "version": ref.version, "reason": exc.code,
+                             "detail": exc.message})
+    return runtime
+
+
+def serve(settings: ServeSettings) -> None:
+    import uvicorn
+
+    from loramux.logs import configure_logging
+
+    from .app import create_app
+
+    configure_logging(settings.log_level, settings.log_format)
+    torch.set_grad_enabled(False)
+    runtime = build_runtime(settings)
+    app = create_app(runtime)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=int(settings.drain_timeout_s))

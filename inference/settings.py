@@ -1,0 +1,91 @@
+"""Typed settings of ``loramux serve``: flags, or ``LORAMUX_*`` environment variables.
+
+This module imports nothing heavy, so ``loramux serve --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class ServeSettings(BaseSettings):
+    """One inference server: one base model, many tenants' adapters."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMUX_", extra="forbid")
+
+    # --- model
+    model: Path | None = Field(
+        None, description="Local HF checkpoint directory. Default: the embedded SmolLM2-135M."
+    )
+    served_model_name: str | None = Field(None, description="Name the base is served under.")
+    quantization: Literal["auto", "nf4", "bf16", "none"] = Field(
+        "auto", description="auto = nf4 when bitsandbytes is installed."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: Path | None = Field(None, description="Where the converted default model lives.")
+    merge_adapter: Path | None = Field(
+        None,
+        description="Serve this one adapter merged into the base (hot-tenant deployments). "
+        "Its tenant@version comes from --merge-adapter-ref or the <tenant>/<version> path.",
+    )
+    merge_adapter_ref: str | None = None
+
+    # --- HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: str | None = Field(None, description="Bearer token for /admin routes.")
+    admin_token_file: Path | None = None
+    max_body_bytes: int = Field(1 * MiB, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    # --- limits
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_new_tokens_limit: int = Field(2048, ge=1)
+    default_max_new_tokens: int = Field(128, ge=1)
+    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled per step.")
+    request_timeout_s: float = Field(300.0, gt=0)
+    drain_timeout_s: float = Field(60.0, gt=0, description="Max wait of DELETE for in-flight.")
+
+    # --- adapters and cache tiers
+    max_lora_rank: int = Field(64, ge=1)
+    device_adapter_slots: int = Field(32, ge=1)
+    device_cache_bytes: int = Field(1 * GiB, ge=1)
+    host_cache_bytes: int = Field(4 * GiB, ge=0)
+    allow_pickle_adapters: bool = Field(
+        False, description="Allow adapter_model.bin (pickle). Never for untrusted sources."
+    )
+    unknown_tenant: Literal["reject", "base"] = Field(
+        "reject", description="reject = 404; base = serve the base model, flagged adapter: null."
+    )
+    adapter: list[str] = Field(
+        default_factory=list,
+        description="Preload tenant@version=PATH (repeatable); the last version given is active.",
+    )
+    adapter_root: Path | None = Field(
+        None, description="If set, the admin API loads adapters only from inside this folder."
+    )
+    pin: list[str] = Field(default_factory=list, description="tenant@version to pin (repeatable).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
+        return self
+
+    def resolved_admin_token(self) -> str | None:
+        if self.admin_token:
+            return self.admin_token
+        if self.admin_token_file is not None:
+            token = self.admin_token_file.read_text().strip()
+            return token or None
+        return None

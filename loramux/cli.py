@@ -1,0 +1,58 @@
+"""The ``loramux`` command. Each subcommand imports only what it needs, so the operator
+image never loads torch.
+
+Flags and ``LORAMUX_*`` environment variables both fill one typed settings object per
+process (pydantic-settings parses both).
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: loramux <command> [flags]
+
+commands:
+  serve       run the inference server (one base model, many tenants' adapters)
+  version     print the version
+
+Run 'loramux <command> --help' for its flags.
+"""
+
+
+def _serve(argv: list[str]) -> int:
+    from pydantic_settings import CliApp, SettingsConfigDict
+
+    from loramux.inference.settings import ServeSettings
+
+    class ServeCli(ServeSettings):
+        model_config = SettingsConfigDict(
+            env_prefix="LORAMUX_", extra="forbid", cli_prog_name="loramux serve",
+            cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True,
+        )
+
+    settings = CliApp.run(ServeCli, cli_args=argv)
+    from loramux.inference.server import serve
+
+    serve(ServeSettings.model_validate(settings.model_dump()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return _serve(rest)
+    if command == "version":
+        from loramux import __version__
+
+        print(__version__)
+        return 0
+    print(f"loramux: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
