@@ -184,9 +184,9 @@ def _tokenize(runtime: Runtime, prompt: str, *, special: bool = True) -> list[in
 
 
 def _submit(runtime: Runtime, target: _Target, prompt_ids: list[int],
-            params: SamplingParams) -> Sequence:
+            params: SamplingParams, stream: bool) -> Sequence:
     seq = Sequence(prompt_ids=prompt_ids, params=params, entry=target.entry,
-                   loop=asyncio.get_running_loop(),
+                   loop=asyncio.get_running_loop(), stream=stream,
                    timeout_s=runtime.settings.request_timeout_s)
     try:
         runtime.engine.submit(seq)
@@ -205,14 +205,13 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
     """Wait for the sequence's end; cancel it if the client disconnects meanwhile."""
     try:
         while True:
-            getter = asyncio.ensure_future(seq.events.get())
-            while not getter.done():
-                await asyncio.wait({getter}, timeout=0.25)
-                if not getter.done() and await request.is_disconnected():
-                    getter.cancel()
+            try:
+                event = await asyncio.wait_for(seq.events.get(), timeout=0.25)
+            except TimeoutError:
+                if await request.is_disconnected():
                     seq.cancel()
-                    raise ApiError(499, "client disconnected", "client_closed")
-            event = getter.result()
+                    raise ApiError(499, "client disconnected", "client_closed") from None
+                continue
             if isinstance(event, FinishEvent):
                 return event
             if isinstance(event, ErrorEvent):
@@ -256,7 +255,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     prompt_ids = _tokenize(runtime, body.prompt)
     target = _resolve(runtime, body.tenant_id, openai=False)
     version = target.entry.ref.version if target.entry is not None else None
-    seq = _submit(runtime, target, prompt_ids, params)
+    seq = _submit(runtime, target, prompt_ids, params, body.stream)
     if body.stream:
         async def events() -> AsyncIterator[bytes]:
             async for event in _stream_events(seq):
@@ -287,7 +286,7 @@ async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
     params = _params(runtime, body.max_completion_tokens or body.max_tokens, body.temperature,
                      body.top_p, body.stop, body.ignore_eos, body.seed)
     target = _resolve(runtime, body.model, openai=True)
-    seq = _submit(runtime, target, prompt_ids, params)
+    seq = _submit(runtime, target, prompt_ids, params, body.stream)
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     headers = {"X-Loramux-Adapter": target.adapter or "none"}

@@ -75,6 +75,7 @@ class Sequence:
     entry: AdapterEntry | None
     loop: asyncio.AbstractEventLoop
     timeout_s: float
+    stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
     generated: list[int] = field(default_factory=list)
@@ -384,7 +385,7 @@ class Engine:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             final = hit_eos or at_length
             delta = seq.tracker.update(text, final=final)
-            if delta:
+            if delta and seq.stream:
                 self._emit(seq, TokenEvent(delta))
             if seq.tracker.stopped or final:
                 reason = "stop" if (hit_eos or seq.tracker.stopped) else "length"

@@ -1,0 +1,129 @@
+"""Shared fixtures: the tiny model, adapters for it, and real server processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from factories import make_adapter, make_tiny_model  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Distinct ranks and target modules on purpose: they are served side by side.
+TENANTS: dict[str, tuple[int, list[str]]] = {
+    "legal": (4, ["q_proj", "v_proj"]),
+    "medical": (16, ALL_LINEAR),
+    "finance": (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "retail": (2, ["gate_proj", "up_proj", "down_proj"]),
+    "support": (32, ["v_proj", "down_proj"]),
+    "travel": (12, ["k_proj", "o_proj", "up_proj"]),
+}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M converted to safetensors (cached across runs)."""
+    from loramux.inference.model_loader import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """``<root>/<tenant>/v1`` for every tenant in TENANTS, plus ``legal/v2``."""
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, (tenant, (rank, targets)) in enumerate(TENANTS.items(), start=1):
+        make_adapter(tiny_model_dir, root / tenant / "v1", rank=rank, targets=targets, seed=seed)
+    make_adapter(tiny_model_dir, root / "legal" / "v2", rank=4, targets=["q_proj", "v_proj"],
+                 seed=99)
+    return root
+
+
+class ServerProcess:
+    """``loramux serve`` as a real process on a loopback port the kernel picks."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loramux.cli", "serve", "--port", "0", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+        )
+        self.url = self._wait_for_url(timeout=180)
+
+    def _wait_for_url(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()[-4000:]}")
+            match = pattern.search(self.log())
+            if match:
+                url = match.group(1)
+                httpx.get(f"{url}/healthz", timeout=5).raise_for_status()
+                return url
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: ``start_server(*args)`` returns a running ServerProcess, stopped at the end."""
+    started: list[ServerProcess] = []
+    logs = tmp_path_factory.mktemp("server-logs")
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(list(args), logs / f"server-{len(started)}.log", env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def preload_flags(adapter_root: Path, tenants: list[str], version: str = "v1") -> list[str]:
+    flags: list[str] = []
+    for tenant in tenants:
+        flags += ["--adapter", f"{tenant}@{version}={adapter_root / tenant / version}"]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def fp32_server(start_server, tiny_model_dir: Path, adapter_root: Path) -> ServerProcess:
+    """Tiny fp32 base with every tenant preloaded."""
+    return start_server(
+        "--model", str(tiny_model_dir), "--quantization", "none", "--max-batch-size", "16",
+        "--log-format", "text", *preload_flags(adapter_root, list(TENANTS)),
+    )
