@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) -m loramux.demo
+	$(PY) -m loramux.inference.demo
 
 test: setup
 	$(PY) -m ruff check .

@@ -171,7 +171,8 @@ def _load_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             return load_file(str(st_path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterRejected(
-                "corrupt_weights", f"{SAFETENSORS_FILE} cannot be read (truncated or corrupt): {exc}"
+                "corrupt_weights",
+                f"{SAFETENSORS_FILE} cannot be read (truncated or corrupt): {exc}",
             ) from exc
     if (path / PICKLE_FILE).is_file():
         if not allow_pickle:
@@ -184,7 +185,9 @@ def _load_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             # weights_only refuses arbitrary objects even when pickles are allowed.
             state = torch.load(path / PICKLE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad pickle
-            raise AdapterRejected("corrupt_weights", f"{PICKLE_FILE} cannot be read: {exc}") from exc
+            raise AdapterRejected(
+                "corrupt_weights", f"{PICKLE_FILE} cannot be read: {exc}"
+            ) from exc
         if not isinstance(state, dict):
             raise AdapterRejected("corrupt_weights", f"{PICKLE_FILE} does not hold a state dict")
         return state

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -422,10 +423,9 @@ class Engine:
 
     # ------------------------------------------------------------------ completion
     def _emit(self, seq: Sequence, event: Event) -> None:
-        try:
+        # RuntimeError: the event loop is gone (server shutting down); nobody is listening.
+        with contextlib.suppress(RuntimeError):
             seq.loop.call_soon_threadsafe(seq.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
 
     def _release(self, seq: Sequence) -> None:
         if seq.done:

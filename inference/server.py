@@ -36,7 +36,7 @@ class Runtime:
     version: str = __version__
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def tokenizer(self):
         return self.base.tokenizer
 
     @property

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+
 from conftest import preload_flags
 from helpers import generate, metric_value, metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from conftest import TENANTS, preload_flags
 from helpers import generate, generate_many, metric_value, metrics
 
