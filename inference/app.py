@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from loramux.names import AdapterRef, InvalidName, TenantRef, validate_label
 
@@ -62,8 +63,12 @@ def _error_body(message: str, code: str, status: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- request plumbing
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from the body reader. An HTTPException, so that FastAPI's body parsing lets it
+    through instead of turning it into a 400 ("error parsing the body")."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 class BodyLimitMiddleware:
@@ -88,7 +93,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         try:
@@ -152,7 +157,17 @@ def _resolve(runtime: Runtime, name: str, *, openai: bool) -> _Target:
     try:
         return _Target(runtime.cache.acquire(want), False, want.tenant)
     except UnknownAdapter as exc:
-        if runtime.settings.unknown_tenant == "base" and runtime.merged_entry is None:
+        versions = [e for e in runtime.cache.entries() if e.ref.tenant == want.tenant]
+        failed = [e for e in versions if e.state == AdapterState.FAILED]
+        if want.version is None and failed:
+            # A known tenant whose versions failed to load is broken, not unknown: say why,
+            # and never answer it from the base model.
+            newest = max(failed, key=lambda e: e.registered_at)
+            raise ApiError(503, f"adapter {newest.ref} failed to load: {newest.reason}",
+                           "adapter_unavailable", {"Retry-After": "5"}) from exc
+        # Only a tenant the server has never heard of may fall back to the base model.
+        if (runtime.settings.unknown_tenant == "base" and runtime.merged_entry is None
+                and not versions):
             runtime.metrics.fallback_requests.inc()
             log.info("unknown tenant served by the base model", extra={"tenant": want.tenant})
             return _Target(None, True, want.tenant)
@@ -172,7 +187,8 @@ def _params(runtime: Runtime, max_tokens: int | None, temperature: float, top_p:
                           stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed)
 
 
-def _tokenize(runtime: Runtime, prompt: str, *, special: bool = True) -> list[int]:
+def _tokenize(runtime: Runtime, prompt: str, params: SamplingParams, *,
+              special: bool = True) -> list[int]:
     ids = runtime.tokenizer.encode(prompt, add_special_tokens=special)
     limit = runtime.settings.max_prompt_tokens
     if len(ids) > limit:
@@ -180,6 +196,11 @@ def _tokenize(runtime: Runtime, prompt: str, *, special: bool = True) -> list[in
                        "prompt_too_long")
     if not ids:
         raise ApiError(422, "prompt encodes to no tokens", "empty_prompt")
+    context = runtime.context_length
+    if context and len(ids) + params.max_new_tokens > context:
+        raise ApiError(422, f"prompt ({len(ids)} tokens) plus max_new_tokens "
+                            f"({params.max_new_tokens}) exceeds the model's context of "
+                            f"{context} tokens", "context_too_long")
     return ids
 
 
@@ -203,11 +224,15 @@ def _release(runtime: Runtime, target: _Target) -> None:
 
 async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
     """Wait for the sequence's end; cancel it if the client disconnects meanwhile."""
+    # The engine enforces the request timeout; this is a backstop so a handler never hangs.
+    backstop = time.monotonic() + seq.timeout_s + 30
     try:
         while True:
             try:
                 event = await asyncio.wait_for(seq.events.get(), timeout=0.25)
             except TimeoutError:
+                if time.monotonic() > backstop:
+                    raise ApiError(504, "no answer from the engine in time", "timeout") from None
                 if await request.is_disconnected():
                     seq.cancel()
                     raise ApiError(499, "client disconnected", "client_closed") from None
@@ -252,7 +277,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     runtime = _runtime(request)
     params = _params(runtime, body.max_new_tokens, body.temperature, body.top_p, body.stop,
                      body.ignore_eos, body.seed)
-    prompt_ids = _tokenize(runtime, body.prompt)
+    prompt_ids = _tokenize(runtime, body.prompt, params)
     target = _resolve(runtime, body.tenant_id, openai=False)
     version = target.entry.ref.version if target.entry is not None else None
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
@@ -282,9 +307,11 @@ def _usage(event: FinishEvent) -> Usage:
 
 
 async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
-                  ChatCompletionRequest, prompt_ids: list[int], chat: bool) -> Any:
+                  ChatCompletionRequest, prompt: str, chat: bool) -> Any:
     params = _params(runtime, body.max_completion_tokens or body.max_tokens, body.temperature,
                      body.top_p, body.stop, body.ignore_eos, body.seed)
+    # A chat template already carries its special tokens.
+    prompt_ids = _tokenize(runtime, prompt, params, special=not chat)
     target = _resolve(runtime, body.model, openai=True)
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     created = int(time.time())
@@ -339,7 +366,7 @@ async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
 async def completions(body: CompletionRequest, request: Request) -> Any:
     runtime = _runtime(request)
     assert isinstance(body.prompt, str)
-    return await _openai(runtime, request, body, _tokenize(runtime, body.prompt), chat=False)
+    return await _openai(runtime, request, body, body.prompt, chat=False)
 
 
 @public.post("/v1/chat/completions")
@@ -351,8 +378,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     text = runtime.tokenizer.apply_chat_template(
         [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
     )
-    ids = _tokenize(runtime, text, special=False)
-    return await _openai(runtime, request, body, ids, chat=True)
+    return await _openai(runtime, request, body, text, chat=True)
 
 
 @public.get("/v1/models")
@@ -508,6 +534,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(_error_body(exc.message, exc.code, exc.status),
                             status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(_: Request, exc: _BodyTooLarge) -> JSONResponse:
+        return JSONResponse(_error_body(exc.detail, "body_too_large", 413), status_code=413)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -232,7 +232,14 @@ class Engine:
         self._reap()
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception:
+                # Admitted rows are in neither the waiting queue nor the batch yet: end them
+                # here so no client waits forever.
+                for seq in admitted:
+                    self._finish_error(seq, 503, "the engine failed to prefill this request")
+                raise
             worked = True
         if self._batch is not None and self._batch.seqs:
             self._decode()

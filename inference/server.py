@@ -48,6 +48,11 @@ class Runtime:
         return (self.base.name, *self.base.aliases)
 
     @property
+    def context_length(self) -> int | None:
+        value = getattr(self.base.model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
+    @property
     def quantization(self) -> str:
         return self.base.quantization
 
