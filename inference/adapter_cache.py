@@ -56,6 +56,10 @@ class UnknownAdapter(LookupError):
 class AdapterUnavailable(RuntimeError):
     """The adapter exists but cannot serve: failed to load, or being evicted (HTTP 503)."""
 
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
 
 class AdapterConflict(RuntimeError):
     """A registration contradicts what is resident (HTTP 409)."""
@@ -88,6 +92,7 @@ class AdapterEntry:
     loading: concurrent.futures.Future | None = None
     evicted: concurrent.futures.Future | None = None
     merged: bool = False
+    miss_counted: bool = False
 
     @property
     def residency(self) -> Residency:
@@ -272,7 +277,7 @@ class AdapterCache:
             if entry.state == AdapterState.FAILED:
                 raise AdapterUnavailable(f"adapter {entry.ref} failed to load: {entry.reason}")
             if entry.state == AdapterState.DRAINING:
-                raise AdapterUnavailable(f"adapter {entry.ref} is being evicted")
+                raise AdapterUnavailable(f"adapter {entry.ref} is being evicted", retryable=True)
             entry.refcount += 1
             entry.hits += 1
             entry.last_used = time.time()
@@ -324,8 +329,11 @@ class AdapterCache:
                 return Prepared.FAILED
             if entry.host is None:
                 if entry.loading is None:
+                    # One lookup, counted once: a device miss and a host miss now; the
+                    # promotion after the disk read is not a second lookup.
                     self._metrics.cache_misses.labels("device").inc()
                     self._metrics.cache_misses.labels("host").inc()
+                    entry.miss_counted = True
                     self._start_disk_load(entry)
                 return Prepared.WAIT
             if not self._make_device_room(entry.nbytes):
@@ -346,8 +354,11 @@ class AdapterCache:
             self._device_lru[entry.ref] = None
             self._host_lru.pop(entry.ref, None)
             self._host_lru[entry.ref] = None
-            self._metrics.cache_misses.labels("device").inc()
-            self._metrics.cache_hits.labels("host").inc()
+            if entry.miss_counted:
+                entry.miss_counted = False
+            else:
+                self._metrics.cache_misses.labels("device").inc()
+                self._metrics.cache_hits.labels("host").inc()
             self._update_gauges()
         self._metrics.adapter_load_seconds.labels("host", "device").observe(seconds)
         log.info(

@@ -164,7 +164,7 @@ def _resolve(runtime: Runtime, name: str, *, openai: bool) -> _Target:
             # and never answer it from the base model.
             newest = max(failed, key=lambda e: e.registered_at)
             raise ApiError(503, f"adapter {newest.ref} failed to load: {newest.reason}",
-                           "adapter_unavailable", {"Retry-After": "5"}) from exc
+                           "adapter_unavailable") from exc
         # Only a tenant the server has never heard of may fall back to the base model.
         if (runtime.settings.unknown_tenant == "base" and runtime.merged_entry is None
                 and not versions):
@@ -173,7 +173,10 @@ def _resolve(runtime: Runtime, name: str, *, openai: bool) -> _Target:
             return _Target(None, True, want.tenant)
         raise ApiError(404, str(exc), "model_not_found") from exc
     except AdapterUnavailable as exc:
-        raise ApiError(503, str(exc), "adapter_unavailable", {"Retry-After": "5"}) from exc
+        # Retrying helps while a version drains (its successor is being activated), not
+        # after a failed load (someone has to publish a fixed adapter).
+        headers = {"Retry-After": "2"} if exc.retryable else None
+        raise ApiError(503, str(exc), "adapter_unavailable", headers) from exc
 
 
 def _params(runtime: Runtime, max_tokens: int | None, temperature: float, top_p: float,
@@ -535,9 +538,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(_error_body(exc.message, exc.code, exc.status),
                             status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(_BodyTooLarge)
-    async def _too_large(_: Request, exc: _BodyTooLarge) -> JSONResponse:
-        return JSONResponse(_error_body(exc.detail, "body_too_large", 413), status_code=413)
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own errors (unknown route, wrong method, body too large) get our shape.
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status_code, "http_error")
+        return JSONResponse(_error_body(str(exc.detail), code, exc.status_code),
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

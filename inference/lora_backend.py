@@ -10,6 +10,8 @@ engine changing.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from typing import Protocol
 
 import torch
@@ -108,4 +110,200 @@ class PeftMixedBatchBackend:
             names = [s if s is not None else BASE_ROW for s in slots]
             with tuner._enable_peft_forward_hooks(adapter_names=names):
                 out = tuner.model(**kwargs)
+        return out.logits[:, -1, :].float()
+
+
+class _RowContext:
+    """The per-step adapter index the engine prepares; wrapped layers only read it."""
+
+    def __init__(self) -> None:
+        self.row_ids: list[int] = []  # one global adapter id per row, 0 = base
+        self.present: set[int] = set()
+        self.uniform: int | None = None  # set when every row uses the same adapter
+
+    def set(self, row_ids: list[int]) -> None:
+        self.row_ids = row_ids
+        self.present = set(row_ids) - {0}
+        self.uniform = row_ids[0] if row_ids and len(set(row_ids)) == 1 else None
+
+    def clear(self) -> None:
+        self.set([])
+
+
+class BatchedLoraLinear(torch.nn.Module):
+    """A base linear layer plus every resident adapter's LoRA pair for it, stacked.
+
+    Adapter weights live in preallocated stacks ``A [capacity, r_max, in]`` and
+    ``B [capacity, out, r_max]`` (scaling folded into B, ranks zero-padded to the largest
+    rank on this layer; local index 0 is all zeros for rows without an adapter here). A
+    forward pass gathers each row's pair and applies it with two batched matmuls, so its
+    cost does not grow with the number of distinct tenants in the batch (Punica's BGMV idea,
+    in plain torch). Adding an adapter writes its rows in place: O(adapter size).
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, ctx: _RowContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.ctx = ctx
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.lora_dtype = dtype
+        device = _module_device(base_layer)
+        self.register_buffer("A", torch.zeros(2, 1, self.in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("B", torch.zeros(2, self.out_features, 1, dtype=dtype, device=device),
+                             persistent=False)
+        self.local_of: dict[int, int] = {}
+        self._free: list[int] = [1]
+
+    @property
+    def r_max(self) -> int:
+        return int(self.A.shape[1])
+
+    def _grow(self, capacity: int, r_max: int) -> None:
+        old_a, old_b = self.A, self.B
+        a = old_a.new_zeros(capacity, r_max, self.in_features)
+        b = old_b.new_zeros(capacity, self.out_features, r_max)
+        a[: old_a.shape[0], : old_a.shape[1]] = old_a
+        b[: old_b.shape[0], :, : old_b.shape[2]] = old_b
+        self._free.extend(range(old_a.shape[0], capacity))
+        self.A, self.B = a, b
+
+    def add(self, adapter_id: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        rank = int(lora_a.shape[0])
+        if rank > self.r_max:
+            self._grow(int(self.A.shape[0]), rank)
+        if not self._free:
+            self._grow(int(self.A.shape[0]) * 2, self.r_max)
+        self._free.sort()
+        local = self._free.pop(0)
+        self.A[local].zero_()
+        self.B[local].zero_()
+        self.A[local, :rank] = lora_a.to(self.A)
+        self.B[local, :, :rank] = lora_b.to(self.B)
+        self.local_of[adapter_id] = local
+
+    def remove(self, adapter_id: int) -> None:
+        local = self.local_of.pop(adapter_id, None)
+        if local is not None:
+            self.A[local].zero_()
+            self.B[local].zero_()
+            self._free.append(local)
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        ctx = self.ctx
+        if not self.local_of or not (ctx.present & self.local_of.keys()):
+            return result
+        xf = x.to(self.lora_dtype)
+        if ctx.uniform is not None:
+            local = self.local_of[ctx.uniform]
+            delta = (xf @ self.A[local].T) @ self.B[local].T
+        else:
+            index = torch.tensor([self.local_of.get(i, 0) for i in ctx.row_ids],
+                                 device=self.A.device)
+            a = self.A.index_select(0, index)  # [rows, r, in]
+            b = self.B.index_select(0, index)  # [rows, out, r]
+            flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = delta.reshape(*result.shape)
+        return result + delta.to(result.dtype)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            alpha = float(value)
+            break
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+class BatchedLoraBackend:
+    """loramux's own multi-adapter layers: one gathered matmul pair per layer per step.
+
+    Each targeted linear layer of the base is wrapped once by :class:`BatchedLoraLinear`;
+    the engine's per-row adapter list becomes integer ids in a shared context that the
+    layers read. Nothing in a layer knows about tenants.
+    """
+
+    def __init__(self, model: torch.nn.Module, lora_dtype: torch.dtype = torch.float32) -> None:
+        self.model = model
+        self.lora_dtype = lora_dtype
+        self._ctx = _RowContext()
+        self._ids: dict[str, int] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 1
+        self._layers: dict[str, BatchedLoraLinear] = {}
+        self._slot_layers: dict[str, list[BatchedLoraLinear]] = {}
+
+    def _layer(self, path: str) -> BatchedLoraLinear:
+        layer = self._layers.get(path)
+        if layer is None:
+            parent_path, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            layer = BatchedLoraLinear(getattr(parent, child), self._ctx, self.lora_dtype)
+            setattr(parent, child, layer)
+            self._layers[path] = layer
+        return layer
+
+    def add(self, slot: str, adapter: HostAdapter) -> None:
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in adapter.tensors.items():
+            stripped = key.removeprefix("base_model.model.")
+            module, _, _weight = stripped.rpartition(".")
+            module, _, which = module.rpartition(".")
+            pairs.setdefault(module, {})[which] = tensor
+        adapter_id = self._free_ids.pop() if self._free_ids else self._next_id
+        if adapter_id == self._next_id:
+            self._next_id += 1
+        touched: list[BatchedLoraLinear] = []
+        try:
+            for module, pair in pairs.items():
+                rank = int(pair["lora_A"].shape[0])
+                layer = self._layer(module)
+                scale = _scaling(adapter.config, module, rank)
+                layer.add(adapter_id, pair["lora_A"], pair["lora_B"] * scale)
+                touched.append(layer)
+        except Exception:
+            for layer in touched:
+                layer.remove(adapter_id)
+            self._free_ids.append(adapter_id)
+            raise
+        self._ids[slot] = adapter_id
+        self._slot_layers[slot] = touched
+
+    def remove(self, slot: str) -> None:
+        adapter_id = self._ids.pop(slot, None)
+        if adapter_id is None:
+            return
+        for layer in self._slot_layers.pop(slot, []):
+            layer.remove(adapter_id)
+        self._free_ids.append(adapter_id)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: object,
+        slots: list[str | None],
+    ) -> torch.Tensor:
+        self._ctx.set([self._ids[s] if s is not None else 0 for s in slots])
+        try:
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+        finally:
+            self._ctx.clear()
         return out.logits[:, -1, :].float()

@@ -76,6 +76,13 @@ class Metrics:
             "loramux_resident_adapter_bytes", "Adapter bytes resident per tier.", ["tier"],
             registry=r,
         )
+        # Pre-create the tier series, so dashboards see 0 before the first event, not nothing.
+        for tier in ("device", "host", "disk"):
+            self.cache_hits.labels(tier)
+            self.cache_misses.labels(tier)
+            self.cache_evictions.labels(tier)
+            self.resident_adapters.labels(tier)
+            self.resident_bytes.labels(tier)
         self.fallback_requests = Counter(
             "loramux_base_fallback_requests_total",
             "Requests for an unknown tenant served by the base model (fallback mode).",

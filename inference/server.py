@@ -15,7 +15,7 @@ from loramux.names import AdapterRef, InvalidName
 from .adapter_cache import AdapterCache, AdapterEntry
 from .adapters import AdapterRejected, BaseFacts, read_adapter
 from .engine import Engine
-from .lora_backend import PeftMixedBatchBackend
+from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
 from .metrics import Metrics
 from .model_loader import BaseModel, load_base_model
 from .settings import ServeSettings
@@ -90,21 +90,24 @@ def build_runtime(settings: ServeSettings) -> Runtime:
                            settings.served_model_name)
     facts = BaseFacts.from_model(base.model, base.aliases)
     metrics = Metrics()
-    backend = PeftMixedBatchBackend(base.model)
     merged_ref: AdapterRef | None = None
     merged_bytes = merged_rank = 0
     if settings.merge_adapter is not None:
         merged_ref = _merge_ref(settings, settings.merge_adapter)
         host = read_adapter(settings.merge_adapter, facts, settings.max_lora_rank,
                             settings.allow_pickle_adapters)
-        backend.add("merged", host)
-        merged_model = backend.model.merge_and_unload()
+        merger = PeftMixedBatchBackend(base.model)
+        merger.add("merged", host)
+        merged_model = merger.model.merge_and_unload()
         merged_model.eval()
-        backend = PeftMixedBatchBackend(merged_model)
         base.model = merged_model
         merged_bytes, merged_rank = host.nbytes, host.rank
         log.info("adapter merged into the base",
                  extra={"tenant": merged_ref.tenant, "version": merged_ref.version})
+    backend: LoraBackend = (
+        BatchedLoraBackend(base.model) if settings.lora_backend == "batched"
+        else PeftMixedBatchBackend(base.model)
+    )
     cache = AdapterCache(
         facts, backend, metrics,
         device_slots=settings.device_adapter_slots,

@@ -57,6 +57,11 @@ class ServeSettings(BaseSettings):
     drain_timeout_s: float = Field(60.0, gt=0, description="Max wait of DELETE for in-flight.")
 
     # --- adapters and cache tiers
+    lora_backend: Literal["batched", "peft"] = Field(
+        "batched",
+        description="batched = loramux's gathered-matmul layers (cost flat in distinct "
+        "tenants); peft = PEFT's mixed-batch forward (reference implementation).",
+    )
     max_lora_rank: int = Field(64, ge=1)
     device_adapter_slots: int = Field(32, ge=1)
     device_cache_bytes: int = Field(1 * GiB, ge=1)

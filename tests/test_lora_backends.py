@@ -1,0 +1,87 @@
+"""loramux's batched LoRA layers compute what PEFT's reference mixed-batch forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TENANTS
+from loramux.inference.adapters import BaseFacts, read_adapter
+from loramux.inference.lora_backend import BatchedLoraBackend, PeftMixedBatchBackend
+
+
+@pytest.fixture(scope="module")
+def backends(tiny_model_dir, adapter_root):
+    from transformers import AutoModelForCausalLM
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    reference, batched = PeftMixedBatchBackend(base()), BatchedLoraBackend(base())
+    facts = BaseFacts.from_model(reference.model, ("tiny-llama",))
+    adapters = {t: read_adapter(adapter_root / t / "v1", facts, max_rank=64) for t in TENANTS}
+    for tenant, adapter in adapters.items():
+        reference.add(tenant, adapter)
+        batched.add(tenant, adapter)
+    return reference, batched, adapters
+
+
+def _logits(backend, config, slots):
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (len(slots), 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # one left-padded row
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return backend.forward(ids, mask, positions, DynamicCache(config=config), slots)
+
+
+@pytest.mark.parametrize("slots", [
+    ["legal", "medical", "finance", "retail", "support", "travel", None],
+    ["medical"] * 4,
+    [None, None, "retail"],
+    [None, None],
+    ["support", "legal", "support", None, "legal"],
+])
+def test_batched_layers_match_peft_mixed_batch(backends, slots):
+    reference, batched, _ = backends
+    config = reference.model.config
+    expected = _logits(reference, config, slots)
+    got = _logits(batched, config, slots)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_removing_and_re_adding_adapters_keeps_rows_exact(backends):
+    reference, batched, adapters = backends
+    config = reference.model.config
+    slots = ["legal", "support", None, "travel"]
+    before = _logits(batched, config, slots)
+    for tenant in ("medical", "finance", "retail"):
+        batched.remove(tenant)
+    # Slots were freed and reused: the remaining adapters are untouched.
+    torch.testing.assert_close(_logits(batched, config, slots), before, rtol=0, atol=0)
+    batched.add("medical-again", adapters["medical"])
+    mixed = ["medical-again", "legal", None]
+    torch.testing.assert_close(
+        _logits(batched, config, mixed),
+        _logits(reference, config, ["medical", "legal", None]), rtol=1e-4, atol=1e-4)
+    batched.remove("medical-again")
+    for tenant in ("medical", "finance", "retail"):
+        batched.add(tenant, adapters[tenant])
+
+
+def test_a_higher_rank_adapter_widens_a_layer_without_changing_others(tiny_model_dir,
+                                                                      adapter_root):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    backend = BatchedLoraBackend(model)
+    facts = BaseFacts.from_model(model, ("tiny-llama",))
+    small = read_adapter(adapter_root / "retail" / "v1", facts, max_rank=64)  # rank 2
+    big = read_adapter(adapter_root / "support" / "v1", facts, max_rank=64)  # rank 32
+    backend.add("small", small)
+    before = _logits(backend, model.config, ["small", None])
+    backend.add("big", big)  # shares down_proj with "small": that layer grows to rank 32
+    after = _logits(backend, model.config, ["small", None])
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
