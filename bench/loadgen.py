@@ -109,6 +109,9 @@ async def run_load(
                 "prompt": prompt,
                 "max_tokens": max_new_tokens,
                 "ignore_eos": True,
+                # /v1/completions defaults to temperature 1 (OpenAI); /generate to greedy.
+                # Ask for greedy here too, so that every workload decodes the same way.
+                "temperature": 0.0,
             }
         return f"{base_url}/generate", {
             "tenant_id": tenant,

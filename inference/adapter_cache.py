@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import torch
+
 from loramux.names import AdapterRef, TenantRef
 
 from .adapters import AdapterRejected, BaseFacts, HostAdapter, read_adapter
@@ -131,8 +133,12 @@ class AdapterCache:
         self._device_lru: dict[AdapterRef, None] = {}  # insertion order = LRU order
         self._host_lru: dict[AdapterRef, None] = {}
         self._slot_ids = itertools.count(1)
+        # Loader threads run small torch ops (validation) single-threaded: every thread that
+        # opens its own OpenMP team slows the engine's forward passes ~2x on a small CPU
+        # (bench/repro_openmp_threads.py).
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            loader_threads, thread_name_prefix="adapter-loader"
+            loader_threads, thread_name_prefix="adapter-loader",
+            initializer=torch.set_num_threads, initargs=(1,),
         )
         # Called (from any thread) when something the engine waits on has changed.
         self.on_change: Callable[[], None] = lambda: None

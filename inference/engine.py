@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,25 @@ from .metrics import BASE_LABEL, Metrics
 from .sampling import RowSampler, SamplingParams, StopTextTracker, sample_rows
 
 log = logging.getLogger("loramux.engine")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def confine_torch_threads() -> None:
+    """Keep the calling thread's torch ops single-threaded.
+
+    libgomp gives every thread that runs a parallel torch op its own OpenMP team; once it
+    manages more threads than there are CPUs it stops spinning between parallel regions and
+    small ops pay a futex wake-up each: decode steps ran ~2x slower on the engine thread
+    than the same steps on a lone main thread. So only the engine thread runs torch with all
+    cores. (bench/repro_openmp_threads.py reproduces it in plain torch.)
+    """
+    torch.set_num_threads(1)
 
 
 class QueueFull(RuntimeError):
@@ -132,6 +152,7 @@ class Engine:
         max_queue: int,
         max_prefill_tokens: int = 4096,
         eos_token_ids: set[int] | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -143,6 +164,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = eos_token_ids or set()
+        self.torch_threads = torch_threads or available_cpus()
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], concurrent.futures.Future]]
@@ -205,7 +227,11 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
-        log.info("engine started", extra={"max_batch_size": self.max_batch_size})
+        # The engine is the one thread that runs torch with all cores; the others stay at one
+        # thread (see confine_torch_threads).
+        torch.set_num_threads(self.torch_threads)
+        log.info("engine started", extra={"max_batch_size": self.max_batch_size,
+                                          "torch_threads": self.torch_threads})
         while not self._stop.is_set():
             try:
                 worked = self._step()

@@ -154,27 +154,29 @@ class BatchedLoraLinear(torch.nn.Module):
         self.register_buffer("B", torch.zeros(2, self.out_features, 1, dtype=dtype, device=device),
                              persistent=False)
         self.local_of: dict[int, int] = {}
+        self.rank_of: dict[int, int] = {}
         self._free: list[int] = [1]
 
     @property
     def r_max(self) -> int:
         return int(self.A.shape[1])
 
-    def _grow(self, capacity: int, r_max: int) -> None:
+    def _resize(self, capacity: int, r_max: int) -> None:
         old_a, old_b = self.A, self.B
+        keep = min(r_max, old_a.shape[1])
         a = old_a.new_zeros(capacity, r_max, self.in_features)
         b = old_b.new_zeros(capacity, self.out_features, r_max)
-        a[: old_a.shape[0], : old_a.shape[1]] = old_a
-        b[: old_b.shape[0], :, : old_b.shape[2]] = old_b
+        a[: old_a.shape[0], :keep] = old_a[:, :keep]
+        b[: old_b.shape[0], :, :keep] = old_b[:, :, :keep]
         self._free.extend(range(old_a.shape[0], capacity))
         self.A, self.B = a, b
 
     def add(self, adapter_id: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         rank = int(lora_a.shape[0])
         if rank > self.r_max:
-            self._grow(int(self.A.shape[0]), rank)
+            self._resize(int(self.A.shape[0]), rank)
         if not self._free:
-            self._grow(int(self.A.shape[0]) * 2, self.r_max)
+            self._resize(int(self.A.shape[0]) * 2, self.r_max)
         self._free.sort()
         local = self._free.pop(0)
         self.A[local].zero_()
@@ -182,13 +184,21 @@ class BatchedLoraLinear(torch.nn.Module):
         self.A[local, :rank] = lora_a.to(self.A)
         self.B[local, :, :rank] = lora_b.to(self.B)
         self.local_of[adapter_id] = local
+        self.rank_of[adapter_id] = rank
 
     def remove(self, adapter_id: int) -> None:
         local = self.local_of.pop(adapter_id, None)
-        if local is not None:
-            self.A[local].zero_()
-            self.B[local].zero_()
-            self._free.append(local)
+        rank = self.rank_of.pop(adapter_id, 0)
+        if local is None:
+            return
+        self.A[local].zero_()
+        self.B[local].zero_()
+        self._free.append(local)
+        # Every row pays the padded rank: once the widest adapter leaves, narrow the stack
+        # so one high-rank tenant does not slow the others on this layer until a restart.
+        widest = max(self.rank_of.values(), default=1)
+        if rank == self.r_max and widest < self.r_max:
+            self._resize(int(self.A.shape[0]), widest)
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

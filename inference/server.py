@@ -14,7 +14,7 @@ from loramux.names import AdapterRef, InvalidName
 
 from .adapter_cache import AdapterCache, AdapterEntry
 from .adapters import AdapterRejected, BaseFacts, read_adapter
-from .engine import Engine
+from .engine import Engine, confine_torch_threads
 from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
 from .metrics import Metrics
 from .model_loader import BaseModel, load_base_model
@@ -80,6 +80,7 @@ def _merge_ref(settings: ServeSettings, path: Path) -> AdapterRef:
 
 
 def build_runtime(settings: ServeSettings) -> Runtime:
+    confine_torch_threads()  # before loading: this thread must not own an OpenMP team
     quantization = settings.quantization
     if settings.merge_adapter is not None and quantization in ("auto", "nf4"):
         # Merging into 4-bit weights is lossy: merge into a dequantized copy instead.
@@ -130,6 +131,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         eos_token_ids=eos,
+        torch_threads=settings.torch_threads,
     )
     runtime = Runtime(settings, base, cache, engine, metrics, settings.resolved_admin_token())
     if merged_ref is not None:

@@ -46,6 +46,10 @@ class ServeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the engine's forward passes (default: all)."
+    )
+
     # --- limits
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1)

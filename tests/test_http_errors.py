@@ -584,7 +584,8 @@ def test_request_for_a_failed_adapter_is_503_with_the_reason(http, strict, rejec
     r = http.post(f"{strict.url}/generate", json=_greedy(model, "hi", 2))
     error = _error(r, 503, "adapter_unavailable")
     assert "badbase@v1" in error["message"] and OTHER_BASE in error["message"]
-    assert r.headers["retry-after"]
+    # Retrying cannot help until a fixed adapter is published, so no Retry-After.
+    assert "retry-after" not in r.headers
     r = http.post(f"{strict.url}/v1/completions",
                   json={"model": model, "prompt": "hi", "max_tokens": 2})
     assert OTHER_BASE in _error(r, 503, "adapter_unavailable")["message"]
@@ -702,7 +703,12 @@ def test_cache_metrics_count_hits_misses_and_evictions_per_tier(http, busy):
     for tier in ("device", "host"):
         assert metric_value(text, "loramux_adapter_cache_misses_total", tier=tier) >= 3, tier
         assert metric_value(text, "loramux_adapter_cache_evictions_total", tier=tier) >= 2, tier
-    assert metric_value(text, "loramux_adapter_cache_hits_total", tier="host") >= 4
+    # Each device miss is served exactly once further down: by a host hit or a host miss
+    # (a disk read); a disk read followed by promotion is one lookup, not two.
+    device_misses = metric_value(text, "loramux_adapter_cache_misses_total", tier="device")
+    assert device_misses == (
+        metric_value(text, "loramux_adapter_cache_hits_total", tier="host")
+        + metric_value(text, "loramux_adapter_cache_misses_total", tier="host"))
     r = http.post(f"{busy.url}/generate", json=_greedy("legal", "again", 2))
     assert r.status_code == 200
     text = http.get(f"{busy.url}/metrics").text

@@ -83,5 +83,11 @@ def test_a_higher_rank_adapter_widens_a_layer_without_changing_others(tiny_model
     backend.add("small", small)
     before = _logits(backend, model.config, ["small", None])
     backend.add("big", big)  # shares down_proj with "small": that layer grows to rank 32
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert layer.r_max == 32
     after = _logits(backend, model.config, ["small", None])
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    backend.remove("big")  # and narrows back once the wide adapter is gone
+    assert layer.r_max == 2
+    torch.testing.assert_close(_logits(backend, model.config, ["small", None]), before,
+                               rtol=1e-5, atol=1e-5)
