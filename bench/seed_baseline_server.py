@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import os
 from typing import Any
 
 import torch
@@ -62,6 +64,10 @@ def load_model(model_dir: str, quantization: str, adapters: dict[str, str]) -> t
 def create_app(model: Any, tokenizer: Any, tenants: set[str]) -> FastAPI:
     app = FastAPI(title="seed-baseline (benchmark only)")
     lock = asyncio.Lock()  # the one global lock: every request is served alone
+    # Same thread discipline as loramux (one thread runs torch with every core; see
+    # bench/repro_openmp_threads.py), so the comparison measures batching, not that pitfall.
+    worker = concurrent.futures.ThreadPoolExecutor(
+        1, initializer=torch.set_num_threads, initargs=(len(os.sched_getaffinity(0)),))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -93,7 +99,8 @@ def create_app(model: Any, tokenizer: Any, tenants: set[str]) -> FastAPI:
         if req.max_new_tokens < 1:
             raise HTTPException(status_code=422, detail="max_new_tokens must be >= 1")
         async with lock:
-            text, n_prompt, n_completion = await asyncio.to_thread(run, req)
+            loop = asyncio.get_running_loop()
+            text, n_prompt, n_completion = await loop.run_in_executor(worker, run, req)
         return {
             "tenant_id": req.tenant_id,
             "version": None,
@@ -126,6 +133,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     adapters = dict(args.adapter)
+    torch.set_num_threads(1)  # the main thread never runs the model (see create_app)
     model, tokenizer = load_model(args.model, args.quantization, adapters)
     app = create_app(model, tokenizer, set(adapters))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
