@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# The repo's top-level `operator/` folder (imported as loramux.operator) must never shadow
+# the standard library's `operator` when Python runs from the repo root with `-m`.
+export PYTHONSAFEPATH := 1
 
 .PHONY: setup demo test lint bench clean
 

@@ -408,7 +408,7 @@ def main() -> None:
                    requests_per_client=args.requests_per_client)
         rows.append(row)
 
-    lmx_argv = [PYTHON, "-m", "loramux.cli", "serve", "--port", "{port}",
+    lmx_argv = [PYTHON, "-P", "-m", "loramux.cli", "serve", "--port", "{port}",
                 "--quantization", args.quantization, "--log-format", "text",
                 "--max-batch-size", str(max(16, args.clients)),
                 "--lora-backend", args.lora_backend]

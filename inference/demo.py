@@ -60,7 +60,7 @@ def make_demo_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
 def _start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     log = open(log_path, "w")  # noqa: SIM115 - the child process holds it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loramux.cli", "serve", "--port", "0", "--log-format", "text"],
+        [sys.executable, "-P", "-m", "loramux.cli", "serve", "--port", "0", "--log-format", "text"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 300

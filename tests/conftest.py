@@ -63,7 +63,7 @@ class ServerProcess:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loramux.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-P", "-m", "loramux.cli", "serve", "--port", "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
         )
         self.url = self._wait_for_url(timeout=180)
