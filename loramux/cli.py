@@ -13,6 +13,8 @@ USAGE = """usage: loramux <command> [flags]
 
 commands:
   serve       run the inference server (one base model, many tenants' adapters)
+  train       train one or several tenants' LoRA adapters on one frozen base (QLoRA)
+  push        publish a trained adapter version to S3 (manifest last), optionally print its CR
   version     print the version
 
 Run 'loramux <command> --help' for its flags.
@@ -45,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return _serve(rest)
+    if command == "train":
+        from loramux.training.cli_train import main as train_main
+
+        return train_main(rest)
+    if command == "push":
+        from loramux.training.cli_push import main as push_main
+
+        return push_main(rest)
     if command == "version":
         from loramux import __version__
 
