@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) -m loramux.inference.demo
+	$(PY) -m loramux.demo
 
 test: setup
 	$(PY) -m ruff check .
