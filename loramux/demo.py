@@ -36,7 +36,7 @@ def train_demo_adapters(cache: Path) -> dict[str, Path]:
     """Train (once) and return {tenant: adapter dir}."""
     from loramux.manifest import MANIFEST_FILE
     from loramux.training.config import load_config
-    from loramux.training.trainer import summary_table, train
+    from loramux.training.trainer import train
 
     config = load_config(DEMO_CONFIG, overrides={"output_dir": str(cache)})
     wanted = {t.name: cache / t.name / t.version for t in config.tasks}
@@ -44,10 +44,7 @@ def train_demo_adapters(cache: Path) -> dict[str, Path]:
         print(f"demo adapters already trained: {cache}")
         return wanted
     print(f"training {sorted(wanted)} on the NF4 base (one multi-task run)...")
-    results = train(config, progress=True)
-    from rich.console import Console
-
-    Console().print(summary_table(results))
+    train(config, progress=True)  # prints its own summary table
     return wanted
 
 

@@ -28,7 +28,14 @@ import torch
 
 from loramux.manifest import AdapterManifest, describe_files, write_manifest
 from loramux.training.config import TrainConfig
-from loramux.training.data import Example, TaskData, collate, load_task_data, split_eval
+from loramux.training.data import (
+    DatasetError,
+    Example,
+    TaskData,
+    collate,
+    load_task_data,
+    split_eval,
+)
 from loramux.training.sampling import TaskSampler, task_probabilities
 
 log = logging.getLogger("loramux.training")
@@ -114,6 +121,10 @@ class MultiTaskTrainer:
     def __init__(self, config: TrainConfig, base: Any | None = None) -> None:
         self.config = config
         self._check_outputs_free()
+        # Fail on a missing data file now, not after the base model has loaded.
+        for task in config.tasks:
+            if not Path(task.data).exists():
+                raise DatasetError(f"{task.data}: data file does not exist")
         torch.manual_seed(config.seed)
         if base is None:
             from loramux.inference.model_loader import load_base_model
