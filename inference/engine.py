@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from .adapter_cache import AdapterCache, AdapterEntry, Prepared
 from .lora_backend import LoraBackend
 from .metrics import BASE_LABEL, Metrics
-from .sampling import RowSampler, SamplingParams, StopTextTracker, sample_rows
+from .sampling import (
+    IncrementalDetokenizer,
+    RowSampler,
+    SamplingParams,
+    StopTextTracker,
+    sample_rows,
+)
 
 log = logging.getLogger("loramux.engine")
 
@@ -106,10 +112,14 @@ class Sequence:
     done: bool = False
     sampler: RowSampler = field(init=False)
     tracker: StopTextTracker = field(init=False)
+    detokenizer: IncrementalDetokenizer = field(init=False)
 
     def __post_init__(self) -> None:
         self.sampler = RowSampler(self.params)
         self.tracker = StopTextTracker(self.params.stop)
+
+    def attach(self, tokenizer: Any) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
 
     @property
     def tenant_label(self) -> str:
@@ -212,6 +222,7 @@ class Engine:
             if self._pending >= self.max_queue:
                 raise QueueFull(f"{self._pending} requests already wait (limit {self.max_queue})")
             self._pending += 1
+        seq.attach(self.tokenizer)
         self.metrics.queue_depth.inc()
         self._inbox.put(seq)
         self._wake.set()
@@ -415,9 +426,10 @@ class Engine:
                 self.metrics.ttft.labels(seq.tenant_label).observe(now - seq.submitted_at)
             hit_eos = token in self.eos_token_ids and not seq.params.ignore_eos
             at_length = len(seq.generated) >= seq.params.max_new_tokens
-            ids = seq.generated[:-1] if hit_eos else seq.generated
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
             final = hit_eos or at_length
+            if not hit_eos:
+                seq.detokenizer.add(token)
+            text = seq.detokenizer.finish() if final else seq.detokenizer.text
             delta = seq.tracker.update(text, final=final)
             if delta and seq.stream:
                 self._emit(seq, TokenEvent(delta))

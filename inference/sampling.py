@@ -87,3 +87,45 @@ class StopTextTracker:
                     longest = k
                     break
         return longest
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token list, decoding only a short window per new token.
+
+    Re-decoding the whole sequence every step costs O(length) per token, O(length²) per
+    sequence. Decoding the tokens since a recent offset and keeping the text before it is
+    the scheme TGI and vLLM use: a token's text can depend on its left neighbours (leading
+    spaces, multi-byte characters split across tokens), so the window starts a little before
+    the new token, and text is only committed once it no longer ends in an incomplete
+    character.
+    """
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    def add(self, token: int) -> str:
+        """Append a token; return the full text known so far (complete characters only)."""
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        window = self._decode(self.ids[self._prefix_offset:])
+        if len(window) > len(prefix) and not window.endswith("\ufffd"):
+            self.text += window[len(prefix):]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+        return self.text
+
+    def finish(self) -> str:
+        """The final text, including a trailing partial character if the tokens end in one."""
+        if self._read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+            window = self._decode(self.ids[self._prefix_offset:])
+            self.text += window[len(prefix):]
+            self._prefix_offset = self._read_offset = len(self.ids)
+        return self.text
