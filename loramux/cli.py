@@ -13,6 +13,7 @@ USAGE = """usage: loramux <command> [flags]
 
 commands:
   serve       run the inference server (one base model, many tenants' adapters)
+  sync        run the adapter-sync sidecar (pulls adapter versions from S3 into the pod)
   train       train one or several tenants' LoRA adapters on one frozen base (QLoRA)
   push        publish a trained adapter version to S3 (manifest last), optionally print its CR
   version     print the version
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return _serve(rest)
+    if command == "sync":
+        from loramux.inference.sync_sidecar import main as sync_main
+
+        return sync_main(rest)
     if command == "train":
         from loramux.training.cli_train import main as train_main
 

@@ -1,0 +1,609 @@
+"""The adapter-sync sidecar: makes the inference server's adapters match a desired set.
+
+The desired set (``PUT /v1/desired``) lists ``tenant``/``version``/``uri`` entries. A
+level-triggered reconcile loop compares it with what is actually there - the verified
+versions on the shared volume (:func:`list_local`) and the server's ``GET /admin/adapters``
+- and closes the gap, one pass at a time:
+
+1. every desired version that is not yet on the server is fetched (atomic, verified:
+   :func:`fetch_adapter`, retried with backoff when the failure is transient) and then
+   loaded with ``PUT /admin/adapters/{tenant}/{version}``;
+2. a tenant's active version (``active: true``, or its only desired version) is switched
+   with ``PUT /admin/tenants/{tenant}/active`` once that version is ready on the server;
+3. versions loaded on the server but no longer desired are evicted - for a tenant that is
+   still desired only after its active version is ready and active (load new, activate,
+   evict old; when the new version fails, the old one stays loaded and active);
+4. local files of versions neither desired nor loaded are deleted.
+
+Because every pass re-reads the actual state, the sidecar converges after a restart of
+itself or of the server. One failing adapter never blocks the others: each fetch-and-load
+runs as its own task.
+
+Importable in the inference image: no kopf, no kubernetes, nothing from ``loramux.training``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loramux.inference.adapter_store import (
+    FetchError,
+    FetchResult,
+    fetch_adapter,
+    list_local,
+    make_s3_client,
+    purge_incoming,
+    remove_adapter,
+)
+from loramux.names import AdapterRef, validate_label
+
+log = logging.getLogger("loramux.sync")
+
+Phase = Literal["Pending", "Downloading", "Verifying", "Loading", "Ready", "Failed"]
+PHASES: tuple[str, ...] = ("Pending", "Downloading", "Verifying", "Loading", "Ready", "Failed")
+SERVER_READY = "ready"
+
+
+class SyncSettings(BaseSettings):
+    """One sidecar beside one inference server, sharing the adapter volume ``root``."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMUX_SYNC_", extra="forbid")
+
+    root: Path = Field(description="Adapter volume: <root>/<tenant>/<version>/.")
+    server_url: str = "http://127.0.0.1:8000"
+    server_token: str | None = Field(None, description="Bearer token of the server's /admin.")
+    server_token_file: Path | None = None
+    token: str | None = Field(None, description="Bearer token for this sidecar's /v1 API.")
+    token_file: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    resync_seconds: float = Field(10.0, gt=0)
+    max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
+    retries: int = Field(4, ge=0, description="Retries of a transient fetch failure.")
+    backoff_seconds: float = Field(0.5, ge=0, description="Base of the exponential backoff.")
+    max_concurrent_downloads: int = Field(2, ge=1)
+    allow_pickle: bool = False
+    server_timeout_seconds: float = Field(120.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def resolved_server_token(self) -> str | None:
+        return _token(self.server_token, self.server_token_file)
+
+    def resolved_token(self) -> str | None:
+        return _token(self.token, self.token_file)
+
+
+def _token(value: str | None, path: Path | None) -> str | None:
+    if value:
+        return value
+    if path is not None:
+        return path.read_text().strip() or None
+    return None
+
+
+# --------------------------------------------------------------------------- API models
+
+
+class DesiredAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: str
+    version: str
+    uri: str = Field(min_length=1, max_length=2048)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    pinned: bool = False
+    active: bool = False
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return validate_label(value, "tenant")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        return validate_label(value, "version")
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.tenant, self.version)
+
+
+class DesiredState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[DesiredAdapter] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _check(self) -> DesiredState:
+        seen: set[tuple[str, str]] = set()
+        active: set[str] = set()
+        for entry in self.adapters:
+            key = (entry.tenant, entry.version)
+            if key in seen:
+                raise ValueError(f"{entry.tenant}@{entry.version} is listed twice")
+            seen.add(key)
+            if entry.active:
+                if entry.tenant in active:
+                    raise ValueError(f"tenant {entry.tenant} has more than one active version")
+                active.add(entry.tenant)
+        return self
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass
+class Status:
+    """What the sidecar knows about one desired version."""
+
+    phase: str = "Pending"
+    reason: str | None = None
+    code: str | None = None
+    digest: str | None = None
+    bytes: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    spec: DesiredAdapter | None = None
+    terminal: bool = False  # Failed and not worth retrying until the spec changes
+    retry_after: float = 0.0  # monotonic time before which a non-terminal failure waits
+
+    def view(self, ref: AdapterRef) -> dict[str, Any]:
+        return {"tenant": ref.tenant, "version": ref.version, "phase": self.phase,
+                "reason": self.reason, "code": self.code, "digest": self.digest,
+                "bytes": self.bytes, "timings": dict(self.timings)}
+
+
+class ServerError(Exception):
+    def __init__(self, status: int | None, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.phase = Gauge("loramux_sync_adapters", "Desired adapter versions by phase",
+                           ["phase"], registry=self.registry)
+        self.fetch_failures = Counter("loramux_sync_fetch_failures_total",
+                                      "Failed fetch attempts by error code", ["code"],
+                                      registry=self.registry)
+        self.load_failures = Counter("loramux_sync_load_failures_total",
+                                     "Adapters the server refused, by code", ["code"],
+                                     registry=self.registry)
+        self.passes = Counter("loramux_sync_reconcile_passes_total", "Reconcile passes",
+                              registry=self.registry)
+        self.evictions = Counter("loramux_sync_evictions_total", "Versions evicted",
+                                 registry=self.registry)
+        self.fetch_seconds = Gauge("loramux_sync_last_fetch_seconds",
+                                   "Duration of the last download", registry=self.registry)
+        for phase in PHASES:
+            self.phase.labels(phase).set(0)
+
+
+# --------------------------------------------------------------------------- reconciler
+
+
+class Reconciler:
+    """Owns the desired set, the per-version status and the reconcile loop."""
+
+    def __init__(self, settings: SyncSettings, *, s3_client: Any = None) -> None:
+        self.settings = settings
+        self.root = Path(settings.root)
+        self.desired: dict[AdapterRef, DesiredAdapter] = {}
+        self.status: dict[AdapterRef, Status] = {}
+        self.metrics = _Metrics()
+        self._s3_client = s3_client
+        self._tasks: dict[AdapterRef, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
+        self.server_reachable = False
+        self.last_pass: float | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(purge_incoming, self.root)
+        headers = {}
+        token = self.settings.resolved_server_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.AsyncClient(
+            base_url=self.settings.server_url.rstrip("/"), headers=headers,
+            timeout=self.settings.server_timeout_seconds,
+        )
+        self._loop_task = asyncio.create_task(self._run(), name="loramux-sync-reconcile")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._client is not None:
+            await self._client.aclose()
+
+    def set_desired(self, state: DesiredState) -> None:
+        self.desired = {entry.ref: entry for entry in state.adapters}
+        for ref, entry in self.desired.items():
+            status = self.status.get(ref)
+            if status is None or status.spec != entry:
+                # New or changed entry: start over (a Failed one gets a fresh chance).
+                self.status[ref] = Status(spec=entry)
+        for ref in list(self.status):
+            if ref not in self.desired:
+                del self.status[ref]
+        self._update_phase_metrics()
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.resync_seconds)
+
+    # ----------------------------------------------------------------- server calls
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "Reconciler.start() was not called"
+        return self._client
+
+    async def _server(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            response = await self.client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise ServerError(None, "unreachable", f"{method} {path}: {exc!r}") from exc
+        if response.status_code >= 400:
+            code, message = "http_error", response.text[:500]
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                err = response.json()["error"]
+                code, message = str(err.get("code", code)), str(err.get("message", message))
+            raise ServerError(response.status_code, code, message)
+        return response.json() if response.content else None
+
+    async def server_adapters(self) -> dict[AdapterRef, dict[str, Any]]:
+        data = await self._server("GET", "/admin/adapters")
+        found: dict[AdapterRef, dict[str, Any]] = {}
+        for item in data.get("adapters", []):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                found[AdapterRef(item["tenant"], item["version"])] = item
+        return found
+
+    # ----------------------------------------------------------------- one pass
+    async def reconcile_once(self) -> None:
+        self.metrics.passes.inc()
+        self.last_pass = time.time()
+        try:
+            server = await self.server_adapters()
+            self.server_reachable = True
+        except ServerError as exc:
+            self.server_reachable = False
+            log.warning("inference server unavailable: %s", exc.message)
+            server = None
+        local = await asyncio.to_thread(list_local, self.root)
+        now = time.monotonic()
+
+        # 1. fetch and load whatever is desired but not ready on the server
+        for ref, spec in self.desired.items():
+            status = self.status.setdefault(ref, Status(spec=spec))
+            live = server.get(ref) if server is not None else None
+            if live is not None and live.get("state") == SERVER_READY:
+                if status.phase != "Ready":
+                    status.phase, status.reason, status.code = "Ready", None, None
+                    status.terminal = False
+                continue
+            if status.phase == "Ready" and server is not None:
+                status.phase, status.reason = "Pending", "no longer ready on the server"
+            if ref in self._tasks or status.terminal or now < status.retry_after:
+                continue
+            if server is None and ref in local:
+                continue  # nothing to do until the server answers
+            task = asyncio.create_task(self._sync_one(ref, spec), name=f"sync-{ref}")
+            self._tasks[ref] = task
+            task.add_done_callback(lambda _t, r=ref: self._task_done(r))
+
+        if server is not None:
+            # 2. activation, 3. eviction
+            server = await self._activate_and_evict(server)
+            # 4. local files neither desired nor loaded
+            for ref in local:
+                if ref in self.desired or ref in server or ref in self._tasks:
+                    continue
+                try:
+                    await asyncio.to_thread(remove_adapter, ref, self.root)
+                    log.info("deleted local files of %s", ref)
+                except (OSError, ValueError) as exc:
+                    log.warning("could not delete %s: %s", ref, exc)
+        self._update_phase_metrics()
+
+    def _task_done(self, ref: AdapterRef) -> None:
+        self._tasks.pop(ref, None)
+        self.wake()
+
+    def _target_active(self, tenant: str) -> str | None:
+        versions = [e for e in self.desired.values() if e.tenant == tenant]
+        for entry in versions:
+            if entry.active:
+                return entry.version
+        return versions[0].version if len(versions) == 1 else None
+
+    async def _activate_and_evict(
+        self, server: dict[AdapterRef, dict[str, Any]]
+    ) -> dict[AdapterRef, dict[str, Any]]:
+        tenants = {ref.tenant for ref in self.desired} | {ref.tenant for ref in server}
+        for tenant in sorted(tenants):
+            desired_versions = {r.version for r in self.desired if r.tenant == tenant}
+            target = self._target_active(tenant)
+            if target is not None:
+                live = server.get(AdapterRef(tenant, target))
+                status = self.status.get(AdapterRef(tenant, target))
+                ready = (live is not None and live.get("state") == SERVER_READY
+                         and status is not None and status.phase == "Ready")
+                if ready and not live.get("active"):
+                    try:
+                        await self._server("PUT", f"/admin/tenants/{tenant}/active",
+                                           {"version": target})
+                        log.info("activated %s@%s", tenant, target)
+                        for ref, item in server.items():
+                            if ref.tenant == tenant:
+                                item["active"] = ref.version == target
+                    except ServerError as exc:
+                        log.warning("activating %s@%s failed: %s", tenant, target, exc.message)
+            # Settled: the tenant serves a desired version that is ready (the target one
+            # when there is a target), so undesired versions can go without a gap.
+            active = [r.version for r, item in server.items()
+                      if r.tenant == tenant and item.get("active")
+                      and item.get("state") == SERVER_READY]
+            if not desired_versions:
+                settled = True
+            elif target is not None:
+                settled = active == [target]
+            else:
+                settled = bool(active) and active[0] in desired_versions
+            for ref, item in list(server.items()):
+                if ref.tenant != tenant or ref.version in desired_versions:
+                    continue
+                if not settled and item.get("state") != "failed":
+                    continue  # keep the old version serving until the new one is active
+                if item.get("state") == "draining":
+                    continue
+                try:
+                    result = await self._server("DELETE", f"/admin/adapters/{tenant}/"
+                                                          f"{ref.version}")
+                    self.metrics.evictions.inc()
+                    log.info("evicted %s (%s)", ref, (result or {}).get("state"))
+                    if (result or {}).get("state") == "evicted":
+                        del server[ref]
+                except ServerError as exc:
+                    if exc.status == 404:
+                        del server[ref]
+                    else:
+                        log.warning("evicting %s failed: %s", ref, exc.message)
+        return server
+
+    # ----------------------------------------------------------------- one version
+    async def _sync_one(self, ref: AdapterRef, spec: DesiredAdapter) -> None:
+        status = self.status.get(ref)
+        if status is None or status.spec != spec:
+            return
+        result = await self._fetch(ref, spec, status)
+        if result is None or self.status.get(ref) is not status:
+            return
+        status.phase, status.reason = "Loading", None
+        started = time.monotonic()
+        try:
+            await self._server("PUT", f"/admin/adapters/{ref.tenant}/{ref.version}",
+                               {"path": str(result.path), "pinned": spec.pinned})
+        except ServerError as exc:
+            if exc.status == 422:
+                self.metrics.load_failures.labels(exc.code).inc()
+                self._fail(status, exc.code, exc.message, terminal=True)
+            else:
+                # Unreachable, conflict (draining), 5xx: transient, retry on a later pass.
+                self._fail(status, exc.code, exc.message, terminal=False)
+            return
+        status.timings["load_seconds"] = round(time.monotonic() - started, 4)
+        status.phase, status.reason, status.code, status.terminal = "Ready", None, None, False
+        log.info("%s ready on the server", ref)
+
+    async def _fetch(
+        self, ref: AdapterRef, spec: DesiredAdapter, status: Status
+    ) -> FetchResult | None:
+        attempts = self.settings.retries + 1
+        for attempt in range(attempts):
+            status.phase = "Downloading"
+            try:
+                async with self._downloads:
+                    result = await asyncio.to_thread(self._fetch_blocking, ref, spec)
+            except FetchError as exc:
+                self.metrics.fetch_failures.labels(exc.code).inc()
+                if not exc.retryable:
+                    self._fail(status, exc.code, exc.message, terminal=True)
+                    return None
+                if attempt + 1 >= attempts:
+                    self._fail(status, exc.code, exc.message, terminal=False)
+                    return None
+                delay = self.settings.backoff_seconds * (2**attempt)
+                delay += random.uniform(0, delay / 2 if delay else 0)
+                status.phase, status.reason, status.code = "Pending", exc.message, exc.code
+                log.info("fetch of %s failed (%s), retry in %.2fs", ref, exc.code, delay)
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:
+                self._fail(status, "internal", f"{type(exc).__name__}: {exc}", terminal=False)
+                return None
+            status.phase = "Verifying"
+            status.digest, status.bytes = result.manifest_sha256, result.bytes
+            status.timings["fetch_seconds"] = round(result.seconds, 4)
+            status.timings["attempts"] = attempt + 1
+            if result.downloaded:
+                self.metrics.fetch_seconds.set(result.seconds)
+            return result
+        return None
+
+    def _fetch_blocking(self, ref: AdapterRef, spec: DesiredAdapter) -> FetchResult:
+        client = self._s3_client
+        if client is None and spec.uri.startswith("s3://"):
+            client = self._s3_client = make_s3_client()
+        return fetch_adapter(
+            ref, spec.uri, self.root, expected_sha256=spec.sha256,
+            max_bytes=self.settings.max_adapter_bytes, allow_pickle=self.settings.allow_pickle,
+            s3_client=client,
+        )
+
+    def _fail(self, status: Status, code: str, message: str, *, terminal: bool) -> None:
+        status.phase, status.code, status.reason = "Failed", code, f"{code}: {message}"
+        status.terminal = terminal
+        if not terminal:
+            status.retry_after = time.monotonic() + self.settings.resync_seconds
+        log.warning("adapter failed: %s", status.reason)
+
+    def _update_phase_metrics(self) -> None:
+        counts = dict.fromkeys(PHASES, 0)
+        for status in self.status.values():
+            counts[status.phase] = counts.get(status.phase, 0) + 1
+        for phase, count in counts.items():
+            self.metrics.phase.labels(phase).set(count)
+
+    def state_view(self) -> dict[str, Any]:
+        items = sorted(self.status.items(), key=lambda kv: str(kv[0]))
+        return {"adapters": [status.view(ref) for ref, status in items],
+                "server_reachable": self.server_reachable, "last_pass": self.last_pass}
+
+
+# --------------------------------------------------------------------------- app
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
+           ) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
+    reconciler = Reconciler(settings, s3_client=s3_client)
+    token = settings.resolved_token()
+
+    def require_token(request: Request) -> None:
+        if not token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            raise _Unauthorized()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await reconciler.start()
+        try:
+            yield
+        finally:
+            await reconciler.stop()
+
+    app = FastAPI(title="loramux-sync", lifespan=lifespan)
+    app.state.reconciler = reconciler
+    auth = [Depends(require_token)]
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
+        return _error(401, "unauthorized", "needs 'Authorization: Bearer <token>'",
+                      {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg')}")
+        return _error(422, "invalid_request", "; ".join(problems)[:2000])
+
+    @app.put("/v1/desired", status_code=202, dependencies=auth)
+    async def put_desired(body: DesiredState) -> Any:
+        reconciler.set_desired(body)
+        return {"accepted": len(body.adapters)}
+
+    @app.get("/v1/desired", dependencies=auth)
+    async def get_desired() -> Any:
+        return {"adapters": [e.model_dump() for e in reconciler.desired.values()]}
+
+    @app.get("/v1/state", dependencies=auth)
+    async def get_state() -> Any:
+        return reconciler.state_view()
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        task = reconciler._loop_task
+        if task is None or task.done():
+            return _error(503, "loop_down", "the reconcile loop is not running")
+        return {"status": "ok", "server_reachable": reconciler.server_reachable}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(reconciler.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def main(argv: list[str]) -> int:
+    """``loramux sync ...``: parse flags / ``LORAMUX_SYNC_*`` and run the sidecar."""
+    from pydantic_settings import CliApp
+
+    class SyncCli(SyncSettings):
+        model_config = SettingsConfigDict(
+            env_prefix="LORAMUX_SYNC_", extra="forbid", cli_prog_name="loramux sync",
+            cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True,
+        )
+
+    parsed = CliApp.run(SyncCli, cli_args=argv)
+    settings = SyncSettings.model_validate(parsed.model_dump())
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level)
+    return 0
+
+
+__all__ = ["DesiredAdapter", "DesiredState", "Reconciler", "SyncSettings", "create_app", "main"]
