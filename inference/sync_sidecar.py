@@ -12,8 +12,14 @@ versions on the shared volume (:func:`list_local`) and the server's ``GET /admin
    with ``PUT /admin/tenants/{tenant}/active`` once that version is ready on the server;
 3. versions loaded on the server but no longer desired are evicted - for a tenant that is
    still desired only after its active version is ready and active (load new, activate,
-   evict old; when the new version fails, the old one stays loaded and active);
-4. local files of versions neither desired nor loaded are deleted.
+   evict old; when the new version fails, the old one stays loaded and active) - and never
+   before the first ``PUT /v1/desired`` (a restarted sidecar does not mistake "not told
+   yet" for "nothing");
+4. local files of versions neither desired nor loaded are deleted (same condition).
+
+``GET /readyz`` is 200 only when the versions selected by ``require_ready_for`` are Ready
+(default: pinned ones and each tenant's active or only version); otherwise 503 with what is
+missing and why.
 
 Because every pass re-reads the actual state, the sidecar converges after a restart of
 itself or of the server. One failing adapter never blocks the others: each fetch-and-load
@@ -89,6 +95,11 @@ class SyncSettings(BaseSettings):
     allow_pickle: bool = False
     server_timeout_seconds: float = Field(120.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    require_ready_for: Literal["pinned-or-active", "all", "none"] = Field(
+        "pinned-or-active",
+        description="Which desired versions GET /readyz waits for: pinned ones and each "
+                    "tenant's active (or only) version, every one, or none.",
+    )
 
     def resolved_server_token(self) -> str | None:
         return _token(self.server_token, self.server_token_file)
@@ -226,6 +237,9 @@ class Reconciler:
         self._client: httpx.AsyncClient | None = None
         self.server_reachable = False
         self.last_pass: float | None = None
+        # Until the first PUT /v1/desired an empty desired set means "not told yet", not
+        # "remove everything": a restarted sidecar must not evict and delete what serves.
+        self.desired_received = False
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -253,6 +267,7 @@ class Reconciler:
 
     def set_desired(self, state: DesiredState) -> None:
         self.desired = {entry.ref: entry for entry in state.adapters}
+        self.desired_received = True
         for ref, entry in self.desired.items():
             status = self.status.get(ref)
             if status is None or status.spec != entry:
@@ -339,7 +354,7 @@ class Reconciler:
             self._tasks[ref] = task
             task.add_done_callback(lambda _t, r=ref: self._task_done(r))
 
-        if server is not None:
+        if server is not None and self.desired_received:
             # 2. activation, 3. eviction
             server = await self._activate_and_evict(server)
             # 4. local files neither desired nor loaded
@@ -502,6 +517,35 @@ class Reconciler:
         for phase, count in counts.items():
             self.metrics.phase.labels(phase).set(count)
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every version that ``require_ready_for`` selects is Ready, and what is not.
+
+        A required version counts only while the server answered the last pass: a Ready
+        status is stale when the server is gone.
+        """
+        mode = self.settings.require_ready_for
+        required: list[AdapterRef] = []
+        if mode != "none":
+            for ref, spec in self.desired.items():
+                if (mode == "all" or spec.pinned
+                        or self._target_active(ref.tenant) == ref.version):
+                    required.append(ref)
+        missing: list[dict[str, Any]] = []
+        for ref in sorted(required, key=str):
+            status = self.status.get(ref) or Status()
+            if status.phase != "Ready":
+                missing.append({"tenant": ref.tenant, "version": ref.version,
+                                "phase": status.phase, "code": status.code,
+                                "reason": status.reason})
+        server_ok = mode == "none" or (self.server_reachable and self.last_pass is not None)
+        told = mode == "none" or self.desired_received
+        ready = server_ok and told and not missing
+        body: dict[str, Any] = {"ready": ready, "require_ready_for": mode,
+                                "desired_received": self.desired_received,
+                                "required": len(required), "missing": missing,
+                                "server_reachable": self.server_reachable}
+        return ready, body
+
     def state_view(self) -> dict[str, Any]:
         items = sorted(self.status.items(), key=lambda kv: str(kv[0]))
         return {"adapters": [status.view(ref) for ref, status in items],
@@ -576,6 +620,14 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
         if task is None or task.done():
             return _error(503, "loop_down", "the reconcile loop is not running")
         return {"status": "ok", "server_reachable": reconciler.server_reachable}
+
+    @app.get("/readyz")
+    async def readyz() -> Any:
+        task = reconciler._loop_task
+        if task is None or task.done():
+            return _error(503, "loop_down", "the reconcile loop is not running")
+        ready, body = reconciler.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,15 @@ import pytest
 import uvicorn
 from moto.server import ThreadedMotoServer
 
-from loramux.inference.adapter_store import list_local
-from loramux.inference.sync_sidecar import SyncSettings, create_app
+import loramux.inference.sync_sidecar as sync_mod
+from loramux.inference.adapter_store import FetchError, list_local
+from loramux.inference.sync_sidecar import DesiredState, Reconciler, SyncSettings, create_app
 from loramux.manifest import MANIFEST_FILE, AdapterManifest, describe_files, write_manifest
 from loramux.names import AdapterRef
 
 TOKEN = "sidecar-secret"
 PROMPT = "The quick brown fox"
+OTHER_BASE = "meta-llama/Llama-2-7b-hf"
 
 
 @dataclass
@@ -55,16 +58,25 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def published(s3: Any, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> dict[str, Published]:
-    """legal@v1, legal@v2, medical@v1 and finance@v1 with manifests, uploaded to one bucket."""
+    """legal@v1, legal@v2, medical@v1 and finance@v1 with manifests, uploaded to one bucket.
+
+    Plus badbase@v1: legal@v1's weights with an adapter_config.json that claims another base
+    model, under a manifest that is valid for those files (so only the server can refuse it).
+    """
     bucket = f"adapters-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
     staging = tmp_path_factory.mktemp("publish")
     out: dict[str, Published] = {}
-    for tenant, version in (("legal", "v1"), ("legal", "v2"), ("medical", "v1"),
-                            ("finance", "v1")):
+    for tenant, version, source in (("legal", "v1", "legal/v1"), ("legal", "v2", "legal/v2"),
+                                    ("medical", "v1", "medical/v1"),
+                                    ("finance", "v1", "finance/v1"),
+                                    ("badbase", "v1", "legal/v1")):
         src = staging / tenant / version
-        shutil.copytree(adapter_root / tenant / version, src)
+        shutil.copytree(adapter_root / source, src)
         config = json.loads((src / "adapter_config.json").read_text())
+        if tenant == "badbase":
+            config["base_model_name_or_path"] = OTHER_BASE
+            (src / "adapter_config.json").write_text(json.dumps(config))
         manifest = AdapterManifest(
             tenant=tenant, version=version, base_model="tiny-llama", rank=config["r"],
             lora_alpha=float(config.get("lora_alpha", config["r"])),
@@ -87,11 +99,12 @@ def server(start_server, tiny_model_dir: Path):
                         "--log-format", "text")
 
 
-@pytest.fixture(scope="module")
-def sidecar(server, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    root = tmp_path_factory.mktemp("sync-root")
-    settings = SyncSettings(root=root, server_url=server.url, token=TOKEN, resync_seconds=1.0,
-                            backoff_seconds=0.05, retries=2, max_adapter_bytes=64 << 20)
+@contextmanager
+def run_sidecar(root: Path, server_url: str, s3: Any, **overrides: Any) -> Iterator[Any]:
+    """The sidecar in-process under uvicorn; yields an authenticated client (``.stop()``)."""
+    settings = SyncSettings(**{"root": root, "server_url": server_url, "token": TOKEN,
+                               "resync_seconds": 1.0, "backoff_seconds": 0.05, "retries": 2,
+                               "max_adapter_bytes": 64 << 20, **overrides})
     app = create_app(settings, s3_client=s3)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     uv = uvicorn.Server(config)
@@ -105,12 +118,24 @@ def sidecar(server, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}",
                           headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     client.root = root  # type: ignore[attr-defined]
+
+    def stop() -> None:
+        uv.should_exit = True
+        thread.join(20)
+        assert not thread.is_alive(), "sidecar did not stop"
+
+    client.stop = stop  # type: ignore[attr-defined]
     try:
         yield client
     finally:
         client.close()
-        uv.should_exit = True
-        thread.join(20)
+        stop()
+
+
+@pytest.fixture(scope="module")
+def sidecar(server, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with run_sidecar(tmp_path_factory.mktemp("sync-root"), server.url, s3) as client:
+        yield client
 
 
 def entry(published: dict[str, Published], ref: str, **extra: Any) -> dict[str, Any]:
@@ -241,3 +266,222 @@ def test_removed_tenant_is_evicted_and_deleted(sidecar: Any, server, published) 
                    timeout=30)
     assert r.status_code == 404
     assert generate(server, "legal")["adapter"] == "legal@v2"
+
+
+def readyz(sidecar: Any) -> httpx.Response:
+    return httpx.get(f"{sidecar.base_url}/readyz", timeout=10)  # unauthenticated, like a probe
+
+
+def local_inodes(root: Path, *refs: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for ref in refs:
+        tenant, version = ref.split("@")
+        for path in sorted((root / tenant / version).rglob("*")):
+            if path.is_file():
+                out[f"{ref}:{path.relative_to(root / tenant / version)}"] = path.stat().st_ino
+    assert out, f"no local files for {refs}"
+    return out
+
+
+def test_server_422_becomes_failed_with_the_servers_reason(sidecar: Any, server,
+                                                            published) -> None:
+    put_desired(sidecar, [entry(published, "legal@v2", active=True),
+                          entry(published, "medical@v1"), entry(published, "badbase@v1")])
+    state = wait_phases(sidecar, {"badbase@v1": "Failed", "legal@v2": "Ready",
+                                  "medical@v1": "Ready"})
+    bad = state["badbase@v1"]
+    assert bad["code"] == "wrong_base", bad
+    assert "wrong_base" in bad["reason"] and OTHER_BASE in bad["reason"]
+    assert bad["digest"] == published["badbase@v1"].sha256  # fetched and verified first
+    live = server_adapters(server)["badbase@v1"]  # the server keeps a record of its refusal
+    assert live["state"] == "failed" and OTHER_BASE in live["reason"]
+    r = httpx.post(f"{server.url}/generate", json={"tenant_id": "badbase", "prompt": PROMPT},
+                   timeout=30)
+    assert r.status_code >= 400
+    assert generate(server, "legal")["adapter"] == "legal@v2"
+    assert generate(server, "medical")["adapter"] == "medical@v1"
+    assert 'loramux_sync_load_failures_total{code="wrong_base"} 1.0' in sidecar.get(
+        "/metrics").text
+    # The only version of its tenant is required for readiness, so the sidecar is not ready.
+    r = readyz(sidecar)
+    assert r.status_code == 503
+    assert [(m["tenant"], m["code"]) for m in r.json()["missing"]] == [("badbase", "wrong_base")]
+    assert "wrong_base" in r.json()["missing"][0]["reason"]
+    time.sleep(2.5)  # terminal: later passes neither retry nor change the others
+    state = wait_phases(sidecar, {"badbase@v1": "Failed", "legal@v2": "Ready",
+                                  "medical@v1": "Ready"}, timeout=1)
+    assert 'loramux_sync_load_failures_total{code="wrong_base"} 1.0' in sidecar.get(
+        "/metrics").text
+
+
+def test_failed_new_version_keeps_the_old_one_active(sidecar: Any, server, published) -> None:
+    put_desired(sidecar, [entry(published, "legal@v1", active=True)])
+    wait_phases(sidecar, {"legal@v1": "Ready"})
+    wait_until(lambda: set(server_adapters(server)) == {"legal@v1"}, "only legal@v1 loaded")
+    assert server_adapters(server)["legal@v1"]["active"]
+
+    # v2 becomes the target but its pin is wrong; v1 stays listed (not active).
+    put_desired(sidecar, [entry(published, "legal@v1"),
+                          entry(published, "legal@v2", active=True, sha256="0" * 64)])
+    state = wait_phases(sidecar, {"legal@v2": "Failed", "legal@v1": "Ready"})
+    assert state["legal@v2"]["code"] == "digest_mismatch"
+    time.sleep(2.5)  # a few reconcile passes
+    live = server_adapters(server)
+    assert set(live) == {"legal@v1"} and live["legal@v1"]["active"]
+    assert generate(server, "legal")["adapter"] == "legal@v1"
+    r = readyz(sidecar)
+    assert r.status_code == 503
+    assert [(m["version"], m["code"]) for m in r.json()["missing"]] == [
+        ("v2", "digest_mismatch")]
+
+    # Even once v1 is no longer desired, it keeps serving while v2 cannot take over.
+    put_desired(sidecar, [entry(published, "legal@v2", active=True, sha256="0" * 64)])
+    wait_phases(sidecar, {"legal@v2": "Failed"})
+    time.sleep(2.5)
+    live = server_adapters(server)
+    assert set(live) == {"legal@v1"} and live["legal@v1"]["active"]
+    assert generate(server, "legal")["adapter"] == "legal@v1"
+    assert AdapterRef("legal", "v1") in list_local(sidecar.root)
+
+
+def test_readyz_is_503_until_the_pinned_adapter_is_ready(sidecar: Any, server, published,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    release = threading.Event()
+    real_fetch = sync_mod.fetch_adapter
+
+    def gated_fetch(ref: AdapterRef, *args: Any, **kwargs: Any) -> Any:
+        if ref == AdapterRef("finance", "v1"):
+            assert release.wait(30), "test never released the fetch"
+        return real_fetch(ref, *args, **kwargs)
+
+    monkeypatch.setattr(sync_mod, "fetch_adapter", gated_fetch)
+    put_desired(sidecar, [entry(published, "legal@v1", active=True),
+                          entry(published, "finance@v1", pinned=True)])
+    wait_phases(sidecar, {"legal@v1": "Ready", "finance@v1": "Downloading"})
+    r = readyz(sidecar)
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["require_ready_for"] == "pinned-or-active" and body["required"] == 2
+    assert [(m["tenant"], m["version"], m["phase"]) for m in body["missing"]] == [
+        ("finance", "v1", "Downloading")]
+    release.set()
+    wait_until(lambda: readyz(sidecar).status_code == 200, "/readyz 200")
+    assert readyz(sidecar).json()["missing"] == []
+    assert server_adapters(server)["finance@v1"]["state"] == "ready"
+    assert sidecar.get("/v1/state").status_code == 200
+
+
+def test_transient_fetch_errors_are_retried(sidecar: Any, server, published,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two io_error failures, then success: Ready after 3 attempts.
+
+    The failures are injected into the sidecar's fetch function because a flaky network
+    cannot be produced on loopback against moto (and not_found is rightly not retried).
+    """
+    real_fetch = sync_mod.fetch_adapter
+    calls: list[float] = []
+
+    def flaky_fetch(ref: AdapterRef, *args: Any, **kwargs: Any) -> Any:
+        if ref == AdapterRef("medical", "v1"):
+            calls.append(time.monotonic())
+            if len(calls) <= 2:
+                raise FetchError("io_error", "injected: connection reset by peer",
+                                 retryable=True)
+        return real_fetch(ref, *args, **kwargs)
+
+    monkeypatch.setattr(sync_mod, "fetch_adapter", flaky_fetch)
+    assert AdapterRef("medical", "v1") not in list_local(sidecar.root)
+    put_desired(sidecar, [entry(published, "legal@v1", active=True),
+                          entry(published, "finance@v1", pinned=True),
+                          entry(published, "medical@v1")])
+    state = wait_phases(sidecar, {"medical@v1": "Ready", "legal@v1": "Ready",
+                                  "finance@v1": "Ready"})
+    assert len(calls) == 3
+    assert state["medical@v1"]["timings"]["attempts"] == 3
+    assert state["medical@v1"]["code"] is None and state["medical@v1"]["reason"] is None
+    assert calls[2] - calls[1] >= calls[1] - calls[0] > 0  # exponential backoff
+    assert 'loramux_sync_fetch_failures_total{code="io_error"} 2.0' in sidecar.get(
+        "/metrics").text
+    assert generate(server, "medical")["adapter"] == "medical@v1"
+
+
+READY_SET = ("legal@v1", "finance@v1", "medical@v1")
+
+
+def final_desired(published: dict[str, Published]) -> list[dict[str, Any]]:
+    return [entry(published, "legal@v1", active=True),
+            entry(published, "finance@v1", pinned=True), entry(published, "medical@v1")]
+
+
+def test_sidecar_restart_converges_without_redownloading(sidecar: Any, server, s3: Any,
+                                                         published) -> None:
+    wait_phases(sidecar, dict.fromkeys(READY_SET, "Ready"))
+    before = local_inodes(sidecar.root, *READY_SET)
+    sidecar.stop()  # the module's sidecar is done; a new one takes over the same volume
+    with run_sidecar(sidecar.root, server.url, s3) as fresh:
+        # Not told the desired set yet: passes run, but nothing is evicted or deleted.
+        wait_until(lambda: "loramux_sync_reconcile_passes_total 2.0" in fresh.get(
+            "/metrics").text, "two passes of the new sidecar", timeout=10)
+        assert set(server_adapters(server)) == set(READY_SET)
+        assert local_inodes(fresh.root, *READY_SET) == before
+        r = readyz(fresh)
+        assert r.status_code == 503 and r.json()["desired_received"] is False
+        started = time.monotonic()
+        put_desired(fresh, final_desired(published))
+        state = wait_phases(fresh, dict.fromkeys(READY_SET, "Ready"), timeout=10)
+        wait_until(lambda: readyz(fresh).status_code == 200, "/readyz 200", timeout=10)
+        took = time.monotonic() - started
+        print(f"restarted sidecar Ready in {took:.2f}s")
+        assert took < 5
+        assert local_inodes(fresh.root, *READY_SET) == before  # nothing rewritten
+        # Already loaded on the server: nothing was even fetched, let alone downloaded.
+        assert all("fetch_seconds" not in state[ref]["timings"] for ref in READY_SET)
+        assert "loramux_sync_last_fetch_seconds 0.0" in fresh.get("/metrics").text
+        assert generate(server, "legal")["adapter"] == "legal@v1"
+
+
+def test_server_restart_reloads_adapters_from_local_files(sidecar: Any, start_server,
+                                                          tiny_model_dir: Path, s3: Any,
+                                                          published) -> None:
+    before = local_inodes(sidecar.root, *READY_SET)
+    new_server = start_server("--model", str(tiny_model_dir), "--quantization", "none",
+                              "--log-format", "text")
+    assert server_adapters(new_server) == {}
+    with run_sidecar(sidecar.root, new_server.url, s3) as fresh:
+        started = time.monotonic()
+        put_desired(fresh, final_desired(published))
+        state = wait_phases(fresh, dict.fromkeys(READY_SET, "Ready"), timeout=30)
+        print(f"sidecar reloaded a fresh server in {time.monotonic() - started:.2f}s")
+        assert local_inodes(fresh.root, *READY_SET) == before  # loaded from local files
+        assert all(state[ref]["timings"].get("attempts") == 1 for ref in READY_SET)
+        assert "loramux_sync_last_fetch_seconds 0.0" in fresh.get("/metrics").text
+        live = server_adapters(new_server)
+        assert set(live) == set(READY_SET) and live["legal@v1"]["active"]
+        for tenant in ("legal", "finance", "medical"):
+            assert generate(new_server, tenant)["adapter"] == f"{tenant}@v1"
+        assert readyz(fresh).status_code == 200
+
+
+def test_require_ready_for_selects_what_readyz_waits_for(tmp_path: Path) -> None:
+    desired = DesiredState.model_validate({"adapters": [
+        {"tenant": "a", "version": "v1", "uri": "s3://b/a/v1/"},  # only version: required
+        {"tenant": "b", "version": "v1", "uri": "s3://b/b/v1/"},
+        {"tenant": "b", "version": "v2", "uri": "s3://b/b/v2/", "active": True},
+        {"tenant": "c", "version": "v1", "uri": "s3://b/c/v1/", "pinned": True},
+        {"tenant": "c", "version": "v2", "uri": "s3://b/c/v2/"},
+    ]})
+
+    def missing(mode: str) -> tuple[bool, list[str]]:
+        rec = Reconciler(SyncSettings(root=tmp_path, require_ready_for=mode))
+        ready, body = rec.readiness()
+        assert not ready or mode == "none"  # nothing desired was ever received
+        rec.server_reachable, rec.last_pass = True, time.time()
+        rec.set_desired(desired)
+        rec.status[AdapterRef("b", "v2")].phase = "Ready"
+        ready, body = rec.readiness()
+        return ready, [f"{m['tenant']}@{m['version']}" for m in body["missing"]]
+
+    assert missing("pinned-or-active") == (False, ["a@v1", "c@v1"])
+    assert missing("all") == (False, ["a@v1", "b@v1", "c@v1", "c@v2"])
+    assert missing("none") == (True, [])
