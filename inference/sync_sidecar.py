@@ -53,7 +53,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loramux.inference.adapter_store import (
@@ -65,7 +65,7 @@ from loramux.inference.adapter_store import (
     purge_incoming,
     remove_adapter,
 )
-from loramux.names import AdapterRef, validate_label
+from loramux.names import AdapterRef, TenantName, VersionName
 
 log = logging.getLogger("loramux.sync")
 
@@ -122,22 +122,12 @@ def _token(value: str | None, path: Path | None) -> str | None:
 class DesiredAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tenant: str
-    version: str
+    tenant: TenantName
+    version: VersionName
     uri: str = Field(min_length=1, max_length=2048)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     pinned: bool = False
     active: bool = False
-
-    @field_validator("tenant")
-    @classmethod
-    def _tenant(cls, value: str) -> str:
-        return validate_label(value, "tenant")
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, value: str) -> str:
-        return validate_label(value, "version")
 
     @property
     def ref(self) -> AdapterRef:

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loramux import __version__
-from loramux.names import validate_label
+from loramux.names import TenantName, VersionName
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -53,8 +53,8 @@ class AdapterManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int = SCHEMA_VERSION
-    tenant: str
-    version: str
+    tenant: TenantName
+    version: VersionName
     base_model: str = Field(min_length=1)
     rank: int = Field(ge=1)
     lora_alpha: float
@@ -63,16 +63,6 @@ class AdapterManifest(BaseModel):
     training_data_sha256: str | None = Field(None, pattern=_HEX64)
     loramux_version: str = __version__
     created_at: str | None = None
-
-    @field_validator("tenant")
-    @classmethod
-    def _tenant(cls, value: str) -> str:
-        return validate_label(value, "tenant")
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, value: str) -> str:
-        return validate_label(value, "version")
 
     @property
     def total_bytes(self) -> int:

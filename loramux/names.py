@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 DNS1123_LABEL_MAX = 63
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -30,6 +33,12 @@ def validate_label(value: str, what: str = "name") -> str:
             "(lower-case letters, digits and '-', starting and ending with a letter or digit)"
         )
     return value
+
+
+# Field types for pydantic models (manifest, training config, sidecar desired set): the same
+# DNS-1123 check, with a message that names the field.
+TenantName = Annotated[str, AfterValidator(lambda v: validate_label(v, "tenant"))]
+VersionName = Annotated[str, AfterValidator(lambda v: validate_label(v, "version"))]
 
 
 @dataclass(frozen=True, slots=True)

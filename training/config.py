@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loramux.names import validate_label
+from loramux.names import TenantName, VersionName
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -27,24 +27,14 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="the tenant this adapter is for")
-    version: str = "v1"
+    name: TenantName = Field(description="the tenant this adapter is for")
+    version: VersionName = "v1"
     data: Path
     r: int = Field(8, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0, description="lora_alpha; defaults to 2·r")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
     weight: float = Field(1.0, gt=0, description="multiplies the task's sampling probability")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return validate_label(value, "task name (tenant)")
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, value: str) -> str:
-        return validate_label(value, "version")
 
     @property
     def lora_alpha(self) -> float:
