@@ -34,6 +34,7 @@ from .adapter_cache import (
 )
 from .adapters import AdapterRejected
 from .engine import ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
+from .routing import TenantRouter
 from .sampling import SamplingParams
 from .schemas import (
     ActivateRequest,
@@ -42,6 +43,7 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     LoadAdapterRequest,
+    RouteRequest,
     Usage,
 )
 
@@ -269,6 +271,32 @@ def _sse(payload: Any) -> bytes:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+async def _maybe_forward(runtime: Runtime, request: Request, name: str,
+                         stream: bool) -> Response | None:
+    """A routed (hot) tenant's request answered by its dedicated deployment, or ``None``."""
+    router = runtime.router
+    if router is None or not router.routes:
+        return None
+    try:
+        want = TenantRef.parse(name)
+    except InvalidName:
+        return None
+    route = router.match(want.tenant, want.version, request.headers)
+    if route is None:
+        return None
+    result = await router.forward(route, request.url.path, await request.body(),
+                                  request.headers, stream)
+    if result is None:
+        runtime.metrics.forwarded_requests.labels(want.tenant, "fallback").inc()
+        return None
+    runtime.metrics.forwarded_requests.labels(want.tenant, "forwarded").inc()
+    runtime.metrics.requests.labels(want.tenant, "forwarded").inc()
+    if stream:
+        return StreamingResponse(result.stream(), status_code=result.status,
+                                 headers=result.headers)
+    return Response(await result.body(), status_code=result.status, headers=result.headers)
+
+
 # ---------------------------------------------------------------------- routers
 public = APIRouter()
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -278,6 +306,9 @@ health = APIRouter()
 @public.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, request: Request) -> Any:
     runtime = _runtime(request)
+    forwarded = await _maybe_forward(runtime, request, body.tenant_id, body.stream)
+    if forwarded is not None:
+        return forwarded
     params = _params(runtime, body.max_new_tokens, body.temperature, body.top_p, body.stop,
                      body.ignore_eos, body.seed)
     prompt_ids = _tokenize(runtime, body.prompt, params)
@@ -368,6 +399,9 @@ async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
 @public.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     runtime = _runtime(request)
+    forwarded = await _maybe_forward(runtime, request, body.model, body.stream)
+    if forwarded is not None:
+        return forwarded
     assert isinstance(body.prompt, str)
     return await _openai(runtime, request, body, body.prompt, chat=False)
 
@@ -375,6 +409,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 @public.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     runtime = _runtime(request)
+    forwarded = await _maybe_forward(runtime, request, body.model, body.stream)
+    if forwarded is not None:
+        return forwarded
     if not getattr(runtime.tokenizer, "chat_template", None):
         raise ApiError(422, "the base model's tokenizer has no chat template; use "
                             "/v1/completions", "no_chat_template")
@@ -493,6 +530,38 @@ async def set_active(tenant: str, body: ActivateRequest, request: Request) -> An
     return _entry_view(runtime, entry)
 
 
+@admin.get("/routes")
+async def list_routes(request: Request) -> Any:
+    router = _runtime(request).router
+    routes = router.routes.values() if router is not None else []
+    return {"routes": [r.view() for r in sorted(routes, key=lambda r: r.tenant)]}
+
+
+@admin.put("/tenants/{tenant}/route")
+async def set_route(tenant: str, body: RouteRequest, request: Request) -> Any:
+    """Forward ``tenant``'s requests to its dedicated deployment (hot tenants)."""
+    runtime = _runtime(request)
+    if runtime.merged_entry is not None:
+        raise ApiError(409, "a merged (dedicated) server does not forward", "conflict")
+    try:
+        validate_label(tenant, "tenant")
+        if body.version is not None:
+            validate_label(body.version, "version")
+    except InvalidName as exc:
+        raise ApiError(422, str(exc), "invalid_name") from exc
+    assert runtime.router is not None
+    return runtime.router.set(tenant, body.url, body.version).view()
+
+
+@admin.delete("/tenants/{tenant}/route")
+async def delete_route(tenant: str, request: Request) -> Any:
+    runtime = _runtime(request)
+    route = runtime.router.remove(tenant) if runtime.router is not None else None
+    if route is None:
+        raise ApiError(404, f"tenant {tenant[:63]!r} has no route", "not_found")
+    return {"tenant": tenant, "state": "removed"}
+
+
 @health.get("/healthz")
 async def healthz(request: Request) -> Any:
     runtime = _runtime(request)
@@ -523,7 +592,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.engine.start()
+        runtime.router = TenantRouter(timeout_s=runtime.settings.request_timeout_s + 30,
+                                      retry_s=runtime.settings.route_retry_s)
         yield
+        await runtime.router.aclose()
         runtime.engine.stop()
         runtime.cache.shutdown()
 

@@ -83,6 +83,12 @@ class Metrics:
             self.cache_evictions.labels(tier)
             self.resident_adapters.labels(tier)
             self.resident_bytes.labels(tier)
+        self.forwarded_requests = Counter(
+            "loramux_forwarded_requests_total",
+            "Requests of a routed (hot) tenant: forwarded to its dedicated deployment "
+            "(outcome=forwarded) or served here because it could not answer (fallback).",
+            ["tenant", "outcome"], registry=r,
+        )
         self.fallback_requests = Counter(
             "loramux_base_fallback_requests_total",
             "Requests for an unknown tenant served by the base model (fallback mode).",

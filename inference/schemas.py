@@ -116,6 +116,16 @@ class LoadAdapterRequest(BaseModel):
     activate: bool = False
 
 
+class RouteRequest(BaseModel):
+    """Where a hot tenant's requests go: its dedicated deployment's public base URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=512,
+                     pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$")
+    version: str | None = Field(None, min_length=1, max_length=63)
+
+
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

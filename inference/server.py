@@ -18,6 +18,7 @@ from .engine import Engine, confine_torch_threads
 from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
 from .metrics import Metrics
 from .model_loader import BaseModel, load_base_model
+from .routing import TenantRouter
 from .settings import ServeSettings
 
 log = logging.getLogger("loramux.server")
@@ -32,6 +33,7 @@ class Runtime:
     metrics: Metrics
     admin_token: str | None
     merged_entry: AdapterEntry | None = None
+    router: TenantRouter | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
 

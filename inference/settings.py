@@ -59,6 +59,9 @@ class ServeSettings(BaseSettings):
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled per step.")
     request_timeout_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(60.0, gt=0, description="Max wait of DELETE for in-flight.")
+    route_retry_s: float = Field(
+        5.0, gt=0, description="After a routed (hot) tenant's dedicated deployment fails, "
+                               "serve it locally for this long before trying it again.")
 
     # --- adapters and cache tiers
     lora_backend: Literal["batched", "peft"] = Field(

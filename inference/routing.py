@@ -1,0 +1,170 @@
+"""Per-tenant forwarding to a dedicated (merged) deployment, with local fallback.
+
+A hot tenant gets its own Deployment that serves its adapter merged into the base. The
+shared pool keeps serving the tenant's name: once told (``PUT /admin/tenants/{t}/route``)
+a pool server forwards that tenant's generation requests - streaming included - to the
+dedicated Service, and answers them itself whenever the dedicated side cannot:
+
+* the upstream refuses the connection, times out before answering, or answers with any
+  non-2xx status (503 while it starts, 404 before its adapter is there, 429 when busy):
+  the request is served locally, so no request fails because of a promotion or a demotion;
+* after such a failure the route is skipped for ``route_retry_seconds`` (a small circuit
+  breaker), then the next request tries the upstream again.
+
+Only bare tenant names and the routed version are forwarded (``tenant@other-version`` is
+served locally). A forwarded request carries ``X-Loramux-Forwarded: 1``; a server never
+forwards such a request again, so a misconfigured route cannot loop.
+
+A stream that breaks after the upstream has started sending cannot be replayed locally
+(the client already holds part of an answer); it ends with an SSE ``error`` event.
+
+Hand-written on purpose: it is a few dozen lines around ``httpx``'s streaming client, and a
+generic reverse proxy would not know when falling back to the local engine is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("loramux.routing")
+
+FORWARDED_HEADER = "x-loramux-forwarded"
+_PASS_HEADERS = ("content-type", "accept", "authorization", "x-request-id")
+
+
+@dataclass
+class Route:
+    tenant: str
+    url: str
+    version: str | None = None
+    set_at: float = field(default_factory=time.time)
+    down_until: float = 0.0  # monotonic
+    forwarded: int = 0
+    fallbacks: int = 0
+    last_error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "url": self.url, "version": self.version,
+                "healthy": time.monotonic() >= self.down_until, "forwarded": self.forwarded,
+                "fallbacks": self.fallbacks, "last_error": self.last_error}
+
+
+class Forwarded:
+    """An upstream response that has been accepted (2xx); the caller relays it."""
+
+    def __init__(self, response: httpx.Response, route: Route) -> None:
+        self.response, self.route = response, route
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def headers(self) -> dict[str, str]:
+        keep = ("content-type", "x-loramux-adapter", "cache-control")
+        out = {k: v for k, v in self.response.headers.items() if k.lower() in keep}
+        out["X-Loramux-Routed-To"] = self.route.url
+        return out
+
+    async def body(self) -> bytes:
+        try:
+            return await self.response.aread()
+        finally:
+            await self.response.aclose()
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            self.route.last_error = f"stream broke: {exc!r}"[:300]
+            log.warning("forwarded stream broke", extra={"tenant": self.route.tenant})
+            error = {"error": {"message": "the dedicated deployment stopped mid-stream",
+                               "code": "upstream_stream_broken", "status": 502}}
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            await self.response.aclose()
+
+
+class TenantRouter:
+    """The routes of one server; used from the event loop only."""
+
+    def __init__(self, *, timeout_s: float, retry_s: float = 5.0) -> None:
+        self.routes: dict[str, Route] = {}
+        self.retry_s = retry_s
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=2.0), follow_redirects=False)
+
+    def set(self, tenant: str, url: str, version: str | None) -> Route:
+        route = Route(tenant=tenant, url=url.rstrip("/"), version=version)
+        self.routes[tenant] = route
+        log.info("route set", extra={"tenant": tenant, "version": version, "url": route.url})
+        return route
+
+    def remove(self, tenant: str) -> Route | None:
+        route = self.routes.pop(tenant, None)
+        if route is not None:
+            log.info("route removed", extra={"tenant": tenant})
+        return route
+
+    def match(self, tenant: str, version: str | None, headers: Any) -> Route | None:
+        route = self.routes.get(tenant)
+        if route is None or headers.get(FORWARDED_HEADER):
+            return None
+        if version is not None and version != route.version:
+            return None
+        if time.monotonic() < route.down_until:
+            route.fallbacks += 1
+            return None
+        return route
+
+    async def forward(self, route: Route, path: str, body: bytes, headers: Any,
+                      stream: bool) -> Forwarded | None:
+        """Send the request upstream; ``None`` means "serve it locally"."""
+        send_headers = {k: v for k, v in headers.items() if k.lower() in _PASS_HEADERS}
+        send_headers[FORWARDED_HEADER] = "1"
+        request = self._client.build_request("POST", route.url + path, content=body,
+                                             headers=send_headers)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            self._failed(route, f"{type(exc).__name__}: {exc}")
+            return None
+        if not 200 <= response.status_code < 300:
+            detail = (await response.aread())[:200].decode(errors="replace")
+            await response.aclose()
+            self._failed(route, f"HTTP {response.status_code}: {detail}")
+            return None
+        if not stream:
+            # Read the whole answer here, so a connection that breaks mid-body still
+            # falls back to the local engine.
+            try:
+                await response.aread()
+            except httpx.HTTPError as exc:
+                await response.aclose()
+                self._failed(route, f"{type(exc).__name__}: {exc}")
+                return None
+        route.forwarded += 1
+        route.down_until = 0.0
+        return Forwarded(response, route)
+
+    def _failed(self, route: Route, error: str) -> None:
+        route.fallbacks += 1
+        route.last_error = error[:300]
+        route.down_until = time.monotonic() + self.retry_s
+        log.warning("dedicated deployment unavailable, serving locally",
+                    extra={"tenant": route.tenant, "version": route.version,
+                           "error": route.last_error})
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+__all__ = ["FORWARDED_HEADER", "Forwarded", "Route", "TenantRouter"]
