@@ -13,7 +13,8 @@ total size is bounded *before* anything is downloaded, and pickled weights (whic
 code when loaded) are refused unless explicitly allowed.
 
 Sources: ``s3://bucket/prefix/`` through boto3 (endpoint, region and credentials from the
-standard ``AWS_*`` environment, so MinIO works) and ``file:///path/`` for local directories.
+standard ``AWS_*`` environment, a mounted secret directory or explicit
+:class:`S3Credentials`, so MinIO works) and ``file:///path/`` for local directories.
 
 This module must stay importable in the inference image without the operator or training
 extras: no kopf, no kubernetes, nothing from ``loramux.training``.
@@ -30,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -186,16 +187,120 @@ class _S3Source(_Source):
                 yield from body.iter_chunks(CHUNK)
 
 
-def make_s3_client() -> Any:
-    """An S3 client from the standard AWS environment (``AWS_ENDPOINT_URL[_S3]``, region,
-    credentials, profiles), with short connect timeouts so an unreachable store fails fast."""
+# The key names of a Kubernetes Secret (and of the standard AWS environment variables), as
+# files in a mounted directory or as the fields an operator sends per desired entry.
+CREDENTIAL_FILES: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "secret_access_key",
+    "AWS_SESSION_TOKEN": "session_token",
+    "AWS_REGION": "region",
+    "AWS_ENDPOINT_URL": "endpoint_url",
+}
+MAX_CREDENTIAL_FILE_BYTES = 16 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class S3Credentials:
+    """Where and as whom to reach S3. Every field is optional; what is unset comes from the
+    next source (:meth:`over`) and finally from the standard AWS environment.
+
+    The secret parts never appear in ``repr`` (so not in logs or tracebacks either).
+    """
+
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    region: str | None = None
+    endpoint_url: str | None = None
+
+    def over(self, fallback: S3Credentials | None) -> S3Credentials:
+        """These credentials with unset parts filled from ``fallback``. The key pair and
+        the session token travel together: a token is never mixed with another source's keys.
+        """
+        if fallback is None:
+            return self
+        keys = self if (self.access_key_id or self.secret_access_key) else fallback
+        return S3Credentials(
+            access_key_id=keys.access_key_id,
+            secret_access_key=keys.secret_access_key,
+            session_token=keys.session_token,
+            region=self.region or fallback.region,
+            endpoint_url=self.endpoint_url or fallback.endpoint_url,
+        )
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever any part changes (a cache key; never logged)."""
+        parts = (self.access_key_id, self.secret_access_key, self.session_token, self.region,
+                 self.endpoint_url)
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.access_key_id, self.secret_access_key,
+                                 self.session_token) if s)
+
+
+def read_credentials_dir(directory: Path) -> S3Credentials:
+    """The credentials in a mounted secret directory (files named like the Secret's keys:
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``,
+    ``AWS_REGION``, ``AWS_ENDPOINT_URL``). Read afresh on every call, so a rotated Secret
+    (kubelet swaps the files atomically) takes effect with the next client. Missing files
+    are unset; surrounding whitespace (a trailing newline) is stripped.
+    """
+    directory = Path(directory)
+    values: dict[str, str | None] = {}
+    for name, attr in CREDENTIAL_FILES.items():
+        path = directory / name
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_CREDENTIAL_FILE_BYTES + 1)
+        except FileNotFoundError:
+            values[attr] = None
+            continue
+        except OSError as exc:
+            raise FetchError("io_error", f"mounted credentials: cannot read {name} in "
+                             f"{directory}: {exc.strerror or type(exc).__name__}",
+                             retryable=True) from None
+        if len(data) > MAX_CREDENTIAL_FILE_BYTES:
+            raise FetchError("access_denied", f"mounted credentials: {name} in {directory} "
+                             f"is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes")
+        values[attr] = data.decode("utf-8", errors="replace").strip() or None
+    return S3Credentials(**values)
+
+
+def make_s3_client(credentials: S3Credentials | None = None) -> Any:
+    """An S3 client, with short connect timeouts so an unreachable store fails fast.
+
+    ``credentials`` (from a desired entry or a mounted secret) override the standard AWS
+    environment (``AWS_ENDPOINT_URL[_S3]``, region, credentials, profiles) part by part;
+    without them the environment alone applies. A key without its secret (or the reverse)
+    is refused with ``access_denied`` rather than silently mixed with the environment's.
+    """
     import boto3.session
     from botocore.config import Config
 
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    creds = credentials or S3Credentials()
+    if bool(creds.access_key_id) != bool(creds.secret_access_key):
+        have, missing = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if creds.access_key_id
+                         else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
+        raise FetchError("access_denied", f"S3 credentials have {have} but no {missing}")
+    if creds.session_token and not creds.access_key_id:
+        raise FetchError("access_denied", "S3 credentials have a session token but no keys")
+    region = (creds.region or os.environ.get("AWS_REGION")
+              or os.environ.get("AWS_DEFAULT_REGION") or None)
     config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3})
-    # A fresh session: the module-level default caches credentials from the first call.
-    return boto3.session.Session().client("s3", region_name=region, config=config)
+    kwargs: dict[str, Any] = {}
+    if creds.access_key_id:
+        kwargs = {"aws_access_key_id": creds.access_key_id,
+                  "aws_secret_access_key": creds.secret_access_key,
+                  "aws_session_token": creds.session_token}
+    try:
+        # A fresh session: the module-level default caches credentials from the first call.
+        return boto3.session.Session().client(
+            "s3", region_name=region, endpoint_url=creds.endpoint_url or None, config=config,
+            **kwargs,
+        )
+    except ValueError as exc:  # e.g. an endpoint URL botocore cannot use
+        raise FetchError("bad_uri", f"cannot build an S3 client: {exc}") from None
 
 
 def _parse_source(uri: str, s3_client: Any) -> _Source:
@@ -558,15 +663,18 @@ def purge_incoming(root: Path) -> None:
 
 
 __all__ = [
+    "CREDENTIAL_FILES",
     "FETCH_ERROR_CODES",
     "INCOMING_DIR",
     "PICKLE_SUFFIXES",
     "FetchError",
     "FetchResult",
+    "S3Credentials",
     "fetch_adapter",
     "list_local",
     "make_s3_client",
     "purge_incoming",
+    "read_credentials_dir",
     "remove_adapter",
     "version_dir",
 ]

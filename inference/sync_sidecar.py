@@ -14,12 +14,22 @@ versions on the shared volume (:func:`list_local`) and the server's ``GET /admin
    still desired only after its active version is ready and active (load new, activate,
    evict old; when the new version fails, the old one stays loaded and active) - and never
    before the first ``PUT /v1/desired`` (a restarted sidecar does not mistake "not told
-   yet" for "nothing");
+   yet" for "nothing"). Only versions the server loaded from under ``root`` are the
+   sidecar's to evict; ones it was started with (``serve --adapter``) are left alone;
 4. local files of versions neither desired nor loaded are deleted (same condition).
 
 ``GET /readyz`` is 200 only when the versions selected by ``require_ready_for`` are Ready
 (default: pinned ones and each tenant's active or only version); otherwise 503 with what is
 missing and why.
+
+S3 credentials, per fetch: the entry's own ``credentials`` (sent by the operator from the
+LoraAdapter's ``source.credentialsSecret``), else the mounted secret directory
+``s3_credentials_dir`` (re-read for every fetch, so rotation works), else the standard AWS
+environment. Parts an entry leaves unset (region, endpoint) come from the mounted secret,
+then the environment. Clients are cached by a digest of the credentials. Secrets are never
+logged nor returned (``GET /v1/desired`` masks them), a change of credentials alone does
+not restart a Ready version, and a version that failed to reach the store
+(access_denied, not_found, io_error) is tried again as soon as its credentials change.
 
 Because every pass re-reads the actual state, the sidecar converges after a restart of
 itself or of the server. One failing adapter never blocks the others: each fetch-and-load
@@ -34,13 +44,17 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import Depends, FastAPI, Request
@@ -53,16 +67,26 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    DirectoryPath,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loramux.inference.adapter_store import (
     FetchError,
     FetchResult,
+    S3Credentials,
     fetch_adapter,
     list_local,
     make_s3_client,
     purge_incoming,
+    read_credentials_dir,
     remove_adapter,
 )
 from loramux.names import AdapterRef, TenantName, VersionName
@@ -72,6 +96,11 @@ log = logging.getLogger("loramux.sync")
 Phase = Literal["Pending", "Downloading", "Verifying", "Loading", "Ready", "Failed"]
 PHASES: tuple[str, ...] = ("Pending", "Downloading", "Verifying", "Loading", "Ready", "Failed")
 SERVER_READY = "ready"
+MASK = "***"
+# Failures of reaching the store that other credentials (or another endpoint) can cure: a
+# Failed entry with one of these codes gets a fresh try when its credentials change.
+CREDENTIAL_CURABLE = frozenset({"access_denied", "not_found", "io_error"})
+MAX_CACHED_CLIENTS = 32
 
 
 class SyncSettings(BaseSettings):
@@ -93,6 +122,12 @@ class SyncSettings(BaseSettings):
     backoff_seconds: float = Field(0.5, ge=0, description="Base of the exponential backoff.")
     max_concurrent_downloads: int = Field(2, ge=1)
     allow_pickle: bool = False
+    s3_credentials_dir: DirectoryPath | None = Field(
+        None,
+        description="Mounted secret with files AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+                    "optional AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL; re-read for "
+                    "every new S3 client (rotation). Unset: the standard AWS environment.",
+    )
     server_timeout_seconds: float = Field(120.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     require_ready_for: Literal["pinned-or-active", "all", "none"] = Field(
@@ -119,6 +154,56 @@ def _token(value: str | None, path: Path | None) -> str | None:
 # --------------------------------------------------------------------------- API models
 
 
+class EntryCredentials(BaseModel):
+    """S3 credentials for one desired entry, resolved by the operator from the LoraAdapter's
+    ``source.credentialsSecret`` (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional
+    AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL). Never logged and never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_key_id: str = Field(min_length=1, max_length=256, repr=False)
+    secret_access_key: SecretStr = Field(min_length=1, max_length=1024)
+    session_token: SecretStr | None = Field(None, min_length=1, max_length=8192)
+    region: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    endpoint_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("access_key_id", "secret_access_key", "session_token", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        # Secret data copied with `echo` ends in a newline, which would break the signature.
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+            raise ValueError("must not contain whitespace or control characters")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry user:password (send them as the keys)")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value
+
+    def to_s3(self) -> S3Credentials:
+        return S3Credentials(
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key.get_secret_value(),
+            session_token=(self.session_token.get_secret_value()
+                           if self.session_token is not None else None),
+            region=self.region, endpoint_url=self.endpoint_url,
+        )
+
+    def public_view(self) -> dict[str, Any]:
+        return {"access_key_id": MASK, "secret_access_key": MASK,
+                "session_token": MASK if self.session_token is not None else None,
+                "region": self.region, "endpoint_url": self.endpoint_url}
+
+
 class DesiredAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -128,10 +213,22 @@ class DesiredAdapter(BaseModel):
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     pinned: bool = False
     active: bool = False
+    credentials: EntryCredentials | None = None
 
     @property
     def ref(self) -> AdapterRef:
         return AdapterRef(self.tenant, self.version)
+
+    def same_spec(self, other: DesiredAdapter | None) -> bool:
+        """Equal apart from the credentials: new credentials alone never restart a version."""
+        return other is not None and (self.model_dump(exclude={"credentials"})
+                                      == other.model_dump(exclude={"credentials"}))
+
+    def public_view(self) -> dict[str, Any]:
+        view = self.model_dump(mode="json", exclude={"credentials"})
+        view["credentials"] = (self.credentials.public_view()
+                               if self.credentials is not None else None)
+        return view
 
 
 class DesiredState(BaseModel):
@@ -171,11 +268,14 @@ class Status:
     spec: DesiredAdapter | None = None
     terminal: bool = False  # Failed and not worth retrying until the spec changes
     retry_after: float = 0.0  # monotonic time before which a non-terminal failure waits
+    credentials_source: str | None = None  # entry, mounted or environment (last fetch)
+    credentials_fp: str | None = None  # fingerprint of the credentials of the last fetch
 
     def view(self, ref: AdapterRef) -> dict[str, Any]:
         return {"tenant": ref.tenant, "version": ref.version, "phase": self.phase,
                 "reason": self.reason, "code": self.code, "digest": self.digest,
-                "bytes": self.bytes, "timings": dict(self.timings)}
+                "bytes": self.bytes, "timings": dict(self.timings),
+                "credentials_source": self.credentials_source}
 
 
 class ServerError(Exception):
@@ -203,6 +303,11 @@ class _Metrics:
                                  registry=self.registry)
         self.fetch_seconds = Gauge("loramux_sync_last_fetch_seconds",
                                    "Duration of the last download", registry=self.registry)
+        self.downloads = Counter("loramux_sync_downloads_total",
+                                 "Versions downloaded from their source (not found on the volume)",
+                                 registry=self.registry)
+        self.downloaded_bytes = Counter("loramux_sync_downloaded_bytes_total",
+                                        "Bytes downloaded and verified", registry=self.registry)
         for phase in PHASES:
             self.phase.labels(phase).set(0)
 
@@ -220,6 +325,8 @@ class Reconciler:
         self.status: dict[AdapterRef, Status] = {}
         self.metrics = _Metrics()
         self._s3_client = s3_client
+        self._s3_clients: OrderedDict[str, Any] = OrderedDict()
+        self._s3_lock = threading.Lock()
         self._tasks: dict[AdapterRef, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
@@ -260,9 +367,13 @@ class Reconciler:
         self.desired_received = True
         for ref, entry in self.desired.items():
             status = self.status.get(ref)
-            if status is None or status.spec != entry:
+            if status is None or not entry.same_spec(status.spec):
                 # New or changed entry: start over (a Failed one gets a fresh chance).
                 self.status[ref] = Status(spec=entry)
+            else:
+                # Same spec, perhaps new credentials: used from the next fetch on; a Ready
+                # version is left alone, a store failure is retried (_credentials_changed).
+                status.spec = entry
         for ref in list(self.status):
             if ref not in self.desired:
                 del self.status[ref]
@@ -336,6 +447,9 @@ class Reconciler:
                 continue
             if status.phase == "Ready" and server is not None:
                 status.phase, status.reason = "Pending", "no longer ready on the server"
+            if status.phase == "Failed" and self._credentials_changed(status):
+                status.terminal, status.retry_after = False, 0.0
+                status.phase, status.reason = "Pending", "credentials changed; trying again"
             if ref in self._tasks or status.terminal or now < status.retry_after:
                 continue
             if server is None and ref in local:
@@ -405,6 +519,8 @@ class Reconciler:
             for ref, item in list(server.items()):
                 if ref.tenant != tenant or ref.version in desired_versions:
                     continue
+                if not self._owns(item):
+                    continue  # loaded by someone else (e.g. `serve --adapter`): not ours
                 if not settled and item.get("state") != "failed":
                     continue  # keep the old version serving until the new one is active
                 if item.get("state") == "draining":
@@ -423,10 +539,22 @@ class Reconciler:
                         log.warning("evicting %s failed: %s", ref, exc.message)
         return server
 
+    def _owns(self, item: dict[str, Any]) -> bool:
+        """Whether the server loaded this adapter from under our root, i.e. the sidecar (or
+        a predecessor on the same volume) put it there. Adapters the server was started
+        with (``serve --adapter``) or that another client loaded from elsewhere are left
+        alone: the sidecar evicts only what it manages."""
+        path = item.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            return False
+        norm = Path(os.path.normpath(path))
+        roots = {Path(os.path.normpath(self.root.absolute())), self.root.resolve()}
+        return any(norm != root and norm.is_relative_to(root) for root in roots)
+
     # ----------------------------------------------------------------- one version
     async def _sync_one(self, ref: AdapterRef, spec: DesiredAdapter) -> None:
         status = self.status.get(ref)
-        if status is None or status.spec != spec:
+        if status is None or not spec.same_spec(status.spec):
             return
         result = await self._fetch(ref, spec, status)
         if result is None or self.status.get(ref) is not status:
@@ -454,12 +582,15 @@ class Reconciler:
         attempts = self.settings.retries + 1
         for attempt in range(attempts):
             status.phase = "Downloading"
+            status.timings["attempts"] = attempt + 1
             try:
                 async with self._downloads:
-                    result = await asyncio.to_thread(self._fetch_blocking, ref, spec)
+                    result = await asyncio.to_thread(self._fetch_blocking, ref, status)
             except FetchError as exc:
                 self.metrics.fetch_failures.labels(exc.code).inc()
-                if not exc.retryable:
+                # not_found is retried too: the operator may name a version whose upload
+                # (manifest last) is still under way.
+                if not exc.retryable and exc.code != "not_found":
                     self._fail(status, exc.code, exc.message, terminal=True)
                     return None
                 if attempt + 1 >= attempts:
@@ -467,7 +598,8 @@ class Reconciler:
                     return None
                 delay = self.settings.backoff_seconds * (2**attempt)
                 delay += random.uniform(0, delay / 2 if delay else 0)
-                status.phase, status.reason, status.code = "Pending", exc.message, exc.code
+                status.phase, status.code = "Pending", exc.code
+                status.reason = self._scrub(exc.message, status)
                 log.info("fetch of %s failed (%s), retry in %.2fs", ref, exc.code, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -477,23 +609,87 @@ class Reconciler:
             status.phase = "Verifying"
             status.digest, status.bytes = result.manifest_sha256, result.bytes
             status.timings["fetch_seconds"] = round(result.seconds, 4)
-            status.timings["attempts"] = attempt + 1
             if result.downloaded:
                 self.metrics.fetch_seconds.set(result.seconds)
+                self.metrics.downloads.inc()
+                self.metrics.downloaded_bytes.inc(result.bytes)
             return result
         return None
 
-    def _fetch_blocking(self, ref: AdapterRef, spec: DesiredAdapter) -> FetchResult:
-        client = self._s3_client
-        if client is None and spec.uri.startswith("s3://"):
-            client = self._s3_client = make_s3_client()
+    # ----------------------------------------------------------------- credentials
+    def _credentials_for(self, spec: DesiredAdapter) -> tuple[str, S3Credentials | None]:
+        """Which credentials an entry's fetch uses: its own (parts it leaves unset come
+        from the mounted secret), else the mounted secret, else the AWS environment (None).
+        Reads the mounted directory afresh, so a rotated Secret is picked up."""
+        mounted = None
+        if self.settings.s3_credentials_dir is not None:
+            mounted = read_credentials_dir(self.settings.s3_credentials_dir)
+        if spec.credentials is not None:
+            return "entry", spec.credentials.to_s3().over(mounted)
+        if mounted is not None:
+            return "mounted", mounted
+        return "environment", None
+
+    def _credentials_changed(self, status: Status) -> bool:
+        """A store failure whose credentials (entry's or mounted) are no longer current."""
+        if (status.code not in CREDENTIAL_CURABLE or status.spec is None
+                or status.credentials_fp is None):
+            return False
+        try:
+            _, creds = self._credentials_for(status.spec)
+        except FetchError:
+            return False
+        return (creds.fingerprint() if creds else "environment") != status.credentials_fp
+
+    def _client_for(self, creds: S3Credentials | None) -> Any:
+        """A cached S3 client per set of credentials (keyed by their digest)."""
+        if creds is None and self._s3_client is not None:
+            return self._s3_client  # given by the caller (tests, embedding)
+        key = creds.fingerprint() if creds is not None else "environment"
+        with self._s3_lock:
+            client = self._s3_clients.get(key)
+            if client is not None:
+                self._s3_clients.move_to_end(key)
+                return client
+        client = make_s3_client(creds)
+        with self._s3_lock:
+            self._s3_clients[key] = client
+            while len(self._s3_clients) > MAX_CACHED_CLIENTS:
+                self._s3_clients.popitem(last=False)
+        return client
+
+    def _fetch_blocking(self, ref: AdapterRef, status: Status) -> FetchResult:
+        spec = status.spec  # current: new credentials for the same spec apply to retries
+        assert spec is not None
+        client = None
+        if spec.uri.startswith("s3://"):
+            source, creds = self._credentials_for(spec)
+            status.credentials_source = source
+            status.credentials_fp = creds.fingerprint() if creds else "environment"
+            client = self._client_for(creds)
         return fetch_adapter(
             ref, spec.uri, self.root, expected_sha256=spec.sha256,
             max_bytes=self.settings.max_adapter_bytes, allow_pickle=self.settings.allow_pickle,
             s3_client=client,
         )
 
+    def _scrub(self, text: str, status: Status) -> str:
+        """``text`` without any secret of the entry's or the mounted credentials (defence in
+        depth: an S3-compatible store might echo a key id in its error message)."""
+        secrets: list[str] = []
+        spec = status.spec
+        if spec is not None and spec.credentials is not None:
+            secrets += spec.credentials.to_s3().secrets()
+        if self.settings.s3_credentials_dir is not None:
+            with contextlib.suppress(FetchError):
+                secrets += read_credentials_dir(self.settings.s3_credentials_dir).secrets()
+        for secret in sorted(set(secrets), key=len, reverse=True):
+            if len(secret) >= 4:
+                text = text.replace(secret, MASK)
+        return text
+
     def _fail(self, status: Status, code: str, message: str, *, terminal: bool) -> None:
+        message = self._scrub(message, status)
         status.phase, status.code, status.reason = "Failed", code, f"{code}: {message}"
         status.terminal = terminal
         if not terminal:
@@ -598,7 +794,8 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
 
     @app.get("/v1/desired", dependencies=auth)
     async def get_desired() -> Any:
-        return {"adapters": [e.model_dump() for e in reconciler.desired.values()]}
+        # Credentials are masked: this endpoint is for looking, not for copying secrets.
+        return {"adapters": [e.public_view() for e in reconciler.desired.values()]}
 
     @app.get("/v1/state", dependencies=auth)
     async def get_state() -> Any:
@@ -643,9 +840,13 @@ def main(argv: list[str]) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # botocore's debug log prints request headers, session tokens included: never below INFO.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level)
     return 0
 
 
-__all__ = ["DesiredAdapter", "DesiredState", "Reconciler", "SyncSettings", "create_app", "main"]
+__all__ = ["DesiredAdapter", "DesiredState", "EntryCredentials", "Reconciler", "SyncSettings",
+           "create_app", "main"]

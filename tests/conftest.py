@@ -127,3 +127,35 @@ def fp32_server(start_server, tiny_model_dir: Path, adapter_root: Path) -> Serve
         "--model", str(tiny_model_dir), "--quantization", "none", "--max-batch-size", "16",
         "--log-format", "text", *preload_flags(adapter_root, list(TENANTS)),
     )
+
+
+class SidecarProcess(ServerProcess):
+    """``loramux sync`` as a real process on a loopback port the kernel picks (``--port 0``;
+    the chosen port is parsed from uvicorn's "Uvicorn running on" line, as for the server)."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "loramux.cli", "sync", "--port", "0", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+        )
+        self.url = self._wait_for_url(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def start_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: ``start_sidecar(*args, env=...)`` returns a running SidecarProcess (the
+    ``loramux sync`` CLI), stopped at the end of the module."""
+    started: list[SidecarProcess] = []
+    logs = tmp_path_factory.mktemp("sidecar-logs")
+
+    def start(*args: str, env: dict[str, str] | None = None) -> SidecarProcess:
+        sidecar = SidecarProcess(list(args), logs / f"sidecar-{len(started)}.log", env)
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        sidecar.stop()
