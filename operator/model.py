@@ -1,0 +1,264 @@
+"""Plain views of the objects the operator reasons about: LoraAdapter specs and pods.
+
+Pure functions over the dictionaries the Kubernetes API returns; no I/O. The CRD's schema
+is enforced again here because not every API server validates it (and an invalid object
+must end as a clear condition, never as a crash loop).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loramux.names import InvalidName, validate_label
+
+GROUP = "loramux.io"
+VERSION = "v1alpha1"
+PLURAL = "loraadapters"
+KIND = "LoraAdapter"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+URI_PATTERN = re.compile(r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file:///\S*)$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+SECRET_NAME_PATTERN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+ObjectKey = tuple[str, str]  # (namespace, name) of a LoraAdapter
+PodKey = tuple[str, str]  # (namespace, name) of a pod
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One LoraAdapter, parsed. ``error`` is set (and the rest may be partial) when invalid."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+    generation: int = 0
+    created: str = ""
+    tenant: str = ""
+    version: str = ""
+    uri: str = ""
+    sha256: str | None = None
+    credentials_secret: str | None = None
+    base_model: str = ""
+    pool: Mapping[str, Any] = field(default_factory=dict)
+    replicas: int | None = None
+    pinned: bool = False
+    deleting: bool = False
+    previous_pods: tuple[str, ...] = ()  # pods in status.placements (placement memory)
+    previous_active: str | None = None  # status.activeVersion
+    error: str | None = None
+
+    @property
+    def key(self) -> ObjectKey:
+        return (self.namespace, self.name)
+
+    @property
+    def order(self) -> tuple[str, str]:
+        """Older first: creationTimestamp (RFC 3339 sorts as text), then name."""
+        return (self.created, self.name)
+
+    @property
+    def pool_key(self) -> str:
+        return canonical_selector(self.pool)
+
+
+def canonical_selector(selector: Mapping[str, Any] | None) -> str:
+    """One text per selector meaning (key order and value order do not matter)."""
+    selector = selector or {}
+    labels = dict(sorted((selector.get("matchLabels") or {}).items()))
+    expressions = sorted(
+        (str(e.get("key")), str(e.get("operator")), sorted(str(v) for v in e.get("values") or []))
+        for e in selector.get("matchExpressions") or []
+        if isinstance(e, Mapping)
+    )
+    return json.dumps([labels, expressions], sort_keys=True)
+
+
+def selector_error(selector: Any) -> str | None:
+    """Why ``selector`` is not a usable label selector, or None."""
+    if not isinstance(selector, Mapping):
+        return "spec.pool must be a label selector (matchLabels / matchExpressions)"
+    unknown = set(selector) - {"matchLabels", "matchExpressions"}
+    if unknown:
+        return f"spec.pool has unknown fields {sorted(unknown)}"
+    labels = selector.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        return "spec.pool.matchLabels must map strings to strings"
+    expressions = selector.get("matchExpressions") or []
+    if not isinstance(expressions, list):
+        return "spec.pool.matchExpressions must be a list"
+    for i, expr in enumerate(expressions):
+        where = f"spec.pool.matchExpressions[{i}]"
+        if not isinstance(expr, Mapping) or not isinstance(expr.get("key"), str):
+            return f"{where} needs a key"
+        op = expr.get("operator")
+        if op not in SELECTOR_OPERATORS:
+            return f"{where}.operator must be one of {', '.join(SELECTOR_OPERATORS)}"
+        values = expr.get("values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return f"{where}.values must be a list of strings"
+        if op in ("In", "NotIn") and not values:
+            return f"{where}: operator {op} needs values"
+        if op in ("Exists", "DoesNotExist") and values:
+            return f"{where}: operator {op} takes no values"
+    if not labels and not expressions:
+        return "spec.pool must not be empty (it would select every pod of the namespace)"
+    return None
+
+
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str] | None) -> bool:
+    """Kubernetes label-selector semantics (all terms ANDed). An invalid selector matches none."""
+    if selector_error(selector) is not None:
+        return False
+    assert selector is not None
+    labels = labels or {}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def parse_adapter(obj: Mapping[str, Any]) -> AdapterSpec:
+    """Parse a LoraAdapter object; never raises (an invalid spec comes back with ``error``)."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    previous = tuple(dict.fromkeys(
+        str(p.get("pod")) for p in status.get("placements") or []
+        if isinstance(p, Mapping) and p.get("pod")
+    ))
+    base = {
+        "namespace": str(meta.get("namespace") or "default"),
+        "name": str(meta.get("name") or ""),
+        "uid": str(meta.get("uid") or ""),
+        "generation": int(meta.get("generation") or 0),
+        "created": str(meta.get("creationTimestamp") or ""),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "previous_pods": previous,
+        "previous_active": status.get("activeVersion") or None,
+    }
+    if not isinstance(spec, Mapping):
+        return AdapterSpec(**base, error="spec must be an object")
+    source = spec.get("source") if isinstance(spec.get("source"), Mapping) else {}
+    fields = {
+        "tenant": spec.get("tenant") if isinstance(spec.get("tenant"), str) else "",
+        "version": spec.get("version") if isinstance(spec.get("version"), str) else "",
+        "uri": source.get("uri") if isinstance(source.get("uri"), str) else "",
+        "sha256": source.get("sha256"),
+        "credentials_secret": source.get("credentialsSecret"),
+        "base_model": spec.get("baseModel") if isinstance(spec.get("baseModel"), str) else "",
+        "pool": spec.get("pool") if isinstance(spec.get("pool"), Mapping) else {},
+        "replicas": spec.get("replicas"),
+        "pinned": spec.get("pinned") is True,
+    }
+    error = _spec_error(spec, source, fields)
+    if error is not None:
+        fields["replicas"] = None
+        fields["sha256"] = None
+        fields["credentials_secret"] = None
+    return AdapterSpec(**base, **fields, error=error)
+
+
+def _spec_error(spec: Mapping[str, Any], source: Any, f: dict[str, Any]) -> str | None:
+    try:
+        validate_label(spec.get("tenant"), "spec.tenant")  # type: ignore[arg-type]
+        validate_label(spec.get("version"), "spec.version")  # type: ignore[arg-type]
+    except InvalidName as exc:
+        return str(exc)
+    if not isinstance(spec.get("source"), Mapping):
+        return "spec.source is required (uri, sha256?, credentialsSecret?)"
+    uri = source.get("uri")
+    if not isinstance(uri, str) or len(uri) > 2048 or not URI_PATTERN.match(uri):
+        return "spec.source.uri must be s3://bucket/prefix/ or file:///path"
+    sha = source.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.match(sha)):
+        return "spec.source.sha256 must be 64 lower-case hex digits"
+    secret = source.get("credentialsSecret")
+    if secret is not None and (
+        not isinstance(secret, str) or len(secret) > 253 or not SECRET_NAME_PATTERN.match(secret)
+    ):
+        return "spec.source.credentialsSecret must be a Secret name"
+    if not f["base_model"]:
+        return "spec.baseModel is required"
+    if "pool" not in spec:
+        return "spec.pool (a label selector of the inference pods) is required"
+    problem = selector_error(spec.get("pool"))
+    if problem:
+        return problem
+    replicas = spec.get("replicas")
+    if replicas is not None and (
+        isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1
+    ):
+        return "spec.replicas must be an integer >= 1 (or absent for every pod of the pool)"
+    if "pinned" in spec and not isinstance(spec.get("pinned"), bool):
+        return "spec.pinned must be a boolean"
+    return None
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def pod_key(pod: Mapping[str, Any]) -> PodKey:
+    meta = pod.get("metadata") or {}
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+def pod_ip(pod: Mapping[str, Any]) -> str | None:
+    return (pod.get("status") or {}).get("podIP") or None
+
+
+def pod_is_live(pod: Mapping[str, Any]) -> bool:
+    """Not terminating, has an IP, not finished: its sidecar can be told things."""
+    meta = pod.get("metadata") or {}
+    phase = (pod.get("status") or {}).get("phase")
+    return (not meta.get("deletionTimestamp") and pod_ip(pod) is not None
+            and phase not in ("Succeeded", "Failed"))
+
+
+def pod_is_ready(pod: Mapping[str, Any]) -> bool:
+    """Live and its Ready condition is True."""
+    if not pod_is_live(pod):
+        return False
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+            return cond.get("status") == "True"
+    return False
+
+
+def container_port(pod: Mapping[str, Any], name: str, default: int) -> int:
+    """The containerPort named ``name`` in any container of the pod, else ``default``."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == name and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return default
+
+
+def pods_in_pool(spec: AdapterSpec, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Live pods of the spec's namespace that its pool selects (none if the spec is invalid)."""
+    if spec.error is not None:
+        return []
+    return [
+        pod for pod in pods
+        if pod_key(pod)[0] == spec.namespace and pod_is_live(pod)
+        and selector_matches(spec.pool, (pod.get("metadata") or {}).get("labels"))
+    ]

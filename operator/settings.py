@@ -1,0 +1,74 @@
+"""Typed settings of ``loramux operator``: flags, or ``LORAMUX_OPERATOR_*`` environment variables.
+
+Imports nothing heavy (no kopf, no kubernetes), so ``loramux operator --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LORAMUX_OPERATOR_"
+
+
+class OperatorSettings(BaseSettings):
+    """One operator process: watches LoraAdapters, talks to every inference pod's sidecar."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    namespace: str | None = Field(
+        None, description="Watch this namespace only (default: every namespace, clusterwide)."
+    )
+    sidecar_port: int = Field(
+        8001, ge=1, le=65535,
+        description="Sidecar port when the pod declares no container port named 'sync'.",
+    )
+    server_port: int = Field(
+        8000, ge=1, le=65535,
+        description="Server port when the pod declares no container port named 'http'.",
+    )
+    sidecar_token: str | None = Field(None, description="Bearer token of the sidecars' /v1 API.")
+    sidecar_token_file: Path | None = None
+    server_token: str | None = Field(
+        None, description="Bearer token sent to the servers (their /v1/models is public).",
+    )
+    server_token_file: Path | None = None
+    resync_seconds: float = Field(
+        30.0, gt=0, description="Full reconcile at least this often (drift, new pods)."
+    )
+    debounce_seconds: float = Field(
+        0.2, ge=0, description="Coalesce bursts of events into one reconcile pass."
+    )
+    request_timeout_seconds: float = Field(10.0, gt=0, description="Per HTTP call to a pod.")
+    delete_timeout_seconds: float = Field(
+        300.0, gt=0,
+        description="Give up waiting for sidecars to drop a deleted adapter after this long.",
+    )
+    placement_policy: Literal["leastAdapters"] = Field(
+        "leastAdapters", description="How 'replicas: N' picks new pods."
+    )
+    peering: str | None = Field(
+        None, description="kopf peering name (default: standalone, no peering objects)."
+    )
+    health_port: int = Field(
+        8080, ge=0, le=65535,
+        description="Liveness endpoint http://0.0.0.0:PORT/healthz (0 disables it).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def resolved_sidecar_token(self) -> str | None:
+        return _token(self.sidecar_token, self.sidecar_token_file)
+
+    def resolved_server_token(self) -> str | None:
+        return _token(self.server_token, self.server_token_file)
+
+
+def _token(value: str | None, path: Path | None) -> str | None:
+    if value:
+        return value
+    if path is not None:
+        return path.read_text().strip() or None
+    return None

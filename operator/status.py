@@ -1,0 +1,266 @@
+"""Validation across adapters, and each LoraAdapter's status: pure functions, no I/O.
+
+Status is computed only from what the pods' sidecars report (``GET /v1/state``) after the
+desired sets were sent: a placement is Ready only when its pod's sidecar says so for that
+version and its server is reachable.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loramux.operator.model import AdapterSpec, ObjectKey, PodKey, pod_key, pods_in_pool
+from loramux.operator.rollout import FAILED, READY, PodObservation
+
+PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
+CONDITION_TYPES = ("Validated", "Synced", "Ready")
+
+# Reasons of Validated=False. All are permanent until the spec (or the pool) changes.
+INVALID_SPEC = "InvalidSpec"
+DUPLICATE_TENANT = "DuplicateTenant"
+BASE_MODEL_MISMATCH = "BaseModelMismatch"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    message: str
+
+
+@dataclass
+class Validation:
+    rejected: dict[ObjectKey, Rejection]
+    excluded: dict[ObjectKey, set[PodKey]]  # pods an accepted adapter must not use
+
+
+def validate(
+    specs: Sequence[AdapterSpec],
+    pods: Sequence[Mapping[str, Any]],
+    observations: Mapping[PodKey, PodObservation],
+) -> Validation:
+    """Bad specs, duplicate tenants in one pool (the newer adapter loses), and base models
+    the pool does not serve. Deleting adapters still hold their claim until they are gone."""
+    rejected: dict[ObjectKey, Rejection] = {}
+    excluded: dict[ObjectKey, set[PodKey]] = {}
+    for spec in specs:
+        if spec.error is not None:
+            rejected[spec.key] = Rejection(INVALID_SPEC, spec.error)
+
+    accepted: list[tuple[AdapterSpec, set[PodKey]]] = []
+    for spec in sorted(specs, key=lambda s: s.order):
+        if spec.key in rejected:
+            continue
+        members = {pod_key(p) for p in pods_in_pool(spec, pods)}
+        clash = next((
+            other for other, other_pods in accepted
+            if other.namespace == spec.namespace and other.tenant == spec.tenant
+            and (other.pool_key == spec.pool_key or members & other_pods)
+        ), None)
+        if clash is not None:
+            rejected[spec.key] = Rejection(DUPLICATE_TENANT, (
+                f"tenant {spec.tenant!r} is already claimed in this pool by LoraAdapter "
+                f"{clash.name!r} (older); delete one of them"))
+            continue
+        accepted.append((spec, members))
+
+        if spec.deleting:
+            continue
+        mismatched: set[PodKey] = set()
+        served: set[str] = set()
+        known = 0
+        for pod in sorted(members):
+            names = observations[pod].base_names if pod in observations else None
+            if names is None:
+                continue
+            known += 1
+            served |= names
+            if spec.base_model not in names:
+                mismatched.add(pod)
+        if known and len(mismatched) == known:
+            rejected[spec.key] = Rejection(BASE_MODEL_MISMATCH, (
+                f"spec.baseModel {spec.base_model!r} is not served by the pool "
+                f"(it serves {', '.join(sorted(served))})"))
+        elif mismatched:
+            excluded[spec.key] = mismatched
+    return Validation(rejected=rejected, excluded=excluded)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def placement_views(
+    spec: AdapterSpec,
+    pods: Sequence[PodKey],
+    desired: Mapping[PodKey, Sequence[Mapping[str, Any]]],
+    observations: Mapping[PodKey, PodObservation],
+    put_errors: Mapping[PodKey, str],
+) -> list[dict[str, Any]]:
+    """``status.placements``: one row per (pod, version of this tenant desired there)."""
+    rows: list[dict[str, Any]] = []
+    for pod in sorted(pods, key=lambda p: p[1]):
+        entries = [e for e in desired.get(pod, ()) if e.get("tenant") == spec.tenant]
+        if not entries:
+            entries = [{"tenant": spec.tenant, "version": spec.version, "active": True}]
+        obs = observations.get(pod)
+        for item in entries:
+            version = str(item["version"])
+            row: dict[str, Any] = {"pod": pod[1], "version": version,
+                                   "active": bool(item.get("active"))}
+            if pod in put_errors:
+                row["state"], row["reason"] = "Unknown", f"desired set not delivered: " \
+                                                         f"{put_errors[pod]}"
+            elif obs is None or not obs.sidecar_ok:
+                row["state"] = "Unknown"
+                row["reason"] = f"sidecar did not answer: {obs.sidecar_error if obs else '?'}"
+            else:
+                reported = obs.adapters.get((spec.tenant, version))
+                if reported is None:
+                    row["state"], row["reason"] = "Pending", "not reported by the sidecar yet"
+                else:
+                    row["state"] = str(reported.get("phase") or "Unknown")
+                    if reported.get("reason"):
+                        row["reason"] = str(reported["reason"])[:500]
+                    if reported.get("digest"):
+                        row["digest"] = str(reported["digest"])
+                    if row["state"] == READY and obs.server_reachable is False:
+                        row["state"], row["reason"] = "Unknown", "inference server unreachable"
+            rows.append(row)
+    return rows
+
+
+def _condition(ctype: str, ok: bool | None, reason: str, message: str, generation: int,
+               previous: Mapping[str, Mapping[str, Any]], now: str) -> dict[str, Any]:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    old = previous.get(ctype)
+    since = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    return {"type": ctype, "status": status, "reason": reason, "message": message[:1000],
+            "lastTransitionTime": since or now, "observedGeneration": generation}
+
+
+def compute_status(
+    spec: AdapterSpec,
+    *,
+    rejection: Rejection | None,
+    pods: Sequence[PodKey],
+    desired: Mapping[PodKey, Sequence[Mapping[str, Any]]],
+    observations: Mapping[PodKey, PodObservation],
+    put_errors: Mapping[PodKey, str] | None = None,
+    credentials_problem: str | None = None,
+    previous: Mapping[str, Any] | None = None,
+    now: str,
+) -> dict[str, Any]:
+    """The whole ``status`` of one adapter (minus kopf's bookkeeping)."""
+    put_errors = put_errors or {}
+    previous = previous or {}
+    prev_conditions = {c.get("type"): c for c in previous.get("conditions") or []
+                       if isinstance(c, Mapping)}
+    gen = spec.generation
+
+    def cond(ctype: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
+        return _condition(ctype, ok, reason, message, gen, prev_conditions, now)
+
+    if rejection is not None:
+        return {
+            "phase": "Failed", "observedGeneration": gen,
+            "conditions": [
+                cond("Validated", False, rejection.reason, rejection.message),
+                cond("Synced", False, "NotPlaced", "not placed on any pod: validation failed"),
+                cond("Ready", False, rejection.reason, rejection.message),
+            ],
+            "placements": [], "readyPods": "0/0", "readyReplicas": 0, "targetReplicas": 0,
+        }
+
+    rows = placement_views(spec, pods, desired, observations, put_errors)
+    current = {row["pod"]: row for row in rows if row["version"] == spec.version}
+    ready = sorted(p for p, row in current.items() if row["state"] == READY)
+    failed = {p: row for p, row in current.items() if row["state"] == FAILED}
+    total = len(pods)
+
+    if not pods:
+        synced = cond("Synced", False, "NoPods",
+                      "no Ready pod matches spec.pool (or replicas could not be placed)")
+    elif put_errors.keys() & set(pods) or any(r["state"] == "Unknown" for r in rows):
+        bad = sorted({r["pod"] for r in rows if r["state"] == "Unknown"})
+        synced = cond("Synced", False, "SyncFailed",
+                      f"could not sync pod(s) {', '.join(bad)}; retrying")
+    elif credentials_problem:
+        synced = cond("Synced", False, "CredentialsUnavailable", credentials_problem)
+    else:
+        synced = cond("Synced", True, "Synced", f"desired set delivered to {total} pod(s)")
+
+    # Which version do clients get? The active Ready one on every pod, when they agree.
+    active_versions = Counter(r["version"] for r in rows if r["active"] and r["state"] == READY)
+    if pods and len(ready) == total:
+        active: str | None = spec.version
+    elif len(active_versions) == 1:
+        active = next(iter(active_versions))
+    elif active_versions:
+        active = (spec.previous_active if spec.previous_active in active_versions
+                  else active_versions.most_common(1)[0][0])
+    else:
+        active = None
+
+    if not pods:
+        phase, ready_cond = "Pending", cond("Ready", False, "NoPods", "no target pod")
+    elif failed:
+        detail = "; ".join(f"{p}: {row.get('reason') or 'failed'}" for p, row in
+                           sorted(failed.items()))
+        keeps = (f"; {active} keeps serving" if active and active != spec.version else "")
+        phase = "Degraded"
+        ready_cond = cond("Ready", False, "VersionFailed",
+                          f"{spec.tenant}@{spec.version} failed on {len(failed)}/{total} "
+                          f"pod(s): {detail}{keeps}")
+    elif len(ready) == total:
+        phase = "Ready"
+        ready_cond = cond("Ready", True, "AllPodsReady",
+                          f"{spec.tenant}@{spec.version} is Ready on {total}/{total} pod(s)")
+    else:
+        phase = "Progressing"
+        waiting = sorted(set(current) - set(ready)) or sorted(p[1] for p in pods)
+        ready_cond = cond("Ready", False, "Progressing",
+                          f"{len(ready)}/{total} pod(s) Ready; waiting for {', '.join(waiting)}")
+
+    status: dict[str, Any] = {
+        "phase": phase, "observedGeneration": gen,
+        "conditions": [cond("Validated", True, "Valid", "spec is valid"), synced, ready_cond],
+        "placements": rows, "readyPods": f"{len(ready)}/{total}",
+        "readyReplicas": len(ready), "targetReplicas": total,
+    }
+    if active:
+        status["activeVersion"] = active
+    return status
+
+
+def status_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]
+                  ) -> list[tuple[str, str, str]]:
+    """Kubernetes Events ``(type, reason, message)`` for a status change."""
+    old = old or {}
+    events: list[tuple[str, str, str]] = []
+    old_phase, new_phase = old.get("phase"), new.get("phase")
+    conds = {c["type"]: c for c in new.get("conditions") or []}
+    old_conds = {c.get("type"): c for c in old.get("conditions") or [] if isinstance(c, Mapping)}
+    validated = conds.get("Validated", {})
+    if validated.get("status") == "False" and (
+        old_conds.get("Validated", {}).get("reason") != validated.get("reason")
+    ):
+        events.append(("Warning", str(validated.get("reason")), str(validated.get("message"))))
+    if old_phase != new_phase:
+        ready = conds.get("Ready", {})
+        kind = "Warning" if new_phase in ("Degraded", "Failed") else "Normal"
+        message = f"phase {old_phase or 'none'} -> {new_phase}: {ready.get('message', '')}"
+        events.append((kind, str(new_phase), message))
+    if (old.get("activeVersion") and new.get("activeVersion")
+            and old["activeVersion"] != new["activeVersion"]):
+        events.append(("Normal", "Activated",
+                       f"active version {old['activeVersion']} -> {new['activeVersion']}"))
+    return events
+
+
+def status_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether ``new`` changes anything in ``old`` (kopf's own keys ignored)."""
+    old = {k: v for k, v in (old or {}).items() if k != "kopf"}
+    return any(old.get(k) != v for k, v in new.items()) or any(
+        k not in new for k in old if k in ("activeVersion",))
