@@ -1,0 +1,179 @@
+"""Kubernetes objects of a hot tenant's dedicated deployment (pure builders, no I/O).
+
+One Deployment and one Service per tenant *version* (``lmx-<tenant>-<version>``), owned by
+the LoraAdapter, so they are garbage-collected with it. A version rollout creates the new
+pair beside the old one; routing switches only once the new Deployment is Ready, and the old
+pair is deleted after that.
+
+The pod runs the same image as the pool:
+
+* init container ``fetch``: ``loramux fetch`` (the sync sidecar's verified, atomic
+  download path: manifest, sha256 of every file, digest pin, no pickles) into the pod's
+  ``adapters`` volume, with S3 credentials from the LoraAdapter's ``credentialsSecret``;
+* container ``server``: ``loramux serve --merge-adapter /adapters/<tenant>/<version>``,
+  the adapter merged into a dequantized base; probes on ``/healthz`` and ``/readyz``.
+
+Everything else of the pod (image, resources, GPU, node selection, model volume, env) comes
+from a template the Helm chart renders from its values (``dedicated.podTemplate``), so the
+operator never invents resources.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+from loramux.names import validate_label
+
+ADAPTERS_MOUNT = "/adapters"
+SERVER_CONTAINER = "server"
+HTTP_PORT = 8000
+APP_LABEL = "loramux-dedicated"
+TENANT_LABEL = "loramux.io/tenant"
+VERSION_LABEL = "loramux.io/version"
+OWNER_LABEL = "loramux.io/lora-adapter"
+
+_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "AWS_REGION", "AWS_ENDPOINT_URL")
+
+
+def dedicated_name(tenant: str, version: str) -> str:
+    """``lmx-<tenant>-<version>``, shortened with a hash to stay a DNS-1123 label (a Service
+    name must be one)."""
+    validate_label(tenant, "tenant")
+    validate_label(version, "version")
+    name = f"lmx-{tenant}-{version}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(f"{tenant}@{version}".encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
+
+
+def selector_labels(tenant: str, version: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP_LABEL, TENANT_LABEL: tenant, VERSION_LABEL: version}
+
+
+def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
+    meta = cr["metadata"]
+    return {"apiVersion": cr.get("apiVersion", "loramux.io/v1alpha1"),
+            "kind": cr.get("kind", "LoraAdapter"), "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _fetch_env(template_env: list[dict[str, Any]], secret: str | None,
+               secret_keys: set[str] | None) -> list[dict[str, Any]]:
+    """The template's ``AWS_*`` settings, overridden by the keys the credentials Secret has
+    (``secret_keys``: the key names the operator read; values stay in the Secret)."""
+    from_secret = [k for k in _CREDENTIAL_KEYS
+                   if secret and (secret_keys is None or k in secret_keys)]
+    env = [e for e in template_env
+           if e.get("name", "").startswith("AWS_") and e.get("name") not in from_secret]
+    return env + [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                  for key in from_secret]
+
+
+def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: int = 1,
+                     secret_keys: set[str] | None = None,
+                     extra_serve_args: list[str] | None = None) -> dict[str, Any]:
+    """The dedicated Deployment of ``cr`` (a LoraAdapter as the API returns it).
+
+    ``secret_keys`` are the keys present in ``source.credentialsSecret`` (None: all of
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
+    ``AWS_ENDPOINT_URL``)."""
+    spec = cr["spec"]
+    tenant, version = spec["tenant"], spec["version"]
+    name = dedicated_name(tenant, version)
+    labels = selector_labels(tenant, version)
+    pod = copy.deepcopy(template or {})
+    pod_meta = pod.setdefault("metadata", {})
+    pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **labels,
+                          OWNER_LABEL: cr["metadata"]["name"]}
+    pod_spec = pod.setdefault("spec", {})
+    containers = pod_spec.setdefault("containers", [])
+    server = next((c for c in containers if c.get("name") == SERVER_CONTAINER), None)
+    if server is None:
+        server = {"name": SERVER_CONTAINER}
+        containers.insert(0, server)
+    image = server.get("image")
+    if not image:
+        raise ValueError("the dedicated pod template has no image for container 'server'")
+    adapter_dir = f"{ADAPTERS_MOUNT}/{tenant}/{version}"
+    server["command"] = ["loramux"]
+    server["args"] = ["serve", "--host", "0.0.0.0", "--port", str(HTTP_PORT),
+                      "--merge-adapter", adapter_dir, *(extra_serve_args or [])]
+    server["ports"] = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    server["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"},
+                                "periodSeconds": 5, "failureThreshold": 3}
+    server["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"},
+                               "periodSeconds": 10, "failureThreshold": 6}
+    server["startupProbe"] = {"httpGet": {"path": "/healthz", "port": "http"},
+                              "periodSeconds": 5, "failureThreshold": 120}
+    mounts = [m for m in server.get("volumeMounts") or [] if m.get("name") != "adapters"]
+    server["volumeMounts"] = [*mounts, {"name": "adapters", "mountPath": ADAPTERS_MOUNT,
+                                        "readOnly": True}]
+    fetch_args = ["fetch", "--root", ADAPTERS_MOUNT, "--tenant", tenant, "--version", version,
+                  "--uri", spec["source"]["uri"]]
+    if spec["source"].get("sha256"):
+        fetch_args += ["--sha256", spec["source"]["sha256"]]
+    fetch = {"name": "fetch", "image": image,
+             "imagePullPolicy": server.get("imagePullPolicy", "IfNotPresent"),
+             "command": ["loramux"], "args": fetch_args,
+             "env": _fetch_env(server.get("env") or [],
+                               spec["source"].get("credentialsSecret"), secret_keys),
+             "volumeMounts": [{"name": "adapters", "mountPath": ADAPTERS_MOUNT}],
+             "securityContext": copy.deepcopy(server.get("securityContext") or {})}
+    if not fetch["securityContext"]:
+        del fetch["securityContext"]
+    pod_spec["initContainers"] = [fetch]
+    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != "adapters"]
+    pod_spec["volumes"] = [*volumes, {"name": "adapters", "emptyDir": {}}]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": cr["metadata"]["namespace"],
+                     "labels": {**labels, OWNER_LABEL: cr["metadata"]["name"]},
+                     "ownerReferences": [owner_reference(cr)]},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                 "template": pod,
+                 "strategy": {"type": "RollingUpdate",
+                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}},
+    }
+
+
+def build_service(cr: dict[str, Any]) -> dict[str, Any]:
+    spec = cr["spec"]
+    tenant, version = spec["tenant"], spec["version"]
+    labels = selector_labels(tenant, version)
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": dedicated_name(tenant, version),
+                     "namespace": cr["metadata"]["namespace"],
+                     "labels": {**labels, OWNER_LABEL: cr["metadata"]["name"]},
+                     "ownerReferences": [owner_reference(cr)]},
+        "spec": {"selector": labels, "type": "ClusterIP",
+                 "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http",
+                            "protocol": "TCP"}]},
+    }
+
+
+def service_url(service: dict[str, Any], cluster_domain: str = "cluster.local") -> str:
+    meta = service["metadata"]
+    return f"http://{meta['name']}.{meta['namespace']}.svc.{cluster_domain}:{HTTP_PORT}"
+
+
+def deployment_ready(deployment: dict[str, Any] | None) -> bool:
+    """Ready = the controller saw the current spec and every wanted replica is available
+    and updated."""
+    if not deployment:
+        return False
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    meta = deployment.get("metadata") or {}
+    wanted = int(spec.get("replicas", 1))
+    if status.get("observedGeneration", 0) < meta.get("generation", 0):
+        return False
+    return (wanted > 0 and int(status.get("availableReplicas") or 0) >= wanted
+            and int(status.get("updatedReplicas") or 0) >= wanted)
+
+
+__all__ = ["build_deployment", "build_service", "dedicated_name", "deployment_ready",
+           "owner_reference", "selector_labels", "service_url"]
