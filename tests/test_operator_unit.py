@@ -1,0 +1,515 @@
+"""Operator logic as pure functions (no server), the CRD schema, and the operator's imports."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from loramux.operator.credentials import credentials_from_secret
+from loramux.operator.model import (
+    canonical_selector,
+    container_port,
+    parse_adapter,
+    pod_is_live,
+    pod_is_ready,
+    selector_matches,
+)
+from loramux.operator.placement import place
+from loramux.operator.rollout import PodObservation, build_desired_sets, desired_entries
+from loramux.operator.status import (
+    BASE_MODEL_MISMATCH,
+    DUPLICATE_TENANT,
+    INVALID_SPEC,
+    compute_status,
+    status_events,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "crds" / "loraadapter.yaml"
+SHA = "a" * 64
+POOL = {"matchLabels": {"app": "infer"}}
+NS = "default"
+
+
+def cr(name: str, tenant: str = "legal", version: str = "v1", *,
+       created: str = "2026-01-01T00:00:00Z", replicas: int | None = None,
+       pool: dict | None = None, status: dict | None = None,
+       deleting: bool = False, **spec_extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"tenant": tenant, "version": version, "baseModel": "smollm2",
+                            "source": {"uri": f"s3://adapters/{tenant}/{version}/", "sha256": SHA},
+                            "pool": pool if pool is not None else POOL}
+    if replicas is not None:
+        spec["replicas"] = replicas
+    spec.update(spec_extra)
+    meta: dict[str, Any] = {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1,
+                            "creationTimestamp": created}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    obj = {"apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter", "metadata": meta,
+           "spec": spec}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def pod(name: str, *, ready: bool = True, labels: dict | None = None, ip: str | None = "127.0.0.1",
+        deleting: bool = False, ports: dict[str, int] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": NS,
+                            "labels": labels if labels is not None else {"app": "infer"}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    status: dict[str, Any] = {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "True" if ready else "False"}]}
+    if ip:
+        status["podIP"] = ip
+    container = {"name": "server", "ports": [{"name": n, "containerPort": p}
+                                             for n, p in (ports or {}).items()]}
+    return {"metadata": meta, "spec": {"containers": [container]}, "status": status}
+
+
+def k(name: str) -> tuple[str, str]:
+    return (NS, name)
+
+
+def obs(name: str, states: dict[tuple[str, str], str] | None = None, *, base: str = "smollm2",
+        desired: list[dict] | None = None) -> PodObservation:
+    o = PodObservation.from_state(k(name), {"server_reachable": True, "adapters": [
+        {"tenant": t, "version": v, "phase": ph, "reason": "boom" if ph == "Failed" else None,
+         "digest": SHA if ph == "Ready" else None}
+        for (t, v), ph in (states or {}).items()]})
+    o.add_models({"base_model": base, "base_model_aliases": [base, "alias-" + base], "data": []})
+    if desired is not None:
+        o.add_desired({"adapters": desired})
+    return o
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_selector_semantics():
+    labels = {"app": "infer", "tier": "gpu"}
+    assert selector_matches({"matchLabels": {"app": "infer"}}, labels)
+    assert not selector_matches({"matchLabels": {"app": "other"}}, labels)
+    expr = lambda op, vals=None: {"matchExpressions": [  # noqa: E731
+        {"key": "tier", "operator": op, **({"values": vals} if vals else {})}]}
+    assert selector_matches(expr("In", ["gpu", "cpu"]), labels)
+    assert not selector_matches(expr("In", ["cpu"]), labels)
+    assert selector_matches(expr("NotIn", ["cpu"]), labels)
+    assert not selector_matches(expr("NotIn", ["gpu"]), labels)
+    assert selector_matches(expr("NotIn", ["gpu"]), {"app": "infer"})  # absent key: NotIn holds
+    assert selector_matches(expr("Exists"), labels)
+    assert not selector_matches(expr("DoesNotExist"), labels)
+    assert selector_matches(expr("DoesNotExist"), {"app": "x"})
+    # invalid selectors match nothing (an empty one would select every pod)
+    assert not selector_matches({}, labels)
+    assert not selector_matches(expr("In"), labels)
+    assert not selector_matches({"matchExpressions": [{"key": "a", "operator": "Bogus"}]}, labels)
+    assert canonical_selector({"matchLabels": {"b": "1", "a": "2"}}) == canonical_selector(
+        {"matchLabels": {"a": "2", "b": "1"}})
+
+
+def test_pod_liveness_readiness_and_ports():
+    assert pod_is_ready(pod("a"))
+    assert pod_is_live(pod("a", ready=False)) and not pod_is_ready(pod("a", ready=False))
+    assert not pod_is_live(pod("a", deleting=True))
+    assert not pod_is_live(pod("a", ip=None))
+    p = pod("a", ports={"sync": 9101, "http": 9100})
+    assert container_port(p, "sync", 8001) == 9101 and container_port(p, "http", 8000) == 9100
+    assert container_port(pod("b"), "sync", 8001) == 8001
+
+
+@pytest.mark.parametrize(("patch", "fragment"), [
+    ({"tenant": "Legal"}, "spec.tenant"),
+    ({"version": "v_1"}, "spec.version"),
+    ({"source": {"uri": "http://x/y"}}, "spec.source.uri"),
+    ({"source": {"uri": "s3://adapters/x/", "sha256": "XYZ"}}, "sha256"),
+    ({"source": {"uri": "s3://adapters/x/", "credentialsSecret": "Bad_Name"}}, "credentialsSecret"),
+    ({"replicas": 0}, "replicas"),
+    ({"pool": {}}, "spec.pool"),
+    ({"baseModel": ""}, "baseModel"),
+])
+def test_invalid_specs_are_reported(patch, fragment):
+    obj = cr("a")
+    obj["spec"].update(patch)
+    spec = parse_adapter(obj)
+    assert spec.error and fragment in spec.error
+    v = validate([spec], [pod("p1")], {})
+    assert v.rejected[spec.key].reason == INVALID_SPEC
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def test_all_pods_when_replicas_absent_ready_only_and_kept_when_placed():
+    pods = [pod("p1"), pod("p2"), pod("p3", ready=False), pod("p4", deleting=True),
+            pod("other", labels={"app": "else"})]
+    spec = parse_adapter(cr("a"))
+    assert place([spec], pods)[spec.key] == [k("p1"), k("p2")]
+    # an existing placement on a live-but-unready pod stays (no churn on a flapping probe)
+    spec = parse_adapter(cr("a", status={"placements": [
+        {"pod": "p3", "version": "v1", "state": "Ready"},
+        {"pod": "p4", "version": "v1", "state": "Ready"}]}))
+    assert place([spec], pods)[spec.key] == [k("p1"), k("p2"), k("p3")]
+
+
+def test_replicas_least_adapters_ties_by_name_and_stability():
+    pods = [pod("p1"), pod("p2"), pod("p3")]
+    a = parse_adapter(cr("a", "ta", created="2026-01-01T00:00:00Z", replicas=1))
+    b = parse_adapter(cr("b", "tb", created="2026-01-02T00:00:00Z", replicas=1))
+    c = parse_adapter(cr("c", "tc", created="2026-01-03T00:00:00Z", replicas=2))
+    got = place([c, b, a], pods)
+    assert got[a.key] == [k("p1")]  # ties by name
+    assert got[b.key] == [k("p2")]  # p1 already holds one
+    assert got[c.key] == [k("p1"), k("p3")]  # p3 (empty), then p1 (ties with p2, by name)
+    # stability: a placed adapter stays where it is even if a less loaded pod appears
+    a2 = parse_adapter(cr("a", "ta", replicas=1, status={"placements": [{"pod": "p3"}]}))
+    assert place([a2], [*pods, pod("p0")])[a2.key] == [k("p3")]
+
+
+def test_replicas_replaced_when_placed_pod_disappears():
+    a = parse_adapter(cr("a", replicas=1, status={"placements": [{"pod": "p1"}]}))
+    assert place([a], [pod("p1"), pod("p2")])[a.key] == [k("p1")]
+    assert place([a], [pod("p2")])[a.key] == [k("p2")]
+    assert place([a], [pod("p1", deleting=True), pod("p2")])[a.key] == [k("p2")]
+    # scale down keeps the Ready ones first, then by name
+    b = parse_adapter(cr("b", replicas=1, status={"placements": [{"pod": "p1"}, {"pod": "p2"}]}))
+    assert place([b], [pod("p1", ready=False), pod("p2")])[b.key] == [k("p2")]
+
+
+def test_excluded_pods_and_custom_policy():
+    a = parse_adapter(cr("a"))
+    assert place([a], [pod("p1"), pod("p2")], excluded={a.key: {k("p1")}})[a.key] == [k("p2")]
+    b = parse_adapter(cr("b", replicas=1))
+    reverse = lambda cands, load: sorted(cands, reverse=True)  # noqa: E731
+    assert place([b], [pod("p1"), pod("p2")], policy=reverse)[b.key] == [k("p2")]
+
+
+# --------------------------------------------------------------------------- desired sets
+
+
+def test_desired_entry_contract_and_credentials():
+    spec = parse_adapter(cr("a", pinned=True))
+    creds = {"access_key_id": "AK", "secret_access_key": "SK"}
+    (e,) = desired_entries(spec, None, credentials=creds)
+    assert e == {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/",
+                 "sha256": SHA, "pinned": True, "active": True, "credentials": creds}
+    (e,) = desired_entries(parse_adapter(cr("b")), None)
+    assert "credentials" not in e and e["pinned"] is False
+
+
+def test_rollout_steps_per_pod():
+    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
+    old_entry = {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/",
+                 "sha256": "b" * 64, "pinned": False, "active": True}
+    # 1. old Ready, new loading: both, old active
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Downloading"}, desired=[old_entry])
+    got = desired_entries(spec, o)
+    assert [(e["version"], e["active"]) for e in got] == [("v1", True), ("v2", False)]
+    assert got[0]["uri"] == old_entry["uri"] and got[0]["sha256"] == "b" * 64
+    assert got[1]["sha256"] == SHA
+    # first step of a rollout: the sidecar still holds only v1
+    o = obs("p1", {("legal", "v1"): "Ready"}, desired=[old_entry])
+    assert [(e["version"], e["active"]) for e in desired_entries(spec, o)] == [
+        ("v1", True), ("v2", False)]
+    # 3. new failed: old stays active
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"}, desired=[old_entry])
+    assert [(e["version"], e["active"]) for e in desired_entries(spec, o)] == [
+        ("v1", True), ("v2", False)]
+    # 2. new Ready: new only, active (the sidecar activates, then evicts v1)
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"}, desired=[old_entry])
+    assert [(e["version"], e["active"]) for e in desired_entries(spec, o)] == [("v2", True)]
+    # 4. fresh pod
+    assert [(e["version"], e["active"]) for e in desired_entries(spec, obs("p2"))] == [
+        ("v2", True)]
+
+
+def test_build_desired_sets_aggregates_and_sends_empty_sets():
+    a = parse_adapter(cr("a", "legal"))
+    b = parse_adapter(cr("b", "medical", replicas=1))
+    placements = {a.key: [k("p1"), k("p2")], b.key: [k("p2")]}
+    sets = build_desired_sets([a, b], placements, [k("p1"), k("p2"), k("p3")], {},
+                              credentials={b.key: {"access_key_id": "x", "secret_access_key": "y"}})
+    assert [e["tenant"] for e in sets[k("p1")]] == ["legal"]
+    assert [e["tenant"] for e in sets[k("p2")]] == ["legal", "medical"]
+    assert "credentials" in sets[k("p2")][1] and "credentials" not in sets[k("p2")][0]
+    assert sets[k("p3")] == []
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_duplicate_tenant_rejects_the_newer():
+    old = parse_adapter(cr("old", "legal", created="2026-01-01T00:00:00Z"))
+    new = parse_adapter(cr("new", "legal", "v2", created="2026-01-02T00:00:00Z"))
+    other_pool = parse_adapter(cr("elsewhere", "legal", created="2026-01-03T00:00:00Z",
+                                  pool={"matchLabels": {"app": "other"}}))
+    pods = [pod("p1"), pod("q1", labels={"app": "other"})]
+    v = validate([new, old, other_pool], pods, {})
+    assert set(v.rejected) == {new.key}
+    assert v.rejected[new.key].reason == DUPLICATE_TENANT and "'old'" in v.rejected[new.key].message
+    # same timestamp: the name decides
+    x = parse_adapter(cr("x", "t"))
+    y = parse_adapter(cr("y", "t"))
+    assert set(validate([y, x], pods, {}).rejected) == {y.key}
+    # overlapping pods with different selectors also clash
+    z = parse_adapter(cr("z", "legal", created="2026-01-05T00:00:00Z",
+                         pool={"matchExpressions": [{"key": "app", "operator": "Exists"}]}))
+    assert z.key in validate([old, z], pods, {}).rejected
+
+
+def test_base_model_checked_against_pool():
+    spec = parse_adapter(cr("a"))
+    pods = [pod("p1"), pod("p2")]
+    ok = validate([spec], pods, {k("p1"): obs("p1"), k("p2"): obs("p2")})
+    assert not ok.rejected and not ok.excluded
+    alias = parse_adapter(cr("b", baseModel="alias-smollm2"))
+    assert not validate([alias], pods, {k("p1"): obs("p1")}).rejected
+    bad = validate([spec], pods, {k("p1"): obs("p1", base="llama"),
+                                  k("p2"): obs("p2", base="llama")})
+    assert bad.rejected[spec.key].reason == BASE_MODEL_MISMATCH
+    assert "llama" in bad.rejected[spec.key].message
+    mixed = validate([spec], pods, {k("p1"): obs("p1", base="llama"), k("p2"): obs("p2")})
+    assert not mixed.rejected and mixed.excluded[spec.key] == {k("p1")}
+    unknown = validate([spec], pods, {})  # no server answered yet: not a mismatch
+    assert not unknown.rejected
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _status(spec, pods, observations, **kw):
+    sets = build_desired_sets([spec], {spec.key: pods}, pods, observations)
+    return compute_status(spec, rejection=None, pods=pods, desired=sets,
+                          observations=observations, now="2026-01-01T00:00:00Z", **kw)
+
+
+def conds(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_ready_only_when_sidecars_report_ready():
+    spec = parse_adapter(cr("a"))
+    pods = [k("p1"), k("p2")]
+    both = {k("p1"): obs("p1", {("legal", "v1"): "Ready"}),
+            k("p2"): obs("p2", {("legal", "v1"): "Ready"})}
+    st = _status(spec, pods, both)
+    assert st["phase"] == "Ready" and st["readyPods"] == "2/2" and st["activeVersion"] == "v1"
+    assert conds(st) == {"Validated": ("True", "Valid"), "Synced": ("True", "Synced"),
+                         "Ready": ("True", "AllPodsReady")}
+    assert st["placements"][0] == {"pod": "p1", "version": "v1", "active": True,
+                                   "state": "Ready", "digest": SHA}
+    one = {k("p1"): obs("p1", {("legal", "v1"): "Ready"}),
+           k("p2"): obs("p2", {("legal", "v1"): "Downloading"})}
+    st = _status(spec, pods, one)
+    assert st["phase"] == "Progressing" and st["readyPods"] == "1/2"
+    # a sidecar that does not answer is never Ready
+    silent = {k("p1"): obs("p1", {("legal", "v1"): "Ready"}),
+              k("p2"): PodObservation(key=k("p2"), sidecar_error="refused")}
+    st = _status(spec, pods, silent)
+    assert st["phase"] == "Progressing" and conds(st)["Synced"] == ("False", "SyncFailed")
+    assert st["placements"][1]["state"] == "Unknown"
+    # Ready but the server is gone: not Ready
+    gone = obs("p1", {("legal", "v1"): "Ready"})
+    gone.server_reachable = False
+    st = _status(spec, [k("p1")], {k("p1"): gone})
+    assert st["placements"][0]["state"] == "Unknown" and st["phase"] != "Ready"
+    # PUT failed
+    st = _status(spec, [k("p1")], {k("p1"): obs("p1", {("legal", "v1"): "Ready"})},
+                 put_errors={k("p1"): "HTTP 401"})
+    assert st["phase"] != "Ready" and conds(st)["Synced"][0] == "False"
+
+
+def test_status_rollout_progress_and_degraded():
+    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
+    old_entry = {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/"}
+    pods = [k("p1"), k("p2")]
+    mid = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"},
+                        desired=[old_entry]),
+           k("p2"): obs("p2", {("legal", "v1"): "Ready", ("legal", "v2"): "Loading"},
+                        desired=[old_entry])}
+    st = _status(spec, pods, mid)
+    assert st["phase"] == "Progressing" and st["readyPods"] == "1/2"
+    rows = {(r["pod"], r["version"]): r for r in st["placements"]}
+    assert rows[("p2", "v1")]["active"] and not rows[("p2", "v2")]["active"]
+    assert rows[("p1", "v2")]["active"] and ("p1", "v1") not in rows
+    failed = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"},
+                           desired=[old_entry]),
+              k("p2"): obs("p2", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"},
+                           desired=[old_entry])}
+    st = _status(spec, pods, failed)
+    assert st["phase"] == "Degraded" and st["activeVersion"] == "v1"
+    assert conds(st)["Ready"] == ("False", "VersionFailed")
+    ready_msg = next(c["message"] for c in st["conditions"] if c["type"] == "Ready")
+    assert "boom" in ready_msg and "v1 keeps serving" in ready_msg
+    events = status_events({"phase": "Progressing"}, st)
+    assert ("Warning", "Degraded") in [(t, r) for t, r, _ in events]
+
+
+def test_status_rejected_and_no_pods_and_transition_times():
+    spec = parse_adapter(cr("a"))
+    v = validate([spec], [pod("p1")], {k("p1"): obs("p1", base="llama")})
+    st = compute_status(spec, rejection=v.rejected[spec.key], pods=[], desired={},
+                        observations={}, now="T1")
+    assert st["phase"] == "Failed" and conds(st)["Validated"] == ("False", BASE_MODEL_MISMATCH)
+    events = status_events(None, st)
+    assert events[0][:2] == ("Warning", BASE_MODEL_MISMATCH)
+    st = _status(spec, [], {})
+    assert st["phase"] == "Pending" and conds(st)["Synced"] == ("False", "NoPods")
+    again = _status(spec, [], {}, previous={"conditions": [
+        {"type": "Synced", "status": "False", "lastTransitionTime": "T0"}]})
+    synced = next(c for c in again["conditions"] if c["type"] == "Synced")
+    assert synced["lastTransitionTime"] == "T0"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_credentials_from_secret_never_leak_into_problems():
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    secret = {"data": {"AWS_ACCESS_KEY_ID": b64("AKIA\n"), "AWS_SECRET_ACCESS_KEY": b64("s3cr3t"),
+                       "AWS_REGION": b64("eu-west-1")},
+              "stringData": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}}
+    creds, problem = credentials_from_secret(secret, "s3")
+    assert problem is None
+    assert creds == {"access_key_id": "AKIA", "secret_access_key": "s3cr3t",
+                     "region": "eu-west-1", "endpoint_url": "http://127.0.0.1:9000"}
+    creds, problem = credentials_from_secret({"data": {"AWS_ACCESS_KEY_ID": b64("AKIA")}}, "s3")
+    assert creds is None and "AWS_SECRET_ACCESS_KEY" in problem
+    bad = {"stringData": {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                          "AWS_REGION": "Not A Region s3cr3t"}}
+    creds, problem = credentials_from_secret(bad, "s3")
+    assert creds is None and "s3cr3t" not in problem
+
+
+# --------------------------------------------------------------------------- the CRD
+
+
+def crd_version() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD.read_text())
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["kind"] == "CustomResourceDefinition"
+    assert crd["spec"]["group"] == "loramux.io" and crd["spec"]["scope"] == "Namespaced"
+    names = crd["spec"]["names"]
+    assert names["kind"] == "LoraAdapter" and names["plural"] == "loraadapters"
+    assert names["shortNames"] == ["lora"]
+    assert crd["metadata"]["name"] == "loraadapters.loramux.io"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    return version
+
+
+def test_crd_schema_patterns_enums_status_and_columns():
+    import re
+
+    from loramux.names import _DNS1123_LABEL
+
+    version = crd_version()
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert list(columns) == ["Tenant", "Version", "Phase", "Ready", "Age"]
+    assert columns["Tenant"]["jsonPath"] == ".spec.tenant"
+    assert columns["Ready"]["jsonPath"] == ".status.readyPods"
+    assert columns["Age"]["type"] == "date"
+    schema = version["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["tenant"]["pattern"] == _DNS1123_LABEL.pattern == spec["version"]["pattern"]
+    assert spec["tenant"]["maxLength"] == 63
+    uri = re.compile(spec["source"]["properties"]["uri"]["pattern"])
+    assert uri.match("s3://adapters/prod/legal/v1/") and uri.match("file:///adapters/legal/v1")
+    assert not uri.match("http://evil/") and not uri.match("s3:/x")
+    assert spec["source"]["properties"]["sha256"]["pattern"] == "^[0-9a-f]{64}$"
+    assert spec["replicas"]["minimum"] == 1
+    ded = spec["dedicated"]["properties"]
+    assert ded["mode"]["enum"] == ["Never", "Always", "Auto"] and ded["mode"]["default"] == "Never"
+    assert ded["replicas"]["minimum"] == 1
+    for key in ("promoteAboveRps", "promoteAfterSeconds", "demoteBelowRps", "demoteAfterSeconds"):
+        assert ded[key]["minimum"] == 0
+    ops = spec["pool"]["properties"]["matchExpressions"]["items"]["properties"]["operator"]
+    assert ops["enum"] == ["In", "NotIn", "Exists", "DoesNotExist"]
+    status = schema["properties"]["status"]
+    assert "x-kubernetes-preserve-unknown-fields" not in status
+    assert status["properties"]["kopf"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert status["properties"]["phase"]["enum"] == [
+        "Pending", "Progressing", "Ready", "Degraded", "Failed"]
+    placement = status["properties"]["placements"]["items"]["properties"]
+    assert {"pod", "version", "state", "digest", "reason"} <= set(placement)
+    for key in ("observedGeneration", "conditions", "activeVersion", "dedicatedEndpoint"):
+        assert key in status["properties"]
+
+
+def _validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = crd_version()["schema"]["openAPIV3Schema"]
+
+    def strip(node: Any) -> Any:  # OpenAPI extensions are not JSON Schema keywords
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return jsonschema.Draft7Validator(strip(schema))
+
+
+def test_render_cr_output_validates_against_the_crd():
+    from loramux.manifest import AdapterManifest
+    from loramux.training.publish import render_cr
+
+    fields = AdapterManifest.model_fields
+    assert "tenant" in fields
+    manifest = AdapterManifest.model_construct(tenant="legal", version="v1",
+                                               base_model="SmolLM2-135M-Instruct")
+    doc = yaml.safe_load(render_cr(manifest, "s3://adapters/prod/legal/v1/", SHA, namespace="team"))
+    assert doc["apiVersion"] == "loramux.io/v1alpha1" and doc["kind"] == "LoraAdapter"
+    validator = _validator()
+    assert not list(validator.iter_errors(doc))
+    spec = parse_adapter(doc)
+    assert spec.error is None, spec.error
+
+
+def test_crd_schema_rejects_what_the_operator_rejects():
+    validator = _validator()
+    assert not list(validator.iter_errors(cr("a", replicas=2, pinned=True,
+                                             dedicated={"mode": "Auto", "replicas": 1})))
+    for patch in ({"tenant": "Legal"}, {"replicas": 0}, {"dedicated": {"mode": "Sometimes"}},
+                  {"source": {"uri": "ftp://x/"}},
+                  {"source": {"uri": "s3://b/x", "sha256": "A" * 64}}):
+        obj = cr("a")
+        obj["spec"].update(patch)
+        assert list(validator.iter_errors(obj)), patch
+
+
+# --------------------------------------------------------------------------- process-level
+
+
+def test_operator_help_and_no_torch_import():
+    env_cmd = [sys.executable, "-P"]
+    out = subprocess.run([*env_cmd, "-m", "loramux.cli", "operator", "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "--sidecar-port" in out.stdout and "--resync-seconds" in out.stdout
+    assert "operator" in subprocess.run([*env_cmd, "-m", "loramux.cli", "--help"],
+                                        capture_output=True, text=True, timeout=60).stdout
+    probe = ("import sys, loramux.operator.handlers, loramux.operator.main; "
+             "bad = [m for m in ('torch', 'transformers', 'peft', 'fastapi') if m in sys.modules]; "
+             "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([*env_cmd, "-c", probe], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_settings_env_names(monkeypatch):
+    from loramux.operator.main import parse
+
+    monkeypatch.setenv("LORAMUX_OPERATOR_SIDECAR_PORT", "9001")
+    monkeypatch.setenv("LORAMUX_OPERATOR_NAMESPACE", "team")
+    s = parse(["--resync-seconds", "5"])
+    assert s.sidecar_port == 9001 and s.namespace == "team" and s.resync_seconds == 5
+    assert s.server_port == 8000 and s.health_port == 8080 and s.peering is None
