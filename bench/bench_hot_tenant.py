@@ -1,0 +1,164 @@
+"""Hot tenant: merged dedicated server against unmerged in the shared pool, with other
+tenants' traffic present.
+
+SmolLM2-135M-Instruct, 8 random rank-16 q/k/v/o tenants. ``tenant-0`` is hot: ``--hot-clients``
+clients send it requests while one client per other tenant keeps the pool busy. Every
+request asks for exactly ``--max-new-tokens`` tokens (greedy, ``ignore_eos``); all clients
+talk to the pool's URL, as they would to the pool's Service.
+
+  unmerged  one pool server (NF4) serves everybody on both cores;
+  merged    the pool server forwards tenant-0 (``PUT /admin/tenants/tenant-0/route``) to a
+            second server running ``--merge-adapter`` (bf16 base, adapter merged in). The
+            two servers split the machine: each is pinned to one core with one torch thread,
+            standing in for the dedicated Deployment's own accelerator. Same total hardware.
+
+Reported: tokens/s and p50/p99 latency of the hot tenant, and of the other tenants.
+
+    .venv/bin/python bench/bench_hot_tenant.py --hot-clients 6 --requests-per-client 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from bench_adapters import tenant_adapters  # noqa: E402
+from loadgen import DEFAULT_PROMPTS, run_load  # noqa: E402
+
+PYTHON = sys.executable
+HOT = "tenant-0"
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log_dir: Path,
+                 cpus: set[int] | None = None) -> None:
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        self.proc = subprocess.Popen([PYTHON, "-P", "-m", "loramux.cli", "serve", "--port", "0",
+                                      "--log-format", "text", *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     start_new_session=True, preexec_fn=pin)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log_path.read_text()[-3000:])
+            found = re.search(r"Uvicorn running on (http://[\d.]+:\d+)",
+                              self.log_path.read_text(errors="replace"))
+            if found:
+                self.url = found.group(1)
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+async def workload(url: str, others: list[str], hot_clients: int, rpc: int,
+                   tokens: int) -> dict[str, Any]:
+    # warm-up: every tenant once
+    async with httpx.AsyncClient(timeout=300) as client:
+        for tenant in [HOT, *others]:
+            r = await client.post(f"{url}/generate", json={"tenant_id": tenant, "prompt": "hi",
+                                                           "max_new_tokens": 4})
+            r.raise_for_status()
+    hot, rest = await asyncio.gather(
+        run_load(url, [HOT], DEFAULT_PROMPTS, hot_clients, rpc, tokens),
+        run_load(url, others, DEFAULT_PROMPTS, len(others), rpc, tokens),
+    )
+    return {"hot": hot.to_dict(), "others": rest.to_dict()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tenants", type=int, default=8)
+    ap.add_argument("--hot-clients", type=int, default=6)
+    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_hot_tenant.json")
+    args = ap.parse_args()
+
+    adapters = tenant_adapters(args.tenants)
+    others = [t for t in adapters if t != HOT]
+    logs = HERE / "results" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    preload = [f for t, p in adapters.items() for f in ("--adapter", f"{t}@v1={p}")]
+    results: dict[str, Any] = {}
+    load = (others, args.hot_clients, args.requests_per_client, args.max_new_tokens)
+
+    print("unmerged: one pool server on both cores", flush=True)
+    pool = Proc("hot-pool-unmerged", ["--quantization", "nf4", "--torch-threads", "2",
+                                      *preload], logs)
+    try:
+        results["unmerged"] = asyncio.run(workload(pool.url, *load))
+    finally:
+        pool.stop()
+
+    print("merged: pool on core 0 forwards tenant-0 to a merged server on core 1", flush=True)
+    pool = Proc("hot-pool", ["--quantization", "nf4", "--torch-threads", "1", *preload],
+                logs, cpus={0})
+    merged = Proc("hot-merged", ["--quantization", "bf16", "--torch-threads", "1",
+                                 "--merge-adapter", str(adapters[HOT]),
+                                 "--merge-adapter-ref", f"{HOT}@v1"], logs, cpus={1})
+    try:
+        r = httpx.put(f"{pool.url}/admin/tenants/{HOT}/route",
+                      json={"url": merged.url, "version": "v1"}, timeout=10)
+        r.raise_for_status()
+        results["merged"] = asyncio.run(workload(pool.url, *load))
+        routes = httpx.get(f"{pool.url}/admin/routes", timeout=10).json()["routes"]
+        results["merged"]["route"] = routes[0]
+    finally:
+        merged.stop()
+        pool.stop()
+
+    summary = {}
+    for key, res in results.items():
+        for group in ("hot", "others"):
+            r = res[group]
+            summary[f"{key}.{group}"] = {
+                "tok_s": round(r["tokens_per_s"], 1), "p50_s": round(r["p50_latency_s"], 2),
+                "p99_s": round(r["p99_latency_s"], 2), "failures": r["failures"]}
+    summary["hot_tok_s_ratio_merged_over_unmerged"] = round(
+        results["merged"]["hot"]["tokens_per_s"] / results["unmerged"]["hot"]["tokens_per_s"], 2)
+    record = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "machine": f"{platform.processor() or platform.machine()}, "
+                         f"{psutil.cpu_count()} CPUs",
+              "command": " ".join([Path(PYTHON).name, *sys.argv]), "args": vars(args) | {
+                  "out": str(args.out)}, "summary": summary, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
