@@ -513,3 +513,110 @@ def test_settings_env_names(monkeypatch):
     s = parse(["--resync-seconds", "5"])
     assert s.sidecar_port == 9001 and s.namespace == "team" and s.resync_seconds == 5
     assert s.server_port == 8000 and s.health_port == 8080 and s.peering is None
+
+
+# --------------------------------------------------------------------------- one pass, faked I/O
+
+
+class FakeKube:
+    def __init__(self, adapters, pods, secrets=None):
+        self.adapters, self.pods, self.secrets = adapters, pods, secrets or {}
+        self.patches: list[tuple[str, dict]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    async def list_adapters(self, namespace):
+        return self.adapters
+
+    async def list_pods(self, namespace):
+        return self.pods
+
+    async def get_secret(self, namespace, name):
+        return self.secrets.get(name)
+
+    async def patch_adapter_status(self, namespace, name, status):
+        self.patches.append((name, status))
+        for obj in self.adapters:
+            if obj["metadata"]["name"] == name:
+                obj["status"] = {k: v for k, v in status.items() if v is not None}
+
+    async def post_event(self, obj, type_, reason, message):
+        self.events.append((type_, reason, message))
+
+
+class FakeSidecars:
+    """Each pod's sidecar (port 'sync') and server (port 'http') as an httpx transport."""
+
+    def __init__(self):
+        self.desired: dict[int, list[dict]] = {}
+        self.ready: set[tuple[int, str, str]] = set()
+        self.headers: list[str | None] = []
+
+    def __call__(self, request):
+        import httpx
+
+        port = request.url.port
+        self.headers.append(request.headers.get("authorization"))
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"base_model": "smollm2", "base_model_aliases": [],
+                                             "data": []})
+        if request.method == "PUT":
+            import json
+
+            self.desired[port] = json.loads(request.content)["adapters"]
+            return httpx.Response(202, json={})
+        if request.url.path == "/v1/desired":
+            return httpx.Response(200, json={"adapters": self.desired.get(port, [])})
+        adapters = [{"tenant": e["tenant"], "version": e["version"],
+                     "phase": "Ready" if (port, e["tenant"], e["version"]) in self.ready
+                     else "Downloading"} for e in self.desired.get(port, [])]
+        return httpx.Response(200, json={"adapters": adapters, "server_reachable": True})
+
+
+async def test_one_pass_puts_desired_sets_and_patches_status():
+    import httpx
+
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    adapter = cr("a")
+    adapter["spec"]["source"]["credentialsSecret"] = "s3"
+    kube = FakeKube(
+        [adapter],
+        [pod("p1", ports={"sync": 9101, "http": 9100}), pod("p2", ports={"sync": 9201})],
+        {"s3": {"data": {"AWS_ACCESS_KEY_ID": b64("AK"), "AWS_SECRET_ACCESS_KEY": b64("SK")}}},
+    )
+    fake = FakeSidecars()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    rec = Reconciler(OperatorSettings(sidecar_token="tok"), kube=kube, http=http)
+    result = await rec.run_pass()
+    assert result.ok and not result.put_errors
+    assert set(fake.desired) == {9101, 9201}  # named port, and p2's named sync port
+    (entry,) = fake.desired[9101]
+    assert entry["credentials"] == {"access_key_id": "AK", "secret_access_key": "SK"}
+    assert "Bearer tok" in fake.headers
+    status = kube.patches[-1][1]
+    assert status["phase"] == "Progressing" and status["readyPods"] == "0/2"
+    assert "SK" not in repr(kube.patches) and "SK" not in repr(kube.events)
+    fake.ready |= {(9101, "legal", "v1"), (9201, "legal", "v1")}
+    await rec.run_pass()
+    status = kube.patches[-1][1]
+    assert status["phase"] == "Ready" and status["readyPods"] == "2/2"
+    assert [r for _, r, _ in kube.events][-1] == "Ready"
+    # a version bump: both pods get v1 (active) + v2, then v2 alone once Ready
+    adapter["spec"]["version"] = "v2"
+    await rec.run_pass()
+    assert [(e["version"], e["active"]) for e in fake.desired[9101]] == [("v1", True),
+                                                                         ("v2", False)]
+    fake.ready.add((9101, "legal", "v2"))
+    await rec.run_pass()
+    assert [(e["version"], e["active"]) for e in fake.desired[9101]] == [("v2", True)]
+    assert [(e["version"], e["active"]) for e in fake.desired[9201]] == [("v1", True),
+                                                                         ("v2", False)]
+    assert kube.patches[-1][1]["readyPods"] == "1/2"
+    # deletion: the adapter leaves every desired set
+    adapter["metadata"]["deletionTimestamp"] = "2026-01-03T00:00:00Z"
+    result = await rec.run_pass()
+    assert fake.desired == {9101: [], 9201: []}
+    assert rec.eviction_pending(parse_adapter(adapter), result) == []
+    await http.aclose()
