@@ -108,9 +108,8 @@ def helm_path() -> Path:
         from k8s_harness import ensure_k8s_binaries  # type: ignore[import-not-found]
     except ImportError:
         return _own_helm()
-    found = ensure_k8s_binaries()
-    helm = found.get("helm") if isinstance(found, dict) else getattr(found, "helm", None)
-    return Path(helm) if helm else _own_helm()
+    _kubectl, helm = ensure_k8s_binaries()
+    return Path(helm)
 
 
 @pytest.fixture(scope="session")
