@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 from pydantic_settings import CliApp, SettingsConfigDict
 
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
         namespaces=[settings.namespace] if settings.namespace else (),
         standalone=settings.peering is None,
         peering_name=settings.peering,
+        # Equal priorities make every replica pause; a random one elects exactly one.
+        priority=settings.priority if settings.priority is not None
+        else random.randint(1, 2**31 - 1),
         liveness_endpoint=liveness,
     )
     return 0

@@ -53,6 +53,11 @@ class OperatorSettings(BaseSettings):
     peering: str | None = Field(
         None, description="kopf peering name (default: standalone, no peering objects)."
     )
+    priority: int | None = Field(
+        None, ge=0, le=2**31 - 1,
+        description="kopf peering priority: the highest live one works, the others wait "
+                    "(default: random per process, so two replicas never tie and freeze).",
+    )
     health_port: int = Field(
         8080, ge=0, le=65535,
         description="Liveness endpoint http://0.0.0.0:PORT/healthz (0 disables it).",
