@@ -16,6 +16,7 @@ commands:
   sync        run the adapter-sync sidecar (pulls adapter versions from S3 into the pod)
   train       train one or several tenants' LoRA adapters on one frozen base (QLoRA)
   push        publish a trained adapter version to S3 (manifest last), optionally print its CR
+  fetch       download and verify one adapter version into a volume, then exit (init containers)
   operator    run the Kubernetes operator (LoraAdapter resources -> pods' sidecars; kopf)
   version     print the version
 
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from loramux.training.cli_push import main as push_main
 
         return push_main(rest)
+    if command == "fetch":
+        from loramux.inference.fetch_cli import main as fetch_main
+
+        return fetch_main(rest)
     if command == "operator":
         from loramux.operator.main import main as operator_main
 

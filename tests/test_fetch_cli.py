@@ -29,7 +29,7 @@ def _publish(directory: Path) -> str:
 
 
 def _fetch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "loramux.inference.fetch_cli", *args],
+    return subprocess.run([sys.executable, "-P", "-m", "loramux.cli", "fetch", *args],
                           capture_output=True, text=True, timeout=120)
 
 
