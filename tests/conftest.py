@@ -159,3 +159,8 @@ def start_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     yield start
     for sidecar in started:
         sidecar.stop()
+
+
+# Kubernetes harness fixtures (tests/k8s_harness.py): the emulated API server `k8s`, the real
+# kubectl/helm binaries `k8s_binaries`, moto `s3_server`, and `operator_factory`.
+from k8s_harness import k8s, k8s_binaries, operator_factory, s3_server  # noqa: E402, F401
