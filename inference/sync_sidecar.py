@@ -581,6 +581,8 @@ class Reconciler:
     ) -> FetchResult | None:
         attempts = self.settings.retries + 1
         for attempt in range(attempts):
+            if self.status.get(ref) is not status:
+                return None  # no longer desired, or its spec changed: stop retrying
             status.phase = "Downloading"
             status.timings["attempts"] = attempt + 1
             try:

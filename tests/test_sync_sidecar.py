@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import threading
 import time
@@ -58,7 +60,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def published(s3: Any, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> dict[str, Published]:
-    """legal@v1, legal@v2, medical@v1 and finance@v1 with manifests, uploaded to one bucket.
+    """legal@v1, legal@v2, medical@v1, finance@v1, retail@v1, travel@v1 and support@v1 with
+    manifests, uploaded to one bucket.
 
     Plus badbase@v1: legal@v1's weights with an adapter_config.json that claims another base
     model, under a manifest that is valid for those files (so only the server can refuse it).
@@ -70,7 +73,11 @@ def published(s3: Any, adapter_root: Path, tmp_path_factory: pytest.TempPathFact
     for tenant, version, source in (("legal", "v1", "legal/v1"), ("legal", "v2", "legal/v2"),
                                     ("medical", "v1", "medical/v1"),
                                     ("finance", "v1", "finance/v1"),
-                                    ("badbase", "v1", "legal/v1")):
+                                    ("badbase", "v1", "legal/v1"),
+                                    # for the credential tests, never loaded before them
+                                    ("retail", "v1", "retail/v1"),
+                                    ("travel", "v1", "travel/v1"),
+                                    ("support", "v1", "support/v1")):
         src = staging / tenant / version
         shutil.copytree(adapter_root / source, src)
         config = json.loads((src / "adapter_config.json").read_text())
@@ -485,3 +492,131 @@ def test_require_ready_for_selects_what_readyz_waits_for(tmp_path: Path) -> None
     assert missing("pinned-or-active") == (False, ["a@v1", "c@v1"])
     assert missing("all") == (False, ["a@v1", "b@v1", "c@v1", "c@v2"])
     assert missing("none") == (True, [])
+
+
+# --------------------------------------------------------------------------- credentials
+
+ENTRY_KEY = "AKIAENTRYKEY0001"
+ENTRY_SECRET = "entry-secret-Xy7-never-shown"
+ENTRY_TOKEN = "entry-session-Pq2-never-shown"
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: connection refused
+
+
+def no_env_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard AWS environment points at a dead endpoint and has no credentials."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+
+
+def endpoint_of(s3: Any) -> str:
+    return s3.meta.endpoint_url
+
+
+def creds(s3: Any, secret: str = ENTRY_SECRET, **extra: Any) -> dict[str, Any]:
+    return {"access_key_id": ENTRY_KEY, "secret_access_key": secret,
+            "session_token": ENTRY_TOKEN, "region": "us-east-1",
+            "endpoint_url": endpoint_of(s3), **extra}
+
+
+def test_entry_credentials_are_used_masked_and_never_logged(
+        server, s3: Any, published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """retail@v1 carries credentials whose endpoint_url is moto; the environment has no
+    credentials and a dead endpoint, so only the entry's own can have fetched it."""
+    caplog.set_level(logging.DEBUG, logger="loramux")
+    no_env_credentials(monkeypatch)
+    with run_sidecar(tmp_path / "root", server.url, None, retries=0) as car:
+        bad = car.put("/v1/desired", json={"adapters": [entry(
+            published, "retail@v1", credentials=creds(
+                s3, endpoint_url="http://user:pw@127.0.0.1:1/"))]})
+        assert bad.status_code == 422 and "user:password" in bad.json()["error"]["message"]
+        for broken in ({"access_key_id": ENTRY_KEY},  # no secret
+                       {**creds(s3), "role_arn": "x"},  # unknown field
+                       {**creds(s3), "secret_access_key": ""}):
+            r = car.put("/v1/desired", json={"adapters": [
+                entry(published, "retail@v1", credentials=broken)]})
+            assert r.status_code == 422, r.text
+            assert "credentials" in r.json()["error"]["message"]
+            assert ENTRY_TOKEN not in r.text and ENTRY_SECRET not in r.text
+
+        put_desired(car, [entry(published, "retail@v1", credentials=creds(s3)),
+                          entry(published, "travel@v1")])
+        state = wait_phases(car, {"retail@v1": "Ready", "travel@v1": "Failed"})
+        assert state["retail@v1"]["credentials_source"] == "entry"
+        assert state["travel@v1"]["credentials_source"] == "environment"
+        assert state["travel@v1"]["code"] == "access_denied"  # no credentials in the env
+        assert generate(server, "retail")["adapter"] == "retail@v1"
+
+        # New credentials alone: the Ready version is neither refetched nor reloaded, and
+        # the Failed(access_denied) one gets a fresh try with the credentials it now has.
+        before = server_adapters(server)["retail@v1"]
+        retail_timings = state["retail@v1"]["timings"]
+        downloads = car.get("/metrics").text
+        assert "loramux_sync_downloads_total 1.0" in downloads
+        put_desired(car, [entry(published, "retail@v1", credentials=creds(s3, "rotated-1")),
+                          entry(published, "travel@v1", credentials=creds(s3))])
+        state = wait_phases(car, {"retail@v1": "Ready", "travel@v1": "Ready"})
+        assert state["travel@v1"]["credentials_source"] == "entry"
+        time.sleep(1.5)  # a few passes
+        state = wait_phases(car, {"retail@v1": "Ready"}, timeout=1)
+        assert state["retail@v1"]["timings"] == retail_timings
+        after = server_adapters(server)["retail@v1"]
+        assert after["disk_load_seconds"] == before["disk_load_seconds"]
+        assert "loramux_sync_downloads_total 2.0" in car.get("/metrics").text
+
+        desired = car.get("/v1/desired")
+        views = {e["tenant"]: e["credentials"] for e in desired.json()["adapters"]}
+        assert views["retail"] == {"access_key_id": "***", "secret_access_key": "***",
+                                   "session_token": "***", "region": "us-east-1",
+                                   "endpoint_url": endpoint_of(s3)}
+        shown = desired.text + car.get("/v1/state").text + car.get("/metrics").text
+        logged = caplog.text
+        assert "retail@v1 ready on the server" in logged  # the sidecar's log was captured
+        for secret in (ENTRY_KEY, ENTRY_SECRET, ENTRY_TOKEN, "rotated-1"):
+            assert secret not in shown and secret not in logged
+        put_desired(car, [])  # leave the module's server as it was
+        wait_until(lambda: not {"retail@v1", "travel@v1"} & set(server_adapters(server)),
+                   "retail and travel evicted")
+
+
+def write_secret(directory: Path, name: str, value: str) -> None:
+    """Like the kubelet: the new file appears atomically."""
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(value + "\n")  # secrets often end in a newline
+    os.replace(tmp, directory / name)
+
+
+def test_mounted_credentials_dir_is_reread_so_rotation_works(
+        server, s3: Any, published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_env_credentials(monkeypatch)
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    write_secret(secret_dir, "AWS_ACCESS_KEY_ID", "AKIAMOUNTED0001")  # the secret is missing
+    write_secret(secret_dir, "AWS_ENDPOINT_URL", endpoint_of(s3))
+    write_secret(secret_dir, "AWS_REGION", "us-east-1")
+    with run_sidecar(tmp_path / "root", server.url, None, retries=0,
+                     s3_credentials_dir=secret_dir) as car:
+        put_desired(car, [entry(published, "support@v1")])
+        state = wait_phases(car, {"support@v1": "Failed"})
+        assert state["support@v1"]["code"] == "access_denied"
+        assert "AWS_SECRET_ACCESS_KEY" in state["support@v1"]["reason"]
+        time.sleep(1.5)  # terminal: not retried while the credentials stay the same
+        state = wait_phases(car, {"support@v1": "Failed"}, timeout=1)
+        assert 'loramux_sync_fetch_failures_total{code="access_denied"} 1.0' in car.get(
+            "/metrics").text
+
+        write_secret(secret_dir, "AWS_SECRET_ACCESS_KEY", "mounted-secret-never-shown")
+        state = wait_phases(car, {"support@v1": "Ready"})  # no new PUT: the file changed
+        assert state["support@v1"]["credentials_source"] == "mounted"
+        assert generate(server, "support")["adapter"] == "support@v1"
+        assert "mounted-secret-never-shown" not in car.get("/v1/state").text
+        put_desired(car, [])
+        wait_until(lambda: "support@v1" not in server_adapters(server), "support evicted")
+
+    with pytest.raises(ValueError, match="s3_credentials_dir"):
+        SyncSettings(root=tmp_path, s3_credentials_dir=tmp_path / "missing")
