@@ -1853,8 +1853,8 @@ class InferencePod:
 
     def replace(self, new_name: str) -> InferencePod:
         """A replacement pod (as a ReplicaSet makes): this one deleted, a new Pod object with a
-        new name and uid, fresh processes on new ports, an empty adapter volume unless the
-        sidecar's ``--root`` is reused by the caller."""
+        new name and uid, fresh processes on new ports. The sidecar keeps its ``--root``
+        (change ``sidecar.argv`` first, via ``_set_flag``, for an empty volume)."""
         self.delete(stop=True)
         self.name = new_name
         self.restarts = 0
