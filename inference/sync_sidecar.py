@@ -320,7 +320,8 @@ class Reconciler:
 
     def __init__(self, settings: SyncSettings, *, s3_client: Any = None) -> None:
         self.settings = settings
-        self.root = Path(settings.root)
+        # Absolute: the server is told this path and refuses relative ones.
+        self.root = Path(settings.root).absolute()
         self.desired: dict[AdapterRef, DesiredAdapter] = {}
         self.status: dict[AdapterRef, Status] = {}
         self.metrics = _Metrics()

@@ -620,3 +620,27 @@ def test_mounted_credentials_dir_is_reread_so_rotation_works(
 
     with pytest.raises(ValueError, match="s3_credentials_dir"):
         SyncSettings(root=tmp_path, s3_credentials_dir=tmp_path / "missing")
+
+
+def test_ownership_is_by_path_under_root_and_credentials_hide_in_repr(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rec = Reconciler(SyncSettings(root=Path("vol")))
+    assert rec.root == tmp_path / "vol"  # relative --root made absolute (the server needs it)
+    assert rec._owns({"path": str(tmp_path / "vol" / "legal" / "v1")})
+    assert rec._owns({"path": str(tmp_path / "vol" / "x" / ".." / "legal" / "v1")})
+    for foreign in (str(tmp_path / "vol"), str(tmp_path / "volume" / "legal" / "v1"),
+                    str(tmp_path / "vol" / ".." / "other" / "v1"), "/models/legal/v1", ".",
+                    "vol/legal/v1", None):
+        assert not rec._owns({"path": foreign}), foreign
+    spec = DesiredState.model_validate({"adapters": [{
+        "tenant": "a", "version": "v1", "uri": "s3://b/a/v1/", "credentials": {
+            "access_key_id": " AKIAREPR \n", "secret_access_key": "repr-secret\n",
+            "session_token": "repr-token"}}]}).adapters[0]
+    assert spec.credentials is not None and spec.credentials.access_key_id == "AKIAREPR"
+    assert spec.credentials.to_s3().secret_access_key == "repr-secret"  # newline stripped
+    for text in (repr(spec), str(spec), repr(spec.credentials.to_s3()), str(spec.public_view())):
+        assert "AKIAREPR" not in text and "repr-secret" not in text and "repr-token" not in text
+    other = spec.model_copy(update={"credentials": None})
+    assert spec.same_spec(other) and spec != other
+    assert not spec.same_spec(spec.model_copy(update={"pinned": True}))
