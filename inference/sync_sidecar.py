@@ -669,7 +669,7 @@ class Reconciler:
             source, creds = self._credentials_for(spec)
             status.credentials_source = source
             status.credentials_fp = creds.fingerprint() if creds else "environment"
-            client = self._client_for(creds)
+            client = _LazyClient(lambda c=creds: self._client_for(c))
         return fetch_adapter(
             ref, spec.uri, self.root, expected_sha256=spec.sha256,
             max_bytes=self.settings.max_adapter_bytes, allow_pickle=self.settings.allow_pickle,
@@ -739,6 +739,20 @@ class Reconciler:
         items = sorted(self.status.items(), key=lambda kv: str(kv[0]))
         return {"adapters": [status.view(ref) for ref, status in items],
                 "server_reachable": self.server_reachable, "last_pass": self.last_pass}
+
+
+class _LazyClient:
+    """An S3 client built on first use: a version already verified on the volume (restart,
+    warm reload) never pays for building one (boto3 session and client: ~0.3 s)."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._client: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            self._client = self._make()
+        return getattr(self._client, name)
 
 
 # --------------------------------------------------------------------------- app
