@@ -603,7 +603,8 @@ class Reconciler:
                 delay += random.uniform(0, delay / 2 if delay else 0)
                 status.phase, status.code = "Pending", exc.code
                 status.reason = self._scrub(exc.message, status)
-                log.info("fetch of %s failed (%s), retry in %.2fs", ref, exc.code, delay)
+                log.info("fetch of %s failed (%s), retry in %.2fs: %s", ref, exc.code, delay,
+                         status.reason[:300])
                 await asyncio.sleep(delay)
                 continue
             except Exception as exc:
