@@ -214,15 +214,21 @@ class DesiredAdapter(BaseModel):
     pinned: bool = False
     active: bool = False
     credentials: EntryCredentials | None = None
+    route: str | None = Field(
+        None, max_length=512, pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$",
+        description="Hot tenant: the dedicated deployment's URL. While this (active) version "
+                    "is Ready here, the server forwards the tenant's requests there and "
+                    "serves them itself whenever that deployment cannot.")
 
     @property
     def ref(self) -> AdapterRef:
         return AdapterRef(self.tenant, self.version)
 
     def same_spec(self, other: DesiredAdapter | None) -> bool:
-        """Equal apart from the credentials: new credentials alone never restart a version."""
-        return other is not None and (self.model_dump(exclude={"credentials"})
-                                      == other.model_dump(exclude={"credentials"}))
+        """Equal apart from the credentials and the route: neither restarts a version."""
+        skip = {"credentials", "route"}
+        return other is not None and (self.model_dump(exclude=skip)
+                                      == other.model_dump(exclude=skip))
 
     def public_view(self) -> dict[str, Any]:
         view = self.model_dump(mode="json", exclude={"credentials"})
@@ -338,6 +344,7 @@ class Reconciler:
         # Until the first PUT /v1/desired an empty desired set means "not told yet", not
         # "remove everything": a restarted sidecar must not evict and delete what serves.
         self.desired_received = False
+        self.routes: dict[str, dict[str, Any]] = {}  # the server's, as of the last pass
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -462,6 +469,8 @@ class Reconciler:
         if server is not None and self.desired_received:
             # 2. activation, 3. eviction
             server = await self._activate_and_evict(server)
+            # 5. hot tenants' routes to their dedicated deployments
+            await self._sync_routes()
             # 4. local files neither desired nor loaded
             for ref in local:
                 if ref in self.desired or ref in server or ref in self._tasks:
@@ -472,6 +481,52 @@ class Reconciler:
                 except (OSError, ValueError) as exc:
                     log.warning("could not delete %s: %s", ref, exc)
         self._update_phase_metrics()
+
+    def wanted_routes(self) -> dict[str, tuple[str, str]]:
+        """tenant -> (url, version): a route is wanted while the tenant's active desired
+        version carries one and is Ready here (the local copy is the fallback)."""
+        wanted: dict[str, tuple[str, str]] = {}
+        for tenant in sorted({ref.tenant for ref in self.desired}):
+            target = self._target_active(tenant)
+            if target is None:
+                continue
+            spec = self.desired[AdapterRef(tenant, target)]
+            status = self.status.get(spec.ref)
+            if spec.route and status is not None and status.phase == "Ready":
+                wanted[tenant] = (spec.route.rstrip("/"), target)
+        return wanted
+
+    async def _sync_routes(self) -> None:
+        try:
+            data = await self._server("GET", "/admin/routes")
+        except ServerError as exc:
+            log.warning("cannot read the server's routes: %s", exc.message)
+            return
+        current = {r["tenant"]: r for r in (data or {}).get("routes", [])
+                   if isinstance(r, dict) and "tenant" in r}
+        self.routes = dict(current)
+        wanted = self.wanted_routes()
+        for tenant, (url, version) in wanted.items():
+            have = current.get(tenant)
+            if have and have.get("url") == url and have.get("version") == version:
+                continue
+            try:
+                await self._server("PUT", f"/admin/tenants/{tenant}/route",
+                                   {"url": url, "version": version})
+                self.routes[tenant] = {"tenant": tenant, "url": url, "version": version}
+                log.info("routing %s@%s to its dedicated deployment %s", tenant, version, url)
+            except ServerError as exc:
+                log.warning("routing %s failed: %s", tenant, exc.message)
+        for tenant in current:
+            if tenant in wanted:
+                continue
+            try:
+                await self._server("DELETE", f"/admin/tenants/{tenant}/route")
+                self.routes.pop(tenant, None)
+                log.info("%s served by the pool again (route removed)", tenant)
+            except ServerError as exc:
+                if exc.status != 404:
+                    log.warning("removing the route of %s failed: %s", tenant, exc.message)
 
     def _task_done(self, ref: AdapterRef) -> None:
         self._tasks.pop(ref, None)
@@ -739,6 +794,7 @@ class Reconciler:
     def state_view(self) -> dict[str, Any]:
         items = sorted(self.status.items(), key=lambda kv: str(kv[0]))
         return {"adapters": [status.view(ref) for ref, status in items],
+                "routes": [self.routes[t] for t in sorted(self.routes)],
                 "server_reachable": self.server_reachable, "last_pass": self.last_pass}
 
 
