@@ -65,6 +65,7 @@ FETCH_ERROR_CODES = frozenset(
         "bad_manifest",
         "bad_uri",
         "io_error",
+        "disk_budget",
     }
 )
 _RETRYABLE_BY_DEFAULT = frozenset({"io_error"})
@@ -546,6 +547,7 @@ def fetch_adapter(
     max_bytes: int,
     allow_pickle: bool = False,
     s3_client: Any = None,
+    disk_budget_bytes: int | None = None,
 ) -> FetchResult:
     """Make ``<root>/<tenant>/<version>`` a verified copy of the version published at ``uri``.
 
@@ -578,6 +580,14 @@ def fetch_adapter(
         )
     manifest = _parse_manifest(data, uri)
     _check_policy(manifest, ref, uri, **checks)
+    if disk_budget_bytes is not None:
+        used = _bytes_under(root, skip=target)
+        if used + manifest.total_bytes > disk_budget_bytes:
+            raise FetchError(
+                "disk_budget",
+                f"{ref} needs {manifest.total_bytes} bytes; {used} of the volume's budget of "
+                f"{disk_budget_bytes} are in use (other versions must go first)",
+            )
 
     incoming = root / INCOMING_DIR
     with _io_errors(f"{root}: preparing {INCOMING_DIR}"):
@@ -606,6 +616,19 @@ def fetch_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return FetchResult(target, manifest, digest, total, time.monotonic() - started, True)
+
+
+def _bytes_under(root: Path, *, skip: Path) -> int:
+    """Bytes of every file under ``root`` (downloads in progress included), except ``skip``."""
+    total = 0
+    skip_text = str(skip)
+    for directory, _, files in os.walk(root):
+        if directory == skip_text or directory.startswith(skip_text + os.sep):
+            continue
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
 
 
 def remove_adapter(ref: AdapterRef, root: Path) -> bool:

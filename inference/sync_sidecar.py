@@ -118,6 +118,10 @@ class SyncSettings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535)
     resync_seconds: float = Field(10.0, gt=0)
     max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
+    disk_budget_bytes: int | None = Field(
+        None, ge=1, description="Bytes the adapter volume may hold (downloads included); a "
+                                "version that would exceed it fails with disk_budget and is "
+                                "tried again once other versions are gone.")
     retries: int = Field(4, ge=0, description="Retries of a transient fetch failure.")
     backoff_seconds: float = Field(0.5, ge=0, description="Base of the exponential backoff.")
     max_concurrent_downloads: int = Field(2, ge=1)
@@ -648,6 +652,10 @@ class Reconciler:
                 self.metrics.fetch_failures.labels(exc.code).inc()
                 # not_found is retried too: the operator may name a version whose upload
                 # (manifest last) is still under way.
+                if exc.code == "disk_budget":
+                    # Not now, but maybe after the next pass deletes undesired versions.
+                    self._fail(status, exc.code, exc.message, terminal=False)
+                    return None
                 if not exc.retryable and exc.code != "not_found":
                     self._fail(status, exc.code, exc.message, terminal=True)
                     return None
@@ -729,7 +737,7 @@ class Reconciler:
         return fetch_adapter(
             ref, spec.uri, self.root, expected_sha256=spec.sha256,
             max_bytes=self.settings.max_adapter_bytes, allow_pickle=self.settings.allow_pickle,
-            s3_client=client,
+            s3_client=client, disk_budget_bytes=self.settings.disk_budget_bytes,
         )
 
     def _scrub(self, text: str, status: Status) -> str:
