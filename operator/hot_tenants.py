@@ -1,0 +1,263 @@
+"""Hot tenants: promote a LoraAdapter to a dedicated merged Deployment, route to it, demote.
+
+Each reconcile pass:
+
+1. :func:`scrape_request_totals` reads ``loramux_requests_total`` from every pool pod's
+   server ``/metrics`` and sums it per (namespace, tenant); forwarded requests count too,
+   because the pool still receives them. :class:`HotTenants` keeps the history.
+2. :func:`hot_policy.decide` turns ``spec.dedicated`` and the history into promote, demote
+   or hold.
+3. :func:`plan` (pure) turns that decision and what exists (the CR's dedicated Deployments
+   and Services, one pair per version, see :mod:`dedicated`) into objects to create, objects
+   to delete, and the routes the pool pods' sidecars get:
+
+   * a route to a version exists only while that version's Deployment is Ready;
+   * after a version rollout the old pair is deleted only once the new one is Ready, every
+     pool pod serves the new version and no pod routes to the old one any more;
+   * on demotion the routes go first; the pair is deleted only once no pod routes to it.
+
+The shared pool keeps the adapter loaded the whole time (it stays in every desired set),
+so a pool server can always answer the tenant itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from loramux.operator.dedicated import (
+    OWNER_LABEL,
+    VERSION_LABEL,
+    build_deployment,
+    build_service,
+    dedicated_name,
+    deployment_ready,
+    service_url,
+)
+from loramux.operator.hot_policy import Decision, RateHistory, Sample, Thresholds, decide
+
+log = logging.getLogger("loramux.operator.hot")
+
+# One sample line of the Prometheus text format for the request counter. The operator image
+# carries no prometheus_client; this one metric's lines are simple enough to read directly.
+_REQUESTS = re.compile(r'^loramux_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$', re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_request_totals(text: str) -> dict[str, float]:
+    """tenant -> requests (every outcome) from one server's ``/metrics`` text."""
+    totals: dict[str, float] = {}
+    for labels, value in _REQUESTS.findall(text):
+        tenant = dict(_LABEL.findall(labels)).get("tenant")
+        if tenant and tenant != "-":
+            try:
+                totals[tenant] = totals.get(tenant, 0.0) + float(value)
+            except ValueError:
+                continue
+    return totals
+
+
+@dataclass
+class Existing:
+    """The dedicated objects a LoraAdapter owns, by version."""
+
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.deployments and not self.services
+
+
+def endpoint(service: Mapping[str, Any], cluster_domain: str = "cluster.local") -> str:
+    """The Service's URL: its cluster IP and port once allocated, else its DNS name."""
+    spec = service.get("spec") or {}
+    ip = spec.get("clusterIP")
+    ports = spec.get("ports") or [{}]
+    if ip and ip != "None":
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"http://{host}:{ports[0].get('port', 8000)}"
+    return service_url(dict(service), cluster_domain)
+
+
+@dataclass
+class Plan:
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, ns, name)
+    routes: dict[str, str] = field(default_factory=dict)  # version -> url
+    endpoint: str | None = None
+    condition: dict[str, str] = field(default_factory=dict)
+
+
+def _condition(ok: bool, reason: str, message: str) -> dict[str, str]:
+    return {"type": "Dedicated", "status": "True" if ok else "False", "reason": reason,
+            "message": message}
+
+
+def plan(cr: Mapping[str, Any], decision: Decision, existing: Existing,
+         template: Mapping[str, Any] | None, *, routed_versions: set[str],
+         pool_serves_version: bool, secret_keys: set[str] | None = None,
+         cluster_domain: str = "cluster.local") -> Plan:
+    """What to do for one LoraAdapter (pure).
+
+    ``routed_versions``: versions of this tenant that some pool pod's server routes to now
+    (from the sidecars' state). ``pool_serves_version``: every pool pod serves
+    ``spec.version`` (the rollout there is finished).
+    """
+    spec = cr["spec"]
+    namespace = cr["metadata"]["namespace"]
+    version = spec["version"]
+    out = Plan()
+    ready = {v: endpoint(existing.services[v], cluster_domain)
+             for v, dep in existing.deployments.items()
+             if deployment_ready(dep) and v in existing.services}
+    want = decision.action == "promote" or (decision.action == "hold" and not existing.empty)
+    if not want:
+        # Demotion: routes first; the objects go once no pool server routes to them.
+        if not existing.empty and not routed_versions:
+            out.delete = _all(existing, namespace)
+        out.condition = _condition(False, "Demoting" if not existing.empty else "NotDedicated",
+                                   decision.reason)
+        return out
+    if template is None:
+        out.condition = _condition(False, "NoPodTemplate",
+                                   "the operator has no dedicated pod template "
+                                   "(--dedicated-template-file)")
+        out.routes = dict(ready)
+        return out
+    replicas = int((spec.get("dedicated") or {}).get("replicas") or 1)
+    if version not in existing.deployments:
+        out.create.append(build_deployment(dict(cr), dict(template), replicas=replicas,
+                                           secret_keys=secret_keys))
+    if version not in existing.services:
+        out.create.append(build_service(dict(cr)))
+    out.routes = dict(ready)
+    for old in sorted(set(existing.deployments) | set(existing.services)):
+        if old == version:
+            continue
+        if version in ready and pool_serves_version and old not in routed_versions:
+            name = dedicated_name(spec["tenant"], old)
+            out.delete += [("Deployment", namespace, name), ("Service", namespace, name)]
+    if version in ready:
+        out.endpoint = ready[version]
+        out.condition = _condition(True, "Ready", f"dedicated deployment for {version} is "
+                                                  f"Ready; {decision.reason}")
+    else:
+        out.endpoint = next((ready[v] for v in sorted(ready)), None)
+        out.condition = _condition(False, "Starting",
+                                   f"waiting for the dedicated deployment of {version}")
+    return out
+
+
+def _all(existing: Existing, namespace: str) -> list[tuple[str, str, str]]:
+    out = []
+    for version, dep in sorted(existing.deployments.items()):
+        out.append(("Deployment", namespace, dep["metadata"].get("name") or version))
+    for version, svc in sorted(existing.services.items()):
+        out.append(("Service", namespace, svc["metadata"].get("name") or version))
+    return out
+
+
+class HotTenants:
+    """The I/O side: scraping, listing, creating and deleting; state is only the history."""
+
+    def __init__(self, kube: Any, template: Mapping[str, Any] | None, *,
+                 cluster_domain: str = "cluster.local") -> None:
+        from kubernetes import client
+
+        self.kube = kube
+        self.apps = client.AppsV1Api(kube.api_client)
+        self.template = template
+        self.cluster_domain = cluster_domain
+        self.history = RateHistory()
+        self.last_change: dict[tuple[str, str], float] = {}
+
+    def record(self, totals: Mapping[tuple[str, str], float], now: float) -> None:
+        for key, total in totals.items():
+            self.history.add(f"{key[0]}/{key[1]}", Sample(now, total))
+
+    def decide(self, cr: Mapping[str, Any], dedicated_now: bool, now: float) -> Decision:
+        spec = cr["spec"]
+        dedicated = spec.get("dedicated") or {}
+        mode = dedicated.get("mode", "Never")
+        key = (cr["metadata"]["namespace"], spec["tenant"])
+        try:
+            thresholds = Thresholds.from_spec(dedicated)
+        except ValueError as exc:
+            return Decision("hold", f"invalid thresholds: {exc}")
+        return decide(mode, dedicated_now, self.history.get(f"{key[0]}/{key[1]}"),
+                      thresholds, now, self.last_change.get(key))
+
+    async def existing(self, cr: Mapping[str, Any]) -> Existing:
+        namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+        selector = f"{OWNER_LABEL}={name}"
+        deps = await self.kube._call(self.apps.list_namespaced_deployment, namespace,
+                                     label_selector=selector)
+        svcs = await self.kube._call(self.kube.core.list_namespaced_service, namespace,
+                                     label_selector=selector)
+        out = Existing()
+        for item in (deps or {}).get("items") or []:
+            version = ((item.get("metadata") or {}).get("labels") or {}).get(VERSION_LABEL)
+            if version:
+                out.deployments[version] = item
+        for item in (svcs or {}).get("items") or []:
+            version = ((item.get("metadata") or {}).get("labels") or {}).get(VERSION_LABEL)
+            if version:
+                out.services[version] = item
+        return out
+
+    async def apply(self, cr: Mapping[str, Any], todo: Plan, decision: Decision,
+                    now: float) -> None:
+        key = (cr["metadata"]["namespace"], cr["spec"]["tenant"])
+        for obj in todo.create:
+            ns = obj["metadata"]["namespace"]
+            if obj["kind"] == "Deployment":
+                await self.kube._call(self.apps.create_namespaced_deployment, ns, obj)
+            else:
+                await self.kube._call(self.kube.core.create_namespaced_service, ns, obj)
+            log.info("created dedicated %s %s/%s for %s@%s", obj["kind"], ns,
+                     obj["metadata"]["name"], cr["spec"]["tenant"], cr["spec"]["version"])
+        for kind, ns, name in todo.delete:
+            fn = (self.apps.delete_namespaced_deployment if kind == "Deployment"
+                  else self.kube.core.delete_namespaced_service)
+            try:
+                await self.kube._call(fn, name, ns)
+                log.info("deleted dedicated %s %s/%s", kind, ns, name)
+            except Exception as exc:  # KubeError 404: already gone
+                if getattr(exc, "status", None) != 404:
+                    raise
+        if decision.action in ("promote", "demote") and (todo.create or todo.delete):
+            self.last_change[key] = now
+
+
+async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
+                                timeout: float = 5.0) -> dict[tuple[str, str], float] | None:
+    """Sum ``loramux_requests_total`` per (namespace, tenant) over ``(namespace, server_url)``
+    targets. ``None`` when a pod did not answer: a partial sum would read as a counter
+    reset, so such a pass records no sample (the policy treats the gap as missing data)."""
+    targets = list(targets)
+
+    async def one(url: str) -> str | None:
+        try:
+            response = await http.get(f"{url}/metrics", timeout=timeout)
+            return response.text if response.status_code == 200 else None
+        except Exception:
+            return None
+
+    texts = await asyncio.gather(*(one(url) for _, url in targets))
+    totals: dict[tuple[str, str], float] = {}
+    if any(text is None for text in texts):
+        return None
+    for (namespace, _), text in zip(targets, texts, strict=True):
+        assert text is not None
+        for tenant, value in parse_request_totals(text).items():
+            totals[(namespace, tenant)] = totals.get((namespace, tenant), 0.0) + value
+    return totals
+
+
+__all__ = ["Existing", "HotTenants", "Plan", "endpoint", "parse_request_totals", "plan",
+           "scrape_request_totals"]
