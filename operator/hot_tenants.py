@@ -53,7 +53,7 @@ def parse_request_totals(text: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for labels, value in _REQUESTS.findall(text):
         tenant = dict(_LABEL.findall(labels)).get("tenant")
-        if tenant and tenant != "-":
+        if tenant and not tenant.startswith("_"):  # "_base": the base model
             try:
                 totals[tenant] = totals.get(tenant, 0.0) + float(value)
             except ValueError:

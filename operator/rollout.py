@@ -39,6 +39,7 @@ class PodObservation:
     adapters: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     base_names: frozenset[str] | None = None  # from the server's GET /v1/models
     served: frozenset[tuple[str, str]] = frozenset()  # tenant@version Ready on the server
+    serving: dict[str, str] = field(default_factory=dict)  # tenant -> version a bare name gets
     server_ok: bool = False
     desired: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # GET /v1/desired
 
@@ -74,6 +75,8 @@ class PodObservation:
         for item in body.get("data") or []:
             if isinstance(item, Mapping) and item.get("tenant") and item.get("version"):
                 served.add((str(item["tenant"]), str(item["version"])))
+                if item.get("id") == item["tenant"]:  # the bare tenant name: its active one
+                    self.serving[str(item["tenant"])] = str(item["version"])
         self.served = frozenset(served)
         self.server_ok = True
 

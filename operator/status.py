@@ -201,7 +201,17 @@ def compute_status(
         active = (spec.previous_active if spec.previous_active in active_versions
                   else active_versions.most_common(1)[0][0])
     else:
-        active = None
+        # No sidecar reports an active Ready version right now (e.g. one re-settling an entry
+        # whose only change is active=true): the servers' own answer (GET /v1/models, the
+        # version a bare tenant name resolves to) says what clients still get.
+        serving = Counter(observations[p].serving[spec.tenant] for p in pods
+                          if p in observations and spec.tenant in observations[p].serving)
+        if spec.previous_active in serving:
+            active = spec.previous_active
+        elif serving:
+            active = serving.most_common(1)[0][0]
+        else:
+            active = None
 
     if not pods:
         phase, ready_cond = "Pending", cond("Ready", False, "NoPods", "no target pod")

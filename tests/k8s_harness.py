@@ -1689,13 +1689,14 @@ def sidecar_process(root: Path, server_url: str, log_path: Path, port: int | Non
 
 
 class OperatorProcess(ManagedProcess):
-    """The operator as a real process: ``loramux operator --standalone ...`` with KUBECONFIG
-    pointing at the emulator. ``args`` are appended (e.g. ``["--namespace", "default"]``)."""
+    """The operator as a real process: ``loramux operator ...`` (standalone: no peering
+    unless ``--peering`` is given) with KUBECONFIG pointing at the emulator. ``args`` are
+    appended (e.g. ``["--namespace", "default", "--health-port", "0"]``)."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, args: list[str] | None = None,
                  env: Mapping[str, str] | None = None,
                  argv: list[str] | None = None):
-        command = argv or _cli("operator", "--standalone", *(args or []))
+        command = argv or _cli("operator", *(args or []))
         super().__init__(command, log_path, {"KUBECONFIG": str(kubeconfig), **(env or {})},
                          url_pattern=None, health_path=None)
 

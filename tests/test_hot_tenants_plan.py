@@ -108,7 +108,7 @@ def test_parse_request_totals() -> None:
 loramux_requests_total{outcome="ok",tenant="legal"} 12.0
 loramux_requests_total{outcome="forwarded",tenant="legal"} 30.0
 loramux_requests_total{outcome="ok",tenant="medical"} 2.0
-loramux_requests_total{outcome="ok",tenant="-"} 5.0
+loramux_requests_total{outcome="ok",tenant="_base"} 5.0
 loramux_requests_created{outcome="ok",tenant="legal"} 1.7e9
 loramux_forwarded_requests_total{outcome="forwarded",tenant="legal"} 30.0
 """

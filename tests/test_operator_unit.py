@@ -352,6 +352,30 @@ def test_status_rollout_progress_and_degraded():
     assert ("Warning", "Degraded") in [(t, r) for t, r, _ in events]
 
 
+def test_active_version_kept_while_sidecars_resettle_an_activation():
+    """Found end to end: right after the PUT that makes v2 active, a sidecar may report v2
+    Pending for a moment (it restarts an entry whose only change is active=true) while its
+    server still answers the bare tenant with v1. activeVersion must not blank out then
+    (it would also lose the Activated event); the servers' /v1/models says what clients get."""
+    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
+    pods = [k("p1"), k("p2")]
+    models = {"base_model": "smollm2", "data": [
+        {"id": "legal@v1", "tenant": "legal", "version": "v1"},
+        {"id": "legal", "tenant": "legal", "version": "v1"},
+        {"id": "legal@v2", "tenant": "legal", "version": "v2"}]}
+    observations = {}
+    for name in ("p1", "p2"):
+        o = obs(name, {("legal", "v2"): "Pending"})
+        o.add_models(models)
+        observations[k(name)] = o
+    assert observations[k("p1")].serving == {"legal": "v1"}
+    st = _status(spec, pods, observations)
+    assert st["phase"] == "Progressing" and st["activeVersion"] == "v1"
+    # nothing served and nothing Ready: no active version (not a stale one)
+    empty = {k(n): obs(n, {("legal", "v2"): "Pending"}) for n in ("p1", "p2")}
+    assert "activeVersion" not in _status(spec, pods, empty)
+
+
 def test_status_rejected_and_no_pods_and_transition_times():
     spec = parse_adapter(cr("a"))
     v = validate([spec], [pod("p1")], {k("p1"): obs("p1", base="llama")})
