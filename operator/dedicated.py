@@ -125,7 +125,9 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
              "securityContext": copy.deepcopy(server.get("securityContext") or {})}
     if not fetch["securityContext"]:
         del fetch["securityContext"]
-    pod_spec["initContainers"] = [fetch]
+    # The template's own init containers (e.g. resolving a model from a cache) run first.
+    inits = [c for c in pod_spec.get("initContainers") or [] if c.get("name") != "fetch"]
+    pod_spec["initContainers"] = [*inits, fetch]
     volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != "adapters"]
     pod_spec["volumes"] = [*volumes, {"name": "adapters", "emptyDir": {}}]
     return {

@@ -81,6 +81,11 @@ def test_deployment_runs_verified_fetch_then_merged_server() -> None:
     assert {v["name"] for v in pod["volumes"]} == {"model", "adapters"}
     # the template is not modified in place
     assert "initContainers" not in TEMPLATE["spec"]
+    # a template's own init containers are kept, before the fetch
+    with_init = {"spec": {**TEMPLATE["spec"], "initContainers": [{"name": "resolve-model",
+                                                                  "image": "x"}]}}
+    inits = build_deployment(CR, with_init)["spec"]["template"]["spec"]["initContainers"]
+    assert [c["name"] for c in inits] == ["resolve-model", "fetch"]
 
 
 def test_service_selects_exactly_this_versions_pods() -> None:
