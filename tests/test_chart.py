@@ -66,6 +66,27 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "inference.serviceMonitor.enabled=true",
         "--set", "operator.enabled=false",
     ],
+    "dedicated-overrides": [
+        "--set", "inference.model.source=pvc",
+        "--set", "inference.model.pvc.claimName=models",
+        "--set", "inference.s3.existingSecret=pool-s3",
+        "--set", "inference.s3.endpointUrl=http://minio.minio:9000",
+        "--set", "inference.s3.region=eu-west-1",
+        "--set", "inference.nodeSelector.pool=shared",
+        "--set", "inference.extraEnv[0].name=CUDA_MODULE_LOADING",
+        "--set", "inference.extraEnv[0].value=LAZY",
+        "--set", "imagePullSecrets[0].name=regcred",
+        "--set", "dedicated.usePoolS3Secret=true",
+        "--set", "dedicated.resources.requests.cpu=4",
+        "--set", "dedicated.resources.limits.memory=40Gi",
+        "--set", "dedicated.nodeSelector.pool=hot",
+        "--set", "dedicated.tolerations[0].key=hot-tenants",
+        "--set", "dedicated.tolerations[0].operator=Exists",
+        "--set", "dedicated.tolerations[0].effect=NoSchedule",
+        "--set", "dedicated.extraEnv[0].name=LORAMUX_LOG_FORMAT",
+        "--set", "dedicated.extraEnv[0].value=text",
+        "--set", "dedicated.podLabels.team=search",
+    ],
 }
 
 
@@ -336,8 +357,11 @@ def test_env_names_are_real_settings(helm_env: dict[str, str]) -> None:
     seen = 0
     for name, args in VALUE_SETS.items():
         docs = render(helm_env, *args)
-        for deployment in (d for d in docs if d["kind"] == "Deployment"):
-            pod = deployment["spec"]["template"]["spec"]
+        pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+        # The dedicated pod template (hot tenants) carries the server's env too.
+        pods += [yaml.safe_load(d["data"]["pod-template.yaml"])["spec"] for d in docs
+                 if d["kind"] == "ConfigMap" and "pod-template.yaml" in d.get("data", {})]
+        for pod in pods:
             for c in [*pod.get("initContainers", []), *pod["containers"]]:
                 for var in env_of(c):
                     if var.startswith("LORAMUX_OPERATOR_"):
@@ -560,6 +584,191 @@ def test_operator_deployment(helm_env: dict[str, str]) -> None:
     # The operator gets the sidecar token and never the server's admin token.
     assert volume["secret"]["items"] == [{"key": "sidecar-token", "path": token_file.name}]
     assert pod["serviceAccountName"] == find(docs, "ServiceAccount", "operator")["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------- hot tenants
+# The ConfigMap "<fullname>-dedicated-template" holds the pod template the operator builds a
+# hot tenant's dedicated Deployment from (loramux.operator.dedicated.build_deployment).
+DEDICATED_CR: dict[str, Any] = {
+    "apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter",
+    "metadata": {"name": "legal", "namespace": NAMESPACE,
+                 "uid": "0b6a3c0e-8a9e-4c57-9a3f-2f1f5f4c1d11"},
+    "spec": {"tenant": "legal", "version": "v2", "baseModel": "HuggingFaceTB/SmolLM2-135M-Instruct",
+             "source": {"uri": "s3://loramux-demo/adapters/legal/v2/", "sha256": "ab" * 32,
+                        "credentialsSecret": "tenant-a-s3"},
+             "pool": {"matchLabels": {"loramux.io/pool": "default"}},
+             "dedicated": {"mode": "Always", "replicas": 2}},
+}
+# Value sets that deploy the operator (so the template is rendered).
+DEDICATED_SETS = [n for n, args in VALUE_SETS.items() if "operator.enabled=false" not in args]
+
+
+def dedicated_template(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    configmap = find(docs, "ConfigMap", "dedicated-template")
+    assert configmap["metadata"]["name"] == f"{RELEASE}-loramux-dedicated-template"
+    return yaml.safe_load(configmap["data"]["pod-template.yaml"])
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {exc}") from exc
+
+
+@pytest.mark.parametrize("name", DEDICATED_SETS)
+def test_dedicated_template_builds_valid_objects(helm_env: dict[str, str], name: str) -> None:
+    from loramux.operator.dedicated import build_deployment, build_service
+
+    docs = render(helm_env, *VALUE_SETS[name])
+    template = dedicated_template(docs)
+    deployment = build_deployment(DEDICATED_CR, template, replicas=2)
+    service = build_service(DEDICATED_CR)
+    _validate(deployment)
+    _validate(service)
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "lmx-legal-v2"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+    pool = inference_pod(docs)
+    pod = deployment["spec"]["template"]
+    server, pool_server = container(pod, "server"), container(pool, "server")
+    # The same image, and the pool's pod-level settings.
+    assert server["image"] == pool_server["image"]
+    assert server["imagePullPolicy"] == pool_server["imagePullPolicy"]
+    assert server["securityContext"] == pool_server["securityContext"]
+    for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext",
+                "terminationGracePeriodSeconds", "imagePullSecrets", "priorityClassName"):
+        assert pod["spec"].get(key) == pool["spec"].get(key), key
+    assert server["lifecycle"] == pool_server["lifecycle"]
+    # Every volume the server mounts is there, with the pool's definition (the adapter
+    # volume is the operator's own emptyDir); nothing of the pool's tokens or S3 Secret.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    pool_volumes = {v["name"]: v for v in pool["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    assert set(mounts) <= set(volumes)
+    assert set(mounts) == {m["name"] for m in pool_server["volumeMounts"]} - {"tokens"}
+    for vol in set(mounts) - {"adapters"}:
+        assert volumes[vol] == pool_volumes[vol], vol
+        assert mounts[vol] == next(m for m in pool_server["volumeMounts"] if m["name"] == vol)
+    assert volumes["adapters"] == {"name": "adapters", "emptyDir": {}}
+    assert mounts["adapters"] == {"name": "adapters", "mountPath": "/adapters", "readOnly": True}
+    assert "tokens" not in volumes and "s3-credentials" not in volumes
+    # The model: the same env (model path, served name, offline) minus the quantization
+    # (merge mode picks an unquantized base) and the admin token file (not mounted).
+    env, pool_env = env_of(server), env_of(pool_server)
+    assert "LORAMUX_QUANTIZATION" in pool_env and "LORAMUX_QUANTIZATION" not in env
+    assert "LORAMUX_ADMIN_TOKEN_FILE" in pool_env
+    assert not any(k.startswith("LORAMUX_ADMIN_TOKEN") for k in env)
+    for key in ("LORAMUX_MODEL", "LORAMUX_SERVED_MODEL_NAME", "LORAMUX_DEVICE", "LORAMUX_CACHE_DIR",
+                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HOME"):
+        assert env.get(key) == pool_env.get(key), key
+    for e in pool_server["env"]:
+        if e["name"] not in ("LORAMUX_QUANTIZATION", "LORAMUX_ADMIN_TOKEN_FILE"):
+            assert e in server["env"], e
+    # The model's init containers run before the operator's fetch.
+    pool_inits = pool["spec"].get("initContainers", [])
+    assert pod["spec"]["initContainers"][:-1] == pool_inits
+    fetch = pod["spec"]["initContainers"][-1]
+    assert fetch["name"] == "fetch" and fetch["image"] == server["image"]
+    assert server["args"][-2:] == ["--merge-adapter", "/adapters/legal/v2"]
+    # The GPU: the pool's unless dedicated.resources says otherwise, the GPU limit either way.
+    gpu = "inference.gpu.enabled" not in " ".join(VALUE_SETS[name]) and name != "cpu-kind"
+    if gpu:
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert env["LORAMUX_DEVICE"] == "cuda"
+    else:
+        assert not any("gpu" in k for k in server["resources"].get("limits", {}))
+    if name != "dedicated-overrides":
+        assert server["resources"] == pool_server["resources"]
+        for key in ("nodeSelector", "tolerations", "affinity"):
+            assert pod["spec"].get(key) == pool["spec"].get(key), key
+    # Never selected by the pool's Service, PDB or a LoraAdapter's pool selector.
+    labels = pod["metadata"]["labels"]
+    selector = find(docs, "Deployment", "inference")["spec"]["selector"]["matchLabels"]
+    assert not all(labels.get(k) == v for k, v in selector.items())
+    assert "loramux.io/pool" not in labels
+    # S3: endpoint and region reach the fetch; the LoraAdapter's Secret gives the keys.
+    fetch_env = {e["name"]: e for e in fetch["env"]}
+    assert fetch_env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "tenant-a-s3"
+    if "inference.s3.endpointUrl=http://minio.minio:9000" in VALUE_SETS[name]:
+        assert fetch_env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.minio:9000"
+
+
+def test_dedicated_overrides(helm_env: dict[str, str]) -> None:
+    from loramux.operator.dedicated import build_deployment
+
+    docs = render(helm_env, *VALUE_SETS["dedicated-overrides"])
+    template = dedicated_template(docs)
+    pool = inference_pod(docs)
+    server = container(template, "server")
+    assert server["resources"] == {"requests": {"cpu": 4},
+                                   "limits": {"memory": "40Gi", "nvidia.com/gpu": 1}}
+    assert template["spec"]["nodeSelector"] == {"pool": "hot"}
+    assert pool["spec"]["nodeSelector"] == {"pool": "shared"}
+    assert template["spec"]["tolerations"] == [
+        {"key": "hot-tenants", "operator": "Exists", "effect": "NoSchedule"}]
+    assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert template["metadata"]["labels"]["team"] == "search"
+    env = env_of(server)
+    assert env["CUDA_MODULE_LOADING"] == "LAZY"  # the pool's extraEnv
+    assert env["LORAMUX_LOG_FORMAT"] == "text"  # its own
+    assert env["AWS_REGION"] == "eu-west-1"
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if "valueFrom" in e}
+    assert keys == {k: {"name": "pool-s3", "key": k, "optional": True}
+                    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    # Without a credentialsSecret on the LoraAdapter the fetch takes the pool's keys.
+    cr = json.loads(json.dumps(DEDICATED_CR))
+    del cr["spec"]["source"]["credentialsSecret"]
+    fetch = build_deployment(cr, template)["spec"]["template"]["spec"]["initContainers"][-1]
+    assert {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+            for e in fetch["env"]}["AWS_SECRET_ACCESS_KEY"] == "pool-s3"
+    # By default the pool's S3 Secret never reaches a dedicated pod.
+    plain = dedicated_template(render(helm_env, *VALUE_SETS["existing-secrets"]))
+    assert not any("valueFrom" in e for e in container(plain, "server")["env"])
+
+
+def test_dedicated_template_drops_admin_token_and_quantization_from_extra_env(
+        helm_env: dict[str, str]) -> None:
+    docs = render(helm_env, "--set", "inference.extraEnv[0].name=LORAMUX_ADMIN_TOKEN",
+                  "--set", "inference.extraEnv[0].valueFrom.secretKeyRef.name=admin",
+                  "--set", "inference.extraEnv[0].valueFrom.secretKeyRef.key=token",
+                  "--set", "inference.extraEnv[1].name=TORCH_CUDA_ARCH_LIST",
+                  "--set-string", "inference.extraEnv[1].value=8.0")
+    env = env_of(container(dedicated_template(docs), "server"))
+    assert "LORAMUX_ADMIN_TOKEN" not in env and "LORAMUX_QUANTIZATION" not in env
+    assert env["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    assert "LORAMUX_ADMIN_TOKEN" in env_of(container(inference_pod(docs), "server"))
+
+
+@pytest.mark.parametrize("name", DEDICATED_SETS)
+def test_operator_reads_the_mounted_dedicated_template(helm_env: dict[str, str],
+                                                       name: str) -> None:
+    docs = render(helm_env, *VALUE_SETS[name])
+    configmap = find(docs, "ConfigMap", "dedicated-template")
+    deployment = find(docs, "Deployment", "operator")
+    pod = deployment["spec"]["template"]["spec"]
+    operator = container(deployment["spec"]["template"], "operator")
+    path = Path(env_of(operator)["LORAMUX_OPERATOR_DEDICATED_TEMPLATE_FILE"])
+    (mount,) = [m for m in operator["volumeMounts"] if path.parent == Path(m["mountPath"])]
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert path.name in configmap["data"]
+    # A changed template rolls the operator.
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["checksum/dedicated-template"]) == 64
+
+
+def test_dedicated_disabled(helm_env: dict[str, str]) -> None:
+    for args in (["--set", "dedicated.enabled=false"], ["--set", "operator.enabled=false"]):
+        docs = render(helm_env, *args)
+        assert not [d for d in docs if d["kind"] == "ConfigMap"], args
+    docs = render(helm_env, "--set", "dedicated.enabled=false")
+    operator = find(docs, "Deployment", "operator")["spec"]["template"]
+    assert "LORAMUX_OPERATOR_DEDICATED_TEMPLATE_FILE" not in env_of(container(operator, "operator"))
+    assert all("configMap" not in v for v in operator["spec"]["volumes"])
 
 
 # --------------------------------------------------------------------------- tokens, NOTES

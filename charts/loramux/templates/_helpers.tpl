@@ -111,3 +111,393 @@ keep it), else a new random one. Called with (list $ "admin-token" .Values.token
 {{- "cpu" }}
 {{- end }}
 {{- end }}
+
+{{/*
+----------------------------------------------------------------------------------------------
+The server container and its model, shared by the inference pool (inference-deployment.yaml)
+and the hot tenants' dedicated pod template (dedicated-template.yaml), so the two cannot
+drift. Each helper takes (dict "root" $ "dedicated" <bool>): dedicated=true leaves out what a
+dedicated (merged, sidecar-less) pod has no use for: the token volume and the admin token
+file, LORAMUX_QUANTIZATION (merge mode loads an unquantized base itself), the adapter volume
+(the operator adds its own) and the S3 credentials Secret.
+----------------------------------------------------------------------------------------------
+*/}}
+
+{{/* Fails the render when the model source or the adapter volume lacks its details. */}}
+{{- define "loramux.inference.checkValues" -}}
+{{- $inf := .Values.inference }}
+{{- $model := $inf.model }}
+{{- if and (eq $model.source "pvc") (not $model.pvc.claimName) }}
+{{- fail "inference.model.source=pvc needs inference.model.pvc.claimName" }}
+{{- end }}
+{{- if and (eq $model.source "image") (not $model.image.path) }}
+{{- fail "inference.model.source=image needs inference.model.image.path" }}
+{{- end }}
+{{- if and (eq $model.source "huggingface") (or (not $model.huggingface.id) (not $model.huggingface.cacheClaimName)) }}
+{{- fail "inference.model.source=huggingface needs inference.model.huggingface.id and .cacheClaimName (a pre-pulled cache)" }}
+{{- end }}
+{{- if and (eq $inf.adapterVolume.type "pvc") (not $inf.adapterVolume.claimName) }}
+{{- fail "inference.adapterVolume.type=pvc needs inference.adapterVolume.claimName" }}
+{{- end }}
+{{- end }}
+
+{{/* Resources of the server container: inference.resources (or dedicated.resources when
+set, for a dedicated pod), plus the GPU limit when inference.gpu.enabled. */}}
+{{- define "loramux.server.resources" -}}
+{{- $root := .root }}
+{{- $inf := $root.Values.inference }}
+{{- $res := deepCopy ($inf.resources | default dict) }}
+{{- if and .dedicated $root.Values.dedicated.resources }}
+{{- $res = deepCopy $root.Values.dedicated.resources }}
+{{- end }}
+{{- if $inf.gpu.enabled }}
+{{- $limits := deepCopy (get $res "limits" | default dict) }}
+{{- $_ := set $limits $inf.gpu.resourceName $inf.gpu.count }}
+{{- $_ = set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{- define "loramux.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "loramux.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/* The init containers the model source needs (a list, possibly empty). */}}
+{{- define "loramux.server.initContainers" -}}
+{{- $root := .root }}
+{{- $inf := $root.Values.inference }}
+{{- $model := $inf.model }}
+{{- if eq $model.source "huggingface" }}
+# Resolves the model id to its snapshot directory in the pre-pulled cache and links
+# it at /var/run/loramux/model/current. Offline unless allowDownload is true.
+- name: resolve-model
+  image: {{ include "loramux.image" (dict "image" $inf.image "root" $root) }}
+  imagePullPolicy: {{ $inf.image.pullPolicy }}
+  command:
+    - python
+    - -c
+    - |
+      import os
+      from huggingface_hub import snapshot_download
+      path = snapshot_download(
+          os.environ["HF_MODEL_ID"], revision=os.environ["HF_MODEL_REVISION"],
+          local_files_only=os.environ["HF_ALLOW_DOWNLOAD"] != "true")
+      link = "/var/run/loramux/model/current"
+      if os.path.lexists(link):
+          os.unlink(link)
+      os.symlink(path, link)
+      print("model", os.environ["HF_MODEL_ID"], "at", path)
+  env:
+    - name: HF_MODEL_ID
+      value: {{ $model.huggingface.id | quote }}
+    - name: HF_MODEL_REVISION
+      value: {{ $model.huggingface.revision | quote }}
+    - name: HF_ALLOW_DOWNLOAD
+      value: {{ $model.huggingface.allowDownload | quote }}
+    - name: HF_HOME
+      value: /hf-cache
+    {{- if not $model.huggingface.allowDownload }}
+    - name: HF_HUB_OFFLINE
+      value: "1"
+    {{- end }}
+    - name: HOME
+      value: /tmp
+  volumeMounts:
+    - name: hf-cache
+      mountPath: /hf-cache
+      readOnly: {{ not $model.huggingface.allowDownload }}
+    - name: model-link
+      mountPath: /var/run/loramux/model
+    - name: tmp
+      mountPath: /tmp
+  securityContext:
+    {{- include "loramux.containerSecurityContext" $root | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of the server container (a list). */}}
+{{- define "loramux.server.env" -}}
+{{- $root := .root }}
+{{- $inf := $root.Values.inference }}
+{{- $model := $inf.model }}
+{{- $servedName := $model.servedName }}
+{{- if and (not $servedName) (eq $model.source "huggingface") }}
+{{- $servedName = $model.huggingface.id }}
+{{- end }}
+- name: LORAMUX_HOST
+  value: 0.0.0.0
+- name: LORAMUX_PORT
+  value: "8000"
+{{- if not .dedicated }}
+- name: LORAMUX_ADMIN_TOKEN_FILE
+  value: /var/run/loramux/tokens/admin-token
+{{- end }}
+# The admin API loads adapters only from inside the shared adapter volume.
+- name: LORAMUX_ADAPTER_ROOT
+  value: /adapters
+{{- if eq $model.source "pvc" }}
+- name: LORAMUX_MODEL
+  value: {{ printf "/models/%s" ($model.pvc.path | trimPrefix "/") | trimSuffix "/" | quote }}
+{{- else if eq $model.source "image" }}
+- name: LORAMUX_MODEL
+  value: {{ $model.image.path | quote }}
+{{- else if eq $model.source "huggingface" }}
+- name: LORAMUX_MODEL
+  value: /var/run/loramux/model/current
+{{- end }}
+{{- with $servedName }}
+- name: LORAMUX_SERVED_MODEL_NAME
+  value: {{ . | quote }}
+{{- end }}
+# Where the embedded demo model is converted on first start.
+- name: LORAMUX_CACHE_DIR
+  value: /var/cache/loramux
+{{- if not .dedicated }}
+- name: LORAMUX_QUANTIZATION
+  value: {{ $inf.quantization | quote }}
+{{- end }}
+- name: LORAMUX_DEVICE
+  value: {{ include "loramux.inference.device" $root | quote }}
+- name: LORAMUX_LORA_BACKEND
+  value: {{ $inf.loraBackend | quote }}
+- name: LORAMUX_UNKNOWN_TENANT
+  value: {{ $inf.unknownTenant | quote }}
+- name: LORAMUX_ALLOW_PICKLE_ADAPTERS
+  value: {{ $inf.allowPickleAdapters | quote }}
+{{- if gt (int $inf.torchThreads) 0 }}
+- name: LORAMUX_TORCH_THREADS
+  value: {{ $inf.torchThreads | quote }}
+{{- end }}
+- name: LORAMUX_LOG_LEVEL
+  value: {{ $inf.logLevel | quote }}
+- name: LORAMUX_MAX_BATCH_SIZE
+  value: {{ $inf.limits.maxBatchSize | quote }}
+- name: LORAMUX_MAX_QUEUE
+  value: {{ $inf.limits.maxQueue | quote }}
+- name: LORAMUX_MAX_PROMPT_TOKENS
+  value: {{ $inf.limits.maxPromptTokens | quote }}
+- name: LORAMUX_MAX_NEW_TOKENS_LIMIT
+  value: {{ $inf.limits.maxNewTokens | quote }}
+- name: LORAMUX_DEFAULT_MAX_NEW_TOKENS
+  value: {{ $inf.limits.defaultMaxNewTokens | quote }}
+- name: LORAMUX_MAX_PREFILL_TOKENS
+  value: {{ $inf.limits.maxPrefillTokens | quote }}
+- name: LORAMUX_REQUEST_TIMEOUT_S
+  value: {{ $inf.limits.requestTimeoutSeconds | quote }}
+- name: LORAMUX_MAX_BODY_BYTES
+  value: {{ $inf.limits.maxBodyBytes | int64 | quote }}
+- name: LORAMUX_DRAIN_TIMEOUT_S
+  value: {{ $inf.termination.drainTimeoutSeconds | quote }}
+- name: LORAMUX_MAX_LORA_RANK
+  value: {{ $inf.cache.maxLoraRank | quote }}
+- name: LORAMUX_DEVICE_ADAPTER_SLOTS
+  value: {{ $inf.cache.deviceAdapterSlots | quote }}
+- name: LORAMUX_DEVICE_CACHE_BYTES
+  value: {{ $inf.cache.deviceCacheBytes | int64 | quote }}
+- name: LORAMUX_HOST_CACHE_BYTES
+  value: {{ $inf.cache.hostCacheBytes | int64 | quote }}
+# Never reach a model hub from the server.
+- name: HF_HUB_OFFLINE
+  value: "1"
+- name: TRANSFORMERS_OFFLINE
+  value: "1"
+{{- if eq $model.source "huggingface" }}
+- name: HF_HOME
+  value: /hf-cache
+{{- end }}
+- name: HOME
+  value: /tmp
+{{- if .dedicated }}
+{{- /* The operator's fetch init container takes the AWS_* settings of this container
+(never credentials: those come from the LoraAdapter's credentialsSecret or the pods'
+ServiceAccount identity). */}}
+{{- with $inf.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+{{- end }}
+{{- with $inf.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if and $root.Values.dedicated.usePoolS3Secret $inf.s3.existingSecret }}
+{{- range list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "AWS_SESSION_TOKEN" }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $inf.s3.existingSecret }}
+      key: {{ . }}
+      optional: true
+{{- end }}
+{{- end }}
+{{- /* The pool's extra env, minus what a dedicated pod must not take over, then its own. */}}
+{{- range $inf.extraEnv }}
+{{- if not (has .name (list "LORAMUX_QUANTIZATION" "LORAMUX_ADMIN_TOKEN" "LORAMUX_ADMIN_TOKEN_FILE")) }}
+- {{ toYaml . | indent 2 | trim }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.dedicated.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- else }}
+{{- with $inf.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the model (and the model's scratch space) in the server container (a list). */}}
+{{- define "loramux.server.modelVolumeMounts" -}}
+{{- $model := .root.Values.inference.model }}
+- name: model-cache
+  mountPath: /var/cache/loramux
+- name: tmp
+  mountPath: /tmp
+{{- if eq $model.source "pvc" }}
+- name: model
+  mountPath: /models
+  readOnly: true
+{{- else if eq $model.source "huggingface" }}
+- name: hf-cache
+  mountPath: /hf-cache
+  readOnly: true
+- name: model-link
+  mountPath: /var/run/loramux/model
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind loramux.server.modelVolumeMounts (a list). */}}
+{{- define "loramux.server.modelVolumes" -}}
+{{- $model := .root.Values.inference.model }}
+- name: model-cache
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+{{- if eq $model.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ $model.pvc.claimName }}
+    readOnly: true
+{{- else if eq $model.source "huggingface" }}
+- name: hf-cache
+  persistentVolumeClaim:
+    claimName: {{ $model.huggingface.cacheClaimName }}
+    readOnly: {{ not $model.huggingface.allowDownload }}
+- name: model-link
+  emptyDir:
+    sizeLimit: 1Mi
+{{- end }}
+{{- end }}
+
+{{/* What the server container is, apart from its command, ports and probes (a mapping;
+the pool adds those, the operator sets its own for a dedicated pod). */}}
+{{- define "loramux.server.container" -}}
+{{- $root := .root }}
+{{- $inf := $root.Values.inference }}
+name: server
+image: {{ include "loramux.image" (dict "image" $inf.image "root" $root) }}
+imagePullPolicy: {{ $inf.image.pullPolicy }}
+env:
+  {{- include "loramux.server.env" . | trim | nindent 2 }}
+lifecycle:
+  # Lets the endpoints controller stop routing here before SIGTERM; uvicorn then
+  # stops accepting and drains in-flight requests (LORAMUX_DRAIN_TIMEOUT_S).
+  preStop:
+    exec:
+      command: [sleep, {{ $inf.termination.preStopSleepSeconds | quote }}]
+resources:
+  {{- include "loramux.server.resources" . | nindent 2 }}
+securityContext:
+  {{- include "loramux.containerSecurityContext" $root | nindent 2 }}
+volumeMounts:
+  {{- if not .dedicated }}
+  - name: adapters
+    mountPath: /adapters
+  - name: tokens
+    mountPath: /var/run/loramux/tokens
+    readOnly: true
+  {{- end }}
+  {{- include "loramux.server.modelVolumeMounts" . | trim | nindent 2 }}
+{{- end }}
+
+{{/* preStop sleep + the server's drain window + a margin for the engine to stop. */}}
+{{- define "loramux.server.terminationGracePeriodSeconds" -}}
+{{- $t := .Values.inference.termination }}
+{{- add $t.preStopSleepSeconds $t.drainTimeoutSeconds 10 }}
+{{- end }}
+
+{{/* The pod template of a hot tenant's dedicated Deployment (the operator's
+operator/dedicated.py build_deployment fills in the server's command, ports and probes, the
+adapter volume and the fetch init container). */}}
+{{- define "loramux.dedicated.podTemplate" -}}
+{{- $inf := .Values.inference }}
+{{- $ded := .Values.dedicated }}
+{{- $ctx := dict "root" . "dedicated" true }}
+metadata:
+  labels:
+    app.kubernetes.io/instance: {{ .Release.Name }}
+    app.kubernetes.io/part-of: loramux
+    app.kubernetes.io/component: dedicated
+    {{- with $ded.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $ded.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "loramux.inference.serviceAccountName" . }}
+  # The dedicated pods never talk to the Kubernetes API.
+  automountServiceAccountToken: false
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $inf.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ include "loramux.server.terminationGracePeriodSeconds" . }}
+  securityContext:
+    {{- include "loramux.podSecurityContext" . | nindent 4 }}
+  {{- with (include "loramux.server.initContainers" $ctx | trim) }}
+  initContainers:
+    {{- . | nindent 4 }}
+  {{- end }}
+  containers:
+    - {{ include "loramux.server.container" $ctx | trim | indent 6 | trim }}
+  volumes:
+    {{- include "loramux.server.modelVolumes" $ctx | trim | nindent 4 }}
+  {{- with (ternary $ded.nodeSelector $inf.nodeSelector (not (empty $ded.nodeSelector))) }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with (ternary $ded.tolerations $inf.tolerations (not (empty $ded.tolerations))) }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with (ternary $ded.affinity $inf.affinity (not (empty $ded.affinity))) }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{- define "loramux.dedicated.templateName" -}}
+{{- printf "%s-dedicated-template" (include "loramux.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Where the operator container finds the dedicated pod template. */}}
+{{- define "loramux.dedicated.templateDir" -}}
+/etc/loramux/dedicated
+{{- end }}
