@@ -215,9 +215,12 @@ def delete_lora(k8s: K8s, *names: str) -> None:
 # --------------------------------------------------------------------------- fixtures
 
 
-def stage(adapter_root: Path, staging: Path, tenant: str, version: str) -> Path:
+def stage(adapter_root: Path, staging: Path, tenant: str, version: str,
+          files_of: str | None = None) -> Path:
+    """A copy of the session's adapter (``files_of``: another version's files) with its
+    manifest, ready for `loramux push`."""
     src = staging / tenant / version
-    shutil.copytree(adapter_root / tenant / version, src)
+    shutil.copytree(adapter_root / tenant / (files_of or version), src)
     config = json.loads((src / "adapter_config.json").read_text())
     write_manifest(src, AdapterManifest(
         tenant=tenant, version=version, base_model="tiny-llama", rank=config["r"],
@@ -255,6 +258,12 @@ def published(s3_server: S3, adapter_root: Path, tmp_path_factory: pytest.TempPa
         uris[ref] = f"s3://{bucket}/pub/{tenant}/{version}/"
         digests[ref] = push(stage(adapter_root, staging, tenant, version), uris[ref],
                             client=s3_server.client, progress=False).manifest_sha256
+    # legal@v4: a good push whose weights object is then corrupted in the bucket.
+    uris["legal@v4"] = f"s3://{bucket}/pub/legal/v4/"
+    push(stage(adapter_root, staging, "legal", "v4", files_of="v2"), uris["legal@v4"],
+         client=s3_server.client, progress=False)
+    s3_server.client.put_object(Bucket=bucket, Key="pub/legal/v4/adapter_model.safetensors",
+                                Body=b"\0corrupted" * 1024)
     return {"bucket": bucket, "uris": uris, "digests": digests}
 
 
@@ -299,7 +308,8 @@ def operator(k8s: K8s, pods: dict[str, InferencePod],
     proc = OperatorProcess(
         k8s.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
         ["--namespace", "default", "--resync-seconds", "2", "--health-port", "0",
-         "--sidecar-token", TOKEN, "--delete-timeout-seconds", "60"])
+         "--sidecar-token", TOKEN, "--delete-timeout-seconds", "60",
+         "--log-level", "debug"])  # debug: the secret-leak check reads the most there is
     proc.start()
     proc.wait_for_log("loramux operator started", 60)
     try:
@@ -496,6 +506,29 @@ def test_bad_version_degrades_and_old_keeps_serving(env: Env) -> None:
     assert ("Warning", "Degraded") in wait(lambda: reasons(env.k8s, "legal"),
                                            "a Degraded event")
     # Back to v2: healthy again.
+    env.apply("legal", "legal@v2", secret=env.secret)
+    env.ready("legal", "v2")
+
+    # A corrupted object (no digest pin): legal@v4's weights were overwritten after the push.
+    env.apply("legal", "legal@v4", secret=env.secret)
+
+    def degraded_v4() -> dict[str, Any] | None:
+        st = status_of(env.k8s, "legal")
+        rows = [r for r in st.get("placements") or [] if r["version"] == "v4"]
+        if (st.get("phase") == "Degraded" and len(rows) == 2
+                and all(r["state"] == "Failed" for r in rows)):
+            return st
+        return None
+
+    status = wait(degraded_v4, "legal Degraded with the corrupted v4 Failed", 60)
+    assert status["activeVersion"] == "v2"
+    for row in status["placements"]:
+        if row["version"] == "v4":
+            assert "adapter_model.safetensors" in row["reason"], row
+    for pod in env.pods.values():
+        out = generate(pod, "legal")
+        assert (out["version"], out["text"]) == ("v2", v2_text)
+        assert "legal@v4" not in served(pod)
     env.apply("legal", "legal@v2", secret=env.secret)
     env.ready("legal", "v2")
 
