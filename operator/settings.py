@@ -63,6 +63,14 @@ class OperatorSettings(BaseSettings):
         description="Liveness endpoint http://0.0.0.0:PORT/healthz (0 disables it).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    dedicated_template_file: Path | None = Field(
+        None, description="Hot tenants: YAML pod template (metadata, spec with a 'server' "
+                          "container) of dedicated merged Deployments; the chart renders it.",
+    )
+    cluster_domain: str = Field(
+        "cluster.local", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="DNS domain of Service names, used when a Service has no cluster IP.",
+    )
 
     def resolved_sidecar_token(self) -> str | None:
         return _token(self.sidecar_token, self.sidecar_token_file)
