@@ -33,6 +33,10 @@ APP_LABEL = "loramux-dedicated"
 TENANT_LABEL = "loramux.io/tenant"
 VERSION_LABEL = "loramux.io/version"
 OWNER_LABEL = "loramux.io/lora-adapter"
+# A template annotation naming a Secret of S3 keys for the fetch step only (the chart sets it
+# from the pool's S3 Secret); mounted as files, never as env of the server.
+FETCH_SECRET_ANNOTATION = "loramux.io/fetch-s3-secret"
+FETCH_SECRET_MOUNT = "/var/run/loramux/s3"
 
 _CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                     "AWS_REGION", "AWS_ENDPOINT_URL")
@@ -87,6 +91,12 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
     labels = selector_labels(tenant, version)
     pod = copy.deepcopy(template or {})
     pod_meta = pod.setdefault("metadata", {})
+    annotations = dict(pod_meta.get("annotations") or {})
+    fetch_secret = annotations.pop(FETCH_SECRET_ANNOTATION, None)
+    if annotations:
+        pod_meta["annotations"] = annotations
+    else:
+        pod_meta.pop("annotations", None)
     pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **labels,
                           OWNER_LABEL: cr["metadata"]["name"]}
     pod_spec = pod.setdefault("spec", {})
@@ -125,11 +135,21 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
              "securityContext": copy.deepcopy(server.get("securityContext") or {})}
     if not fetch["securityContext"]:
         del fetch["securityContext"]
+    use_fetch_secret = fetch_secret and not spec["source"].get("credentialsSecret")
+    if use_fetch_secret:
+        fetch["env"].append({"name": "LORAMUX_FETCH_S3_CREDENTIALS_DIR",
+                             "value": FETCH_SECRET_MOUNT})
+        fetch["volumeMounts"].append({"name": "fetch-s3-credentials",
+                                      "mountPath": FETCH_SECRET_MOUNT, "readOnly": True})
     # The template's own init containers (e.g. resolving a model from a cache) run first.
     inits = [c for c in pod_spec.get("initContainers") or [] if c.get("name") != "fetch"]
     pod_spec["initContainers"] = [*inits, fetch]
-    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != "adapters"]
+    volumes = [v for v in pod_spec.get("volumes") or []
+               if v.get("name") not in ("adapters", "fetch-s3-credentials")]
     pod_spec["volumes"] = [*volumes, {"name": "adapters", "emptyDir": {}}]
+    if use_fetch_secret:
+        pod_spec["volumes"].append({"name": "fetch-s3-credentials",
+                                    "secret": {"secretName": fetch_secret}})
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": cr["metadata"]["namespace"],

@@ -76,7 +76,6 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "inference.extraEnv[0].name=CUDA_MODULE_LOADING",
         "--set", "inference.extraEnv[0].value=LAZY",
         "--set", "imagePullSecrets[0].name=regcred",
-        "--set", "dedicated.usePoolS3Secret=true",
         "--set", "dedicated.resources.requests.cpu=4",
         "--set", "dedicated.resources.limits.memory=40Gi",
         "--set", "dedicated.nodeSelector.pool=hot",
@@ -715,18 +714,25 @@ def test_dedicated_overrides(helm_env: dict[str, str]) -> None:
     assert env["CUDA_MODULE_LOADING"] == "LAZY"  # the pool's extraEnv
     assert env["LORAMUX_LOG_FORMAT"] == "text"  # its own
     assert env["AWS_REGION"] == "eu-west-1"
-    keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if "valueFrom" in e}
-    assert keys == {k: {"name": "pool-s3", "key": k, "optional": True}
-                    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
-    # Without a credentialsSecret on the LoraAdapter the fetch takes the pool's keys.
+    # The server never gets S3 keys; the pool's Secret is for the fetch step only.
+    assert not any("valueFrom" in e for e in server["env"])
     cr = json.loads(json.dumps(DEDICATED_CR))
     del cr["spec"]["source"]["credentialsSecret"]
-    fetch = build_deployment(cr, template)["spec"]["template"]["spec"]["initContainers"][-1]
-    assert {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
-            for e in fetch["env"]}["AWS_SECRET_ACCESS_KEY"] == "pool-s3"
-    # By default the pool's S3 Secret never reaches a dedicated pod.
-    plain = dedicated_template(render(helm_env, *VALUE_SETS["existing-secrets"]))
-    assert not any("valueFrom" in e for e in container(plain, "server")["env"])
+    pod = build_deployment(cr, template)["spec"]["template"]
+    fetch = pod["spec"]["initContainers"][-1]
+    assert env_of(fetch)["LORAMUX_FETCH_S3_CREDENTIALS_DIR"] == "/var/run/loramux/s3"
+    assert {"name": "fetch-s3-credentials", "secret": {"secretName": "pool-s3"}} in \
+        pod["spec"]["volumes"]
+    assert not any(m["name"] == "fetch-s3-credentials"
+                   for m in container(pod, "server").get("volumeMounts", []))
+    assert "loramux.io/fetch-s3-secret" not in (pod["metadata"].get("annotations") or {})
+    # A LoraAdapter with its own credentialsSecret uses that one instead.
+    own = build_deployment(DEDICATED_CR, template)["spec"]["template"]["spec"]
+    assert "LORAMUX_FETCH_S3_CREDENTIALS_DIR" not in env_of(own["initContainers"][-1])
+    # Turned off, the pool's S3 Secret never reaches a dedicated pod.
+    plain = dedicated_template(render(helm_env, *VALUE_SETS["existing-secrets"],
+                                      "--set", "dedicated.usePoolS3Secret=false"))
+    assert "loramux.io/fetch-s3-secret" not in (plain["metadata"].get("annotations") or {})
 
 
 def test_dedicated_template_drops_admin_token_and_quantization_from_extra_env(

@@ -331,16 +331,6 @@ ServiceAccount identity). */}}
 - name: AWS_REGION
   value: {{ . | quote }}
 {{- end }}
-{{- if and $root.Values.dedicated.usePoolS3Secret $inf.s3.existingSecret }}
-{{- range list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "AWS_SESSION_TOKEN" }}
-- name: {{ . }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ $inf.s3.existingSecret }}
-      key: {{ . }}
-      optional: true
-{{- end }}
-{{- end }}
 {{- /* The pool's extra env, minus what a dedicated pod must not take over, then its own. */}}
 {{- range $inf.extraEnv }}
 {{- if not (has .name (list "LORAMUX_QUANTIZATION" "LORAMUX_ADMIN_TOKEN" "LORAMUX_ADMIN_TOKEN_FILE")) }}
@@ -453,9 +443,16 @@ metadata:
     {{- with $ded.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with $ded.podAnnotations }}
+  {{- $fetchSecret := and $ded.usePoolS3Secret $inf.s3.existingSecret }}
+  {{- if or $ded.podAnnotations $fetchSecret }}
   annotations:
+    {{- with $ded.podAnnotations }}
     {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if $fetchSecret }}
+    # Read by the operator: this Secret is mounted into the "fetch" init container only.
+    loramux.io/fetch-s3-secret: {{ $inf.s3.existingSecret | quote }}
+    {{- end }}
   {{- end }}
 spec:
   serviceAccountName: {{ include "loramux.inference.serviceAccountName" . }}
