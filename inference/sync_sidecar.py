@@ -229,8 +229,9 @@ class DesiredAdapter(BaseModel):
         return AdapterRef(self.tenant, self.version)
 
     def same_spec(self, other: DesiredAdapter | None) -> bool:
-        """Equal apart from the credentials and the route: neither restarts a version."""
-        skip = {"credentials", "route"}
+        """Equal apart from credentials, route and ``active``: none of them restarts a
+        version (activation is read from the desired set on every pass)."""
+        skip = {"credentials", "route", "active"}
         return other is not None and (self.model_dump(exclude=skip)
                                       == other.model_dump(exclude=skip))
 

@@ -62,6 +62,17 @@ def test_sidecar_sets_and_removes_routes(start_server, start_sidecar, tiny_model
     assert routes()["legal"]["url"] == merged.url and routes()["legal"]["version"] == "v1"
     state = httpx.get(f"{sidecar.url}/v1/state", timeout=5).json()
     assert [r["tenant"] for r in state["routes"]] == ["legal"]
+    # flipping only `active` (as the operator does at the end of a rollout) keeps the
+    # Ready status and its digest: nothing restarts
+    legal_state = next(a for a in state["adapters"] if a["tenant"] == "legal")
+    assert legal_state["phase"] == "Ready" and legal_state["digest"]
+    put([{"tenant": "legal", "version": "v1", "uri": uris["legal"], "route": merged.url,
+          "active": True},
+         {"tenant": "medical", "version": "v1", "uri": uris["medical"]},
+         {"tenant": "ghost", "version": "v1", "uri": ghost, "route": merged.url}])
+    after = next(a for a in httpx.get(f"{sidecar.url}/v1/state").json()["adapters"]
+                 if a["tenant"] == "legal")
+    assert (after["phase"], after["digest"]) == ("Ready", legal_state["digest"])
     # a tenant whose version is not Ready here gets no route: there would be no fallback
     _wait(lambda: any(a["tenant"] == "ghost" and a["phase"] == "Failed"
                       for a in httpx.get(f"{sidecar.url}/v1/state").json()["adapters"]),
