@@ -445,6 +445,10 @@ def test_version_bump_rolls_out_without_failed_requests(env: Env) -> None:
             t.join(60)
         history = recorder.close()
     assert status["activeVersion"] == "v2"
+    # every placement reports the digest the sidecar verified for v2
+    v2_digest = env.published["digests"]["legal@v2"]
+    wait(lambda: {r.get("digest") for r in (get_lora(env.k8s, "legal") or {}).get(
+        "status", {}).get("placements", [])} == {v2_digest}, "v2 digests in the placements", 20)
     # Progress per pod: while v2 loaded, both versions were listed and v1 kept serving.
     actives = [(h.get("phase"), h.get("activeVersion")) for h in history]
     assert all(a in ("v1", "v2") for _, a in actives), json.dumps([
