@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramux.operator.dedicated import (
+    APP_LABEL,
     OWNER_LABEL,
     VERSION_LABEL,
     build_deployment,
@@ -191,6 +192,33 @@ class HotTenants:
             return Decision("hold", f"invalid thresholds: {exc}")
         return decide(mode, dedicated_now, self.history.get(f"{key[0]}/{key[1]}"),
                       thresholds, now, self.last_change.get(key))
+
+    async def list_all(self, namespace: str | None) -> dict[tuple[str, str], Existing]:
+        """Every dedicated Deployment and Service, by owning LoraAdapter (namespace, name):
+        one list call each per pass, so a CR switched to Never or deleted is still seen."""
+        selector = f"app.kubernetes.io/name={APP_LABEL}"
+        if namespace:
+            deps = await self.kube._call(self.apps.list_namespaced_deployment, namespace,
+                                         label_selector=selector)
+            svcs = await self.kube._call(self.kube.core.list_namespaced_service, namespace,
+                                         label_selector=selector)
+        else:
+            deps = await self.kube._call(self.apps.list_deployment_for_all_namespaces,
+                                         label_selector=selector)
+            svcs = await self.kube._call(self.kube.core.list_service_for_all_namespaces,
+                                         label_selector=selector)
+        out: dict[tuple[str, str], Existing] = {}
+        for items, attr in (((deps or {}).get("items") or [], "deployments"),
+                            ((svcs or {}).get("items") or [], "services")):
+            for item in items:
+                meta = item.get("metadata") or {}
+                labels = meta.get("labels") or {}
+                owner, version = labels.get(OWNER_LABEL), labels.get(VERSION_LABEL)
+                if owner and version:
+                    existing = out.setdefault((meta.get("namespace") or "default", owner),
+                                              Existing())
+                    getattr(existing, attr)[version] = item
+        return out
 
     async def existing(self, cr: Mapping[str, Any]) -> Existing:
         namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]

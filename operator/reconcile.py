@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from loramux.operator.credentials import credentials_from_secret
+from loramux.operator.hot_tenants import Existing, HotTenants, Plan, plan, scrape_request_totals
 from loramux.operator.kube import KubeApi, KubeError
 from loramux.operator.model import (
     API_VERSION,
@@ -45,7 +46,13 @@ from loramux.operator.model import (
 from loramux.operator.placement import place
 from loramux.operator.rollout import PodObservation, build_desired_sets
 from loramux.operator.settings import OperatorSettings
-from loramux.operator.status import compute_status, status_differs, status_events, validate
+from loramux.operator.status import (
+    _condition,
+    compute_status,
+    status_differs,
+    status_events,
+    validate,
+)
 
 log = logging.getLogger("loramux.operator")
 
@@ -62,6 +69,11 @@ class PassResult:
     desired: dict[PodKey, list[dict[str, Any]]] = field(default_factory=dict)
     put_errors: dict[PodKey, str] = field(default_factory=dict)
     statuses: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
+
+
+_AWS_NAMES = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+              "session_token": "AWS_SESSION_TOKEN", "region": "AWS_REGION",
+              "endpoint_url": "AWS_ENDPOINT_URL"}
 
 
 def _now() -> str:
@@ -99,6 +111,7 @@ class Reconciler:
         self.last_result: PassResult | None = None
         self.last_ok: float | None = None
         self.passes = 0
+        self.hot: HotTenants | None = None
 
     @staticmethod
     def _auth(token: str | None) -> dict[str, str]:
@@ -110,6 +123,8 @@ class Reconciler:
             self.kube = KubeApi()
         if self.http is None:
             self.http = httpx.AsyncClient(timeout=self.settings.request_timeout_seconds)
+        self.hot = HotTenants(self.kube, self._dedicated_template(),
+                              cluster_domain=self.settings.cluster_domain)
         self._task = asyncio.create_task(self._loop(), name="loramux-operator-reconcile")
 
     async def stop(self) -> None:
@@ -119,6 +134,22 @@ class Reconciler:
                 await self._task
         if self._own_http and self.http is not None:
             await self.http.aclose()
+
+    def _dedicated_template(self) -> dict[str, Any] | None:
+        path = self.settings.dedicated_template_file
+        if path is None:
+            return None
+        import yaml
+
+        try:
+            template = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            log.error("cannot read the dedicated pod template %s: %s", path, exc)
+            return None
+        if not isinstance(template, dict):
+            log.error("the dedicated pod template %s is not a mapping", path)
+            return None
+        return template
 
     def trigger(self) -> None:
         self._requested += 1
@@ -283,8 +314,15 @@ class Reconciler:
         placements = place(placeable, pods, excluded=validation.excluded,
                            policy=self.settings.placement_policy)
         creds, cred_problems = await self._credentials(placeable)
+        routes: dict[tuple[str, str, str], str] = {}
+        plans: dict[ObjectKey, Plan] = {}
+        hot_transient = False
+        if self.hot is not None:
+            routes, plans, hot_transient = await self._hot_tenants(
+                [s for s in placeable if s.error is None], by_key, placements, relevant,
+                observations, creds)
         desired = build_desired_sets(placeable, placements, keys, observations,
-                                     credentials=creds)
+                                     credentials=creds, routes=routes)
 
         puts = await asyncio.gather(*(self._put_desired(relevant[k], desired[k]) for k in keys))
         put_errors = {k: err for k, err in zip(keys, puts, strict=True) if err}
@@ -295,7 +333,7 @@ class Reconciler:
 
         result = PassResult(specs={s.key: s for s in specs}, pods=dict(relevant),
                             observations=observations, desired=desired, put_errors=put_errors)
-        transient = bool(put_errors) or bool(cred_problems)
+        transient = bool(put_errors) or bool(cred_problems) or hot_transient
         now = _now()
         for spec, obj in by_key.values():
             if spec.deleting:
@@ -307,6 +345,18 @@ class Reconciler:
                 observations=observations, put_errors=put_errors,
                 credentials_problem=cred_problems.get(spec.key), previous=old, now=now,
             )
+            todo = plans.get(spec.key)
+            if todo is not None and todo.condition:
+                prev = {c.get("type"): c for c in old.get("conditions") or []
+                        if isinstance(c, Mapping)}
+                c = todo.condition
+                status.setdefault("conditions", []).append(_condition(
+                    "Dedicated", c["status"] == "True", c["reason"], c["message"],
+                    spec.generation, prev, now))
+            if todo is not None and todo.endpoint:
+                status["dedicatedEndpoint"] = todo.endpoint
+            elif old.get("dedicatedEndpoint"):
+                status["dedicatedEndpoint"] = None
             result.statuses[spec.key] = status
             if status["phase"] in ("Progressing", "Pending") or any(
                     r["state"] == "Unknown" for r in status.get("placements", [])):
@@ -331,6 +381,74 @@ class Reconciler:
                 await self.kube.post_event(body, type_, reason, message)
         result.transient = transient
         return result
+
+    # ----------------------------------------------------------------- hot tenants
+    async def _hot_tenants(
+        self, specs: list[AdapterSpec],
+        by_key: Mapping[ObjectKey, tuple[AdapterSpec, dict[str, Any]]],
+        placements: Mapping[ObjectKey, list[PodKey]],
+        relevant: Mapping[PodKey, Mapping[str, Any]],
+        observations: Mapping[PodKey, PodObservation],
+        creds: Mapping[ObjectKey, Mapping[str, str]],
+    ) -> tuple[dict[tuple[str, str, str], str], dict[ObjectKey, Plan], bool]:
+        """Promote, route, roll and demote dedicated deployments (see hot_tenants)."""
+        hot = self.hot
+        assert hot is not None and self.kube is not None
+        now = time.monotonic()
+        targets = [(key[0], _base_url(pod, container_port(pod, "http", self.settings.server_port)))
+                   for key, pod in relevant.items()]
+        totals = await scrape_request_totals(self.http, targets,
+                                             timeout=self.settings.request_timeout_seconds)
+        if totals is not None:
+            hot.record(totals, now)
+        try:
+            existing_all = await hot.list_all(self.settings.namespace)
+        except KubeError as exc:
+            log.warning("cannot list dedicated deployments: %s", exc)
+            return {}, {}, True
+        routes: dict[tuple[str, str, str], str] = {}
+        plans: dict[ObjectKey, Plan] = {}
+        transient = False
+        for spec in specs:
+            obj = by_key[spec.key][1]
+            existing = existing_all.get(spec.key, Existing())
+            mode = ((obj.get("spec") or {}).get("dedicated") or {}).get("mode", "Never")
+            if mode == "Never" and existing.empty:
+                continue
+            decision = hot.decide(obj, not existing.empty, now)
+            pods = placements.get(spec.key, [])
+            routed = {obs.routes[spec.tenant] for k in pods
+                      if (obs := observations.get(k)) is not None and spec.tenant in obs.routes}
+            serves = bool(pods) and all(
+                (obs := observations.get(k)) is not None
+                and obs.serving.get(spec.tenant) == spec.version for k in pods)
+            secret_keys = {_AWS_NAMES[k] for k in creds.get(spec.key, {}) if k in _AWS_NAMES}
+            todo = plan(obj, decision, existing, hot.template, routed_versions=routed,
+                        pool_serves_version=serves,
+                        secret_keys=secret_keys if spec.credentials_secret else None,
+                        cluster_domain=self.settings.cluster_domain)
+            try:
+                await hot.apply(obj, todo, decision, now)
+            except KubeError as exc:
+                log.warning("%s/%s: dedicated deployment: %s", *spec.key, exc)
+                transient = True
+            body = {"apiVersion": obj.get("apiVersion") or API_VERSION,
+                    "kind": obj.get("kind") or KIND, "metadata": obj.get("metadata") or {}}
+            if any(o["kind"] == "Deployment" for o in todo.create):
+                await self.kube.post_event(body, "Normal", "Promoted",
+                                           f"dedicated deployment for {spec.tenant}@"
+                                           f"{spec.version}: {decision.reason}")
+            if todo.delete and decision.action == "demote":
+                await self.kube.post_event(body, "Normal", "Demoted",
+                                           f"{spec.tenant} served by the pool again: "
+                                           f"{decision.reason}")
+            for version, url in todo.routes.items():
+                routes[(spec.namespace, spec.tenant, version)] = url
+            plans[spec.key] = todo
+            if todo.create or todo.delete or todo.condition.get("reason") in (
+                    "Starting", "Demoting"):
+                transient = True
+        return routes, plans, transient
 
     # ----------------------------------------------------------------- deletion
     def eviction_pending(self, spec: AdapterSpec, result: PassResult) -> list[str]:

@@ -42,6 +42,7 @@ class PodObservation:
     serving: dict[str, str] = field(default_factory=dict)  # tenant -> version a bare name gets
     server_ok: bool = False
     desired: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # GET /v1/desired
+    routes: dict[str, str] = field(default_factory=dict)  # tenant -> version routed elsewhere
 
     @classmethod
     def from_state(cls, key: PodKey, state: Mapping[str, Any]) -> PodObservation:
@@ -51,7 +52,10 @@ class PodObservation:
             if isinstance(item, Mapping) and item.get("tenant") and item.get("version"):
                 adapters[(str(item["tenant"]), str(item["version"]))] = dict(item)
         reachable = state.get("server_reachable")
-        return cls(key=key, sidecar_ok=True, adapters=adapters,
+        routes = {str(r["tenant"]): str(r.get("version") or "")
+                  for r in state.get("routes") or []
+                  if isinstance(r, Mapping) and r.get("tenant")}
+        return cls(key=key, sidecar_ok=True, adapters=adapters, routes=routes,
                    server_reachable=reachable if isinstance(reachable, bool) else None)
 
     def add_desired(self, body: Mapping[str, Any]) -> None:
@@ -83,7 +87,7 @@ class PodObservation:
 
 def entry(
     spec: AdapterSpec, version: str, *, active: bool,
-    credentials: Mapping[str, str] | None = None,
+    credentials: Mapping[str, str] | None = None, route: str | None = None,
 ) -> dict[str, Any]:
     """One desired-set entry (the sidecar's DesiredAdapter contract)."""
     item: dict[str, Any] = {"tenant": spec.tenant, "version": version, "uri": spec.uri,
@@ -92,6 +96,8 @@ def entry(
         item["sha256"] = spec.sha256
     if credentials:
         item["credentials"] = dict(credentials)
+    if route:
+        item["route"] = route
     return item
 
 
@@ -115,6 +121,7 @@ def desired_entries(
     observation: PodObservation | None,
     *,
     credentials: Mapping[str, str] | None = None,
+    routes: Mapping[tuple[str, str, str], str] | None = None,
 ) -> list[dict[str, Any]]:
     """This adapter's entries on one pod (rollout step included, see the module doc).
 
@@ -123,6 +130,12 @@ def desired_entries(
     version is simply not re-sent: the sidecar still keeps it serving until the new one is
     active (it never evicts before that), so this is only less explicit, not less safe.
     """
+    routes = routes or {}
+
+    def route_of(version: str) -> str | None:
+        """Hot tenants: the dedicated deployment serving this version, when Ready."""
+        return routes.get((spec.namespace, spec.tenant, version))
+
     new_phase = observation.phase(spec.tenant, spec.version) if observation else None
     if new_phase != READY:
         old = old_version(spec, observation)
@@ -137,8 +150,12 @@ def desired_entries(
                     keep["sha256"] = prior["sha256"]
                 if credentials:
                     keep["credentials"] = dict(credentials)
-                return [keep, entry(spec, spec.version, active=False, credentials=credentials)]
-    return [entry(spec, spec.version, active=True, credentials=credentials)]
+                if route_of(version):
+                    keep["route"] = route_of(version)
+                return [keep, entry(spec, spec.version, active=False, credentials=credentials,
+                                    route=route_of(spec.version))]
+    return [entry(spec, spec.version, active=True, credentials=credentials,
+                  route=route_of(spec.version))]
 
 
 def build_desired_sets(
@@ -148,6 +165,7 @@ def build_desired_sets(
     observations: Mapping[PodKey, PodObservation],
     *,
     credentials: Mapping[ObjectKey, Mapping[str, str]] | None = None,
+    routes: Mapping[tuple[str, str, str], str] | None = None,
 ) -> dict[PodKey, list[dict[str, Any]]]:
     """The full desired set of every pod in ``pods`` (an empty list is a real answer: the
     pod should hold nothing). Entries are sorted by tenant then version; a tenant claimed
@@ -162,6 +180,7 @@ def build_desired_sets(
             tenants[pod].add(spec.tenant)
             sets[pod].extend(desired_entries(
                 spec, observations.get(pod), credentials=credentials.get(spec.key),
+                routes=routes,
             ))
     for items in sets.values():
         items.sort(key=lambda e: (e["tenant"], e["version"]))
