@@ -58,6 +58,7 @@ def apply_kopf_settings(settings: kopf.OperatorSettings, ours: OperatorSettings)
     settings.posting.level = logging.INFO
     settings.networking.request_timeout = max(30.0, ours.request_timeout_seconds * 3)
     settings.batching.error_delays = (1, 2, 5, 10, 20, 30, 60)
+    settings.peering.lifetime = ours.peering_lifetime_seconds
     if ours.namespace is not None:
         # A namespaced Role cannot list CRDs or namespaces; the resources are known anyway.
         settings.scanning.disabled = True

@@ -122,3 +122,16 @@ class KubeApi:
             await self._call(self.core.create_namespaced_event, namespace, event)
         except KubeError as exc:
             log.debug("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+
+    async def get_peering(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """kopf's peering object (KopfPeering in ``namespace``, else ClusterKopfPeering)."""
+        try:
+            if namespace:
+                return await self._call(self.custom.get_namespaced_custom_object,
+                                        "kopf.dev", "v1", namespace, "kopfpeerings", name)
+            return await self._call(self.custom.get_cluster_custom_object,
+                                    "kopf.dev", "v1", "clusterkopfpeerings", name)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise

@@ -30,6 +30,10 @@ def main(argv: list[str]) -> int:
 
     from loramux.operator import handlers
 
+    if settings.priority is None:
+        # Equal priorities make every replica pause; a random one elects exactly one. The
+        # reconcile loop reads it too, to stand by while a higher-priority replica lives.
+        settings = settings.model_copy(update={"priority": random.randint(1, 2**31 - 1)})
     handlers.configure(settings)
     liveness = (f"http://0.0.0.0:{settings.health_port}/healthz"
                 if settings.health_port else None)
@@ -38,9 +42,7 @@ def main(argv: list[str]) -> int:
         namespaces=[settings.namespace] if settings.namespace else (),
         standalone=settings.peering is None,
         peering_name=settings.peering,
-        # Equal priorities make every replica pause; a random one elects exactly one.
-        priority=settings.priority if settings.priority is not None
-        else random.randint(1, 2**31 - 1),
+        priority=settings.priority,
         liveness_endpoint=liveness,
     )
     return 0

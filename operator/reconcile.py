@@ -49,6 +49,7 @@ from loramux.operator.settings import OperatorSettings
 from loramux.operator.status import (
     _condition,
     compute_status,
+    outranked,
     status_differs,
     status_events,
     validate,
@@ -287,6 +288,15 @@ class Reconciler:
     async def run_pass(self) -> PassResult:
         assert self.kube is not None
         namespace = self.settings.namespace
+        if self.settings.peering and self.settings.priority is not None:
+            try:
+                peering = await self.kube.get_peering(self.settings.peering, namespace)
+            except KubeError as exc:
+                log.warning("cannot read the peering object: %s", exc)
+                return PassResult(ok=False, error=str(exc), transient=True)
+            if outranked(peering, self.settings.priority):
+                log.debug("another replica has a higher priority: standing by")
+                return PassResult(ok=True)
         try:
             objects = await self.kube.list_adapters(namespace)
             pods = await self.kube.list_pods(namespace)

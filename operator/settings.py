@@ -58,6 +58,11 @@ class OperatorSettings(BaseSettings):
         description="kopf peering priority: the highest live one works, the others wait "
                     "(default: random per process, so two replicas never tie and freeze).",
     )
+    peering_lifetime_seconds: int = Field(
+        60, ge=2, le=3600,
+        description="How long a replica that stopped refreshing its peering entry still "
+                    "counts as alive (how fast a standby replica takes over).",
+    )
     health_port: int = Field(
         8080, ge=0, le=65535,
         description="Liveness endpoint http://0.0.0.0:PORT/healthz (0 disables it).",

@@ -7,6 +7,7 @@ version and its server is reachable.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -274,3 +275,29 @@ def status_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> boo
     old = {k: v for k, v in (old or {}).items() if k != "kopf"}
     return any(old.get(k) != v for k, v in new.items()) or any(
         k not in new for k in old if k in ("activeVersion",))
+
+
+def outranked(peering: Mapping[str, Any] | None, priority: int,
+              now: dt.datetime | None = None) -> bool:
+    """Whether a live peer in kopf's peering object has a higher priority than ours.
+
+    kopf pauses its own handlers in that case; the reconcile loop (not a kopf handler)
+    asks this before every pass, so only the leading replica writes. A peer is live until
+    ``lastseen + lifetime``. Peers with our own priority are ignored: that is us (priorities
+    are random per process unless set).
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    for info in ((peering or {}).get("status") or {}).values():
+        if not isinstance(info, Mapping):
+            continue
+        try:
+            other = int(info.get("priority", 0))
+            lastseen = dt.datetime.fromisoformat(str(info["lastseen"]))
+            lifetime = dt.timedelta(seconds=int(info.get("lifetime", 60)))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if lastseen.tzinfo is None:
+            lastseen = lastseen.replace(tzinfo=dt.UTC)
+        if other > priority and lastseen + lifetime > now:
+            return True
+    return False

@@ -644,3 +644,24 @@ async def test_one_pass_puts_desired_sets_and_patches_status():
     assert fake.desired == {9101: [], 9201: []}
     assert rec.eviction_pending(parse_adapter(adapter), result) == []
     await http.aclose()
+
+
+def test_outranked_by_a_live_higher_priority_peer_only() -> None:
+    import datetime as dt
+
+    from loramux.operator.status import outranked
+
+    now = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    fresh = (now - dt.timedelta(seconds=10)).isoformat()
+    stale = (now - dt.timedelta(seconds=120)).isoformat()
+    peering = {"status": {
+        "me@host": {"priority": 500, "lifetime": 60, "lastseen": fresh},
+        "other@host": {"priority": 900, "lifetime": 60, "lastseen": fresh},
+    }}
+    assert outranked(peering, 500, now) is True
+    assert outranked(peering, 900, now) is False  # the leader itself
+    peering["status"]["other@host"]["lastseen"] = stale  # dead peer: we lead
+    assert outranked(peering, 500, now) is False
+    peering["status"]["junk"] = {"priority": "x", "lastseen": "never"}
+    assert outranked(peering, 500, now) is False
+    assert outranked(None, 1, now) is False and outranked({}, 1, now) is False
