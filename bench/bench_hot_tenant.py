@@ -158,7 +158,38 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(json.dumps(summary, indent=2))
+    plot(summary, REPO / "docs" / "img" / "hot_tenant.png")
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, lat) = plt.subplots(1, 2, figsize=(9, 3.4))
+    groups = ["hot", "others"]
+    for i, key in enumerate(["unmerged", "merged"]):
+        xs = [g + (i - 0.5) * 0.36 for g in range(len(groups))]
+        tput.bar(xs, [summary[f"{key}.{g}"]["tok_s"] for g in groups], width=0.36, label=key)
+        lat.bar(xs, [summary[f"{key}.{g}"]["p50_s"] for g in groups], width=0.36, label=key)
+        lat.errorbar(xs, [summary[f"{key}.{g}"]["p50_s"] for g in groups],
+                     yerr=[[0, 0], [summary[f"{key}.{g}"]["p99_s"]
+                                    - summary[f"{key}.{g}"]["p50_s"] for g in groups]],
+                     fmt="none", ecolor="black", capsize=3)
+    for ax, title in ((tput, "tokens/s"), (lat, "latency p50 (bar) to p99 (s)")):
+        ax.set_xticks(range(len(groups)), ["hot tenant", "other 7 tenants"])
+        ax.set_title(title)
+    tput.legend()
+    fig.suptitle("Hot tenant: merged dedicated server vs unmerged in the pool (2 cores)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--plot-only"]:
+        plot(json.loads((HERE / "results" / "bench_hot_tenant.json").read_text())["summary"],
+             REPO / "docs" / "img" / "hot_tenant.png")
+    else:
+        main()
