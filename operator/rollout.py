@@ -137,23 +137,27 @@ def desired_entries(
         return routes.get((spec.namespace, spec.tenant, version))
 
     new_phase = observation.phase(spec.tenant, spec.version) if observation else None
-    if new_phase != READY:
-        old = old_version(spec, observation)
-        if old is not None:
-            version, _ = old
-            prior = observation.desired.get((spec.tenant, version)) if observation else None
-            if prior is not None and prior.get("uri"):
-                keep: dict[str, Any] = {"tenant": spec.tenant, "version": version,
-                                        "uri": prior["uri"], "pinned": spec.pinned,
-                                        "active": True}
-                if prior.get("sha256"):
-                    keep["sha256"] = prior["sha256"]
-                if credentials:
-                    keep["credentials"] = dict(credentials)
-                if route_of(version):
-                    keep["route"] = route_of(version)
-                return [keep, entry(spec, spec.version, active=False, credentials=credentials,
-                                    route=route_of(spec.version))]
+    old = old_version(spec, observation)
+    # A hot tenant whose old version is served by its dedicated deployment stays there until
+    # the new version's dedicated deployment is Ready too: its traffic moves in one step
+    # instead of flooding the pool in between.
+    dedicated_waiting = (old is not None and route_of(old[0]) is not None
+                         and route_of(spec.version) is None)
+    if (new_phase != READY or dedicated_waiting) and old is not None:
+        version, _ = old
+        prior = observation.desired.get((spec.tenant, version)) if observation else None
+        if prior is not None and prior.get("uri"):
+            keep: dict[str, Any] = {"tenant": spec.tenant, "version": version,
+                                    "uri": prior["uri"], "pinned": spec.pinned,
+                                    "active": True}
+            if prior.get("sha256"):
+                keep["sha256"] = prior["sha256"]
+            if credentials:
+                keep["credentials"] = dict(credentials)
+            if route_of(version):
+                keep["route"] = route_of(version)
+            return [keep, entry(spec, spec.version, active=False, credentials=credentials,
+                                route=route_of(spec.version))]
     return [entry(spec, spec.version, active=True, credentials=credentials,
                   route=route_of(spec.version))]
 

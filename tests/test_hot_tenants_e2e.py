@@ -1,10 +1,11 @@
 """Hot tenants end to end (issue 7): promotion to a dedicated merged deployment, routing,
-demotion, with real processes in the operator's harness.
+version rollout, traffic-driven (Auto) promotion and demotion, with real processes in the
+operator's harness.
 
 - Kubernetes API: the kmock emulator over HTTP (tests/k8s_harness.py); the CRD and the
-  LoraAdapter go in with the real kubectl.
+  LoraAdapters go in with the real kubectl.
 - One pool "pod": a real `loramux serve` (tiny fp32 model) + `loramux sync`.
-- S3: moto, the adapter published with `loramux push`'s push().
+- S3: moto, the adapters published with `loramux push`'s push().
 - The real `loramux operator` process with a dedicated pod template file.
 
 What cannot exist here is simulated, and only that: no kubelet runs the dedicated
@@ -24,7 +25,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,14 +34,13 @@ import httpx
 import pytest
 import yaml
 
-from k8s_harness import CRD_PATH, S3, K8s, OperatorProcess, inference_pod
+from k8s_harness import CRD_PATH, S3, InferencePod, K8s, OperatorProcess, inference_pod
 from loramux.manifest import AdapterManifest, describe_files, write_manifest
 from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
 TOKEN = "hot-sidecar-token"
 PROMPT = "Route me"
-NAME = "lmx-legal-v1"
 T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(400)
@@ -60,166 +61,277 @@ def wait(fn: Callable[[], T], what: str, timeout: float = 60) -> T:
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
-def cr_doc(mode: str) -> str:
-    return json.dumps({
-        "apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter",
-        "metadata": {"name": "legal", "namespace": "default"},
-        "spec": {"tenant": "legal", "version": "v1", "baseModel": "tiny-llama",
-                 "source": {"uri": URI["legal"]},
-                 "pool": {"matchLabels": {"app.kubernetes.io/name": "loramux-inference"}},
-                 "dedicated": {"mode": mode, "replicas": 1}}})
+@dataclass
+class Hot:
+    k8s: K8s
+    pod: InferencePod
+    uris: dict[str, str]
+    tiny_model_dir: Path
+    start_server: Any
+    workdir: Path
+    merged: list[Any] = field(default_factory=list)
 
+    def apply(self, version: str, dedicated: dict[str, Any]) -> None:
+        assert self.k8s.kubectl is not None
+        self.k8s.kubectl.apply(json.dumps({
+            "apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter",
+            "metadata": {"name": "legal", "namespace": "default"},
+            "spec": {"tenant": "legal", "version": version, "baseModel": "tiny-llama",
+                     "source": {"uri": self.uris[version]},
+                     "pool": {"matchLabels": {"app.kubernetes.io/name": "loramux-inference"}},
+                     "dedicated": dedicated}}))
 
-URI: dict[str, str] = {}
+    def status(self) -> dict[str, Any]:
+        return (self.k8s.api.find(*LORA, "legal") or {}).get("status") or {}
 
+    def dedicated_condition(self) -> dict[str, Any]:
+        return {c["type"]: c for c in self.status().get("conditions", [])}.get("Dedicated", {})
 
-def test_promotion_routing_and_demotion_without_failed_requests(
-    k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path, start_server,
-    tmp_path: Path,
-) -> None:
-    assert k8s.kubectl is not None
-    k8s.kubectl.apply(CRD_PATH)
-    bucket = f"hot-{uuid.uuid4().hex[:10]}"
-    s3_server.create_bucket(bucket)
-    src = tmp_path / "stage" / "legal" / "v1"
-    src.parent.mkdir(parents=True)
-    shutil.copytree(adapter_root / "legal" / "v1", src)
-    config = json.loads((src / "adapter_config.json").read_text())
-    write_manifest(src, AdapterManifest(
-        tenant="legal", version="v1", base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"],
-        files=describe_files(src)))
-    URI["legal"] = f"s3://{bucket}/legal/v1/"
-    push(src, URI["legal"], client=s3_server.client, progress=False)
+    def route(self) -> dict[str, Any] | None:
+        routes = httpx.get(f"{self.pod.server_url}/admin/routes", timeout=5).json()["routes"]
+        return routes[0] if routes else None
 
-    pod = inference_pod(k8s.api, "pool-a", tmp_path / "pods", sidecar_token=TOKEN,
-                        server_args=["--model", str(tiny_model_dir), "--quantization", "none",
-                                     "--log-format", "text", "--route-retry-s", "1"])
-    template = tmp_path / "pod-template.yaml"
-    template.write_text(yaml.safe_dump({"metadata": {"labels": {"team": "ml"}}, "spec": {
-        "containers": [{"name": "server", "image": "loramux/inference:test",
-                        "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}))
-    operator = OperatorProcess(
-        k8s.kubeconfig, tmp_path / "operator.log",
-        ["--namespace", "default", "--resync-seconds", "1", "--health-port", "0",
-         "--sidecar-token", TOKEN, "--dedicated-template-file", str(template)])
-    operator.start()
-    merged = None
-    results: list[tuple[int, str, bool]] = []
-    stop = threading.Event()
-    try:
-        operator.wait_for_log("loramux operator started", 60)
-        k8s.kubectl.apply(cr_doc("Never"))
-        wait(lambda: (k8s.api.find(*LORA, "legal") or {}).get("status", {}).get("phase")
-             == "Ready", "legal Ready on the pool")
-        local_text = httpx.post(f"{pod.server_url}/generate", timeout=60, json={
-            "tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 8,
-            "ignore_eos": True}).json()["text"]
+    def generate(self) -> httpx.Response:
+        return httpx.post(f"{self.pod.server_url}/generate", timeout=60, json={
+            "tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 8, "ignore_eos": True})
 
-        def loop() -> None:
-            with httpx.Client(timeout=60) as client:
-                while not stop.is_set():
-                    r = client.post(f"{pod.server_url}/generate", json={
-                        "tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 8,
-                        "ignore_eos": True})
-                    text = r.json().get("text", "") if r.status_code == 200 else r.text
-                    results.append((r.status_code, text, "x-loramux-routed-to" in r.headers))
-
-        client_thread = threading.Thread(target=loop, daemon=True)
-        client_thread.start()
-
-        # --- promotion: mode Always creates the pair, owned by the LoraAdapter
-        k8s.kubectl.apply(cr_doc("Always"))
-        cr = k8s.api.get(*LORA, "legal")
-        dep = wait(lambda: k8s.api.find("apps/v1", "deployments", NAME), "Deployment created")
-        svc = wait(lambda: k8s.api.find("v1", "services", NAME), "Service created")
-        for obj in (dep, svc):
-            (owner,) = obj["metadata"]["ownerReferences"]
-            assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
-                "LoraAdapter", "legal", cr["metadata"]["uid"], True)
+    def run_dedicated_pod(self, name: str) -> Any:
+        """Be the kubelet for Deployment ``name``: run its fetch and its merged server, then
+        be kube-proxy and the Deployment controller. Returns the server process."""
+        dep = self.k8s.api.get("apps/v1", "deployments", name)
         pod_spec = dep["spec"]["template"]["spec"]
-        (server,) = pod_spec["containers"]
-        assert server["image"] == "loramux/inference:test"
-        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert "--merge-adapter" in server["args"]
         (fetch,) = pod_spec["initContainers"]
-        assert fetch["args"][0] == "fetch" and URI["legal"] in fetch["args"]
-        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-        status = k8s.api.get(*LORA, "legal")["status"]
-        dedicated = {c["type"]: c for c in status["conditions"]}["Dedicated"]
-        assert dedicated["status"] == "False" and dedicated["reason"] == "Starting"
-        assert "dedicatedEndpoint" not in status
-        assert httpx.get(f"{pod.server_url}/admin/routes").json()["routes"] == []
-
-        # --- "the kubelet": run the pod's own commands locally
-        volume = tmp_path / "dedicated-volume"
+        (server,) = pod_spec["containers"]
+        volume = self.workdir / f"volume-{name}"
         args = [a.replace("/adapters", str(volume)) for a in fetch["args"]]
         done = subprocess.run([sys.executable, "-P", "-m", "loramux.cli", *args],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         merge_dir = server["args"][server["args"].index("--merge-adapter") + 1]
-        merged = start_server("--model", str(tiny_model_dir), "--quantization", "none",
-                              "--log-format", "text",
-                              "--merge-adapter", merge_dir.replace("/adapters", str(volume)))
-        merged_port = int(merged.url.rsplit(":", 1)[1])
-        # ... "kube-proxy" and "the Deployment controller":
-        k8s.api.patch("v1", "services", NAME, {"spec": {
+        merged = self.start_server("--model", str(self.tiny_model_dir), "--quantization",
+                                   "none", "--log-format", "text", "--merge-adapter",
+                                   merge_dir.replace("/adapters", str(volume)))
+        self.merged.append(merged)
+        port = int(merged.url.rsplit(":", 1)[1])
+        self.k8s.api.patch("v1", "services", name, {"spec": {
             "clusterIP": "127.0.0.1",
-            "ports": [{"name": "http", "port": merged_port, "targetPort": "http"}]}})
-        generation = k8s.api.get("apps/v1", "deployments", NAME)["metadata"]["generation"]
-        k8s.api.patch_status("apps/v1", "deployments", NAME, {
+            "ports": [{"name": "http", "port": port, "targetPort": "http"}]}})
+        generation = dep["metadata"]["generation"]
+        self.k8s.api.patch_status("apps/v1", "deployments", name, {
             "observedGeneration": generation, "replicas": 1, "readyReplicas": 1,
             "availableReplicas": 1, "updatedReplicas": 1})
+        return merged
 
-        def routed() -> dict | None:
-            routes = httpx.get(f"{pod.server_url}/admin/routes", timeout=5).json()["routes"]
-            return routes[0] if routes else None
-
-        route = wait(routed, "the pool server routes legal to the dedicated deployment")
-        assert route["url"] == merged.url and route["version"] == "v1"
-        status = wait(lambda: k8s.api.get(*LORA, "legal")["status"].get("dedicatedEndpoint")
-                      and k8s.api.get(*LORA, "legal")["status"], "dedicatedEndpoint")
-        assert status["dedicatedEndpoint"] == merged.url
-        assert {c["type"]: c for c in status["conditions"]}["Dedicated"]["status"] == "True"
-        wait(lambda: sum(1 for r in results if r[2]) >= 3, "requests served by the merged pod")
-        # the merged pod really answered (its own request counter moved)
-        assert "loramux_requests_total" in httpx.get(f"{merged.url}/metrics").text
-        assert 'tenant="legal"' in httpx.get(f"{merged.url}/metrics").text
-
-        # --- demotion: the route goes first, then the pair
-        k8s.kubectl.apply(cr_doc("Never"))
-        order_ok = True
-
-        def demoted() -> bool:
-            nonlocal order_ok
-            route_now = routed()
-            dep_now = k8s.api.find("apps/v1", "deployments", NAME)
-            if dep_now is None and route_now is not None:
-                order_ok = False  # deleted while still routed: would cost a fallback
-            return dep_now is None and k8s.api.find("v1", "services", NAME) is None
-
-        wait(demoted, "route removed and dedicated pair deleted", timeout=60)
-        assert order_ok
-        assert routed() is None
-        status = wait(lambda: "dedicatedEndpoint" not in k8s.api.get(*LORA, "legal")["status"]
-                      and k8s.api.get(*LORA, "legal")["status"], "endpoint cleared")
-        assert {c["type"]: c for c in status["conditions"]}.get(
-            "Dedicated", {}).get("status") != "True"
-        count = len(results)
-        wait(lambda: len(results) >= count + 3, "requests after demotion")
-    finally:
-        stop.set()
-        if merged is not None:
+    def delete_cr(self) -> None:
+        assert self.k8s.kubectl is not None
+        self.k8s.kubectl("delete", "lora", "legal", "--ignore-not-found", "--wait=true",
+                         "--timeout=60s")
+        for merged in self.merged:
             merged.stop()
+        self.merged.clear()
+
+
+class ClientLoop:
+    """Requests for the hot tenant through the pool server, until stopped."""
+
+    def __init__(self, hot: Hot) -> None:
+        self.hot = hot
+        self.results: list[tuple[int, str, str | None]] = []  # status, text, routed-to
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                r = client.post(f"{self.hot.pod.server_url}/generate", json={
+                    "tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 8,
+                    "ignore_eos": True})
+                text = r.json().get("text", "") if r.status_code == 200 else r.text
+                self.results.append((r.status_code, text, r.headers.get("x-loramux-routed-to")))
+
+    def __enter__(self) -> ClientLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def more(self, n: int, what: str) -> None:
+        count = len(self.results)
+        wait(lambda: len(self.results) >= count + n, what)
+
+
+def _stage(adapter_root: Path, staging: Path, version: str, files_of: str) -> Path:
+    src = staging / "legal" / version
+    shutil.copytree(adapter_root / "legal" / files_of, src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    write_manifest(src, AdapterManifest(
+        tenant="legal", version=version, base_model="tiny-llama", rank=config["r"],
+        lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"],
+        files=describe_files(src)))
+    return src
+
+
+@pytest.fixture(scope="module")
+def hot(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path, start_server,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hot]:
+    assert k8s.kubectl is not None
+    k8s.kubectl.apply(CRD_PATH)
+    workdir = tmp_path_factory.mktemp("hot")
+    bucket = f"hot-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    uris = {}
+    for version in ("v1", "v2"):
+        uris[version] = f"s3://{bucket}/legal/{version}/"
+        push(_stage(adapter_root, workdir / "stage", version, files_of=version),
+             uris[version], client=s3_server.client, progress=False)
+    pod = inference_pod(k8s.api, "pool-a", workdir / "pods", sidecar_token=TOKEN,
+                        server_args=["--model", str(tiny_model_dir), "--quantization", "none",
+                                     "--log-format", "text", "--route-retry-s", "1"])
+    template = workdir / "pod-template.yaml"
+    template.write_text(yaml.safe_dump({"metadata": {"labels": {"team": "ml"}}, "spec": {
+        "containers": [{"name": "server", "image": "loramux/inference:test",
+                        "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}))
+    operator = OperatorProcess(
+        k8s.kubeconfig, workdir / "operator.log",
+        ["--namespace", "default", "--resync-seconds", "1", "--health-port", "0",
+         "--sidecar-token", TOKEN, "--dedicated-template-file", str(template)])
+    operator.start()
+    try:
+        operator.wait_for_log("loramux operator started", 60)
+        yield Hot(k8s, pod, uris, tiny_model_dir, start_server, workdir)
+    finally:
         operator.stop()
         pod.stop()
 
+
+def test_promotion_routing_and_demotion_without_failed_requests(hot: Hot) -> None:
+    k8s = hot.k8s
+    name = "lmx-legal-v1"
+    hot.apply("v1", {"mode": "Never"})
+    wait(lambda: hot.status().get("phase") == "Ready", "legal Ready on the pool")
+    local_text = hot.generate().json()["text"]
+    try:
+        with ClientLoop(hot) as loop:
+            # --- promotion: mode Always creates the pair, owned by the LoraAdapter
+            hot.apply("v1", {"mode": "Always", "replicas": 1})
+            cr = k8s.api.get(*LORA, "legal")
+            dep = wait(lambda: k8s.api.find("apps/v1", "deployments", name), "Deployment")
+            svc = wait(lambda: k8s.api.find("v1", "services", name), "Service created")
+            for obj in (dep, svc):
+                (owner,) = obj["metadata"]["ownerReferences"]
+                assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+                    "LoraAdapter", "legal", cr["metadata"]["uid"], True)
+            pod_spec = dep["spec"]["template"]["spec"]
+            (server,) = pod_spec["containers"]
+            assert server["image"] == "loramux/inference:test"
+            assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert "--merge-adapter" in server["args"]
+            (fetch,) = pod_spec["initContainers"]
+            assert fetch["args"][0] == "fetch" and hot.uris["v1"] in fetch["args"]
+            assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+            condition = wait(hot.dedicated_condition, "Dedicated condition")
+            assert condition["status"] == "False" and condition["reason"] == "Starting"
+            assert "dedicatedEndpoint" not in hot.status()
+            assert hot.route() is None  # not Ready: no routing yet
+
+            merged = hot.run_dedicated_pod(name)
+            route = wait(hot.route, "the pool server routes legal to the dedicated pod")
+            assert route["url"] == merged.url and route["version"] == "v1"
+            wait(lambda: hot.status().get("dedicatedEndpoint") == merged.url,
+                 "dedicatedEndpoint")
+            assert hot.dedicated_condition()["status"] == "True"
+            wait(lambda: sum(1 for r in loop.results if r[2]) >= 3, "requests served merged")
+            assert 'tenant="legal"' in httpx.get(f"{merged.url}/metrics").text
+
+            # --- demotion: the route goes first, then the pair
+            hot.apply("v1", {"mode": "Never"})
+            order_ok = True
+
+            def demoted() -> bool:
+                nonlocal order_ok
+                route_now, dep_now = hot.route(), k8s.api.find("apps/v1", "deployments", name)
+                if dep_now is None and route_now is not None:
+                    order_ok = False  # deleted while still routed
+                return dep_now is None and k8s.api.find("v1", "services", name) is None
+
+            wait(demoted, "route removed and dedicated pair deleted")
+            assert order_ok and hot.route() is None
+            wait(lambda: "dedicatedEndpoint" not in hot.status(), "endpoint cleared")
+            assert hot.dedicated_condition().get("status") != "True"
+            loop.more(3, "requests after demotion")
+    finally:
+        hot.delete_cr()
+    results = loop.results
     assert len(results) > 10
-    failed = [r for r in results if r[0] != 200]
-    assert not failed, failed[:3]
+    assert not [r for r in results if r[0] != 200], results[:3]
     # merged (dedicated) and unmerged (pool) answers are the same text (fp32, greedy)
     assert {text for _, text, _ in results} == {local_text}
-    assert any(r[2] for r in results) and not results[-1][2]
+    assert any(r[2] for r in results) and results[-1][2] is None
     events = k8s.api.list("v1", "events")["items"]
     reasons = {e["reason"] for e in events if e["involvedObject"].get("name") == "legal"}
     assert {"Promoted", "Demoted"} <= reasons
+
+
+def test_version_rollout_rolls_the_dedicated_deployment_and_switches_when_ready(
+        hot: Hot) -> None:
+    k8s = hot.k8s
+    hot.apply("v1", {"mode": "Always"})
+    try:
+        wait(lambda: k8s.api.find("apps/v1", "deployments", "lmx-legal-v1"), "v1 Deployment")
+        merged_v1 = hot.run_dedicated_pod("lmx-legal-v1")
+        wait(lambda: (hot.route() or {}).get("url") == merged_v1.url, "routed to v1")
+        texts = {}
+        with ClientLoop(hot) as loop:
+            loop.more(2, "requests on v1")
+            hot.apply("v2", {"mode": "Always"})
+            wait(lambda: k8s.api.find("apps/v1", "deployments", "lmx-legal-v2"),
+                 "v2 Deployment created beside v1")
+            # the v2 pair is not Ready: the old route stays and v1's pair is kept
+            time.sleep(2)
+            assert k8s.api.find("apps/v1", "deployments", "lmx-legal-v1") is not None
+            assert (hot.route() or {}).get("url") == merged_v1.url
+            merged_v2 = hot.run_dedicated_pod("lmx-legal-v2")
+            wait(lambda: (hot.route() or {}).get("url") == merged_v2.url
+                 and hot.route()["version"] == "v2", "routed to v2 once Ready")
+            wait(lambda: k8s.api.find("apps/v1", "deployments", "lmx-legal-v1") is None,
+                 "the v1 pair deleted after the switch")
+            assert k8s.api.find("v1", "services", "lmx-legal-v1") is None
+            wait(lambda: hot.status().get("dedicatedEndpoint") == merged_v2.url,
+                 "endpoint on v2")
+            loop.more(3, "requests on v2")
+        for status, text, routed in loop.results:
+            assert status == 200, text
+            if routed:
+                texts.setdefault(routed, set()).add(text)
+        assert set(texts) == {merged_v1.url, merged_v2.url}
+        assert all(len(v) == 1 for v in texts.values())
+        assert texts[merged_v1.url] != texts[merged_v2.url]  # a new merged model
+    finally:
+        hot.delete_cr()
+
+
+def test_auto_mode_promotes_on_sustained_traffic_and_demotes_when_it_stops(hot: Hot) -> None:
+    k8s = hot.k8s
+    thresholds = {"mode": "Auto", "promoteAboveRps": 0.5, "promoteAfterSeconds": 3,
+                  "demoteBelowRps": 0.1, "demoteAfterSeconds": 3, "minDwellSeconds": 0}
+    hot.apply("v1", thresholds)
+    try:
+        wait(lambda: hot.status().get("phase") == "Ready", "legal Ready")
+        time.sleep(4)  # idle: no promotion
+        assert k8s.api.find("apps/v1", "deployments", "lmx-legal-v1") is None
+        assert hot.dedicated_condition().get("reason") == "NotDedicated"
+        with ClientLoop(hot) as loop:
+            wait(lambda: k8s.api.find("apps/v1", "deployments", "lmx-legal-v1"),
+                 "promoted by sustained traffic", timeout=60)
+            rate = len(loop.results)
+        assert rate > 3
+        wait(lambda: k8s.api.find("apps/v1", "deployments", "lmx-legal-v1") is None,
+             "demoted once traffic stopped", timeout=60)
+        events = k8s.api.list("v1", "events")["items"]
+        messages = [e["message"] for e in events
+                    if e["involvedObject"].get("name") == "legal" and e["reason"] == "Promoted"]
+        assert any("req/s" in m for m in messages), messages
+    finally:
+        hot.delete_cr()

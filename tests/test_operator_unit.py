@@ -230,6 +230,23 @@ def test_rollout_steps_per_pod():
         ("v2", True)]
 
 
+def test_rollout_of_a_routed_hot_tenant_waits_for_the_new_dedicated_deployment():
+    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
+    ns = spec.namespace
+    old_entry = {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/",
+                 "pinned": False, "active": True}
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"}, desired=[old_entry])
+    only_old = {(ns, "legal", "v1"): "http://10.0.0.1:8000"}
+    got = desired_entries(spec, o, routes=only_old)
+    # v2 is Ready in the pool, but v1 keeps serving (routed) until v2's dedicated is Ready
+    assert [(e["version"], e["active"], e.get("route")) for e in got] == [
+        ("v1", True, "http://10.0.0.1:8000"), ("v2", False, None)]
+    both = {**only_old, (ns, "legal", "v2"): "http://10.0.0.2:8000"}
+    got = desired_entries(spec, o, routes=both)
+    assert [(e["version"], e["active"], e.get("route")) for e in got] == [
+        ("v2", True, "http://10.0.0.2:8000")]
+
+
 def test_build_desired_sets_aggregates_and_sends_empty_sets():
     a = parse_adapter(cr("a", "legal"))
     b = parse_adapter(cr("b", "medical", replicas=1))
@@ -453,8 +470,10 @@ def test_crd_schema_patterns_enums_status_and_columns():
     ded = spec["dedicated"]["properties"]
     assert ded["mode"]["enum"] == ["Never", "Always", "Auto"] and ded["mode"]["default"] == "Never"
     assert ded["replicas"]["minimum"] == 1
-    for key in ("promoteAboveRps", "promoteAfterSeconds", "demoteBelowRps", "demoteAfterSeconds"):
+    for key in ("promoteAboveRps", "demoteBelowRps", "minDwellSeconds"):
         assert ded[key]["minimum"] == 0
+    for key in ("promoteAfterSeconds", "demoteAfterSeconds"):  # windows: at least 1 s
+        assert ded[key]["minimum"] == 1
     ops = spec["pool"]["properties"]["matchExpressions"]["items"]["properties"]["operator"]
     assert ops["enum"] == ["In", "NotIn", "Exists", "DoesNotExist"]
     status = schema["properties"]["status"]
