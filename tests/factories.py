@@ -64,3 +64,23 @@ def make_adapter(
 def copy_adapter(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def stage_adapter(adapter_root: Path, staging: Path, tenant: str, version: str, *,
+                  files_of: str | None = None,
+                  extra: dict[str, bytes] | None = None) -> tuple[Path, str]:
+    """A publishable copy of ``adapter_root/<tenant>/<files_of or version>``: the files at
+    ``staging/<tenant>/<version>`` plus a manifest for them (and ``extra`` files), ready for
+    ``loramux push`` or a ``file://`` URI. Returns the directory and the manifest's sha256."""
+    from loramux.manifest import AdapterManifest, describe_files, write_manifest
+
+    src = staging / tenant / version
+    shutil.copytree(adapter_root / tenant / (files_of or version), src)
+    for name, data in (extra or {}).items():
+        (src / name).write_bytes(data)
+    config = json.loads((src / "adapter_config.json").read_text())
+    digest = write_manifest(src, AdapterManifest(
+        tenant=tenant, version=version, base_model="tiny-llama", rank=config["r"],
+        lora_alpha=float(config.get("lora_alpha", config["r"])),
+        target_modules=config["target_modules"], files=describe_files(src)))
+    return src, digest

@@ -19,7 +19,6 @@ process (what kube-proxy would).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -34,8 +33,8 @@ import httpx
 import pytest
 import yaml
 
+from factories import stage_adapter
 from k8s_harness import CRD_PATH, S3, InferencePod, K8s, OperatorProcess, inference_pod
-from loramux.manifest import AdapterManifest, describe_files, write_manifest
 from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -162,17 +161,6 @@ class ClientLoop:
         wait(lambda: len(self.results) >= count + n, what)
 
 
-def _stage(adapter_root: Path, staging: Path, version: str, files_of: str) -> Path:
-    src = staging / "legal" / version
-    shutil.copytree(adapter_root / "legal" / files_of, src)
-    config = json.loads((src / "adapter_config.json").read_text())
-    write_manifest(src, AdapterManifest(
-        tenant="legal", version=version, base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"],
-        files=describe_files(src)))
-    return src
-
-
 @pytest.fixture(scope="module")
 def hot(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path, start_server,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hot]:
@@ -184,7 +172,7 @@ def hot(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path, start
     uris = {}
     for version in ("v1", "v2"):
         uris[version] = f"s3://{bucket}/legal/{version}/"
-        push(_stage(adapter_root, workdir / "stage", version, files_of=version),
+        push(stage_adapter(adapter_root, workdir / "stage", "legal", version)[0],
              uris[version], client=s3_server.client, progress=False)
     pod = inference_pod(k8s.api, "pool-a", workdir / "pods", sidecar_token=TOKEN,
                         server_args=["--model", str(tiny_model_dir), "--quantization", "none",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from factories import stage_adapter
 from k8s_harness import (
     CRD_PATH,
     S3,
@@ -39,7 +39,6 @@ from k8s_harness import (
     _flag,
     inference_pod,
 )
-from loramux.manifest import AdapterManifest, describe_files, write_manifest
 from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -219,14 +218,7 @@ def stage(adapter_root: Path, staging: Path, tenant: str, version: str,
           files_of: str | None = None) -> Path:
     """A copy of the session's adapter (``files_of``: another version's files) with its
     manifest, ready for `loramux push`."""
-    src = staging / tenant / version
-    shutil.copytree(adapter_root / tenant / (files_of or version), src)
-    config = json.loads((src / "adapter_config.json").read_text())
-    write_manifest(src, AdapterManifest(
-        tenant=tenant, version=version, base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config.get("lora_alpha", config["r"])),
-        target_modules=config["target_modules"], files=describe_files(src)))
-    return src
+    return stage_adapter(adapter_root, staging, tenant, version, files_of=files_of)[0]
 
 
 @pytest.fixture(scope="module")

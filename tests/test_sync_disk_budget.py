@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,21 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
+from factories import stage_adapter
 from loramux.inference.adapter_store import FetchError, fetch_adapter
-from loramux.manifest import AdapterManifest, describe_files, write_manifest
 from loramux.names import AdapterRef
 
 
 def _publish(adapter_root: Path, out: Path, tenant: str) -> tuple[str, int]:
-    src = out / tenant / "v1"
-    shutil.copytree(adapter_root / tenant / "v1", src)
-    config = json.loads((src / "adapter_config.json").read_text())
-    files = describe_files(src)
-    write_manifest(src, AdapterManifest(
-        tenant=tenant, version="v1", base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"],
-        files=files))
-    return src.as_uri() + "/", sum(f.size for f in files)
+    src, _ = stage_adapter(adapter_root, out, tenant, "v1")
+    size = sum(p.stat().st_size for p in src.iterdir() if p.name != "manifest.json")
+    return src.as_uri() + "/", size
 
 
 def test_store_refuses_a_version_over_budget(adapter_root: Path, tmp_path: Path) -> None:

@@ -9,9 +9,7 @@ desired set on from where the previous one left it, like an operator would.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +26,8 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
+from factories import stage_adapter
 from loramux.inference.adapter_store import INCOMING_DIR
-from loramux.manifest import AdapterManifest, describe_files, write_manifest
 from loramux.training.publish import push
 
 TOKEN = "process-sidecar-token"
@@ -90,14 +88,7 @@ def s3(moto: Moto) -> Any:
 
 def stage(adapter_root: Path, staging: Path, tenant: str, version: str) -> Path:
     """A copy of the session's adapter with its manifest, ready for `loramux push`."""
-    src = staging / tenant / version
-    shutil.copytree(adapter_root / tenant / version, src)
-    config = json.loads((src / "adapter_config.json").read_text())
-    write_manifest(src, AdapterManifest(
-        tenant=tenant, version=version, base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config.get("lora_alpha", config["r"])),
-        target_modules=config["target_modules"], files=describe_files(src)))
-    return src
+    return stage_adapter(adapter_root, staging, tenant, version)[0]
 
 
 @pytest.fixture(scope="module")

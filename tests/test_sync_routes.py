@@ -5,25 +5,17 @@ dedicated deployment, and `loramux sync` (file:// sources)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loramux.manifest import AdapterManifest, describe_files, write_manifest
+from factories import stage_adapter
 
 
 def _publish(adapter_root: Path, out: Path, tenant: str) -> str:
-    src = out / tenant / "v1"
-    shutil.copytree(adapter_root / tenant / "v1", src)
-    config = json.loads((src / "adapter_config.json").read_text())
-    write_manifest(src, AdapterManifest(
-        tenant=tenant, version="v1", base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"],
-        files=describe_files(src)))
+    src, _ = stage_adapter(adapter_root, out, tenant, "v1")
     return src.as_uri() + "/"
 
 

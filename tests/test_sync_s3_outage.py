@@ -12,9 +12,7 @@ timing, not the bytes.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
-from loramux.manifest import AdapterManifest, describe_files, write_manifest
+from factories import stage_adapter
 from loramux.training.publish import push
 
 EXTRA_BYTES = 3 << 20  # the adapter carries a 3 MB extra file, to be slow to download
@@ -108,14 +106,8 @@ def test_s3_lost_mid_download_then_back_converges(
     s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
                       aws_access_key_id="test", aws_secret_access_key="test")
     s3.create_bucket(Bucket="outage")
-    src = tmp_path / "legal" / "v1"
-    shutil.copytree(adapter_root / "legal" / "v1", src)
-    (src / "notes.txt").write_bytes(os.urandom(EXTRA_BYTES))
-    config = json.loads((src / "adapter_config.json").read_text())
-    write_manifest(src, AdapterManifest(
-        tenant="legal", version="v1", base_model="tiny-llama", rank=config["r"],
-        lora_alpha=float(config["lora_alpha"]), target_modules=config["target_modules"],
-        files=describe_files(src)))
+    src, _ = stage_adapter(adapter_root, tmp_path, "legal", "v1",
+                           extra={"notes.txt": os.urandom(EXTRA_BYTES)})
     pushed = push(src, "s3://outage/legal/v1/", client=s3, progress=False)
 
     relay = ThrottledRelay((host, port), rate_bytes_s=1 << 20)
