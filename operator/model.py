@@ -253,12 +253,17 @@ def container_port(pod: Mapping[str, Any], name: str, default: int) -> int:
     return default
 
 
+DEDICATED_APP = "loramux-dedicated"  # hot tenants' merged pods: never part of a pool
+
+
 def pods_in_pool(spec: AdapterSpec, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Live pods of the spec's namespace that its pool selects (none if the spec is invalid)."""
+    """Live pods of the spec's namespace that its pool selects (none if the spec is invalid).
+    A hot tenant's dedicated pod never counts, even if a broad selector matches it."""
     if spec.error is not None:
         return []
     return [
         pod for pod in pods
         if pod_key(pod)[0] == spec.namespace and pod_is_live(pod)
-        and selector_matches(spec.pool, (pod.get("metadata") or {}).get("labels"))
+        and selector_matches(spec.pool, labels := (pod.get("metadata") or {}).get("labels"))
+        and (labels or {}).get("app.kubernetes.io/name") != DEDICATED_APP
     ]

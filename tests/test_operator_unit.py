@@ -684,3 +684,13 @@ def test_outranked_by_a_live_higher_priority_peer_only() -> None:
     peering["status"]["junk"] = {"priority": "x", "lastseen": "never"}
     assert outranked(peering, 500, now) is False
     assert outranked(None, 1, now) is False and outranked({}, 1, now) is False
+
+
+def test_dedicated_pods_are_never_pool_members():
+    from loramux.operator.model import pods_in_pool
+
+    spec = parse_adapter(cr("a"))
+    pool = pod("p1")
+    dedicated = pod("lmx-legal-v1-abc", labels={
+        "app": "infer", "app.kubernetes.io/name": "loramux-dedicated"})
+    assert [p["metadata"]["name"] for p in pods_in_pool(spec, [pool, dedicated])] == ["p1"]
