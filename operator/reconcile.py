@@ -405,12 +405,15 @@ class Reconciler:
         hot = self.hot
         assert hot is not None and self.kube is not None
         now = time.monotonic()
-        targets = [(key[0], _base_url(pod, container_port(pod, "http", self.settings.server_port)))
-                   for key, pod in relevant.items()]
-        totals = await scrape_request_totals(self.http, targets,
-                                             timeout=self.settings.request_timeout_seconds)
-        if totals is not None:
-            hot.record(totals, now)
+        if any(((by_key[s.key][1].get("spec") or {}).get("dedicated") or {}).get("mode")
+               == "Auto" for s in specs):  # only Auto needs the traffic
+            targets = [(key[0], _base_url(pod, container_port(pod, "http",
+                                                              self.settings.server_port)))
+                       for key, pod in relevant.items()]
+            totals = await scrape_request_totals(self.http, targets,
+                                                 timeout=self.settings.request_timeout_seconds)
+            if totals is not None:
+                hot.record(totals, now)
         try:
             existing_all = await hot.list_all(self.settings.namespace)
         except KubeError as exc:
