@@ -162,7 +162,7 @@ class AdapterCache:
                         f"{ref} is already loaded from {entry.path}; versions are immutable, "
                         "publish a new version instead"
                     )
-                entry.pinned = entry.pinned or pinned
+                entry.pinned = pinned  # a PUT states the version's pinning, both ways
                 if activate:
                     self._active[ref.tenant] = ref.version
                 if entry.loading is not None:

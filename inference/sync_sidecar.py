@@ -229,9 +229,9 @@ class DesiredAdapter(BaseModel):
         return AdapterRef(self.tenant, self.version)
 
     def same_spec(self, other: DesiredAdapter | None) -> bool:
-        """Equal apart from credentials, route and ``active``: none of them restarts a
-        version (activation is read from the desired set on every pass)."""
-        skip = {"credentials", "route", "active"}
+        """Equal apart from credentials, route, ``active`` and ``pinned``: none of them
+        restarts a version (activation and pinning are applied to the loaded version)."""
+        skip = {"credentials", "route", "active", "pinned"}
         return other is not None and (self.model_dump(exclude=skip)
                                       == other.model_dump(exclude=skip))
 
@@ -457,6 +457,13 @@ class Reconciler:
                 if status.phase != "Ready":
                     status.phase, status.reason, status.code = "Ready", None, None
                     status.terminal = False
+                if (bool(live.get("pinned")) != spec.pinned and ref not in self._tasks
+                        and self._owns(live)):
+                    # Pinning changed on a loaded version: say so again, nothing reloads.
+                    task = asyncio.create_task(self._repin(ref, spec, str(live["path"])),
+                                               name=f"repin-{ref}")
+                    self._tasks[ref] = task
+                    task.add_done_callback(lambda _t, r=ref: self._task_done(r))
                 continue
             if status.phase == "Ready" and server is not None:
                 status.phase, status.reason = "Pending", "no longer ready on the server"
@@ -532,6 +539,14 @@ class Reconciler:
             except ServerError as exc:
                 if exc.status != 404:
                     log.warning("removing the route of %s failed: %s", tenant, exc.message)
+
+    async def _repin(self, ref: AdapterRef, spec: DesiredAdapter, path: str) -> None:
+        try:
+            await self._server("PUT", f"/admin/adapters/{ref.tenant}/{ref.version}",
+                               {"path": path, "pinned": spec.pinned})
+            log.info("%s %s on the server", ref, "pinned" if spec.pinned else "unpinned")
+        except ServerError as exc:
+            log.warning("changing the pinning of %s failed: %s", ref, exc.message)
 
     def _task_done(self, ref: AdapterRef) -> None:
         self._tasks.pop(ref, None)

@@ -92,6 +92,27 @@ def test_sidecar_sets_and_removes_routes(start_server, start_sidecar, tiny_model
     httpx.put(f"{pool.url}/admin/tenants/medical/route", json={"url": merged.url}, timeout=5)
     _wait(lambda: routes() == {}, "stray route removed")
 
+    # pinning changed on a loaded version reaches the server both ways, without a reload
+    def pinned() -> bool:
+        items = httpx.get(f"{pool.url}/admin/adapters", timeout=5).json()["adapters"]
+        return next(a for a in items if a["tenant"] == "medical")["pinned"]
+
+    assert pinned() is False
+
+    def medical_state() -> dict[str, Any]:
+        items = httpx.get(f"{sidecar.url}/v1/state", timeout=5).json()["adapters"]
+        return next(a for a in items if a["tenant"] == "medical")
+
+    digest = medical_state()["digest"]
+    assert digest
+    for want in (True, False):
+        put([{"tenant": "legal", "version": "v1", "uri": uris["legal"]},
+             {"tenant": "medical", "version": "v1", "uri": uris["medical"], "pinned": want}])
+        _wait(lambda w=want: pinned() is w, f"medical pinned={want} on the server")
+        assert (medical_state()["phase"], medical_state()["digest"]) == ("Ready", digest)
+    downloads = httpx.get(f"{sidecar.url}/metrics", timeout=5).text
+    assert "loramux_sync_downloads_total 2.0" in downloads  # legal + medical, once each
+
     # bad route values are refused before anything changes
     r = httpx.put(f"{sidecar.url}/v1/desired", timeout=5, json={"adapters": [
         {"tenant": "legal", "version": "v1", "uri": uris["legal"], "route": "ftp://x"}]})

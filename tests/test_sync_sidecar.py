@@ -643,4 +643,6 @@ def test_ownership_is_by_path_under_root_and_credentials_hide_in_repr(
         assert "AKIAREPR" not in text and "repr-secret" not in text and "repr-token" not in text
     other = spec.model_copy(update={"credentials": None})
     assert spec.same_spec(other) and spec != other
-    assert not spec.same_spec(spec.model_copy(update={"pinned": True}))
+    # pinning and activation are applied to the loaded version; a new uri is a new spec
+    assert spec.same_spec(spec.model_copy(update={"pinned": True, "active": True}))
+    assert not spec.same_spec(spec.model_copy(update={"uri": "s3://b/a/v1-new/"}))
