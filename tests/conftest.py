@@ -58,15 +58,17 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
 class ServerProcess:
     """``loramux serve`` as a real process on a loopback port the kernel picks."""
 
+    command, start_timeout = "serve", 180.0
+
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.log_path = log_path
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "loramux.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-P", "-m", "loramux.cli", self.command, "--port", "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
         )
-        self.url = self._wait_for_url(timeout=180)
+        self.url = self._wait_for_url(timeout=self.start_timeout)
 
     def _wait_for_url(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -133,15 +135,7 @@ class SidecarProcess(ServerProcess):
     """``loramux sync`` as a real process on a loopback port the kernel picks (``--port 0``;
     the chosen port is parsed from uvicorn's "Uvicorn running on" line, as for the server)."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
-        self.log_path = log_path
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "loramux.cli", "sync", "--port", "0", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-        )
-        self.url = self._wait_for_url(timeout=60)
+    command, start_timeout = "sync", 60.0
 
 
 @pytest.fixture(scope="module")
