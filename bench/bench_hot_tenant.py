@@ -23,13 +23,8 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import platform
-import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,46 +37,16 @@ sys.path.insert(0, str(HERE))
 
 from bench_adapters import tenant_adapters  # noqa: E402
 from loadgen import DEFAULT_PROMPTS, run_load  # noqa: E402
+from procs import LoramuxProc  # noqa: E402
 
 PYTHON = sys.executable
 HOT = "tenant-0"
+DEFAULT_OUT = HERE / "results" / "bench_hot_tenant.json"
 
 
-class Proc:
-    def __init__(self, name: str, args: list[str], log_dir: Path,
-                 cpus: set[int] | None = None) -> None:
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-
-        def pin() -> None:
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
-        self.proc = subprocess.Popen([PYTHON, "-P", "-m", "loramux.cli", "serve", "--port", "0",
-                                      "--log-format", "text", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     start_new_session=True, preexec_fn=pin)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.log_path.read_text()[-3000:])
-            found = re.search(r"Uvicorn running on (http://[\d.]+:\d+)",
-                              self.log_path.read_text(errors="replace"))
-            if found:
-                self.url = found.group(1)
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"{name} did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+def serve(name: str, args: list[str], logs: Path, cpus: set[int] | None = None) -> LoramuxProc:
+    return LoramuxProc(name, ["serve", "--port", "0", "--log-format", "text", *args], logs,
+                       cpus=cpus)
 
 
 async def workload(url: str, others: list[str], hot_clients: int, rpc: int,
@@ -105,7 +70,7 @@ def main() -> None:
     ap.add_argument("--hot-clients", type=int, default=6)
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_hot_tenant.json")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
 
     adapters = tenant_adapters(args.tenants)
@@ -117,17 +82,17 @@ def main() -> None:
     load = (others, args.hot_clients, args.requests_per_client, args.max_new_tokens)
 
     print("unmerged: one pool server on both cores", flush=True)
-    pool = Proc("hot-pool-unmerged", ["--quantization", "nf4", "--torch-threads", "2",
-                                      *preload], logs)
+    pool = serve("hot-pool-unmerged", ["--quantization", "nf4", "--torch-threads", "2",
+                                       *preload], logs)
     try:
         results["unmerged"] = asyncio.run(workload(pool.url, *load))
     finally:
         pool.stop()
 
     print("merged: pool on core 0 forwards tenant-0 to a merged server on core 1", flush=True)
-    pool = Proc("hot-pool", ["--quantization", "nf4", "--torch-threads", "1", *preload],
-                logs, cpus={0})
-    merged = Proc("hot-merged", ["--quantization", "bf16", "--torch-threads", "1",
+    pool = serve("hot-pool", ["--quantization", "nf4", "--torch-threads", "1", *preload],
+                 logs, cpus={0})
+    merged = serve("hot-merged", ["--quantization", "bf16", "--torch-threads", "1",
                                  "--merge-adapter", str(adapters[HOT]),
                                  "--merge-adapter-ref", f"{HOT}@v1"], logs, cpus={1})
     try:
@@ -158,7 +123,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(json.dumps(summary, indent=2))
-    plot(summary, REPO / "docs" / "img" / "hot_tenant.png")
+    if args.out == DEFAULT_OUT:  # a trial run with --out elsewhere leaves the report alone
+        plot(summary, REPO / "docs" / "img" / "hot_tenant.png")
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:

@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
-import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,45 +41,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bench_adapters import ALL_LINEAR, DEFAULT_CACHE, make_adapters  # noqa: E402
+from procs import LoramuxProc as Proc  # noqa: E402
 
 PYTHON = sys.executable
 BUCKET = "loramux-bench"
 RANK = 16
-
-
-class Proc:
-    """A ``loramux`` subprocess on a kernel-picked port, found in its uvicorn log line."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([PYTHON, "-P", "-m", "loramux.cli", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                                     start_new_session=True)
-        self.url = self._wait_url(300)
-
-    def _wait_url(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.log_path.read_text()[-3000:])
-            found = re.search(r"Uvicorn running on (http://[\d.]+:\d+)",
-                              self.log_path.read_text(errors="replace"))
-            if found:
-                return found.group(1)
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.log_path} did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def build_and_push(count: int, s3_url: str) -> dict[str, dict[str, str]]:
