@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loramux.tokens import read_token
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -95,9 +97,4 @@ class ServeSettings(BaseSettings):
         return self
 
     def resolved_admin_token(self) -> str | None:
-        if self.admin_token:
-            return self.admin_token
-        if self.admin_token_file is not None:
-            token = self.admin_token_file.read_text().strip()
-            return token or None
-        return None
+        return read_token(self.admin_token, self.admin_token_file)

@@ -90,6 +90,7 @@ from loramux.inference.adapter_store import (
     remove_adapter,
 )
 from loramux.names import AdapterRef, TenantName, VersionName
+from loramux.tokens import read_token
 
 log = logging.getLogger("loramux.sync")
 
@@ -141,18 +142,11 @@ class SyncSettings(BaseSettings):
     )
 
     def resolved_server_token(self) -> str | None:
-        return _token(self.server_token, self.server_token_file)
+        return read_token(self.server_token, self.server_token_file)
 
     def resolved_token(self) -> str | None:
-        return _token(self.token, self.token_file)
+        return read_token(self.token, self.token_file)
 
-
-def _token(value: str | None, path: Path | None) -> str | None:
-    if value:
-        return value
-    if path is not None:
-        return path.read_text().strip() or None
-    return None
 
 
 # --------------------------------------------------------------------------- API models

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loramux.tokens import read_token
+
 ENV_PREFIX = "LORAMUX_OPERATOR_"
 
 
@@ -78,15 +80,8 @@ class OperatorSettings(BaseSettings):
     )
 
     def resolved_sidecar_token(self) -> str | None:
-        return _token(self.sidecar_token, self.sidecar_token_file)
+        return read_token(self.sidecar_token, self.sidecar_token_file)
 
     def resolved_server_token(self) -> str | None:
-        return _token(self.server_token, self.server_token_file)
+        return read_token(self.server_token, self.server_token_file)
 
-
-def _token(value: str | None, path: Path | None) -> str | None:
-    if value:
-        return value
-    if path is not None:
-        return path.read_text().strip() or None
-    return None
