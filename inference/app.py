@@ -34,6 +34,7 @@ from .adapter_cache import (
 )
 from .adapters import AdapterRejected
 from .engine import ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
+from .json_body import UnsupportedMediaType, require_json_body
 from .routing import TenantRouter
 from .sampling import SamplingParams
 from .schemas import (
@@ -599,7 +600,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.engine.stop()
         runtime.cache.shutdown()
 
-    app = FastAPI(title="loramux", version=runtime.version, lifespan=lifespan)
+    # JSON bodies: no Content-Type means JSON, other non-JSON types are a 415 (json_body.py).
+    app = FastAPI(title="loramux", version=runtime.version, lifespan=lifespan,
+                  strict_content_type=False, dependencies=[Depends(require_json_body)])
     app.state.runtime = runtime
     app.include_router(public)
     app.include_router(admin)
@@ -609,6 +612,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(_error_body(exc.message, exc.code, exc.status),
                             status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(UnsupportedMediaType)
+    async def _not_json(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        return JSONResponse(_error_body(exc.message, exc.code, exc.status),
+                            status_code=exc.status)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:

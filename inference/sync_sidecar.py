@@ -89,6 +89,7 @@ from loramux.inference.adapter_store import (
     read_credentials_dir,
     remove_adapter,
 )
+from loramux.inference.json_body import UnsupportedMediaType, require_json_body
 from loramux.names import AdapterRef, TenantName, VersionName
 from loramux.tokens import read_token
 
@@ -862,7 +863,9 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
         finally:
             await reconciler.stop()
 
-    app = FastAPI(title="loramux-sync", lifespan=lifespan)
+    # PUT /v1/desired: no Content-Type means JSON, other non-JSON types are a 415 (json_body).
+    app = FastAPI(title="loramux-sync", lifespan=lifespan, strict_content_type=False,
+                  dependencies=[Depends(require_json_body)])
     app.state.reconciler = reconciler
     auth = [Depends(require_token)]
 
@@ -870,6 +873,10 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
     async def _unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
         return _error(401, "unauthorized", "needs 'Authorization: Bearer <token>'",
                       {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(UnsupportedMediaType)
+    async def _not_json(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -721,6 +721,109 @@ def test_cache_metrics_count_hits_misses_and_evictions_per_tier(http, busy):
     assert metric_value(text, "loramux_resident_adapters", tier="device") == 1
 
 
+# ====================================================================== body content type
+# A body is JSON when it says so (application/json, application/*+json) or says nothing;
+# any other type is a 415 that says what to send (curl -d's form default most of all).
+_JSON_BODIES = {
+    "/generate": _greedy("legal", "hello", 2),
+    "/v1/completions": {"model": "legal", "prompt": "hello", "max_tokens": 2},
+    "/v1/chat/completions": {"model": "legal", "max_tokens": 2,
+                             "messages": [{"role": "user", "content": "hello"}]},
+}
+
+
+def _unsupported(response: httpx.Response) -> str:
+    message = _error(response, 415, "unsupported_media_type")["message"]
+    assert "Content-Type: application/json" in message
+    assert "-H 'Content-Type: application/json'" in message  # the curl flag to add
+    return message
+
+
+@pytest.mark.parametrize("route", list(_JSON_BODIES))
+def test_json_sent_as_a_form_like_curl_d_does_is_415_saying_what_to_send(http, fp32_server,
+                                                                         route):
+    r = http.post(f"{fp32_server.url}{route}", content=json.dumps(_JSON_BODIES[route]),
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert "'application/x-www-form-urlencoded'" in _unsupported(r)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain; charset=utf-8",
+                                          "multipart/form-data; boundary=x", "application/xml"])
+def test_other_non_json_content_types_are_415(http, fp32_server, content_type):
+    r = http.post(f"{fp32_server.url}/generate", content=json.dumps(_JSON_BODIES["/generate"]),
+                  headers={"content-type": content_type})
+    _unsupported(r)
+
+
+@pytest.mark.parametrize("route", list(_JSON_BODIES))
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8",
+                                          "APPLICATION/JSON", "application/vnd.loramux+json"])
+def test_json_without_a_content_type_or_with_a_json_one_is_served(http, fp32_server, route,
+                                                                  content_type):
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = http.post(f"{fp32_server.url}{route}", content=json.dumps(_JSON_BODIES[route]),
+                  headers=headers)
+    assert r.request.headers.get("content-type") == content_type
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"] == "legal@v1"
+
+
+def test_no_content_type_with_bad_json_is_still_422(http, fp32_server):
+    r = http.post(f"{fp32_server.url}/generate", content=b'{"tenant_id": "legal", "prompt": ')
+    assert "JSON decode error" in _error(r, 422, "invalid_request")["message"]
+    r = http.post(f"{fp32_server.url}/generate", content=b'{"tenant_id": "legal"}')
+    assert "prompt" in _error(r, 422, "invalid_request")["message"]
+
+
+def test_routes_without_a_body_ignore_the_content_type(http, fp32_server):
+    plain = {"content-type": "text/plain"}
+    assert http.get(f"{fp32_server.url}/v1/models", headers=plain).status_code == 200
+    _error(http.post(f"{fp32_server.url}/nowhere", content=b"x", headers=plain), 404)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/admin/adapters/legal/v9", {"path": "/nowhere"}),
+    ("/admin/tenants/legal/active", {"version": "v1"}),
+    ("/admin/tenants/nobody/route", {"url": "http://127.0.0.1:9"}),
+])
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_admin_routes_with_a_non_json_body_are_415_not_500(http, strict, path, body,
+                                                          content_type):
+    r = http.put(f"{strict.url}{path}", content=json.dumps(body),
+                 headers={**ADMIN, "content-type": content_type})
+    _unsupported(r)
+
+
+def test_admin_route_without_a_content_type_reads_json(http, strict):
+    r = http.put(f"{strict.url}/admin/tenants/legal/active", content=b'{"version": "v1"}',
+                 headers=ADMIN)
+    assert r.status_code == 200 and r.json()["active"] is True, r.text
+
+
+def test_sync_sidecar_applies_the_same_rule_in_its_error_shape(tmp_path):
+    from loramux.inference.sync_sidecar import SyncSettings, create_app
+
+    app = create_app(SyncSettings(root=tmp_path, token=TOKEN))  # lifespan not run: no loop
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://sidecar", headers=ADMIN) as client:
+            body = b'{"adapters": []}'
+            return [await client.put("/v1/desired", content=body, headers=headers)
+                    for headers in ({"content-type": "application/x-www-form-urlencoded"},
+                                    {"content-type": "text/plain"}, {},
+                                    {"content-type": "application/json; charset=utf-8"})]
+
+    form, plain, bare, json_type = asyncio.run(scenario())
+    for r in (form, plain):
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert "-H 'Content-Type: application/json'" in error["message"]
+    for r in (bare, json_type):
+        assert r.status_code == 202 and r.json() == {"accepted": 0}, r.text
+
+
 # ====================================================================== logs
 def test_no_server_logged_a_traceback_or_an_unhandled_error(fp32_server, strict, busy):
     for server in (fp32_server, strict, busy):
