@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # the standard library's `operator` when Python runs from the repo root with `-m`.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-avx2 lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,9 +25,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m loramux.demo
 
+# The numerical tests once more as an AVX2-only CPU runs them (no native bf16: torch's own
+# kernels and oneDNN limited to AVX2), so both CPU kinds are proven in every run.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+NUMERIC_TESTS := tests/test_lora_backends.py tests/test_isolation.py \
+	tests/test_merge_and_default_model.py tests/test_precision.py
+
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -x --durations=15
+	$(MAKE) --no-print-directory test-avx2
+
+test-avx2: setup
+	$(AVX2_ONLY) $(PY) -m pytest -q -x -p no:cacheprovider $(NUMERIC_TESTS)
 
 bench: setup
 	$(PY) bench/bench_server.py

@@ -1,8 +1,14 @@
-"""In-process decode-step time of each LoRA backend, on the main thread and on a worker thread.
+"""In-process decode-step time of each LoRA backend and precision, on the main and a worker thread.
 
 No HTTP, no engine: the backend's ``forward`` for one decode step of a batch (8 rows after
-a short prompt), median over ``--steps`` steps, on the NF4 SmolLM2-135M base with 8 rank-16
-q/k/v/o tenants resident. The same is timed on a second thread after the main thread has
+a short prompt), median over ``--steps`` steps, on the SmolLM2-135M base with 8 rank-16
+q/k/v/o tenants resident. ``--precisions`` lists weight formats, each optionally with a
+compute dtype (``nf4:fp32``); ``auto`` is what ``loramux serve`` would choose here. This is
+the measurement behind ``--quantization auto`` (docs/benchmarks.md, "Precision by CPU kind"):
+
+    .venv/bin/python bench/bench_decode_step.py --backends batched \
+        --precisions nf4:bf16,nf4:fp32,bf16,none,auto --no-worker-thread
+ The same is timed on a second thread after the main thread has
 run torch (as in ``loramux serve``, whose engine thread runs the forward passes), which
 shows the OpenMP effect described in docs/benchmarks.md and bench/repro_openmp_threads.py.
 
@@ -12,6 +18,8 @@ shows the OpenMP effect described in docs/benchmarks.md and bench/repro_openmp_t
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import statistics
 import sys
 import threading
@@ -30,6 +38,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--backends", default="batched,peft")
+    parser.add_argument("--precisions", default="nf4:auto",
+                        help="comma list of QUANT[:COMPUTE], e.g. nf4:bf16,nf4:fp32,bf16,none,auto")
+    parser.add_argument("--no-worker-thread", action="store_true",
+                        help="time the main thread only")
     args = parser.parse_args()
 
     import torch
@@ -38,13 +50,18 @@ def main() -> None:
     from loramux.inference import lora_backend
     from loramux.inference.adapters import BaseFacts, read_adapter
     from loramux.inference.model_loader import load_base_model
+    from loramux.inference.precision import cpu_info
 
     torch.set_grad_enabled(False)
     adapters = tenant_adapters(8)
-    results: list[tuple[str, str, str, float]] = []
+    results: list[tuple[str, str, str, str, float]] = []
+    combos = [(p.partition(":")[0], p.partition(":")[2] or "auto")
+              for p in (x.strip() for x in args.precisions.split(",")) if p]
 
-    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        base = load_base_model(None, "nf4", "cpu")
+    for (quant, compute), name in itertools.product(
+            combos, [b.strip() for b in args.backends.split(",") if b.strip()]):
+        base = load_base_model(None, quant, "cpu", compute_dtype=compute)  # type: ignore[arg-type]
+        label_p = f"{base.quantization}/{base.compute_dtype}"
         facts = BaseFacts.from_model(base.model, base.aliases)
         backend = (lora_backend.BatchedLoraBackend(base.model) if name == "batched"
                    else lora_backend.PeftMixedBatchBackend(base.model))
@@ -79,22 +96,26 @@ def main() -> None:
                 last, pos = logits.argmax(-1), pos + 1
             return statistics.median(samples) * 1000
 
-        def run_all(where: str, name: str = name, cases: dict = cases, step_ms=step_ms) -> None:
+        def run_all(where: str, name: str = name, cases: dict = cases, step_ms=step_ms,
+                    label_p: str = label_p) -> None:
             for label, row_slots in cases.items():
                 step_ms(row_slots, 3)
-                results.append((name, where, label, step_ms(row_slots, args.steps)))
+                results.append((label_p, name, where, label, step_ms(row_slots, args.steps)))
 
         run_all("main thread")
-        worker = threading.Thread(target=run_all, args=("worker thread",))
-        worker.start()
-        worker.join()
-        print(f"{name} done", flush=True)
+        if not args.no_worker_thread:
+            worker = threading.Thread(target=run_all, args=("worker thread",))
+            worker.start()
+            worker.join()
+        print(f"{label_p} {name} done ({base.precision.reason if base.precision else ''})",
+              flush=True)
 
-    print(f"\ndecode step, ms (median of {args.steps}); torch threads: {torch.get_num_threads()}")
-    print(f"{'backend':8} {'thread':14} {'batch':28} {'ms/step':>8} {'tok/s':>7}")
-    for name, where, label, ms in results:
+    print(f"\nCPU: {json.dumps(cpu_info().describe())}")
+    print(f"decode step, ms (median of {args.steps}); torch threads: {torch.get_num_threads()}")
+    print(f"{'precision':10} {'backend':8} {'thread':14} {'batch':28} {'ms/step':>8} {'tok/s':>7}")
+    for label_p, name, where, label, ms in results:
         rows = 1 if label.startswith("1 row") else 8
-        print(f"{name:8} {where:14} {label:28} {ms:8.1f} {rows * 1000 / ms:7.1f}")
+        print(f"{label_p:10} {name:8} {where:14} {label:28} {ms:8.1f} {rows * 1000 / ms:7.1f}")
 
 
 if __name__ == "__main__":

@@ -430,7 +430,8 @@ async def models(request: Request) -> Any:
     if runtime.merged_entry is None:
         data.append({"id": runtime.base_name, "object": "model", "created": created,
                      "owned_by": "loramux", "root": runtime.base_name, "parent": None,
-                     "quantization": runtime.quantization})
+                     "quantization": runtime.quantization,
+                     "compute_dtype": runtime.base.compute_dtype})
     for entry in sorted(runtime.cache.entries(), key=lambda e: str(e.ref)):
         if entry.state != AdapterState.READY:
             continue
@@ -442,7 +443,8 @@ async def models(request: Request) -> Any:
                          "parent": runtime.base_name, "tenant": entry.ref.tenant,
                          "version": entry.ref.version, "merged": entry.merged})
     return {"object": "list", "data": data, "base_model": runtime.base_name,
-            "base_model_aliases": list(runtime.base_names)}
+            "base_model_aliases": list(runtime.base_names),
+            "precision": runtime.base.precision_view()}
 
 
 def _entry_view(runtime: Runtime, entry: AdapterEntry) -> dict[str, Any]:

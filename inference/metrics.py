@@ -6,7 +6,7 @@ a client cannot blow up label cardinality with made-up names.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 BASE_LABEL = "_base"
 
@@ -42,6 +42,10 @@ class Metrics:
         self.distinct_adapters = Histogram(
             "loramux_step_distinct_adapters", "Distinct adapters (base included) in each step.",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r,
+        )
+        self.precision = Info(
+            "loramux_precision", "Weight format and compute dtype of the base, and why.",
+            registry=r,
         )
         self.queue_depth = Gauge(
             "loramux_queue_depth", "Requests waiting to join the batch.", registry=r

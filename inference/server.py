@@ -17,7 +17,8 @@ from .adapters import AdapterRejected, BaseFacts, read_adapter
 from .engine import Engine, confine_torch_threads
 from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
 from .metrics import Metrics
-from .model_loader import BaseModel, load_base_model
+from .model_loader import BaseModel, load_base_model, resolve_device
+from .precision import probe_device, unquantized_weights
 from .routing import TenantRouter
 from .settings import ServeSettings
 
@@ -85,14 +86,17 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     confine_torch_threads()  # before loading: this thread must not own an OpenMP team
     quantization = settings.quantization
     if settings.merge_adapter is not None and quantization in ("auto", "nf4"):
-        # Merging into 4-bit weights is lossy: merge into a dequantized copy instead.
-        quantization = "bf16" if torch.cuda.is_available() and settings.device != "cpu" else "none"
+        # Merging into 4-bit weights is lossy: merge into an unquantized copy in the compute
+        # dtype instead.
+        quantization = unquantized_weights(settings.compute_dtype,
+                                           probe_device(resolve_device(settings.device)))
         log.info("merge mode: loading the base unquantized for an exact merge",
                  extra={"quantization": quantization})
     base = load_base_model(settings.model, quantization, settings.device, settings.cache_dir,
-                           settings.served_model_name)
+                           settings.served_model_name, settings.compute_dtype)
     facts = BaseFacts.from_model(base.model, base.aliases)
     metrics = Metrics()
+    metrics.precision.info(base.precision_view(flat=True))
     merged_ref: AdapterRef | None = None
     merged_bytes = merged_rank = 0
     if settings.merge_adapter is not None:

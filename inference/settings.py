@@ -27,8 +27,14 @@ class ServeSettings(BaseSettings):
         None, description="Local HF checkpoint directory. Default: the embedded SmolLM2-135M."
     )
     served_model_name: str | None = Field(None, description="Name the base is served under.")
-    quantization: Literal["auto", "nf4", "bf16", "none"] = Field(
-        "auto", description="auto = nf4 when bitsandbytes is installed."
+    quantization: Literal["auto", "nf4", "bf16", "fp16", "none"] = Field(
+        "auto", description="Weights: nf4 (4-bit), bf16, fp16 or none (fp32). auto = the "
+        "fastest that fits in memory on this device (NF4 on CPUs with native bf16, fp32 on "
+        "CPUs without, half precision on CUDA).",
+    )
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="What NF4 weights dequantize to and matmuls run in. auto = bf16 "
+        "on CPUs with AVX512-BF16/AMX and on CUDA with bf16, fp16 on older CUDA, else fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: Path | None = Field(None, description="Where the converted default model lives.")

@@ -36,9 +36,14 @@ def _serve(argv: list[str]) -> int:
         )
 
     settings = CliApp.run(ServeCli, cli_args=argv)
+    from loramux.inference.model_loader import ModelLoadError
     from loramux.inference.server import serve
 
-    serve(ServeSettings.model_validate(settings.model_dump()))
+    try:
+        serve(ServeSettings.model_validate(settings.model_dump()))
+    except ModelLoadError as exc:  # a missing model, an impossible precision: say it once
+        print(f"loramux serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -37,6 +37,20 @@ def _logits(backend, config, slots):
     return backend.forward(ids, mask, positions, DynamicCache(config=config), slots)
 
 
+def _stacked_weights(backend: BatchedLoraBackend, tenants: tuple[str, ...]
+                     ) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Each tenant's (A, B) in every layer it touches, sliced to its own rank, copied."""
+    out = {}
+    for tenant in tenants:
+        adapter_id = backend._ids[tenant]
+        for path, layer in backend._layers.items():
+            if adapter_id in layer.local_of:
+                local, rank = layer.local_of[adapter_id], layer.rank_of[adapter_id]
+                out[(tenant, path)] = (layer.A[local, :rank].clone(),
+                                       layer.B[local, :, :rank].clone())
+    return out
+
+
 @pytest.mark.parametrize("slots", [
     ["legal", "medical", "finance", "retail", "support", "travel", None],
     ["medical"] * 4,
@@ -57,10 +71,19 @@ def test_removing_and_re_adding_adapters_keeps_rows_exact(backends):
     config = reference.model.config
     slots = ["legal", "support", None, "travel"]
     before = _logits(batched, config, slots)
+    kept = _stacked_weights(batched, ("legal", "support", "travel"))
     for tenant in ("medical", "finance", "retail"):
         batched.remove(tenant)
-    # Slots were freed and reused: the remaining adapters are untouched.
-    torch.testing.assert_close(_logits(batched, config, slots), before, rtol=0, atol=0)
+    # Slots were freed and reused: the remaining adapters' weights are untouched, bit for
+    # bit (a copy, exact by construction)...
+    after = _stacked_weights(batched, ("legal", "support", "travel"))
+    assert after.keys() == kept.keys()
+    for key, (a, b) in kept.items():
+        assert torch.equal(after[key][0], a) and torch.equal(after[key][1], b), key
+    # ...and so are their outputs, up to float rounding: when the widest adapter of a layer
+    # leaves, the stack narrows, and a matmul over a shorter zero-padded rank sums in another
+    # order on some CPUs (differences of ~4e-6 were seen on an AVX2-only EPYC).
+    torch.testing.assert_close(_logits(batched, config, slots), before, rtol=1e-5, atol=1e-5)
     batched.add("medical-again", adapters["medical"])
     mixed = ["medical-again", "legal", None]
     torch.testing.assert_close(

@@ -8,6 +8,7 @@ import pytest
 from conftest import preload_flags
 from factories import make_adapter
 from helpers import generate
+from loramux.inference.model_loader import resolve_precision
 
 PROMPTS = ["Merged prompt one", "A second, longer prompt for the merged model", "Third"]
 
@@ -54,12 +55,18 @@ def smollm_adapters(tmp_path_factory, default_model_dir):
     return root
 
 
-def test_embedded_smollm2_in_nf4_answers_and_serves_two_tenants(start_server, smollm_adapters):
+def test_embedded_smollm2_at_auto_precision_answers_and_serves_two_tenants(
+        start_server, smollm_adapters, default_model_dir):
     server = start_server("--log-format", "text",  # no --model: the embedded default
                           *preload_flags(smollm_adapters, ["legal", "medical"]))
     models = httpx.get(f"{server.url}/v1/models").json()
     base = models["data"][0]
-    assert base["id"] == "SmolLM2-135M-Instruct" and base["quantization"] == "nf4"
+    # auto: what this CPU (or its emulated ISA, which the server inherits) makes fastest.
+    expected = resolve_precision("auto", "auto", "cpu", default_model_dir)
+    assert base["id"] == "SmolLM2-135M-Instruct"
+    assert (base["quantization"], base["compute_dtype"]) == (expected.quantization,
+                                                             expected.compute_dtype)
+    assert models["precision"]["reason"] == expected.reason
     r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
         "model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 12,
         "messages": [{"role": "user", "content": "What is the capital of France?"}]})

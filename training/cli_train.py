@@ -17,6 +17,8 @@ from typing import Any
 _TRAIN_FLAGS: dict[str, tuple[str, type | None, str]] = {
     "model": ("base_model", Path, "local HF checkpoint of the base (default: embedded SmolLM2)"),
     "quantization": ("quantization", str, "nf4 (QLoRA, default), bf16 or none"),
+    "compute_dtype": ("compute_dtype", str,
+                      "auto (default: bf16 only where the hardware has it), bf16, fp16, fp32"),
     "device": ("device", str, "auto, cpu or cuda"),
     "output_dir": ("output_dir", Path, "adapters go to <output-dir>/<tenant>/<version>/"),
     "steps": ("steps", int, "optimizer steps in total, over all tasks"),

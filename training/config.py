@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
 
     base_model: Path | None = Field(None, description="local HF checkpoint; None = embedded")
     quantization: Literal["nf4", "bf16", "none"] = "nf4"
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="NF4 compute dtype; auto = bf16 where the CPU/GPU has it natively, "
+        "else fp32 (CPU) or fp16 (CUDA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: Path = Path("adapters")
     steps: int = Field(100, ge=1)

@@ -129,7 +129,8 @@ class MultiTaskTrainer:
         if base is None:
             from loramux.inference.model_loader import load_base_model
 
-            base = load_base_model(config.base_model, config.quantization, config.device)
+            base = load_base_model(config.base_model, config.quantization, config.device,
+                                   compute_dtype=config.compute_dtype)
         self.base = base
         self.tokenizer = base.tokenizer
         self.pad_id = self.tokenizer.pad_token_id
