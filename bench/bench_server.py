@@ -293,11 +293,26 @@ def machine_info() -> dict[str, Any]:
     info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
     info["torch_threads"] = torch.get_num_threads()
+    # Which CPU kind this ran on: the numbers differ ~20x for bf16 between kinds.
+    from loramux.inference.precision import cpu_info
+
+    info["cpu"] = cpu_info().describe()
     info["cuda"] = torch.cuda.is_available()
     return info
 
 
-def plot(rows: list[dict[str, Any]], ratio: float | None, path: Path) -> None:
+def run_label(report: dict[str, Any]) -> str:
+    """'NF4/bf16 on Intel(R) Xeon(R) ... (native bf16)': what ran, and on which CPU kind."""
+    cpu = report.get("machine", {}).get("cpu") or {}
+    kind = "native bf16" if cpu.get("native_bf16") else "no native bf16"
+    if cpu.get("isa_limit"):
+        kind += f", {cpu['isa_limit']}"
+    quant = {"none": "fp32"}.get(report["quantization"], report["quantization"].upper())
+    return (f"{quant}/{report.get('compute_dtype', 'bf16')} on "
+            f"{cpu.get('model') or report.get('machine', {}).get('cpu_model')} ({kind})")
+
+
+def plot(rows: list[dict[str, Any]], ratio: float | None, path: Path, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,7 +352,7 @@ def plot(rows: list[dict[str, Any]], ratio: float | None, path: Path) -> None:
     ax2.legend()
     first = rows[0]
     fig.suptitle(
-        f"SmolLM2-135M-Instruct NF4, CPU only — {first['clients']} clients × "
+        f"SmolLM2-135M-Instruct {label} — {first['clients']} clients × "
         f"{first['requests_per_client']} requests × {first['max_new_tokens']} tokens",
         fontsize=11,
     )
@@ -353,7 +368,10 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=8, help="distinct adapters (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=1)
-    parser.add_argument("--quantization", default="nf4", choices=["nf4", "bf16", "none"])
+    parser.add_argument("--quantization", default="auto",
+                        choices=["auto", "nf4", "bf16", "fp16", "none"],
+                        help="as loramux serve (auto: what is fastest on this CPU)")
+    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "server.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "img" /
                         "server_throughput.png")
@@ -379,13 +397,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_only:
         saved = json.loads(args.out.read_text())
-        plot(saved["results"], saved["ratios"].get("a_over_d"), args.plot)
+        plot(saved["results"], saved["ratios"].get("a_over_d"), args.plot, run_label(saved))
         print(f"wrote {args.plot}")
         return
 
-    from loramux.inference.model_loader import ensure_default_model
+    from loramux.inference.model_loader import ensure_default_model, resolve_precision
 
     model_dir = ensure_default_model()
+    # Resolved once here and given to both servers, so the baseline runs the same weights
+    # format and compute dtype as loramux on this CPU.
+    precision = resolve_precision(args.quantization, args.compute_dtype, "cpu", model_dir)
+    print(f"precision: {precision.quantization}/{precision.compute_dtype} ({precision.reason})",
+          flush=True)
     adapters = tenant_adapters(args.tenants)
     names = list(adapters)
     distinct = [names[i % len(names)] for i in range(args.clients)]
@@ -409,13 +432,15 @@ def main() -> None:
         rows.append(row)
 
     lmx_argv = [PYTHON, "-P", "-m", "loramux.cli", "serve", "--port", "{port}",
-                "--quantization", args.quantization, "--log-format", "text",
+                "--quantization", precision.quantization,
+                "--compute-dtype", precision.compute_dtype, "--log-format", "text",
                 "--max-batch-size", str(max(16, args.clients)),
                 "--lora-backend", args.lora_backend]
     for name, path in adapters.items():
         lmx_argv += ["--adapter", f"{name}@v1={path}"]
     seed_argv = [PYTHON, str(HERE / "seed_baseline_server.py"), "--model", str(model_dir),
-                 "--quantization", args.quantization, "--port", "{port}"]
+                 "--quantization", precision.quantization,
+                 "--compute-dtype", precision.compute_dtype, "--port", "{port}"]
     for name, path in adapters.items():
         seed_argv += ["--adapter", f"{name}={path}"]
 
@@ -474,7 +499,9 @@ def main() -> None:
         "git": git_state(),
         "model": BASE_NAME,
         "model_dir": str(model_dir),
-        "quantization": args.quantization,
+        "quantization": precision.quantization,
+        "compute_dtype": precision.compute_dtype,
+        "precision_reason": precision.reason,
         "lora_backend": args.lora_backend,
         "adapters": {"count": len(names), "rank": 16, "targets": "q,k,v,o_proj",
                      "paths": {n: str(p) for n, p in adapters.items()}},
@@ -509,7 +536,7 @@ def main() -> None:
               f"{FOREIGN_CPU_WARN:.0%} of the CPU; consider re-running")
     print(f"wrote {args.out}")
     if not args.no_plot:
-        plot(rows, ratio, args.plot)
+        plot(rows, ratio, args.plot, run_label(report))
         print(f"wrote {args.plot}")
 
 

@@ -7,7 +7,7 @@ model, one peft ``PeftModel`` holding every adapter, and ONE global lock held ar
 take turns. It exposes the same ``POST /generate`` contract as the real server so that the same
 load generator (``bench/loadgen.py``) can drive both.
 
-    python bench/seed_baseline_server.py --model DIR --quantization nf4 \
+    python bench/seed_baseline_server.py --model DIR --quantization nf4 --compute-dtype auto \
         --host 127.0.0.1 --port 8001 --adapter legal=/path --adapter medical=/path
 """
 
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,6 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from peft import PeftModel
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 
 class GenerateRequest(BaseModel):
@@ -35,23 +35,15 @@ class GenerateRequest(BaseModel):
     temperature: float | None = None  # accepted for contract parity; decoding is always greedy
 
 
-def load_model(model_dir: str, quantization: str, adapters: dict[str, str]) -> tuple[Any, Any]:
-    kwargs: dict[str, Any] = {}
-    if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    elif quantization == "bf16":
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = torch.float32
-    if torch.cuda.is_available():
-        kwargs["device_map"] = "auto"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+def load_model(model_dir: str, quantization: str, compute_dtype: str,
+               adapters: dict[str, str]) -> tuple[Any, Any]:
+    # The base is loaded exactly as loramux loads it (same weights format, compute dtype and
+    # kernels), so the comparison measures the serving design alone.
+    from loramux.inference.model_loader import load_base_model
+
+    loaded = load_base_model(Path(model_dir), quantization, "auto",  # type: ignore[arg-type]
+                             compute_dtype=compute_dtype)  # type: ignore[arg-type]
+    base, tokenizer = loaded.model, loaded.tokenizer
     items = list(adapters.items())
     first_name, first_path = items[0]
     model = PeftModel.from_pretrained(base, first_path, adapter_name=first_name)
@@ -121,7 +113,10 @@ def parse_adapter(spec: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local base checkpoint directory")
-    parser.add_argument("--quantization", choices=["nf4", "bf16", "none"], default="nf4")
+    parser.add_argument("--quantization", choices=["auto", "nf4", "bf16", "fp16", "none"],
+                        default="auto")
+    parser.add_argument("--compute-dtype", choices=["auto", "bf16", "fp16", "fp32"],
+                        default="auto")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument(
@@ -134,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     adapters = dict(args.adapter)
     torch.set_num_threads(1)  # the main thread never runs the model (see create_app)
-    model, tokenizer = load_model(args.model, args.quantization, adapters)
+    model, tokenizer = load_model(args.model, args.quantization, args.compute_dtype, adapters)
     app = create_app(model, tokenizer, set(adapters))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

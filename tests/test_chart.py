@@ -437,6 +437,16 @@ def test_limits_and_cache_budgets_reach_the_server(helm_env: dict[str, str]) -> 
     assert env["LORAMUX_HOST_CACHE_BYTES"] == "536870912"
     defaults = env_of(container(inference_pod(render(helm_env)), "server"))
     assert defaults["LORAMUX_HOST_CACHE_BYTES"] == "4294967296"  # no float formatting
+    # Precision: chosen by the node's hardware unless set; a merged pod computes in it too.
+    assert (defaults["LORAMUX_QUANTIZATION"], defaults["LORAMUX_COMPUTE_DTYPE"]) == ("auto",
+                                                                                   "auto")
+    docs = render(helm_env, "--set", "inference.computeDtype=fp32")
+    assert env_of(container(inference_pod(docs), "server"))["LORAMUX_COMPUTE_DTYPE"] == "fp32"
+    assert env_of(container(dedicated_template(docs), "server"))["LORAMUX_COMPUTE_DTYPE"] == \
+        "fp32"
+    bad = _helm(helm_env, "template", RELEASE, str(CHART), "--set", "inference.computeDtype=int8",
+                check=False)
+    assert bad.returncode != 0 and "computeDtype" in bad.stderr
 
 
 def test_graceful_termination(helm_env: dict[str, str]) -> None:
@@ -661,7 +671,8 @@ def test_dedicated_template_builds_valid_objects(helm_env: dict[str, str], name:
     assert "LORAMUX_ADMIN_TOKEN_FILE" in pool_env
     assert not any(k.startswith("LORAMUX_ADMIN_TOKEN") for k in env)
     for key in ("LORAMUX_MODEL", "LORAMUX_SERVED_MODEL_NAME", "LORAMUX_DEVICE", "LORAMUX_CACHE_DIR",
-                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HOME"):
+                "LORAMUX_COMPUTE_DTYPE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+                "HOME"):
         assert env.get(key) == pool_env.get(key), key
     for e in pool_server["env"]:
         if e["name"] not in ("LORAMUX_QUANTIZATION", "LORAMUX_ADMIN_TOKEN_FILE"):

@@ -49,11 +49,17 @@ def test_cpuinfo_parsing_reads_the_first_processor():
     assert not parse_cpuinfo(AVX512_NO_BF16, {}).native_bf16  # AVX512 alone emulates bf16
 
 
-def test_cpu_with_native_bf16_gets_nf4_with_bf16_compute():
+def test_cpu_with_native_bf16_gets_bf16_and_nf4_when_bf16_does_not_fit():
     p = choose_precision("auto", "auto", cpu(XEON_AMX), PARAMS_135M)
-    assert (p.quantization, p.compute_dtype) == ("nf4", "bf16")
+    assert (p.quantization, p.compute_dtype) == ("bf16", "bf16")
     assert "native bf16" in p.reason
     assert p.details["cpu"]["native_bf16"] is True
+    # 8B parameters: 16 GB in bf16 is more than half of the 20 GB free; NF4 (4.2 GB) fits.
+    p = choose_precision("auto", "auto", cpu(XEON_AMX), 8_000_000_000)
+    assert (p.quantization, p.compute_dtype) == ("nf4", "bf16")
+    assert "does not fit" in p.reason
+    # NF4 asked for: it computes in bf16 here.
+    assert choose_precision("nf4", "auto", cpu(XEON_AMX)).compute_dtype == "bf16"
 
 
 @pytest.mark.parametrize("cpuinfo", [EPYC_AVX2, AVX512_NO_BF16])
@@ -111,8 +117,11 @@ def test_cpu_memory_decides_between_fp32_and_nf4():
 
 
 def test_without_bitsandbytes_auto_never_picks_nf4_and_nf4_says_why():
-    facts = DeviceFacts("cpu", parse_cpuinfo(XEON_AMX, {}), have_bitsandbytes=False)
-    assert choose_precision("auto", "auto", facts).quantization == "bf16"
+    facts = DeviceFacts("cpu", parse_cpuinfo(XEON_AMX, {}), have_bitsandbytes=False,
+                        free_memory_bytes=20 * GiB)
+    # bf16 would not fit, but NF4 is not installed: the last candidate, with the reason.
+    p = choose_precision("auto", "auto", facts, 8_000_000_000)
+    assert p.quantization == "bf16" and "nothing fits" in p.reason
     with pytest.raises(PrecisionError, match="bitsandbytes"):
         choose_precision("nf4", "auto", facts)
 
@@ -178,7 +187,7 @@ def test_server_reports_its_choice_in_models_and_metrics(start_server, tiny_mode
                         env={"ONEDNN_MAX_CPU_ISA": "", "ATEN_CPU_CAPABILITY": ""})
     base = httpx.get(f"{auto.url}/v1/models").json()["data"][0]
     if _native_here():
-        assert (base["quantization"], base["compute_dtype"]) == ("nf4", "bf16")
+        assert (base["quantization"], base["compute_dtype"]) == ("bf16", "bf16")
     else:
         assert (base["quantization"], base["compute_dtype"]) == ("none", "fp32")
 

@@ -268,6 +268,8 @@ capabilities:
 - name: LORAMUX_QUANTIZATION
   value: {{ $inf.quantization | quote }}
 {{- end }}
+- name: LORAMUX_COMPUTE_DTYPE
+  value: {{ $inf.computeDtype | quote }}
 - name: LORAMUX_DEVICE
   value: {{ include "loramux.inference.device" $root | quote }}
 - name: LORAMUX_LORA_BACKEND
