@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # the standard library's `operator` when Python runs from the repo root with `-m`.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test test-avx2 lint bench clean
+.PHONY: setup demo test test-avx2 images test-images lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,11 +33,21 @@ NUMERIC_TESTS := tests/test_lora_backends.py tests/test_isolation.py \
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x --durations=15 --ignore=tests/images
 	$(MAKE) --no-print-directory test-avx2
 
 test-avx2: setup
 	$(AVX2_ONLY) $(PY) -m pytest -q -x -p no:cacheprovider $(NUMERIC_TESTS)
+
+# The operator and CPU inference images (docker, or podman with no registry: see
+# docker/build-images.sh), tagged loramux/<name>:ci.
+images:
+	LORAMUX_IMAGE_TAG=ci docker/build-images.sh
+
+# Build the images, then run them: the server, the sidecar against S3, the operator against
+# the emulated API server, as the chart runs them (non-root, read-only root filesystem).
+test-images: setup images
+	$(PY) -m pytest -q -x -p no:cacheprovider tests/images
 
 bench: setup
 	$(PY) bench/bench_server.py

@@ -68,7 +68,8 @@ def copy_adapter(src: Path, dst: Path) -> Path:
 
 def stage_adapter(adapter_root: Path, staging: Path, tenant: str, version: str, *,
                   files_of: str | None = None,
-                  extra: dict[str, bytes] | None = None) -> tuple[Path, str]:
+                  extra: dict[str, bytes] | None = None,
+                  base_model: str = "tiny-llama") -> tuple[Path, str]:
     """A publishable copy of ``adapter_root/<tenant>/<files_of or version>``: the files at
     ``staging/<tenant>/<version>`` plus a manifest for them (and ``extra`` files), ready for
     ``loramux push`` or a ``file://`` URI. Returns the directory and the manifest's sha256."""
@@ -80,7 +81,7 @@ def stage_adapter(adapter_root: Path, staging: Path, tenant: str, version: str, 
         (src / name).write_bytes(data)
     config = json.loads((src / "adapter_config.json").read_text())
     digest = write_manifest(src, AdapterManifest(
-        tenant=tenant, version=version, base_model="tiny-llama", rank=config["r"],
+        tenant=tenant, version=version, base_model=base_model, rank=config["r"],
         lora_alpha=float(config.get("lora_alpha", config["r"])),
         target_modules=config["target_modules"], files=describe_files(src)))
     return src, digest
