@@ -78,12 +78,13 @@ if ! have_image "$base"; then
     base=$BOOTSTRAP_BASE
     if ! have_image "$base"; then
       tarball="$CACHE/debian-python-bookworm.tar"
-      if [ ! -s "$tarball" ]; then
+      if [ ! -f "$tarball" ] || [ ! -s "$tarball" ]; then
+        rm -rf "$tarball" "$tarball.partial"
         log "no registry: bootstrapping $base from Debian packages (mmdebstrap, ~1 min)"
-        as_root mmdebstrap --quiet --variant=minbase \
+        as_root mmdebstrap --quiet --variant=minbase --format=tar \
           --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
           bookworm "$tarball.partial"
-        mv "$tarball.partial" "$tarball"
+        rm -rf "$tarball" && mv "$tarball.partial" "$tarball"
       fi
       podman import --quiet \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

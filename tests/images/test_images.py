@@ -195,6 +195,10 @@ def test_operator_image_has_no_ml_libraries_and_the_check_can_fail(
                           "--entrypoint", "python", image, "-P", "-c", probe, *libs,
                           check=False)
         assert proc.returncode == expected, (image, proc.stderr)
+    # No build tools in the final stage either.
+    tools = run_engine("run", "--rm", "--network", "host", "--entrypoint", "sh",
+                       images["operator"], "-c", "command -v gcc cc make g++", check=False)
+    assert tools.returncode != 0 and not tools.stdout.strip(), tools.stdout
     size = int(run_engine("image", "inspect", "--format", "{{.Size}}", images["operator"])
                .stdout.strip())
     assert size < 600 * 1024**2, size  # no torch, no build tools: a few hundred MB
@@ -318,3 +322,24 @@ def test_secrets_reach_the_sidecar_only_through_its_environment(images: dict[str
                                     image).stdout)
         assert not any(e.startswith(("AWS_", "LORAMUX_ADMIN_TOKEN")) for e in env), env
         assert any(e == "PYTHONSAFEPATH=1" for e in env), env
+
+
+def _leftovers() -> list[str]:
+    out = run_engine("ps", "-a", "--filter", "name=loramux-test-", "--format", "{{.Names}}")
+    return [line for line in out.stdout.split() if line]
+
+
+def test_a_failing_test_still_removes_its_container(images: dict[str, str]) -> None:
+    name = None
+    with pytest.raises(RuntimeError, match="boom"), \
+            container(images["operator"], ["-c", "import time; time.sleep(600)"],
+                      entrypoint="python") as c:
+        name = c.name
+        assert c.running()
+        raise RuntimeError("boom")
+    assert name is not None
+    assert run_engine("inspect", name, check=False).returncode != 0
+
+
+def test_no_container_is_left_behind() -> None:
+    assert _leftovers() == []
