@@ -14,14 +14,15 @@
 #     mounted into the build, for machines that cannot reach the PyTorch index.
 #
 # Environment: IMAGES ("operator inference-cpu"), LORAMUX_IMAGE_TAG (dev), PYTHON_IMAGE,
-# LORAMUX_IMAGE_CACHE (~/.cache/loramux/images), CONTAINER_ENGINE (docker|podman).
+# LORAMUX_IMAGE_CACHE ($LORAMUX_CACHE_DIR/images, default ~/.cache/loramux/images),
+# CONTAINER_ENGINE (docker|podman).
 # Prints one line per image: name, size in bytes, build seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGES=${IMAGES:-"operator inference-cpu"}
 TAG=${LORAMUX_IMAGE_TAG:-dev}
-CACHE=${LORAMUX_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/loramux/images}
+CACHE=${LORAMUX_IMAGE_CACHE:-${LORAMUX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/loramux}/images}
 DEFAULT_BASE=python:3.11-slim-bookworm
 BOOTSTRAP_BASE=localhost/debian-python:bookworm
 mkdir -p "$CACHE"

@@ -55,9 +55,9 @@ ENGINE = _engine()
 
 
 def _engine_env() -> dict[str, str]:
-    cache = Path(os.environ.get("LORAMUX_IMAGE_CACHE",
-                                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                                / "loramux" / "images"))
+    from loramux.inference.model_loader import default_cache_dir
+
+    cache = Path(os.environ.get("LORAMUX_IMAGE_CACHE", default_cache_dir() / "images"))
     env = dict(os.environ)
     if ENGINE == "podman" and (cache / "containers.conf").is_file():
         env["CONTAINERS_CONF"] = str(cache / "containers.conf")
