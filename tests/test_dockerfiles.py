@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -37,11 +38,12 @@ def test_the_repo_root_shadows_the_standard_library_without_safe_path():
     # whether or not torch was there). -S stands for the image's bare interpreter: here,
     # site-packages' start-up hooks import `operator` before the path is searched.
     code = "import operator; print(operator.__file__)"
-    shadowed = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT,
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # make sets it
+    shadowed = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=bare,
                               capture_output=True, text=True, timeout=60)
     assert shadowed.stdout.strip() == str(ROOT / "operator" / "__init__.py")
     safe = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={"PYTHONSAFEPATH": "1"})
+                          text=True, timeout=60, env={**bare, "PYTHONSAFEPATH": "1"})
     assert safe.stdout.strip() != str(ROOT / "operator" / "__init__.py")
     assert "site-packages" not in safe.stdout and safe.stdout.strip().endswith("operator.py")
 
