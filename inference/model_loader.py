@@ -242,7 +242,8 @@ def load_base_model(
         aliases = (*aliases, extra)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     log.info(
-        "base model loaded",
+        "base model loaded: %s weights, %s compute (%s)", resolved_quant,
+        precision.compute_dtype, precision.reason,
         extra={"model": name, "quantization": resolved_quant,
                "compute_dtype": precision.compute_dtype, "reason": precision.reason,
                "device": resolved_device, "weight_bytes": weight_bytes, **precision.details},

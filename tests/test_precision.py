@@ -182,6 +182,9 @@ def test_server_reports_its_choice_in_models_and_metrics(start_server, tiny_mode
     assert models["precision"]["cpu"]["native_bf16"] is False
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in models["precision"]["reason"]
     assert 'loramux_precision_info{compute_dtype="fp32"' in metrics(emulated.url)
+    # ...and in the start-up log, whatever the log format (this server logs text).
+    assert "base model loaded: nf4 weights, fp32 compute (--quantization nf4; compute CPU " \
+        "bf16 units hidden by ONEDNN_MAX_CPU_ISA=AVX2" in emulated.log()
 
     auto = start_server("--model", str(tiny_model_dir), "--log-format", "text",
                         env={"ONEDNN_MAX_CPU_ISA": "", "ATEN_CPU_CAPABILITY": ""})
