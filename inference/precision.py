@@ -270,7 +270,8 @@ def choose_precision(
         # An explicit compute dtype keeps only the settings that compute in it.
         order = tuple(q for q in order if q == "nf4" or _WEIGHT_DTYPE.get(q) == compute)
     if not facts.have_bitsandbytes:
-        order = tuple(q for q in order if q != "nf4") or ("none",)
+        order = tuple(q for q in order if q != "nf4") or (
+            {"bf16": "bf16", "fp16": "fp16", "fp32": "none"}[compute],)
     for candidate in order:
         if _fits(candidate, param_count, facts):
             chosen = candidate

@@ -124,6 +124,9 @@ def test_without_bitsandbytes_auto_never_picks_nf4_and_nf4_says_why():
     assert p.quantization == "bf16" and "nothing fits" in p.reason
     with pytest.raises(PrecisionError, match="bitsandbytes"):
         choose_precision("nf4", "auto", facts)
+    # An explicit compute dtype is still honoured without NF4: weights in that dtype.
+    avx2 = DeviceFacts("cpu", parse_cpuinfo(EPYC_AVX2, {}), have_bitsandbytes=False)
+    assert choose_precision("auto", "fp16", avx2).quantization == "fp16"
 
 
 def test_explicit_settings_win_and_contradictions_are_refused():
