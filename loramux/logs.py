@@ -1,12 +1,34 @@
-"""Structured (JSON) logs: every record carries its ``extra`` fields, tenant and version."""
+"""One way to set up a process's logs: JSON by default (one object a line, with every
+``extra`` field, tenant and version among them), plain text with ``--log-format text``.
+
+Every loramux command (serve, sync, fetch, operator, train, push) calls
+:func:`configure_logging` once, from the ``log_level``/``log_format`` of its settings
+(:class:`LogSettings`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from typing import Literal
+
+from pydantic import BaseModel
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# Their debug logs print request headers, session tokens included: never below INFO.
+_CHATTY = ("botocore", "boto3", "s3transfer", "urllib3")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+
+
+class LogSettings(BaseModel):
+    """The logging fields every command's settings carry (``--log-level``, ``--log-format``)."""
+
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,12 +49,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Route every logger (uvicorn's and kopf's too) to one stderr handler."""
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("loramux").setLevel(level.upper())
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

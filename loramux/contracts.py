@@ -1,0 +1,395 @@
+"""The wire contracts between loramux's three processes, typed once.
+
+::
+
+    operator ──PUT /v1/desired (DesiredState)──────────▶ sidecar
+    operator ◀─GET /v1/state (SyncState)─────────────── sidecar
+    sidecar ──PUT/DELETE /admin/adapters, PUT /admin/tenants/*/active|route──▶ server
+    sidecar ◀─GET /admin/adapters (AdapterList), GET /admin/routes (RouteList)── server
+
+Both ends build and parse these models: the operator builds :class:`DesiredState` and
+parses :class:`SyncState`; the sidecar parses the first, serves the second, and parses the
+server's :class:`AdapterList`. Every HTTP service answers errors with one body,
+:class:`ErrorBody` (``{"error": {"message", "code", "status"}}``).
+
+Each vocabulary of states is one ``StrEnum``: :class:`SyncPhase` (a desired version in the
+sidecar), :class:`AdapterState` (a version on the server), :class:`Residency` (its tier),
+:class:`PlacementState` (a pod row of a LoraAdapter's status) and :class:`AdapterPhase`
+(a LoraAdapter's ``status.phase``).
+
+Torch-free and kopf-free: every image imports this module.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from loramux.names import AdapterRef, TenantName, VersionName
+from loramux.s3 import REGION_PATTERN, S3Credentials, endpoint_problem
+
+MASK = "***"
+ROUTE_URL_PATTERN = r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$"
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+class SyncPhase(StrEnum):
+    """A desired version's phase in the sidecar (``SyncState.adapters[].phase``)."""
+
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    VERIFYING = "Verifying"
+    LOADING = "Loading"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+class AdapterState(StrEnum):
+    """A version's state on the inference server (``AdapterView.state``)."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+class Residency(StrEnum):
+    """Where a version's weights are: the device (usable by the next step), host RAM, or
+    only its files on disk."""
+
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+class EvictionState(StrEnum):
+    """The answer to ``DELETE /admin/adapters/{tenant}/{version}``."""
+
+    EVICTED = "evicted"
+    DRAINING = "draining"
+
+
+class PlacementState(StrEnum):
+    """A row of ``status.placements``: the sidecar's phase of that version on that pod, or
+    ``Unknown`` when the pod could not be asked (or its server is unreachable)."""
+
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    VERIFYING = "Verifying"
+    LOADING = "Loading"
+    READY = "Ready"
+    FAILED = "Failed"
+    UNKNOWN = "Unknown"
+
+
+class AdapterPhase(StrEnum):
+    """A LoraAdapter's ``status.phase``."""
+
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    code: str
+    status: int
+
+
+class ErrorBody(BaseModel):
+    """The one error body of every loramux HTTP service."""
+
+    error: ErrorDetail
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    return ErrorBody(error=ErrorDetail(message=message, code=code, status=status)).model_dump()
+
+
+def parse_error(payload: Any, default_code: str = "http_error",
+                default_message: str = "") -> tuple[str, str]:
+    """``(code, message)`` from an error response's JSON, tolerant of any shape."""
+    try:
+        detail = ErrorBody.model_validate(payload).error
+        return detail.code, detail.message
+    except ValueError:
+        return default_code, default_message
+
+
+# --------------------------------------------------------------------------- operator → sidecar
+
+
+class EntryCredentials(BaseModel):
+    """S3 credentials for one desired entry, resolved by the operator from the LoraAdapter's
+    ``source.credentialsSecret`` (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional
+    AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL). Never logged and never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_key_id: str = Field(min_length=1, max_length=256, repr=False)
+    secret_access_key: SecretStr = Field(min_length=1, max_length=1024)
+    session_token: SecretStr | None = Field(None, min_length=1, max_length=8192)
+    region: str | None = Field(None, pattern=REGION_PATTERN)
+    endpoint_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("access_key_id", "secret_access_key", "session_token", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        # Secret data copied with `echo` ends in a newline, which would break the signature.
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and (problem := endpoint_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    def to_s3(self) -> S3Credentials:
+        return S3Credentials(
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key.get_secret_value(),
+            session_token=(self.session_token.get_secret_value()
+                           if self.session_token is not None else None),
+            region=self.region, endpoint_url=self.endpoint_url,
+        )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON the operator sends (secrets in clear: this goes to the sidecar only)."""
+        return {
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key.get_secret_value(),
+            **({"session_token": self.session_token.get_secret_value()}
+               if self.session_token is not None else {}),
+            **({"region": self.region} if self.region else {}),
+            **({"endpoint_url": self.endpoint_url} if self.endpoint_url else {}),
+        }
+
+    def public_view(self) -> dict[str, Any]:
+        return {"access_key_id": MASK, "secret_access_key": MASK,
+                "session_token": MASK if self.session_token is not None else None,
+                "region": self.region, "endpoint_url": self.endpoint_url}
+
+
+class DesiredAdapter(BaseModel):
+    """One version a pod should hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: TenantName
+    version: VersionName
+    uri: str = Field(min_length=1, max_length=2048)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    pinned: bool = False
+    active: bool = False
+    credentials: EntryCredentials | None = None
+    route: str | None = Field(
+        None, max_length=512, pattern=ROUTE_URL_PATTERN,
+        description="Hot tenant: the dedicated deployment's URL. While this (active) version "
+                    "is Ready here, the server forwards the tenant's requests there and "
+                    "serves them itself whenever that deployment cannot.")
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.tenant, self.version)
+
+    def same_spec(self, other: DesiredAdapter | None) -> bool:
+        """Equal apart from credentials, route, ``active`` and ``pinned``: none of them
+        restarts a version (activation and pinning are applied to the loaded version)."""
+        skip = {"credentials", "route", "active", "pinned"}
+        return other is not None and (self.model_dump(exclude=skip)
+                                      == other.model_dump(exclude=skip))
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON the operator sends: unset optional fields left out, secrets in clear."""
+        body = self.model_dump(mode="json", exclude={"credentials"}, exclude_none=True)
+        if self.credentials is not None:
+            body["credentials"] = self.credentials.wire()
+        return body
+
+    def public_view(self) -> dict[str, Any]:
+        view = self.model_dump(mode="json", exclude={"credentials"})
+        view["credentials"] = (self.credentials.public_view()
+                               if self.credentials is not None else None)
+        return view
+
+
+class DesiredState(BaseModel):
+    """``PUT /v1/desired``: every version one pod should hold (an empty list is a real
+    answer: the pod should hold nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[DesiredAdapter] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _check(self) -> DesiredState:
+        seen: set[tuple[str, str]] = set()
+        active: set[str] = set()
+        for entry in self.adapters:
+            key = (entry.tenant, entry.version)
+            if key in seen:
+                raise ValueError(f"{entry.tenant}@{entry.version} is listed twice")
+            seen.add(key)
+            if entry.active:
+                if entry.tenant in active:
+                    raise ValueError(f"tenant {entry.tenant} has more than one active version")
+                active.add(entry.tenant)
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        return {"adapters": [entry.wire() for entry in self.adapters]}
+
+
+# --------------------------------------------------------------------------- sidecar ↔ server
+
+
+class LoadAdapterRequest(BaseModel):
+    """``PUT /admin/adapters/{tenant}/{version}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096, description="local adapter directory")
+    pinned: bool = False
+    activate: bool = False
+
+
+class ActivateRequest(BaseModel):
+    """``PUT /admin/tenants/{tenant}/active``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1, max_length=63)
+
+
+class RouteRequest(BaseModel):
+    """``PUT /admin/tenants/{tenant}/route``: where a hot tenant's requests go, its dedicated
+    deployment's public base URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=512, pattern=ROUTE_URL_PATTERN)
+    version: str | None = Field(None, min_length=1, max_length=63)
+
+
+class _Report(BaseModel):
+    # Reports are read by the other side: fields it does not know yet are ignored, so a
+    # newer server or sidecar does not break an older reader during an upgrade.
+    model_config = ConfigDict(extra="ignore")
+
+
+class AdapterView(_Report):
+    """One version on the server (``GET /admin/adapters``)."""
+
+    tenant: str
+    version: str
+    state: AdapterState
+    reason: str | None = None
+    reason_code: str | None = None
+    residency: Residency = Residency.DISK
+    pinned: bool = False
+    active: bool = False
+    bytes: int = 0
+    rank: int = 0
+    in_flight: int = 0
+    hits: int = 0
+    last_used: float | None = None
+    path: str = ""
+    merged: bool = False
+    disk_load_seconds: float | None = None
+    host_to_device_seconds: float | None = None
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.tenant, self.version)
+
+
+class AdapterList(_Report):
+    """``GET /admin/adapters``: every version the server knows, and its base model's names."""
+
+    adapters: list[AdapterView] = Field(default_factory=list)
+    base_model: str | None = None
+    base_model_aliases: list[str] = Field(default_factory=list)
+
+    @property
+    def base_names(self) -> frozenset[str] | None:
+        names = {n for n in self.base_model_aliases if n}
+        if self.base_model:
+            names.add(self.base_model)
+        return frozenset(names) or None
+
+
+class EvictResult(_Report):
+    tenant: str
+    version: str
+    state: EvictionState
+
+
+class RouteView(_Report):
+    """One hot tenant's route on a pool server (``GET /admin/routes``)."""
+
+    tenant: str
+    url: str
+    version: str | None = None
+    healthy: bool | None = None
+    forwarded: int = 0
+    fallbacks: int = 0
+    last_error: str | None = None
+
+
+class RouteList(_Report):
+    routes: list[RouteView] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- sidecar → operator
+
+
+class VersionStatus(_Report):
+    """What the sidecar knows about one desired version."""
+
+    tenant: str
+    version: str
+    phase: SyncPhase = SyncPhase.PENDING
+    reason: str | None = None
+    code: str | None = None
+    digest: str | None = None
+    bytes: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    credentials_source: str | None = None
+
+
+class SyncState(_Report):
+    """``GET /v1/state``: the sidecar's report, the one source of a pod's state for the
+    operator. ``server`` is the server's own answer (``GET /admin/adapters``) as of the last
+    pass, ``None`` while the server does not answer."""
+
+    adapters: list[VersionStatus] = Field(default_factory=list)
+    routes: list[RouteView] = Field(default_factory=list)
+    server_reachable: bool | None = None
+    last_pass: float | None = None
+    server: AdapterList | None = None
+
+
+__all__ = [
+    "ActivateRequest", "AdapterList", "AdapterPhase", "AdapterState", "AdapterView",
+    "DesiredAdapter", "DesiredState", "EntryCredentials", "ErrorBody", "ErrorDetail",
+    "EvictResult", "EvictionState", "LoadAdapterRequest", "PlacementState", "Residency",
+    "RouteList", "RouteRequest", "RouteView", "SyncPhase", "SyncState", "VersionStatus",
+    "error_body", "parse_error",
+]
