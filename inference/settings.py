@@ -11,13 +11,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loramux.logs import LogSettings
 from loramux.tokens import read_token
 
 GiB = 1024**3
 MiB = 1024**2
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(LogSettings, BaseSettings):
     """One inference server: one base model, many tenants' adapters."""
 
     model_config = SettingsConfigDict(env_prefix="LORAMUX_", extra="forbid")
@@ -51,8 +52,6 @@ class ServeSettings(BaseSettings):
     admin_token: str | None = Field(None, description="Bearer token for /admin routes.")
     admin_token_file: Path | None = None
     max_body_bytes: int = Field(1 * MiB, ge=1024)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
 
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's forward passes (default: all)."

@@ -2,7 +2,8 @@
 image never loads torch.
 
 Flags and ``LORAMUX_*`` environment variables both fill one typed settings object per
-process (pydantic-settings parses both).
+process (pydantic-settings parses both, through :func:`loramux.settings_cli.settings_from_cli`),
+and every process logs through :func:`loramux.logs.configure_logging`.
 """
 
 from __future__ import annotations
@@ -25,22 +26,15 @@ Run 'loramux <command> --help' for its flags.
 
 
 def _serve(argv: list[str]) -> int:
-    from pydantic_settings import CliApp, SettingsConfigDict
-
     from loramux.inference.settings import ServeSettings
+    from loramux.settings_cli import settings_from_cli
 
-    class ServeCli(ServeSettings):
-        model_config = SettingsConfigDict(
-            env_prefix="LORAMUX_", extra="forbid", cli_prog_name="loramux serve",
-            cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True,
-        )
-
-    settings = CliApp.run(ServeCli, cli_args=argv)
+    settings = settings_from_cli(ServeSettings, argv, "loramux serve")
     from loramux.inference.model_loader import ModelLoadError
     from loramux.inference.server import serve
 
     try:
-        serve(ServeSettings.model_validate(settings.model_dump()))
+        serve(settings)
     except ModelLoadError as exc:  # a missing model, an impossible precision: say it once
         print(f"loramux serve: {exc}", file=sys.stderr)
         return 2

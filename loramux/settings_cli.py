@@ -37,7 +37,7 @@ def settings_from_cli(cls: type[S], argv: list[str], prog: str) -> S:
     one-line reason (:class:`UsageError`)."""
     config = SettingsConfigDict(**{**cls.model_config, "cli_prog_name": prog,
                                    "cli_kebab_case": True, "cli_implicit_flags": True,
-                                   "cli_avoid_json": True})
+                                   "cli_avoid_json": True, "cli_hide_none_type": True})
     cli_cls = type(f"{cls.__name__}Cli", (cls,), {"model_config": config,
                                                    "__module__": cls.__module__,
                                                    "__doc__": cls.__doc__})

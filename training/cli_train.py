@@ -1,99 +1,107 @@
 """``loramux train``: train tenants' adapters from ``--config train.yaml`` or, for one task,
 from flags.
 
-Bad input (a missing file, a malformed record, an unknown field or target module) is
-reported as one clear message and exit code 2, never as a traceback: the person running
-this is preparing a tenant's data, not debugging loramux.
+Flags and ``LORAMUX_TRAIN_*`` environment variables fill one typed settings object,
+:class:`TrainSettings` (through :func:`loramux.settings_cli.settings_from_cli`, like every
+loramux command). Bad input (a missing file, a malformed record, an unknown field or target
+module) is reported as one clear message and exit code 2, never as a traceback: the person
+running this is preparing a tenant's data, not debugging loramux.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-# Flags that set TrainConfig fields, with or without --config (with it, they override).
-_TRAIN_FLAGS: dict[str, tuple[str, type | None, str]] = {
-    "model": ("base_model", Path, "local HF checkpoint of the base (default: embedded SmolLM2)"),
-    "quantization": ("quantization", str, "nf4 (QLoRA, default), bf16 or none"),
-    "compute_dtype": ("compute_dtype", str,
-                      "auto (default: bf16 only where the hardware has it), bf16, fp16, fp32"),
-    "device": ("device", str, "auto, cpu or cuda"),
-    "output_dir": ("output_dir", Path, "adapters go to <output-dir>/<tenant>/<version>/"),
-    "steps": ("steps", int, "optimizer steps in total, over all tasks"),
-    "batch_size": ("batch_size", int, "examples per micro-batch"),
-    "grad_accum": ("grad_accum", int, "micro-batches per optimizer step"),
-    "lr": ("lr", float, "peak learning rate"),
-    "warmup_steps": ("warmup_steps", int, "linear warmup steps"),
-    "schedule": ("schedule", str, "linear, cosine or constant"),
-    "max_length": ("max_length", int, "truncate examples to this many tokens"),
-    "padding_side": ("padding_side", str, "right or left"),
-    "seed": ("seed", int, "seed for adapters, data order and task sampling"),
-    "eval_every": ("eval_every", int, "evaluate every N steps (0: only at the end)"),
-    "eval_fraction": ("eval_fraction", float, "fraction of each task held out for eval"),
-    "temperature": ("temperature", float, "task sampling temperature T"),
-    "checkpoint_every": ("checkpoint_every", int, "checkpoint every N steps (0: never)"),
-    "checkpoint_dir": ("checkpoint_dir", Path, "default <output-dir>/.checkpoints"),
-    "resume_from": ("resume_from", Path, "checkpoint directory to resume from"),
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loramux.logs import LogSettings
+
+# TrainSettings fields that set TrainConfig fields, with or without --config (with it, they
+# override the file): settings field -> TrainConfig field.
+_TRAIN_FIELDS = {
+    "model": "base_model", "quantization": "quantization", "compute_dtype": "compute_dtype",
+    "device": "device", "output_dir": "output_dir", "steps": "steps",
+    "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
+    "warmup_steps": "warmup_steps", "schedule": "schedule", "max_length": "max_length",
+    "padding_side": "padding_side", "seed": "seed", "eval_every": "eval_every",
+    "eval_fraction": "eval_fraction", "temperature": "temperature",
+    "checkpoint_every": "checkpoint_every", "checkpoint_dir": "checkpoint_dir",
+    "resume_from": "resume_from", "gradient_checkpointing": "gradient_checkpointing",
 }
-# Flags that describe the single task when there is no --config.
-_TASK_FLAGS: dict[str, tuple[str, type, str]] = {
-    "data": ("data", Path, "JSONL (text | prompt+completion | messages) or datasets dir"),
-    "tenant": ("name", str, "tenant the adapter is for"),
-    "version": ("version", str, "adapter version (default v1)"),
-    "r": ("r", int, "LoRA rank"),
-    "alpha": ("alpha", float, "LoRA alpha (default 2·r)"),
-    "dropout": ("dropout", float, "LoRA dropout"),
-    "target_modules": ("target_modules", str, "comma-separated, e.g. q_proj,v_proj"),
+# Fields that describe the single task when there is no --config: field -> TaskConfig field.
+_TASK_FIELDS = {
+    "data": "data", "tenant": "name", "version": "version", "r": "r", "alpha": "alpha",
+    "dropout": "dropout", "target_modules": "target_modules",
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit; we return 2
-        raise _UsageError(message)
+class TrainSettings(LogSettings, BaseSettings):
+    """``loramux train``. Unset fields take TrainConfig's defaults (or the --config file's)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMUX_TRAIN_", extra="forbid")
+
+    config: Path | None = Field(None, description="train.yaml with the run and its tasks")
+    model: Path | None = Field(None, description="local HF checkpoint of the base "
+                                                  "(default: embedded SmolLM2)")
+    quantization: str | None = Field(None, description="nf4 (QLoRA, default), bf16 or none")
+    compute_dtype: str | None = Field(None, description="auto (default: bf16 only where the "
+                                                        "hardware has it), bf16, fp16, fp32")
+    device: str | None = Field(None, description="auto, cpu or cuda")
+    output_dir: Path | None = Field(None, description="adapters go to "
+                                                      "<output-dir>/<tenant>/<version>/")
+    steps: int | None = Field(None, description="optimizer steps in total, over all tasks")
+    batch_size: int | None = Field(None, description="examples per micro-batch")
+    grad_accum: int | None = Field(None, description="micro-batches per optimizer step")
+    lr: float | None = Field(None, description="peak learning rate")
+    warmup_steps: int | None = Field(None, description="linear warmup steps")
+    schedule: str | None = Field(None, description="linear, cosine or constant")
+    max_length: int | None = Field(None, description="truncate examples to this many tokens")
+    padding_side: str | None = Field(None, description="right or left")
+    seed: int | None = Field(None, description="seed for adapters, data order and task sampling")
+    eval_every: int | None = Field(None, description="evaluate every N steps (0: only at the end)")
+    eval_fraction: float | None = Field(None, description="fraction of each task held out for "
+                                                          "eval")
+    temperature: float | None = Field(None, description="task sampling temperature T")
+    checkpoint_every: int | None = Field(None, description="checkpoint every N steps (0: never)")
+    checkpoint_dir: Path | None = Field(None, description="default <output-dir>/.checkpoints")
+    resume_from: Path | None = Field(None, description="checkpoint directory to resume from")
+    gradient_checkpointing: bool = Field(
+        False, description="trade compute for activation memory (default: the config's)")
+    data: Path | None = Field(None, description="JSONL (text | prompt+completion | messages) "
+                                                "or datasets dir")
+    tenant: str | None = Field(None, description="tenant the adapter is for")
+    version: str | None = Field(None, description="adapter version (default v1)")
+    r: int | None = Field(None, description="LoRA rank")
+    alpha: float | None = Field(None, description="LoRA alpha (default 2·r)")
+    dropout: float | None = Field(None, description="LoRA dropout")
+    target_modules: str | None = Field(None, description="comma-separated, e.g. q_proj,v_proj")
+    progress: bool = Field(True, description="progress bar and table (--no-progress: none)")
+    # A command run by hand: only warnings and errors unless asked.
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
 
 
-class _UsageError(Exception):
-    pass
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="loramux train", description="Train tenants' LoRA adapters.")
-    parser.add_argument("--config", type=Path, help="train.yaml with the run and its tasks")
-    for flag, (_, kind, help_text) in {**_TRAIN_FLAGS, **_TASK_FLAGS}.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=help_text)
-    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                        help="trade compute for activation memory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or table")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace):
-    """The TrainConfig the parsed flags describe (raises ConfigError)."""
+def config_from_settings(settings: TrainSettings):
+    """The TrainConfig the settings describe (raises ConfigError)."""
     from loramux.training.config import ConfigError, build_config, load_config
 
-    train: dict[str, Any] = {
-        field: getattr(args, flag)
-        for flag, (field, _, _) in _TRAIN_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
-    if args.gradient_checkpointing:
-        train["gradient_checkpointing"] = True
-    task: dict[str, Any] = {
-        field: getattr(args, flag)
-        for flag, (field, _, _) in _TASK_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
+    train: dict[str, Any] = {field: getattr(settings, name)
+                             for name, field in _TRAIN_FIELDS.items()
+                             if getattr(settings, name) not in (None, False)}
+    task: dict[str, Any] = {field: getattr(settings, name)
+                            for name, field in _TASK_FIELDS.items()
+                            if getattr(settings, name) is not None}
     if "target_modules" in task:
         task["target_modules"] = [t.strip() for t in task["target_modules"].split(",") if t.strip()]
-    if args.config is not None:
+    if settings.config is not None:
         if task:
-            flags = ", ".join(f"--{f.replace('_', '-')}" for f in _TASK_FLAGS if
-                              getattr(args, f) is not None)
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in _TASK_FIELDS
+                              if getattr(settings, name) is not None)
             raise ConfigError(f"{flags}: task flags cannot be combined with --config; "
                               "put the task in the YAML file")
-        return load_config(args.config, overrides=train)
+        return load_config(settings.config, overrides=train)
     if "data" not in task or "name" not in task:
         raise ConfigError("give --config train.yaml, or --data FILE and --tenant NAME")
     return build_config({**train, "tasks": [task]}, "flags")
@@ -103,22 +111,24 @@ def main(argv: list[str]) -> int:
     """Run ``loramux train``; returns the exit code (2 for bad input)."""
     from loramux.inference.adapters import AdapterRejected
     from loramux.inference.model_loader import ModelLoadError
+    from loramux.logs import configure_logging
     from loramux.names import InvalidName
+    from loramux.settings_cli import settings_from_cli
     from loramux.training.config import ConfigError
     from loramux.training.data import DatasetError
     from loramux.training.trainer import TrainingError, train
 
-    parser = build_parser()
+    # pydantic-settings spells the one-letter field as -r; --r (the documented flag) stays.
+    argv = [part for arg in argv for part in (
+        ["-r"] if arg == "--r" else ["-r", arg[4:]] if arg.startswith("--r=") else [arg])]
     try:
-        args = parser.parse_args(argv)
-    except _UsageError as exc:
-        print(f"loramux train: {exc} (see 'loramux train --help')", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+        settings = settings_from_cli(TrainSettings, argv, "loramux train")
+    except SystemExit as exc:  # --help (0), or bad flags already explained (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    configure_logging(settings.log_level, settings.log_format)
     try:
-        config = config_from_args(args)
-        results = train(config, progress=not args.no_progress)
+        config = config_from_settings(settings)
+        results = train(config, progress=settings.progress)
     except (ConfigError, DatasetError, TrainingError, ModelLoadError, InvalidName,
             AdapterRejected) as exc:
         print(f"loramux train: {exc}", file=sys.stderr)
