@@ -13,6 +13,11 @@ Rules:
 - an entry with in-flight requests (``refcount > 0``) is never evicted from the device;
 - disk reads and validation run in a loader thread, never on the engine thread;
 - the model is only ever changed on the engine thread (``ensure_on_device``, ``finish_evict``).
+
+The cache knows versions, not tenants: which version a tenant's requests get (the active
+version, the unknown-tenant policy) is :class:`~.tenants.TenantDirectory`'s decision. The
+directory registers, activates and evicts through the cache and takes a request's reference
+with :meth:`AdapterCache.acquire` on the entry it resolved.
 """
 
 from __future__ import annotations
@@ -26,29 +31,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from loramux.names import AdapterRef, TenantRef
+from loramux.contracts import AdapterState, AdapterView, Residency
+from loramux.names import AdapterRef
 
 from .adapters import AdapterRejected, BaseFacts, HostAdapter, read_adapter
 from .lora_backend import LoraBackend
 from .metrics import Metrics
 
 log = logging.getLogger("loramux.cache")
-
-
-class AdapterState(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    DRAINING = "draining"
-
-
-class Residency(StrEnum):
-    DEVICE = "device"
-    HOST = "host"
-    DISK = "disk"
 
 
 class UnknownAdapter(LookupError):
@@ -104,6 +98,25 @@ class AdapterEntry:
             return Residency.HOST
         return Residency.DISK
 
+    def view(self, *, active: bool) -> AdapterView:
+        """This version as ``GET /admin/adapters`` lists it (``active`` is the directory's)."""
+        return AdapterView(
+            tenant=self.ref.tenant, version=self.ref.version, state=self.state,
+            reason=self.reason, reason_code=self.reason_code, residency=self.residency,
+            pinned=self.pinned, active=active, bytes=self.nbytes, rank=self.rank,
+            in_flight=self.refcount, hits=self.hits, last_used=self.last_used or None,
+            path=str(self.path), merged=self.merged, disk_load_seconds=self.disk_load_seconds,
+            host_to_device_seconds=self.host_to_device_seconds,
+        )
+
+
+class Registration(NamedTuple):
+    """What :meth:`AdapterCache.register` started: the load's future (it gives the entry),
+    and whether the version is new (``False``: it was already registered)."""
+
+    future: concurrent.futures.Future
+    created: bool
+
 
 class AdapterCache:
     def __init__(
@@ -129,7 +142,6 @@ class AdapterCache:
         self.allow_pickle = allow_pickle
         self._lock = threading.RLock()
         self._entries: dict[AdapterRef, AdapterEntry] = {}
-        self._active: dict[str, str] = {}
         self._device_lru: dict[AdapterRef, None] = {}  # insertion order = LRU order
         self._host_lru: dict[AdapterRef, None] = {}
         self._slot_ids = itertools.count(1)
@@ -148,10 +160,9 @@ class AdapterCache:
         )
 
     # ------------------------------------------------------------------ registration
-    def register(
-        self, ref: AdapterRef, path: Path, *, pinned: bool = False, activate: bool = False
-    ) -> concurrent.futures.Future:
-        """Register a version and start reading it from disk. The future gives the entry."""
+    def register(self, ref: AdapterRef, path: Path, *, pinned: bool = False) -> Registration:
+        """Register a version and start reading it from disk (a version already registered
+        from the same path only gets its pinning updated; a failed one is read again)."""
         with self._lock:
             entry = self._entries.get(ref)
             if entry is not None and entry.state == AdapterState.DRAINING:
@@ -163,24 +174,14 @@ class AdapterCache:
                         "publish a new version instead"
                     )
                 entry.pinned = pinned  # a PUT states the version's pinning, both ways
-                if activate:
-                    self._active[ref.tenant] = ref.version
                 if entry.loading is not None:
-                    return entry.loading
+                    return Registration(entry.loading, False)
                 done: concurrent.futures.Future = concurrent.futures.Future()
                 done.set_result(entry)
-                return done
+                return Registration(done, False)
             entry = AdapterEntry(ref=ref, path=Path(path), pinned=pinned)
             self._entries[ref] = entry
-            future = self._start_disk_load(entry)
-            activate_now = activate
-        def _after(fut: concurrent.futures.Future) -> None:
-            if fut.exception() is None:
-                with self._lock:
-                    if activate_now or ref.tenant not in self._active:
-                        self._active[ref.tenant] = ref.version
-        future.add_done_callback(_after)
-        return future
+            return Registration(self._start_disk_load(entry), True)
 
     def register_merged(self, ref: AdapterRef, nbytes: int, rank: int) -> AdapterEntry:
         """An adapter already merged into the base weights (merge mode): always resident."""
@@ -188,7 +189,6 @@ class AdapterCache:
             entry = AdapterEntry(ref=ref, path=Path("."), pinned=True, state=AdapterState.READY,
                                  nbytes=nbytes, rank=rank, merged=True)
             self._entries[ref] = entry
-            self._active[ref.tenant] = ref.version
             return entry
 
     def _start_disk_load(self, entry: AdapterEntry) -> concurrent.futures.Future:
@@ -254,32 +254,14 @@ class AdapterCache:
         self.on_change()
 
     # ------------------------------------------------------------------ lookups
-    def set_active(self, tenant: str, version: str) -> AdapterEntry:
+    def get(self, ref: AdapterRef) -> AdapterEntry | None:
         with self._lock:
-            entry = self._entries.get(AdapterRef(tenant, version))
-            if entry is None:
-                raise UnknownAdapter(f"{tenant}@{version} is not registered")
-            if entry.state in (AdapterState.FAILED, AdapterState.DRAINING):
-                raise AdapterUnavailable(
-                    f"{tenant}@{version} cannot be activated: {entry.state}"
-                    + (f" ({entry.reason})" if entry.reason else "")
-                )
-            self._active[tenant] = version
-            log.info("active version set", extra={"tenant": tenant, "version": version})
-            return entry
+            return self._entries.get(ref)
 
-    def resolve(self, want: TenantRef) -> AdapterEntry:
+    def acquire(self, entry: AdapterEntry) -> AdapterEntry:
+        """Take a reference on ``entry`` for one request; ``release`` must follow. A failed
+        or draining version takes no new requests."""
         with self._lock:
-            version = want.version or self._active.get(want.tenant)
-            entry = self._entries.get(AdapterRef(want.tenant, version)) if version else None
-            if entry is None:
-                raise UnknownAdapter(f"no adapter for {want}")
-            return entry
-
-    def acquire(self, want: TenantRef) -> AdapterEntry:
-        """Resolve and take a reference for one request; ``release`` must follow."""
-        with self._lock:
-            entry = self.resolve(want)
             if entry.state == AdapterState.FAILED:
                 raise AdapterUnavailable(f"adapter {entry.ref} failed to load: {entry.reason}")
             if entry.state == AdapterState.DRAINING:
@@ -300,19 +282,6 @@ class AdapterCache:
     def entries(self) -> list[AdapterEntry]:
         with self._lock:
             return list(self._entries.values())
-
-    def active_version(self, tenant: str) -> str | None:
-        with self._lock:
-            return self._active.get(tenant)
-
-    def servable_tenants(self) -> dict[str, str]:
-        with self._lock:
-            return {
-                tenant: version
-                for tenant, version in self._active.items()
-                if (e := self._entries.get(AdapterRef(tenant, version))) is not None
-                and e.state == AdapterState.READY
-            }
 
     def pinned_resident(self) -> tuple[bool, list[str]]:
         with self._lock:
@@ -440,19 +409,6 @@ class AdapterCache:
                 return entry.evicted
             entry.state = AdapterState.DRAINING
             entry.evicted = concurrent.futures.Future()
-            if self._active.get(ref.tenant) == ref.version:
-                # The sidecar activates a new version before evicting the old one; if it
-                # did not, fall back to the newest remaining ready version, else none.
-                others = sorted(
-                    (e for e in self._entries.values()
-                     if e.ref.tenant == ref.tenant and e is not entry
-                     and e.state == AdapterState.READY),
-                    key=lambda e: e.registered_at,
-                )
-                if others:
-                    self._active[ref.tenant] = others[-1].ref.version
-                else:
-                    self._active.pop(ref.tenant, None)
             idle = entry.refcount == 0
             future = entry.evicted
         log.info("adapter draining", extra={"tenant": ref.tenant, "version": ref.version,

@@ -1,7 +1,10 @@
 """The FastAPI app: public, admin and health routers over one engine.
 
 Errors map to status codes in one place (:class:`ApiError` and the handlers registered in
-:func:`create_app`). Handlers only translate HTTP to engine calls and back.
+:func:`create_app`), and every error body is :func:`loramux.contracts.error_body`. Handlers
+only translate HTTP to engine calls and back: which version a request gets is the tenant
+directory's decision (``tenants.py``), and the admin bodies are the wire contracts of
+``loramux.contracts``. Handlers get the :class:`Runtime` through :data:`RuntimeDep`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,33 +26,36 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from loramux.names import AdapterRef, InvalidName, TenantRef, validate_label
-
-from .adapter_cache import (
-    AdapterConflict,
-    AdapterEntry,
+from loramux.contracts import (
+    ActivateRequest,
+    AdapterList,
     AdapterState,
-    AdapterUnavailable,
-    UnknownAdapter,
+    AdapterView,
+    EvictionState,
+    EvictResult,
+    LoadAdapterRequest,
+    RouteList,
+    RouteRequest,
+    RouteView,
+    error_body,
 )
+from loramux.names import AdapterRef, InvalidName, validate_label
+
+from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
 from .engine import ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .json_body import UnsupportedMediaType, require_json_body
 from .routing import TenantRouter
 from .sampling import SamplingParams
 from .schemas import (
-    ActivateRequest,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
     GenerateResponse,
-    LoadAdapterRequest,
-    RouteRequest,
     Usage,
 )
-
-if TYPE_CHECKING:
-    from .server import Runtime
+from .server import Runtime
+from .tenants import ModelName, Target
 
 log = logging.getLogger("loramux.http")
 
@@ -59,10 +65,6 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers
-
-
-def _error_body(message: str, code: str, status: int) -> dict[str, Any]:
-    return {"error": {"message": message, "code": code, "status": status}}
 
 
 # ---------------------------------------------------------------------- request plumbing
@@ -105,20 +107,22 @@ class BodyLimitMiddleware:
             await self._reject(send)
 
     async def _reject(self, send: Callable) -> None:
-        body = json.dumps(_error_body(
-            f"request body exceeds {self.max_bytes} bytes", "body_too_large", 413)).encode()
+        body = json.dumps(error_body(
+            413, "body_too_large", f"request body exceeds {self.max_bytes} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
 
 
-def _runtime(request: Request) -> Runtime:
+def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def require_admin(request: Request) -> None:
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def require_admin(request: Request, runtime: RuntimeDep) -> None:
     """Admin routes: a bearer token when one is configured, else loopback clients only."""
-    runtime = _runtime(request)
     token = runtime.admin_token
     if token:
         header = request.headers.get("authorization", "")
@@ -134,46 +138,16 @@ def require_admin(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- generation core
-class _Target:
-    """What a request resolved to: an adapter entry (holding a reference) or the base."""
-
-    def __init__(self, entry: AdapterEntry | None, fallback: bool, tenant: str | None) -> None:
-        self.entry, self.fallback, self.tenant = entry, fallback, tenant
-
-    @property
-    def adapter(self) -> str | None:
-        return str(self.entry.ref) if self.entry is not None else None
-
-
-def _resolve(runtime: Runtime, name: str, *, openai: bool) -> _Target:
-    if name in runtime.base_names:
-        if runtime.merged_entry is not None:
-            raise ApiError(404, f"this deployment serves only {runtime.merged_entry.ref} "
-                                "(merged); the plain base is not available", "model_not_found")
-        return _Target(None, False, None)
+def _target(runtime: Runtime, name: ModelName, *, openai: bool) -> Target:
+    """The tenant directory's answer for ``name``, as HTTP errors."""
     try:
-        want = TenantRef.parse(name)
+        return runtime.tenants.target(name)
     except InvalidName as exc:
         if openai:
-            raise ApiError(404, f"model {name[:80]!r} not found: {exc}", "model_not_found") from exc
+            raise ApiError(404, f"model {name.text[:80]!r} not found: {exc}",
+                           "model_not_found") from exc
         raise ApiError(422, str(exc), "invalid_name") from exc
-    try:
-        return _Target(runtime.cache.acquire(want), False, want.tenant)
     except UnknownAdapter as exc:
-        versions = [e for e in runtime.cache.entries() if e.ref.tenant == want.tenant]
-        failed = [e for e in versions if e.state == AdapterState.FAILED]
-        if want.version is None and failed:
-            # A known tenant whose versions failed to load is broken, not unknown: say why,
-            # and never answer it from the base model.
-            newest = max(failed, key=lambda e: e.registered_at)
-            raise ApiError(503, f"adapter {newest.ref} failed to load: {newest.reason}",
-                           "adapter_unavailable") from exc
-        # Only a tenant the server has never heard of may fall back to the base model.
-        if (runtime.settings.unknown_tenant == "base" and runtime.merged_entry is None
-                and not versions):
-            runtime.metrics.fallback_requests.inc()
-            log.info("unknown tenant served by the base model", extra={"tenant": want.tenant})
-            return _Target(None, True, want.tenant)
         raise ApiError(404, str(exc), "model_not_found") from exc
     except AdapterUnavailable as exc:
         # Retrying helps while a version drains (its successor is being activated), not
@@ -210,7 +184,7 @@ def _tokenize(runtime: Runtime, prompt: str, params: SamplingParams, *,
     return ids
 
 
-def _submit(runtime: Runtime, target: _Target, prompt_ids: list[int],
+def _submit(runtime: Runtime, target: Target, prompt_ids: list[int],
             params: SamplingParams, stream: bool) -> Sequence:
     seq = Sequence(prompt_ids=prompt_ids, params=params, entry=target.entry,
                    loop=asyncio.get_running_loop(), stream=stream,
@@ -223,7 +197,7 @@ def _submit(runtime: Runtime, target: _Target, prompt_ids: list[int],
     return seq
 
 
-def _release(runtime: Runtime, target: _Target) -> None:
+def _release(runtime: Runtime, target: Target) -> None:
     if target.entry is not None:
         runtime.cache.release(target.entry)
 
@@ -272,15 +246,12 @@ def _sse(payload: Any) -> bytes:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _maybe_forward(runtime: Runtime, request: Request, name: str,
+async def _maybe_forward(runtime: Runtime, request: Request, name: ModelName,
                          stream: bool) -> Response | None:
     """A routed (hot) tenant's request answered by its dedicated deployment, or ``None``."""
     router = runtime.router
-    if router is None or not router.routes:
-        return None
-    try:
-        want = TenantRef.parse(name)
-    except InvalidName:
+    want = name.ref
+    if router is None or not router.routes or want is None:
         return None
     route = router.match(want.tenant, want.version, request.headers)
     if route is None:
@@ -305,15 +276,15 @@ health = APIRouter()
 
 
 @public.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request) -> Any:
-    runtime = _runtime(request)
-    forwarded = await _maybe_forward(runtime, request, body.tenant_id, body.stream)
+async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep) -> Any:
+    name = runtime.tenants.name(body.tenant_id)
+    forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
     params = _params(runtime, body.max_new_tokens, body.temperature, body.top_p, body.stop,
                      body.ignore_eos, body.seed)
     prompt_ids = _tokenize(runtime, body.prompt, params)
-    target = _resolve(runtime, body.tenant_id, openai=False)
+    target = _target(runtime, name, openai=False)
     version = target.entry.ref.version if target.entry is not None else None
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     if body.stream:
@@ -326,8 +297,8 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
                                 "adapter": target.adapter, "finish_reason": event.finish_reason,
                                 "usage": _usage(event).model_dump()})
                 else:
-                    yield _sse({"error": _error_body(event.reason, "generation_failed",
-                                                     event.status)["error"]})
+                    yield _sse({"error": error_body(event.status, "generation_failed",
+                                                    event.reason)["error"]})
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -341,13 +312,14 @@ def _usage(event: FinishEvent) -> Usage:
                  total_tokens=event.prompt_tokens + event.completion_tokens)
 
 
-async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
-                  ChatCompletionRequest, prompt: str, chat: bool) -> Any:
+async def _openai(runtime: Runtime, request: Request, name: ModelName,
+                  body: CompletionRequest | ChatCompletionRequest, prompt: str,
+                  chat: bool) -> Any:
     params = _params(runtime, body.max_completion_tokens or body.max_tokens, body.temperature,
                      body.top_p, body.stop, body.ignore_eos, body.seed)
     # A chat template already carries its special tokens.
     prompt_ids = _tokenize(runtime, prompt, params, special=not chat)
-    target = _resolve(runtime, body.model, openai=True)
+    target = _target(runtime, name, openai=True)
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -378,8 +350,8 @@ async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
                     final["usage"] = _usage(event).model_dump()
                     yield _sse(final)
                 else:
-                    yield _sse({"error": _error_body(event.reason, "generation_failed",
-                                                     event.status)["error"]})
+                    yield _sse({"error": error_body(event.status, "generation_failed",
+                                                    event.reason)["error"]})
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -398,19 +370,20 @@ async def _openai(runtime: Runtime, request: Request, body: CompletionRequest |
 
 
 @public.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Any:
-    runtime = _runtime(request)
-    forwarded = await _maybe_forward(runtime, request, body.model, body.stream)
+async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep) -> Any:
+    name = runtime.tenants.name(body.model)
+    forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
     assert isinstance(body.prompt, str)
-    return await _openai(runtime, request, body, body.prompt, chat=False)
+    return await _openai(runtime, request, name, body, body.prompt, chat=False)
 
 
 @public.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    runtime = _runtime(request)
-    forwarded = await _maybe_forward(runtime, request, body.model, body.stream)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           runtime: RuntimeDep) -> Any:
+    name = runtime.tenants.name(body.model)
+    forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
     if not getattr(runtime.tokenizer, "chat_template", None):
@@ -419,15 +392,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     text = runtime.tokenizer.apply_chat_template(
         [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
     )
-    return await _openai(runtime, request, body, text, chat=True)
+    return await _openai(runtime, request, name, body, text, chat=True)
 
 
 @public.get("/v1/models")
-async def models(request: Request) -> Any:
-    runtime = _runtime(request)
+async def models(runtime: RuntimeDep) -> Any:
     created = int(runtime.started_at)
     data: list[dict[str, Any]] = []
-    if runtime.merged_entry is None:
+    if runtime.tenants.merged is None:
         data.append({"id": runtime.base_name, "object": "model", "created": created,
                      "owned_by": "loramux", "root": runtime.base_name, "parent": None,
                      "quantization": runtime.quantization,
@@ -435,7 +407,7 @@ async def models(request: Request) -> Any:
     for entry in sorted(runtime.cache.entries(), key=lambda e: str(e.ref)):
         if entry.state != AdapterState.READY:
             continue
-        active = runtime.cache.active_version(entry.ref.tenant) == entry.ref.version
+        active = runtime.tenants.is_active(entry.ref)
         ids = [str(entry.ref)] + ([entry.ref.tenant] if active else [])
         for model_id in ids:
             data.append({"id": model_id, "object": "model", "created": created,
@@ -447,20 +419,6 @@ async def models(request: Request) -> Any:
             "precision": runtime.base.precision_view()}
 
 
-def _entry_view(runtime: Runtime, entry: AdapterEntry) -> dict[str, Any]:
-    return {
-        "tenant": entry.ref.tenant, "version": entry.ref.version, "state": str(entry.state),
-        "reason": entry.reason, "reason_code": entry.reason_code,
-        "residency": str(entry.residency), "pinned": entry.pinned,
-        "active": runtime.cache.active_version(entry.ref.tenant) == entry.ref.version,
-        "bytes": entry.nbytes, "rank": entry.rank, "in_flight": entry.refcount,
-        "hits": entry.hits, "last_used": entry.last_used or None,
-        "path": str(entry.path), "merged": entry.merged,
-        "disk_load_seconds": entry.disk_load_seconds,
-        "host_to_device_seconds": entry.host_to_device_seconds,
-    }
-
-
 def _ref(tenant: str, version: str) -> AdapterRef:
     try:
         return AdapterRef(tenant, version)
@@ -469,16 +427,14 @@ def _ref(tenant: str, version: str) -> AdapterRef:
 
 
 @admin.get("/adapters")
-async def list_adapters(request: Request) -> Any:
-    runtime = _runtime(request)
-    return {"adapters": [_entry_view(runtime, e) for e in
-                         sorted(runtime.cache.entries(), key=lambda e: str(e.ref))]}
+async def list_adapters(runtime: RuntimeDep) -> AdapterList:
+    return AdapterList(adapters=runtime.tenants.views(), base_model=runtime.base_name,
+                       base_model_aliases=list(runtime.base_names))
 
 
 @admin.put("/adapters/{tenant}/{version}")
 async def load_adapter(tenant: str, version: str, body: LoadAdapterRequest,
-                       request: Request) -> Any:
-    runtime = _runtime(request)
+                       runtime: RuntimeDep) -> AdapterView:
     ref = _ref(tenant, version)
     path = Path(body.path)
     if not path.is_absolute():
@@ -487,7 +443,8 @@ async def load_adapter(tenant: str, version: str, body: LoadAdapterRequest,
     if root is not None and not path.resolve().is_relative_to(root.resolve()):
         raise ApiError(422, f"path must be inside {root}", "bad_path")
     try:
-        future = runtime.cache.register(ref, path, pinned=body.pinned, activate=body.activate)
+        future = runtime.tenants.register(ref, path, pinned=body.pinned,
+                                          activate=body.activate)
     except AdapterConflict as exc:
         raise ApiError(409, str(exc), "conflict") from exc
     try:
@@ -497,16 +454,16 @@ async def load_adapter(tenant: str, version: str, body: LoadAdapterRequest,
     if body.pinned:
         await asyncio.wrap_future(runtime.engine.call(lambda: runtime.cache.prepare(entry)))
     if body.activate:
-        runtime.cache.set_active(ref.tenant, ref.version)
-    return _entry_view(runtime, entry)
+        runtime.tenants.activate(ref.tenant, ref.version)
+    return entry.view(active=runtime.tenants.is_active(ref))
 
 
 @admin.delete("/adapters/{tenant}/{version}")
-async def evict_adapter(tenant: str, version: str, request: Request) -> Any:
-    runtime = _runtime(request)
+async def evict_adapter(tenant: str, version: str, runtime: RuntimeDep,
+                        response: Response) -> EvictResult:
     ref = _ref(tenant, version)
     try:
-        future = runtime.cache.begin_evict(ref)
+        future = runtime.tenants.evict(ref)
     except UnknownAdapter as exc:
         raise ApiError(404, str(exc), "not_found") from exc
     except AdapterConflict as exc:
@@ -515,36 +472,33 @@ async def evict_adapter(tenant: str, version: str, request: Request) -> Any:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
                                runtime.settings.drain_timeout_s)
     except TimeoutError:
-        return JSONResponse({"tenant": tenant, "version": version, "state": "draining"},
-                            status_code=202)
-    return {"tenant": tenant, "version": version, "state": "evicted"}
+        response.status_code = 202
+        return EvictResult(tenant=tenant, version=version, state=EvictionState.DRAINING)
+    return EvictResult(tenant=tenant, version=version, state=EvictionState.EVICTED)
 
 
 @admin.put("/tenants/{tenant}/active")
-async def set_active(tenant: str, body: ActivateRequest, request: Request) -> Any:
-    runtime = _runtime(request)
+async def set_active(tenant: str, body: ActivateRequest, runtime: RuntimeDep) -> AdapterView:
     ref = _ref(tenant, body.version)
     try:
-        entry = runtime.cache.set_active(ref.tenant, ref.version)
+        entry = runtime.tenants.activate(ref.tenant, ref.version)
     except UnknownAdapter as exc:
         raise ApiError(404, str(exc), "not_found") from exc
     except AdapterUnavailable as exc:
         raise ApiError(409, str(exc), "not_ready") from exc
-    return _entry_view(runtime, entry)
+    return entry.view(active=runtime.tenants.is_active(ref))
 
 
 @admin.get("/routes")
-async def list_routes(request: Request) -> Any:
-    router = _runtime(request).router
-    routes = router.routes.values() if router is not None else []
-    return {"routes": [r.view() for r in sorted(routes, key=lambda r: r.tenant)]}
+async def list_routes(runtime: RuntimeDep) -> RouteList:
+    routes = runtime.router.routes.values() if runtime.router is not None else []
+    return RouteList(routes=[r.view() for r in sorted(routes, key=lambda r: r.tenant)])
 
 
 @admin.put("/tenants/{tenant}/route")
-async def set_route(tenant: str, body: RouteRequest, request: Request) -> Any:
+async def set_route(tenant: str, body: RouteRequest, runtime: RuntimeDep) -> RouteView:
     """Forward ``tenant``'s requests to its dedicated deployment (hot tenants)."""
-    runtime = _runtime(request)
-    if runtime.merged_entry is not None:
+    if runtime.tenants.merged is not None:
         raise ApiError(409, "a merged (dedicated) server does not forward", "conflict")
     try:
         validate_label(tenant, "tenant")
@@ -557,8 +511,7 @@ async def set_route(tenant: str, body: RouteRequest, request: Request) -> Any:
 
 
 @admin.delete("/tenants/{tenant}/route")
-async def delete_route(tenant: str, request: Request) -> Any:
-    runtime = _runtime(request)
+async def delete_route(tenant: str, runtime: RuntimeDep) -> Any:
     route = runtime.router.remove(tenant) if runtime.router is not None else None
     if route is None:
         raise ApiError(404, f"tenant {tenant[:63]!r} has no route", "not_found")
@@ -566,16 +519,14 @@ async def delete_route(tenant: str, request: Request) -> Any:
 
 
 @health.get("/healthz")
-async def healthz(request: Request) -> Any:
-    runtime = _runtime(request)
+async def healthz(runtime: RuntimeDep) -> Any:
     if not runtime.engine.alive:
         raise ApiError(503, "engine thread is not running", "engine_down")
     return {"status": "ok"}
 
 
 @health.get("/readyz")
-async def readyz(request: Request) -> Any:
-    runtime = _runtime(request)
+async def readyz(runtime: RuntimeDep) -> Any:
     if not runtime.engine.alive:
         raise ApiError(503, "engine thread is not running", "engine_down")
     ok, missing = runtime.cache.pinned_resident()
@@ -585,8 +536,8 @@ async def readyz(request: Request) -> Any:
 
 
 @health.get("/metrics")
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_runtime(request).metrics.registry),
+async def metrics(runtime: RuntimeDep) -> Response:
+    return Response(generate_latest(runtime.metrics.registry),
                     media_type=CONTENT_TYPE_LATEST)
 
 
@@ -612,12 +563,12 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.message, exc.code, exc.status),
+        return JSONResponse(error_body(exc.status, exc.code, exc.message),
                             status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(UnsupportedMediaType)
     async def _not_json(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
-        return JSONResponse(_error_body(exc.message, exc.code, exc.status),
+        return JSONResponse(error_body(exc.status, exc.code, exc.message),
                             status_code=exc.status)
 
     @app.exception_handler(HTTPException)
@@ -625,7 +576,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         # Starlette's own errors (unknown route, wrong method, body too large) get our shape.
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status_code, "http_error")
-        return JSONResponse(_error_body(str(exc.detail), code, exc.status_code),
+        return JSONResponse(error_body(exc.status_code, code, str(exc.detail)),
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -634,13 +585,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where or 'body'}: {err.get('msg')}")
-        return JSONResponse(_error_body("; ".join(problems)[:2000], "invalid_request", 422),
+        return JSONResponse(error_body(422, "invalid_request", "; ".join(problems)[:2000]),
                             status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(_error_body("internal error; see the server log", "internal", 500),
+        return JSONResponse(error_body(500, "internal", "internal error; see the server log"),
                             status_code=500)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)

@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from loramux.contracts import RouteView, error_body
+
 log = logging.getLogger("loramux.routing")
 
 FORWARDED_HEADER = "x-loramux-forwarded"
@@ -50,10 +52,10 @@ class Route:
     fallbacks: int = 0
     last_error: str | None = None
 
-    def view(self) -> dict[str, Any]:
-        return {"tenant": self.tenant, "url": self.url, "version": self.version,
-                "healthy": time.monotonic() >= self.down_until, "forwarded": self.forwarded,
-                "fallbacks": self.fallbacks, "last_error": self.last_error}
+    def view(self) -> RouteView:
+        return RouteView(tenant=self.tenant, url=self.url, version=self.version,
+                         healthy=time.monotonic() >= self.down_until, forwarded=self.forwarded,
+                         fallbacks=self.fallbacks, last_error=self.last_error)
 
 
 class Forwarded:
@@ -86,8 +88,8 @@ class Forwarded:
         except httpx.HTTPError as exc:
             self.route.last_error = f"stream broke: {exc!r}"[:300]
             log.warning("forwarded stream broke", extra={"tenant": self.route.tenant})
-            error = {"error": {"message": "the dedicated deployment stopped mid-stream",
-                               "code": "upstream_stream_broken", "status": 502}}
+            error = error_body(502, "upstream_stream_broken",
+                               "the dedicated deployment stopped mid-stream")
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:
             await self.response.aclose()

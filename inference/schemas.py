@@ -1,4 +1,5 @@
-"""Request and response bodies of the public and admin APIs, one pydantic model each.
+"""Request and response bodies of the public API, one pydantic model each (the admin API's
+are the wire contracts in :mod:`loramux.contracts`).
 
 Field constraints make bad input a 422 with a reason before any handler runs. Limits that
 depend on settings (prompt tokens, max_new_tokens) are checked in the handlers.
@@ -106,27 +107,3 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-
-
-class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(min_length=1, max_length=4096, description="local adapter directory")
-    pinned: bool = False
-    activate: bool = False
-
-
-class RouteRequest(BaseModel):
-    """Where a hot tenant's requests go: its dedicated deployment's public base URL."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(min_length=1, max_length=512,
-                     pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$")
-    version: str | None = Field(None, min_length=1, max_length=63)
-
-
-class ActivateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: str = Field(min_length=1, max_length=63)

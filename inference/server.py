@@ -12,7 +12,7 @@ import torch
 from loramux import __version__
 from loramux.names import AdapterRef, InvalidName
 
-from .adapter_cache import AdapterCache, AdapterEntry
+from .adapter_cache import AdapterCache
 from .adapters import AdapterRejected, BaseFacts, read_adapter
 from .engine import Engine, confine_torch_threads
 from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
@@ -21,6 +21,7 @@ from .model_loader import BaseModel, load_base_model, resolve_device
 from .precision import probe_device, unquantized_weights
 from .routing import TenantRouter
 from .settings import ServeSettings
+from .tenants import TenantDirectory
 
 log = logging.getLogger("loramux.server")
 
@@ -30,10 +31,10 @@ class Runtime:
     settings: ServeSettings
     base: BaseModel
     cache: AdapterCache
+    tenants: TenantDirectory
     engine: Engine
     metrics: Metrics
     admin_token: str | None
-    merged_entry: AdapterEntry | None = None
     router: TenantRouter | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
@@ -123,6 +124,8 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         max_rank=settings.max_lora_rank,
         allow_pickle=settings.allow_pickle_adapters,
     )
+    tenants = TenantDirectory(cache, metrics, base_names=(base.name, *base.aliases),
+                              unknown_tenant=settings.unknown_tenant)
     eos: set[int] = set()
     for source in (base.tokenizer.eos_token_id,
                    getattr(base.model.generation_config, "eos_token_id", None)):
@@ -139,14 +142,15 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         eos_token_ids=eos,
         torch_threads=settings.torch_threads,
     )
-    runtime = Runtime(settings, base, cache, engine, metrics, settings.resolved_admin_token())
+    runtime = Runtime(settings, base, cache, tenants, engine, metrics,
+                      settings.resolved_admin_token())
     if merged_ref is not None:
-        runtime.merged_entry = cache.register_merged(merged_ref, merged_bytes, merged_rank)
+        tenants.register_merged(merged_ref, merged_bytes, merged_rank)
     pinned = set(settings.pin)
     for flag in settings.adapter:
         ref, path = parse_adapter_flag(flag)
         try:
-            cache.register(ref, path, pinned=str(ref) in pinned, activate=True).result()
+            tenants.register(ref, path, pinned=str(ref) in pinned, activate=True).result()
         except AdapterRejected as exc:
             # One bad preload fails alone; it shows in /admin/adapters with its reason.
             log.error("preloaded adapter rejected",

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from loramux.contracts import Residency
 from loramux.inference import adapter_cache
-from loramux.inference.adapter_cache import Prepared, Residency
+from loramux.inference.adapter_cache import Prepared
 from loramux.inference.engine import FinishEvent, Sequence, TokenEvent
 from loramux.inference.sampling import SamplingParams
 from loramux.inference.server import build_runtime
@@ -42,7 +43,7 @@ def make_runtime(tiny_model_dir):
 
 def _register(runtime, adapter_root, tenant, version="v1", **kwargs):
     ref = AdapterRef(tenant, version)
-    return runtime.cache.register(ref, adapter_root / tenant / version, **kwargs).result(30)
+    return runtime.tenants.register(ref, adapter_root / tenant / version, **kwargs).result(30)
 
 
 def _prepare(runtime, entry) -> Prepared:
@@ -69,7 +70,7 @@ def test_adapter_with_inflight_requests_is_never_evicted(make_runtime, adapter_r
     runtime = make_runtime(device_adapter_slots=1)
     legal = _register(runtime, adapter_root, "legal")
     retail = _register(runtime, adapter_root, "retail")
-    held = runtime.cache.acquire(TenantRef("legal"))
+    held = runtime.tenants.acquire(TenantRef("legal"))
     assert _prepare(runtime, held) == Prepared.READY
     # The only slot is busy with an in-flight request: retail waits instead of evicting it.
     assert _prepare(runtime, retail) == Prepared.WAIT
@@ -136,13 +137,13 @@ def test_loading_an_adapter_from_a_slow_disk_does_not_stall_other_tenants(
         loop = asyncio.get_running_loop()
         legal = Sequence(prompt_ids=tokenizer.encode("keep decoding"),
                          params=SamplingParams(max_new_tokens=400, ignore_eos=True),
-                         entry=runtime.cache.acquire(TenantRef("legal")), loop=loop,
+                         entry=runtime.tenants.acquire(TenantRef("legal")), loop=loop,
                          timeout_s=60, stream=True)
         runtime.engine.submit(legal)
         legal_task = asyncio.ensure_future(_collect(legal))
         await asyncio.sleep(0.2)
-        future = runtime.cache.register(AdapterRef("support", "v1"),
-                                        adapter_root / "support" / "v1")
+        future = runtime.tenants.register(AdapterRef("support", "v1"),
+                                          adapter_root / "support" / "v1")
         support_entry = await asyncio.wrap_future(future)
         return await legal_task, support_entry
 
@@ -158,7 +159,7 @@ def test_request_for_disk_only_adapter_triggers_its_load(make_runtime, adapter_r
     runtime = make_runtime(host_cache_bytes=0, device_adapter_slots=1)
     _register(runtime, adapter_root, "legal")
     travel = _register(runtime, adapter_root, "travel")
-    legal = runtime.cache.resolve(TenantRef("legal"))
+    legal = runtime.tenants.resolve(TenantRef("legal"))
     _until_ready(runtime, legal)
     assert travel.residency == Residency.DISK and legal.residency == Residency.DEVICE
     tokenizer = runtime.tokenizer
@@ -166,7 +167,7 @@ def test_request_for_disk_only_adapter_triggers_its_load(make_runtime, adapter_r
     async def ask(tenant: str) -> str:
         seq = Sequence(prompt_ids=tokenizer.encode("hello"),
                        params=SamplingParams(max_new_tokens=5, ignore_eos=True),
-                       entry=runtime.cache.acquire(TenantRef(tenant)),
+                       entry=runtime.tenants.acquire(TenantRef(tenant)),
                        loop=asyncio.get_running_loop(), timeout_s=60)
         runtime.engine.submit(seq)
         text, _ = await _collect(seq)

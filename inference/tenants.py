@@ -1,0 +1,230 @@
+"""Which adapter version a request gets: the tenant directory.
+
+A request names a model: the base model (by one of its names), a tenant (its *active*
+version) or ``tenant@version``. :class:`TenantDirectory` is the one place that turns that
+name into a version, and the home of every decision on the way:
+
+- the active version of each tenant: set by a load with ``activate``, by
+  ``PUT /admin/tenants/{t}/active``, by the first version of a tenant that loads, and moved
+  to the newest remaining ready version when the active one is evicted;
+- failed versions: a known tenant whose versions failed to load is broken, not unknown;
+  its requests are a 503 naming the reason, never answered by the base model;
+- the unknown-tenant policy (``--unknown-tenant reject|base``): only a tenant the server has
+  never heard of may fall back to the base model;
+- the base model's names, and merge mode (a merged server serves only its adapter).
+
+The versions themselves - their entries, tiers and reference counts - are
+:class:`~.adapter_cache.AdapterCache`'s. The directory registers, activates and evicts
+through the cache, and takes a request's reference with :meth:`AdapterCache.acquire` on the
+entry it resolved, under its own lock, so that a request never sees an active version that
+an eviction has just retired. Lock order: the directory's, then the cache's (the cache never
+calls into the directory).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from loramux.contracts import AdapterView
+from loramux.names import AdapterRef, InvalidName, TenantRef
+
+from .adapter_cache import (
+    AdapterCache,
+    AdapterEntry,
+    AdapterState,
+    AdapterUnavailable,
+    UnknownAdapter,
+)
+from .metrics import Metrics
+
+log = logging.getLogger("loramux.tenants")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelName:
+    """The model a request names (``model`` or ``tenant_id``), parsed once per request.
+
+    ``ref`` is the parsed ``tenant[@version]`` (``None`` when the text is not a valid
+    reference; ``invalid`` then says why). ``base`` is true when the text is one of the base
+    model's names.
+    """
+
+    text: str
+    base: bool
+    ref: TenantRef | None
+    invalid: InvalidName | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request resolved to: an adapter entry holding one reference (the caller
+    releases it with ``AdapterCache.release``), or ``None`` for the base model."""
+
+    entry: AdapterEntry | None
+
+    @property
+    def adapter(self) -> str | None:
+        return str(self.entry.ref) if self.entry is not None else None
+
+
+class TenantDirectory:
+    def __init__(
+        self,
+        cache: AdapterCache,
+        metrics: Metrics,
+        *,
+        base_names: Iterable[str],
+        unknown_tenant: Literal["reject", "base"] = "reject",
+    ) -> None:
+        self._cache = cache
+        self._metrics = metrics
+        self.base_names = frozenset(base_names)
+        self.unknown_tenant = unknown_tenant
+        self.merged: AdapterEntry | None = None
+        self._lock = threading.RLock()
+        self._active: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ names
+    def name(self, text: str) -> ModelName:
+        """Parse what a request names, once."""
+        try:
+            ref: TenantRef | None = TenantRef.parse(text)
+            invalid = None
+        except InvalidName as exc:
+            ref, invalid = None, exc
+        return ModelName(text, text in self.base_names, ref, invalid)
+
+    # ------------------------------------------------------------------ versions
+    def register(
+        self, ref: AdapterRef, path: Path, *, pinned: bool = False, activate: bool = False
+    ) -> concurrent.futures.Future:
+        """Register a version with the cache; the future gives its entry once read. The
+        version becomes active once read when ``activate`` is set or its tenant has no
+        active version yet; a version already registered is activated at once."""
+        with self._lock:
+            future, created = self._cache.register(ref, path, pinned=pinned)
+            if not created:
+                if activate:
+                    self._active[ref.tenant] = ref.version
+                return future
+
+        def _after(fut: concurrent.futures.Future) -> None:
+            if fut.exception() is None:
+                with self._lock:
+                    if activate or ref.tenant not in self._active:
+                        self._active[ref.tenant] = ref.version
+
+        future.add_done_callback(_after)
+        return future
+
+    def register_merged(self, ref: AdapterRef, nbytes: int, rank: int) -> AdapterEntry:
+        """The adapter merged into the base (merge mode): the only thing this server serves."""
+        with self._lock:
+            self.merged = self._cache.register_merged(ref, nbytes, rank)
+            self._active[ref.tenant] = ref.version
+            return self.merged
+
+    def activate(self, tenant: str, version: str) -> AdapterEntry:
+        with self._lock:
+            entry = self._cache.get(AdapterRef(tenant, version))
+            if entry is None:
+                raise UnknownAdapter(f"{tenant}@{version} is not registered")
+            if entry.state in (AdapterState.FAILED, AdapterState.DRAINING):
+                raise AdapterUnavailable(
+                    f"{tenant}@{version} cannot be activated: {entry.state}"
+                    + (f" ({entry.reason})" if entry.reason else "")
+                )
+            self._active[tenant] = version
+        log.info("active version set", extra={"tenant": tenant, "version": version})
+        return entry
+
+    def evict(self, ref: AdapterRef) -> concurrent.futures.Future:
+        """Stop new requests on ``ref`` and remove it once idle (the cache's future). If it
+        was its tenant's active version, the newest remaining ready version takes over."""
+        with self._lock:
+            future = self._cache.begin_evict(ref)
+            if self._active.get(ref.tenant) == ref.version:
+                # The sidecar activates a new version before evicting the old one; if it
+                # did not, fall back to the newest remaining ready version, else none.
+                others = sorted(
+                    (e for e in self._cache.entries()
+                     if e.ref.tenant == ref.tenant and e.ref != ref
+                     and e.state == AdapterState.READY),
+                    key=lambda e: e.registered_at,
+                )
+                if others:
+                    self._active[ref.tenant] = others[-1].ref.version
+                else:
+                    self._active.pop(ref.tenant, None)
+            return future
+
+    # ------------------------------------------------------------------ reading
+    def active_version(self, tenant: str) -> str | None:
+        with self._lock:
+            return self._active.get(tenant)
+
+    def is_active(self, ref: AdapterRef) -> bool:
+        return self.active_version(ref.tenant) == ref.version
+
+    def views(self) -> list[AdapterView]:
+        """Every version the server knows, sorted by reference (``GET /admin/adapters``)."""
+        with self._lock:
+            return [entry.view(active=self._active.get(entry.ref.tenant) == entry.ref.version)
+                    for entry in sorted(self._cache.entries(), key=lambda e: str(e.ref))]
+
+    # ------------------------------------------------------------------ requests
+    def resolve(self, want: TenantRef) -> AdapterEntry:
+        """The entry ``want`` names: its version, else its tenant's active version."""
+        with self._lock:
+            version = want.version or self._active.get(want.tenant)
+            entry = self._cache.get(AdapterRef(want.tenant, version)) if version else None
+            if entry is None:
+                raise UnknownAdapter(f"no adapter for {want}")
+            return entry
+
+    def acquire(self, want: TenantRef) -> AdapterEntry:
+        """Resolve ``want`` and take a reference for one request; ``release`` must follow."""
+        with self._lock:
+            return self._cache.acquire(self.resolve(want))
+
+    def target(self, name: ModelName) -> Target:
+        """What a request for ``name`` is served by, holding a reference.
+
+        Raises :class:`InvalidName` (not a reference), :class:`UnknownAdapter` (nothing
+        answers to it) or :class:`AdapterUnavailable` (failed or draining).
+        """
+        if name.base:
+            if self.merged is not None:
+                raise UnknownAdapter(f"this deployment serves only {self.merged.ref} (merged); "
+                                     "the plain base is not available")
+            return Target(None)
+        if name.ref is None:
+            raise name.invalid or InvalidName(f"invalid model name {name.text[:80]!r}")
+        want = name.ref
+        try:
+            return Target(self.acquire(want))
+        except UnknownAdapter as exc:
+            versions = [e for e in self._cache.entries() if e.ref.tenant == want.tenant]
+            failed = [e for e in versions if e.state == AdapterState.FAILED]
+            if want.version is None and failed:
+                # A known tenant whose versions failed to load is broken, not unknown: say
+                # why, and never answer it from the base model.
+                newest = max(failed, key=lambda e: e.registered_at)
+                raise AdapterUnavailable(
+                    f"adapter {newest.ref} failed to load: {newest.reason}") from exc
+            # Only a tenant the server has never heard of may fall back to the base model.
+            if self.unknown_tenant == "base" and self.merged is None and not versions:
+                self._metrics.fallback_requests.inc()
+                log.info("unknown tenant served by the base model",
+                         extra={"tenant": want.tenant})
+                return Target(None)
+            raise
+
+
+__all__ = ["ModelName", "Target", "TenantDirectory"]
