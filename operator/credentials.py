@@ -1,27 +1,24 @@
 """S3 credentials from a LoraAdapter's ``source.credentialsSecret``: pure functions.
 
 The values go only into the desired entry sent to the pod's sidecar; they are never logged,
-never put into status or events. Problems are described by key name only.
+never put into status or events. Problems are described by key name only. The key map and
+the validation are :mod:`loramux.s3`'s (:data:`~loramux.s3.CREDENTIAL_KEYS`,
+:func:`~loramux.s3.credentials_from_values`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
-KEYS = {
-    "AWS_ACCESS_KEY_ID": "access_key_id",
-    "AWS_SECRET_ACCESS_KEY": "secret_access_key",
-    "AWS_SESSION_TOKEN": "session_token",
-    "AWS_REGION": "region",
-    "AWS_ENDPOINT_URL": "endpoint_url",
-}
-REQUIRED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+from pydantic import ValidationError
+
+from loramux.contracts import EntryCredentials
+from loramux.s3 import CREDENTIAL_KEYS, credentials_from_values
+
+FIELD_KEYS = {field: key for key, field in CREDENTIAL_KEYS.items()}  # access_key_id -> AWS_...
 
 
 def secret_values(secret: Mapping[str, Any]) -> dict[str, str]:
@@ -41,20 +38,27 @@ def secret_values(secret: Mapping[str, Any]) -> dict[str, str]:
 def credentials_from_secret(
     secret: Mapping[str, Any], name: str
 ) -> tuple[dict[str, str] | None, str | None]:
-    """``(credentials, None)`` for the sidecar's desired entry, or ``(None, problem)``."""
-    values = {k: v.strip() for k, v in secret_values(secret).items()}
-    missing = [k for k in REQUIRED if not values.get(k)]
-    if missing:
-        return None, f"Secret {name!r} lacks {', '.join(missing)}"
-    creds = {KEYS[k]: values[k] for k in KEYS if values.get(k)}
-    region = creds.get("region")
-    if region is not None and not _REGION.match(region):
-        return None, f"Secret {name!r}: AWS_REGION is not a region name"
-    endpoint = creds.get("endpoint_url")
-    if endpoint is not None:
-        parts = urlsplit(endpoint)
-        if (parts.scheme not in ("http", "https") or not parts.hostname
-                or parts.username is not None or parts.query or parts.fragment
-                or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in endpoint)):
-            return None, f"Secret {name!r}: AWS_ENDPOINT_URL is not an http(s) URL with a host"
-    return creds, None
+    """``(credential fields, None)`` for the sidecar's desired entry, or ``(None, problem)``."""
+    return credentials_from_values(secret_values(secret), name)
+
+
+def entry_credentials(secret: Mapping[str, Any], name: str
+                      ) -> tuple[EntryCredentials | None, str | None]:
+    """The Secret as a desired entry's :class:`~loramux.contracts.EntryCredentials`, or
+    ``(None, problem)``; the problem names keys, never values."""
+    fields, problem = credentials_from_secret(secret, name)
+    if fields is None:
+        return None, problem
+    try:
+        return EntryCredentials(**fields), None
+    except ValidationError as exc:
+        # pydantic's messages quote the input: name the keys only.
+        keys = sorted({FIELD_KEYS.get(str(e["loc"][0]), str(e["loc"][0]))
+                       for e in exc.errors() if e["loc"]})
+        return None, f"Secret {name!r}: {', '.join(keys) or 'a key'} is not valid"
+
+
+def secret_keys(credentials: EntryCredentials) -> set[str]:
+    """The Secret keys (``AWS_*``) that ``credentials`` were read from."""
+    return {key for key, field in CREDENTIAL_KEYS.items()
+            if getattr(credentials, field) is not None}

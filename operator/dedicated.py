@@ -24,7 +24,11 @@ import copy
 import hashlib
 from typing import Any
 
+import kopf
+
 from loramux.names import validate_label
+from loramux.operator.model import API_VERSION, KIND
+from loramux.s3 import CREDENTIAL_KEYS
 
 ADAPTERS_MOUNT = "/adapters"
 SERVER_CONTAINER = "server"
@@ -37,9 +41,6 @@ OWNER_LABEL = "loramux.io/lora-adapter"
 # from the pool's S3 Secret); mounted as files, never as env of the server.
 FETCH_SECRET_ANNOTATION = "loramux.io/fetch-s3-secret"
 FETCH_SECRET_MOUNT = "/var/run/loramux/s3"
-
-_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                    "AWS_REGION", "AWS_ENDPOINT_URL")
 
 
 def dedicated_name(tenant: str, version: str) -> str:
@@ -58,18 +59,20 @@ def selector_labels(tenant: str, version: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": APP_LABEL, TENANT_LABEL: tenant, VERSION_LABEL: version}
 
 
-def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
-    meta = cr["metadata"]
-    return {"apiVersion": cr.get("apiVersion", "loramux.io/v1alpha1"),
-            "kind": cr.get("kind", "LoraAdapter"), "name": meta["name"], "uid": meta["uid"],
-            "controller": True, "blockOwnerDeletion": True}
+def _owned(obj: dict[str, Any], cr: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the LoraAdapter as its controlling owner (garbage-collected with it)."""
+    # A LoraAdapter read from a list may lack apiVersion/kind; the owner reference needs them.
+    owner = {"apiVersion": cr.get("apiVersion") or API_VERSION, "kind": cr.get("kind") or KIND,
+             "metadata": cr["metadata"]}
+    kopf.append_owner_reference(obj, owner=owner)  # type: ignore[arg-type]
+    return obj
 
 
 def _fetch_env(template_env: list[dict[str, Any]], secret: str | None,
                secret_keys: set[str] | None) -> list[dict[str, Any]]:
     """The template's ``AWS_*`` settings, overridden by the keys the credentials Secret has
     (``secret_keys``: the key names the operator read; values stay in the Secret)."""
-    from_secret = [k for k in _CREDENTIAL_KEYS
+    from_secret = [k for k in CREDENTIAL_KEYS
                    if secret and (secret_keys is None or k in secret_keys)]
     env = [e for e in template_env
            if e.get("name", "").startswith("AWS_") and e.get("name") not in from_secret]
@@ -78,8 +81,7 @@ def _fetch_env(template_env: list[dict[str, Any]], secret: str | None,
 
 
 def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: int = 1,
-                     secret_keys: set[str] | None = None,
-                     extra_serve_args: list[str] | None = None) -> dict[str, Any]:
+                     secret_keys: set[str] | None = None) -> dict[str, Any]:
     """The dedicated Deployment of ``cr`` (a LoraAdapter as the API returns it).
 
     ``secret_keys`` are the keys present in ``source.credentialsSecret`` (None: all of
@@ -111,7 +113,7 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
     adapter_dir = f"{ADAPTERS_MOUNT}/{tenant}/{version}"
     server["command"] = ["loramux"]
     server["args"] = ["serve", "--host", "0.0.0.0", "--port", str(HTTP_PORT),
-                      "--merge-adapter", adapter_dir, *(extra_serve_args or [])]
+                      "--merge-adapter", adapter_dir]
     server["ports"] = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
     server["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"},
                                 "periodSeconds": 5, "failureThreshold": 3}
@@ -150,32 +152,30 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
     if use_fetch_secret:
         pod_spec["volumes"].append({"name": "fetch-s3-credentials",
                                     "secret": {"secretName": fetch_secret}})
-    return {
+    return _owned({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": cr["metadata"]["namespace"],
-                     "labels": {**labels, OWNER_LABEL: cr["metadata"]["name"]},
-                     "ownerReferences": [owner_reference(cr)]},
+                     "labels": {**labels, OWNER_LABEL: cr["metadata"]["name"]}},
         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
                  "template": pod,
                  "strategy": {"type": "RollingUpdate",
                               "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}},
-    }
+    }, cr)
 
 
 def build_service(cr: dict[str, Any]) -> dict[str, Any]:
     spec = cr["spec"]
     tenant, version = spec["tenant"], spec["version"]
     labels = selector_labels(tenant, version)
-    return {
+    return _owned({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": dedicated_name(tenant, version),
                      "namespace": cr["metadata"]["namespace"],
-                     "labels": {**labels, OWNER_LABEL: cr["metadata"]["name"]},
-                     "ownerReferences": [owner_reference(cr)]},
+                     "labels": {**labels, OWNER_LABEL: cr["metadata"]["name"]}},
         "spec": {"selector": labels, "type": "ClusterIP",
                  "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http",
                             "protocol": "TCP"}]},
-    }
+    }, cr)
 
 
 def service_url(service: dict[str, Any], cluster_domain: str = "cluster.local") -> str:
@@ -198,4 +198,4 @@ def deployment_ready(deployment: dict[str, Any] | None) -> bool:
 
 
 __all__ = ["build_deployment", "build_service", "dedicated_name", "deployment_ready",
-           "owner_reference", "selector_labels", "service_url"]
+           "selector_labels", "service_url"]

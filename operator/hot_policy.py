@@ -160,6 +160,9 @@ class RateHistory:
     def get(self, tenant: str) -> list[Sample]:
         return list(self._samples.get(tenant, ()))
 
+    def tenants(self) -> list[str]:
+        return list(self._samples)
+
     def forget(self, tenant: str) -> None:
         self._samples.pop(tenant, None)
 

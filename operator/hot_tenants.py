@@ -5,8 +5,8 @@ Each reconcile pass:
 1. :func:`scrape_request_totals` reads ``loramux_requests_total`` from every pool pod's
    server ``/metrics`` and sums it per (namespace, tenant); forwarded requests count too,
    because the pool still receives them. :class:`HotTenants` keeps the history.
-2. :func:`hot_policy.decide` turns ``spec.dedicated`` and the history into promote, demote
-   or hold.
+2. :func:`hot_policy.decide` turns ``spec.dedicated`` (:class:`~model.DedicatedSpec`) and
+   the history into promote, demote or hold.
 3. :func:`plan` (pure) turns that decision and what exists (the CR's dedicated Deployments
    and Services, one pair per version, see :mod:`dedicated`) into objects to create, objects
    to delete, and the routes the pool pods' sidecars get:
@@ -17,7 +17,8 @@ Each reconcile pass:
    * on demotion the routes go first; the pair is deleted only once no pod routes to it.
 
 The shared pool keeps the adapter loaded the whole time (it stays in every desired set),
-so a pool server can always answer the tenant itself.
+so a pool server can always answer the tenant itself. The history of a tenant whose
+LoraAdapter is gone or whose mode is Never is forgotten (:meth:`HotTenants.prune`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from loramux.operator.dedicated import (
     deployment_ready,
     service_url,
 )
-from loramux.operator.hot_policy import Decision, RateHistory, Sample, Thresholds, decide
+from loramux.operator.hot_policy import Decision, RateHistory, Sample, decide
+from loramux.operator.kube import KubeApi
+from loramux.operator.model import AdapterSpec
 
 log = logging.getLogger("loramux.operator.hot")
 
@@ -101,13 +104,14 @@ def _condition(ok: bool, reason: str, message: str) -> dict[str, str]:
 
 def plan(cr: Mapping[str, Any], decision: Decision, existing: Existing,
          template: Mapping[str, Any] | None, *, routed_versions: set[str],
-         pool_serves_version: bool, secret_keys: set[str] | None = None,
+         pool_serves_version: bool, replicas: int = 1, secret_keys: set[str] | None = None,
          cluster_domain: str = "cluster.local") -> Plan:
     """What to do for one LoraAdapter (pure).
 
     ``routed_versions``: versions of this tenant that some pool pod's server routes to now
     (from the sidecars' state). ``pool_serves_version``: every pool pod serves
-    ``spec.version`` (the rollout there is finished).
+    ``spec.version`` (the rollout there is finished). ``replicas``: the dedicated
+    Deployment's (``spec.dedicated.replicas``).
     """
     spec = cr["spec"]
     namespace = cr["metadata"]["namespace"]
@@ -130,7 +134,6 @@ def plan(cr: Mapping[str, Any], decision: Decision, existing: Existing,
                                    "(--dedicated-template-file)")
         out.routes = dict(ready)
         return out
-    replicas = int((spec.get("dedicated") or {}).get("replicas") or 1)
     if version not in existing.deployments:
         out.create.append(build_deployment(dict(cr), dict(template), replicas=replicas,
                                            secret_keys=secret_keys))
@@ -164,14 +167,11 @@ def _all(existing: Existing, namespace: str) -> list[tuple[str, str, str]]:
 
 
 class HotTenants:
-    """The I/O side: scraping, listing, creating and deleting; state is only the history."""
+    """The I/O side: listing, creating and deleting; state is only the history."""
 
-    def __init__(self, kube: Any, template: Mapping[str, Any] | None, *,
+    def __init__(self, kube: KubeApi, template: Mapping[str, Any] | None, *,
                  cluster_domain: str = "cluster.local") -> None:
-        from kubernetes import client
-
         self.kube = kube
-        self.apps = client.AppsV1Api(kube.api_client)
         self.template = template
         self.cluster_domain = cluster_domain
         self.history = RateHistory()
@@ -179,37 +179,37 @@ class HotTenants:
 
     def record(self, totals: Mapping[tuple[str, str], float], now: float) -> None:
         for key, total in totals.items():
-            self.history.add(f"{key[0]}/{key[1]}", Sample(now, total))
+            self.history.add(_history_key(key), Sample(now, total))
 
-    def decide(self, cr: Mapping[str, Any], dedicated_now: bool, now: float) -> Decision:
-        spec = cr["spec"]
-        dedicated = spec.get("dedicated") or {}
-        mode = dedicated.get("mode", "Never")
-        key = (cr["metadata"]["namespace"], spec["tenant"])
-        try:
-            thresholds = Thresholds.from_spec(dedicated)
-        except ValueError as exc:
-            return Decision("hold", f"invalid thresholds: {exc}")
-        return decide(mode, dedicated_now, self.history.get(f"{key[0]}/{key[1]}"),
-                      thresholds, now, self.last_change.get(key))
+    def prune(self, specs: Iterable[AdapterSpec]) -> None:
+        """Forget the request history of tenants whose LoraAdapter is gone (or going) or
+        whose mode is Never, and the last change of tenants without a LoraAdapter."""
+        specs = [s for s in specs if s.tenant and not s.deleting]
+        watched = {_history_key((s.namespace, s.tenant)) for s in specs
+                   if s.dedicated.mode != "Never"}
+        for name in self.history.tenants():
+            if name not in watched:
+                self.history.forget(name)
+        known = {(s.namespace, s.tenant) for s in specs}
+        for key in [k for k in self.last_change if k not in known]:
+            del self.last_change[key]
+
+    def decide(self, spec: AdapterSpec, dedicated_now: bool, now: float) -> Decision:
+        dedicated = spec.dedicated
+        if dedicated.problem:
+            return Decision("hold", dedicated.problem)
+        key = (spec.namespace, spec.tenant)
+        return decide(dedicated.mode, dedicated_now, self.history.get(_history_key(key)),
+                      dedicated.thresholds, now, self.last_change.get(key))
 
     async def list_all(self, namespace: str | None) -> dict[tuple[str, str], Existing]:
         """Every dedicated Deployment and Service, by owning LoraAdapter (namespace, name):
         one list call each per pass, so a CR switched to Never or deleted is still seen."""
         selector = f"app.kubernetes.io/name={APP_LABEL}"
-        if namespace:
-            deps = await self.kube._call(self.apps.list_namespaced_deployment, namespace,
-                                         label_selector=selector)
-            svcs = await self.kube._call(self.kube.core.list_namespaced_service, namespace,
-                                         label_selector=selector)
-        else:
-            deps = await self.kube._call(self.apps.list_deployment_for_all_namespaces,
-                                         label_selector=selector)
-            svcs = await self.kube._call(self.kube.core.list_service_for_all_namespaces,
-                                         label_selector=selector)
+        deps = await self.kube.list_deployments(namespace, selector)
+        svcs = await self.kube.list_services(namespace, selector)
         out: dict[tuple[str, str], Existing] = {}
-        for items, attr in (((deps or {}).get("items") or [], "deployments"),
-                            ((svcs or {}).get("items") or [], "services")):
+        for items, attr in ((deps, "deployments"), (svcs, "services")):
             for item in items:
                 meta = item.get("metadata") or {}
                 labels = meta.get("labels") or {}
@@ -220,50 +220,32 @@ class HotTenants:
                     getattr(existing, attr)[version] = item
         return out
 
-    async def existing(self, cr: Mapping[str, Any]) -> Existing:
-        namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
-        selector = f"{OWNER_LABEL}={name}"
-        deps = await self.kube._call(self.apps.list_namespaced_deployment, namespace,
-                                     label_selector=selector)
-        svcs = await self.kube._call(self.kube.core.list_namespaced_service, namespace,
-                                     label_selector=selector)
-        out = Existing()
-        for item in (deps or {}).get("items") or []:
-            version = ((item.get("metadata") or {}).get("labels") or {}).get(VERSION_LABEL)
-            if version:
-                out.deployments[version] = item
-        for item in (svcs or {}).get("items") or []:
-            version = ((item.get("metadata") or {}).get("labels") or {}).get(VERSION_LABEL)
-            if version:
-                out.services[version] = item
-        return out
-
-    async def apply(self, cr: Mapping[str, Any], todo: Plan, decision: Decision,
+    async def apply(self, spec: AdapterSpec, todo: Plan, decision: Decision,
                     now: float) -> None:
-        key = (cr["metadata"]["namespace"], cr["spec"]["tenant"])
         for obj in todo.create:
-            ns = obj["metadata"]["namespace"]
             if obj["kind"] == "Deployment":
-                await self.kube._call(self.apps.create_namespaced_deployment, ns, obj)
+                await self.kube.create_deployment(obj)
             else:
-                await self.kube._call(self.kube.core.create_namespaced_service, ns, obj)
-            log.info("created dedicated %s %s/%s for %s@%s", obj["kind"], ns,
-                     obj["metadata"]["name"], cr["spec"]["tenant"], cr["spec"]["version"])
+                await self.kube.create_service(obj)
+            log.info("created dedicated %s %s/%s for %s@%s", obj["kind"],
+                     obj["metadata"]["namespace"], obj["metadata"]["name"], spec.tenant,
+                     spec.version)
         for kind, ns, name in todo.delete:
-            fn = (self.apps.delete_namespaced_deployment if kind == "Deployment"
-                  else self.kube.core.delete_namespaced_service)
-            try:
-                await self.kube._call(fn, name, ns)
+            delete = (self.kube.delete_deployment if kind == "Deployment"
+                      else self.kube.delete_service)
+            if await delete(ns, name):
                 log.info("deleted dedicated %s %s/%s", kind, ns, name)
-            except Exception as exc:  # KubeError 404: already gone
-                if getattr(exc, "status", None) != 404:
-                    raise
         if decision.action in ("promote", "demote") and (todo.create or todo.delete):
-            self.last_change[key] = now
+            self.last_change[(spec.namespace, spec.tenant)] = now
+
+
+def _history_key(key: tuple[str, str]) -> str:
+    return f"{key[0]}/{key[1]}"
 
 
 async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
-                                timeout: float = 5.0) -> dict[tuple[str, str], float] | None:
+                                timeout: float = 5.0, headers: Mapping[str, str] | None = None,
+                                ) -> dict[tuple[str, str], float] | None:
     """Sum ``loramux_requests_total`` per (namespace, tenant) over ``(namespace, server_url)``
     targets. ``None`` when a pod did not answer: a partial sum would read as a counter
     reset, so such a pass records no sample (the policy treats the gap as missing data)."""
@@ -271,7 +253,8 @@ async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
 
     async def one(url: str) -> str | None:
         try:
-            response = await http.get(f"{url}/metrics", timeout=timeout)
+            response = await http.get(f"{url}/metrics", timeout=timeout,
+                                      headers=dict(headers or {}))
             return response.text if response.status_code == 200 else None
         except Exception:
             return None

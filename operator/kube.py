@@ -1,4 +1,5 @@
-"""The few Kubernetes API calls the reconciler makes (list, get, merge-patch status, events).
+"""The few Kubernetes API calls the reconciler makes (list, get, merge-patch status, events,
+and a hot tenant's dedicated Deployments and Services).
 
 The official client (synchronous) runs in worker threads; every answer is kept as the raw
 JSON dictionaries the API sent, which is what the pure functions take. Works with any
@@ -46,6 +47,7 @@ class KubeApi:
 
         self.api_client = api_client if api_client is not None else load_api_client()
         self.core = client.CoreV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -79,6 +81,53 @@ class KubeApi:
             body = await self._call(self.core.list_pod_for_all_namespaces)
         return list((body or {}).get("items") or [])
 
+    # ----------------------------------------------------------------- dedicated objects
+    async def list_deployments(self, namespace: str | None, label_selector: str
+                               ) -> list[dict[str, Any]]:
+        if namespace:
+            body = await self._call(self.apps.list_namespaced_deployment, namespace,
+                                    label_selector=label_selector)
+        else:
+            body = await self._call(self.apps.list_deployment_for_all_namespaces,
+                                    label_selector=label_selector)
+        return list((body or {}).get("items") or [])
+
+    async def list_services(self, namespace: str | None, label_selector: str
+                            ) -> list[dict[str, Any]]:
+        if namespace:
+            body = await self._call(self.core.list_namespaced_service, namespace,
+                                    label_selector=label_selector)
+        else:
+            body = await self._call(self.core.list_service_for_all_namespaces,
+                                    label_selector=label_selector)
+        return list((body or {}).get("items") or [])
+
+    async def create_deployment(self, body: Mapping[str, Any]) -> None:
+        await self._call(self.apps.create_namespaced_deployment,
+                         body["metadata"]["namespace"], dict(body))
+
+    async def create_service(self, body: Mapping[str, Any]) -> None:
+        await self._call(self.core.create_namespaced_service,
+                         body["metadata"]["namespace"], dict(body))
+
+    async def delete_deployment(self, namespace: str, name: str) -> bool:
+        """Delete; False when it was already gone."""
+        return await self._delete(self.apps.delete_namespaced_deployment, namespace, name)
+
+    async def delete_service(self, namespace: str, name: str) -> bool:
+        """Delete; False when it was already gone."""
+        return await self._delete(self.core.delete_namespaced_service, namespace, name)
+
+    async def _delete(self, fn: Any, namespace: str, name: str) -> bool:
+        try:
+            await self._call(fn, name, namespace)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # ----------------------------------------------------------------- the rest
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return await self._call(self.core.read_namespaced_secret, name, namespace)
@@ -102,7 +151,11 @@ class KubeApi:
     async def post_event(self, obj: Mapping[str, Any], type_: str, reason: str,
                          message: str) -> None:
         """A core/v1 Event about ``obj``. Failures are logged, never raised: an API server
-        that refuses Events must not stop reconciliation."""
+        that refuses Events must not stop reconciliation.
+
+        Not ``kopf.event``: kopf queues events through context variables it sets only inside
+        its per-object handler tasks, and the reconcile loop is a task of its own (unit tests
+        run it with no kopf operator at all)."""
         meta = obj.get("metadata") or {}
         namespace = meta.get("namespace") or "default"
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

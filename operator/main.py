@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import random
 
-from pydantic_settings import CliApp, SettingsConfigDict
-
-from loramux.operator.settings import ENV_PREFIX, OperatorSettings
-
-
-class OperatorCli(OperatorSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", cli_prog_name="loramux operator",
-        cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True,
-    )
+from loramux.logs import configure_logging
+from loramux.operator.settings import OperatorSettings
+from loramux.settings_cli import settings_from_cli
 
 
 def parse(argv: list[str]) -> OperatorSettings:
-    parsed = CliApp.run(OperatorCli, cli_args=argv)
-    return OperatorSettings.model_validate(parsed.model_dump())
+    return settings_from_cli(OperatorSettings, argv, "loramux operator")
 
 
 def main(argv: list[str]) -> int:
     settings = parse(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     import kopf
 
     from loramux.operator import handlers

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramux.names import InvalidName, validate_label
+from loramux.operator.hot_policy import Mode, Thresholds
 
 GROUP = "loramux.io"
 VERSION = "v1alpha1"
@@ -30,6 +31,67 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 ObjectKey = tuple[str, str]  # (namespace, name) of a LoraAdapter
 PodKey = tuple[str, str]  # (namespace, name) of a pod
+
+DEDICATED_MODES: tuple[Mode, ...] = ("Never", "Always", "Auto")
+
+
+@dataclass(frozen=True)
+class DedicatedSpec:
+    """``spec.dedicated``, parsed once: whether and when the tenant gets its own merged
+    Deployment. ``problem`` (an invalid mode or thresholds) makes the hot-tenant policy hold
+    whatever exists, as the CRD's schema should have refused it already."""
+
+    mode: Mode = "Never"
+    replicas: int = 1
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    problem: str | None = None
+
+    @classmethod
+    def parse(cls, raw: Any) -> DedicatedSpec:
+        dedicated = raw if isinstance(raw, Mapping) else {}
+        mode = dedicated.get("mode", "Never")
+        replicas = dedicated.get("replicas")
+        replicas = (replicas if isinstance(replicas, int) and not isinstance(replicas, bool)
+                    and replicas >= 1 else 1)
+        if mode not in DEDICATED_MODES:
+            return cls(replicas=replicas, problem=f"invalid mode: {mode!r}")
+        try:
+            thresholds = Thresholds.from_spec(dict(dedicated))
+        except (TypeError, ValueError) as exc:
+            return cls(mode=mode, replicas=replicas, problem=f"invalid thresholds: {exc}")
+        return cls(mode=mode, replicas=replicas, thresholds=thresholds)
+
+
+@dataclass(frozen=True)
+class ActiveSource:
+    """Where a version's files come from. ``status.activeSource`` is the source of the last
+    version that became active (written with ``status.activeVersion`` whenever that is the
+    spec's version, kept otherwise): the operator's own memory of the version a rollout
+    replaces, since the spec only names the new one."""
+
+    version: str
+    uri: str
+    sha256: str | None = None
+
+    @classmethod
+    def from_status(cls, raw: Any) -> ActiveSource | None:
+        """None unless ``raw`` is a usable source (a hand-edited status is not trusted)."""
+        if not isinstance(raw, Mapping):
+            return None
+        version, uri, sha = raw.get("version"), raw.get("uri"), raw.get("sha256")
+        try:
+            validate_label(version, "status.activeSource.version")  # type: ignore[arg-type]
+        except InvalidName:
+            return None
+        if not isinstance(uri, str) or len(uri) > 2048 or not URI_PATTERN.match(uri):
+            return None
+        if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.match(sha)):
+            return None
+        return cls(version=str(version), uri=uri, sha256=sha)
+
+    def view(self) -> dict[str, Any]:
+        return {"version": self.version, "uri": self.uri,
+                **({"sha256": self.sha256} if self.sha256 else {})}
 
 
 @dataclass(frozen=True)
@@ -53,6 +115,8 @@ class AdapterSpec:
     deleting: bool = False
     previous_pods: tuple[str, ...] = ()  # pods in status.placements (placement memory)
     previous_active: str | None = None  # status.activeVersion
+    previous_source: ActiveSource | None = None  # status.activeSource
+    dedicated: DedicatedSpec = field(default_factory=DedicatedSpec)
     error: str | None = None
 
     @property
@@ -67,6 +131,11 @@ class AdapterSpec:
     @property
     def pool_key(self) -> str:
         return canonical_selector(self.pool)
+
+    @property
+    def source(self) -> ActiveSource:
+        """The source of ``spec.version``."""
+        return ActiveSource(version=self.version, uri=self.uri, sha256=self.sha256)
 
 
 def canonical_selector(selector: Mapping[str, Any] | None) -> str:
@@ -155,6 +224,7 @@ def parse_adapter(obj: Mapping[str, Any]) -> AdapterSpec:
         "deleting": bool(meta.get("deletionTimestamp")),
         "previous_pods": previous,
         "previous_active": status.get("activeVersion") or None,
+        "previous_source": ActiveSource.from_status(status.get("activeSource")),
     }
     if not isinstance(spec, Mapping):
         return AdapterSpec(**base, error="spec must be an object")
@@ -169,6 +239,7 @@ def parse_adapter(obj: Mapping[str, Any]) -> AdapterSpec:
         "pool": spec.get("pool") if isinstance(spec.get("pool"), Mapping) else {},
         "replicas": spec.get("replicas"),
         "pinned": spec.get("pinned") is True,
+        "dedicated": DedicatedSpec.parse(spec.get("dedicated")),
     }
     error = _spec_error(spec, source, fields)
     if error is not None:

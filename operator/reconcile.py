@@ -1,12 +1,24 @@
 """One "reconcile everything" pass, and the loop that runs it.
 
 A pod's desired set aggregates every LoraAdapter placed on it, so the operator reconciles
-the whole picture at once: list all LoraAdapters and pods, ask each pool pod what it holds
-(sidecar ``GET /v1/state`` and ``GET /v1/desired``, server ``GET /v1/models``), validate,
-place, ``PUT /v1/desired`` to every pool pod, read the state back and patch each
-adapter's status. Passes are serialized (one at a time), debounced (a burst of events is
-one pass) and level-triggered (nothing is remembered between passes but what the API
-server and the pods say), so an operator restart converges from the current state.
+the whole picture at once. A pass (:meth:`Reconciler.run_pass`) is four steps, each a
+method that reads alone:
+
+1. :meth:`~Reconciler.observe` (reads only): every LoraAdapter and pod, each pool pod's
+   sidecar ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`, the one source of a
+   pod's state, its server's own answer included), the credentials Secrets, hot tenants'
+   dedicated objects and the pool's request counters;
+2. :meth:`~Reconciler.plan` (no I/O): validation, placement, each hot tenant's dedicated
+   deployment, and every pool pod's desired set;
+3. :meth:`~Reconciler.deliver` (writes): dedicated objects created or deleted,
+   ``PUT /v1/desired`` to every pool pod, its state read back;
+4. :meth:`~Reconciler.report`: each LoraAdapter's status (merge-patched) and its Events.
+
+Passes are serialized (one at a time), debounced (a burst of events is one pass) and
+level-triggered: nothing is remembered between passes but what the API server (the
+LoraAdapters' status: placements, ``activeVersion`` and its ``activeSource``) and the pods
+say, so an operator restart converges from the current state. The only memory in the
+process is the request-rate history of hot tenants.
 
 Triggers: the kopf handlers (create/update/resume/delete of LoraAdapters), pod events, and
 the resync timer; after a pass with transient failures the next one comes sooner
@@ -17,17 +29,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from loramux.operator.credentials import credentials_from_secret
-from loramux.operator.hot_tenants import Existing, HotTenants, Plan, plan, scrape_request_totals
+from loramux.contracts import (
+    AdapterPhase,
+    DesiredAdapter,
+    DesiredState,
+    EntryCredentials,
+    PlacementState,
+    SyncState,
+)
+from loramux.operator.credentials import entry_credentials, secret_keys
+from loramux.operator.hot_policy import Decision
+from loramux.operator.hot_tenants import (
+    Existing,
+    HotTenants,
+    Plan,
+    plan,
+    scrape_request_totals,
+)
 from loramux.operator.kube import KubeApi, KubeError
 from loramux.operator.model import (
     API_VERSION,
@@ -47,11 +75,13 @@ from loramux.operator.placement import place
 from loramux.operator.rollout import PodObservation, build_desired_sets
 from loramux.operator.settings import OperatorSettings
 from loramux.operator.status import (
+    Validation,
     _condition,
     compute_status,
     outranked,
     status_differs,
     status_events,
+    status_patch,
     validate,
 )
 
@@ -59,7 +89,59 @@ log = logging.getLogger("loramux.operator")
 
 
 @dataclass
+class Observed:
+    """Step 1, observe: what the API server and the pool pods say at the start of a pass."""
+
+    adapters: dict[ObjectKey, tuple[AdapterSpec, dict[str, Any]]]  # parsed, and as read
+    pods: list[dict[str, Any]]  # every pod of the watched namespace(s)
+    pool_pods: dict[PodKey, Mapping[str, Any]]  # live pods of some valid adapter's pool
+    observations: dict[PodKey, PodObservation]  # their sidecars' GET /v1/state
+    credentials: dict[ObjectKey, EntryCredentials] = field(default_factory=dict)
+    credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
+    dedicated: dict[ObjectKey, Existing] | None = None  # None: not listed (hot tenants off)
+    dedicated_error: str | None = None  # they could not be listed
+    clock: float = 0.0  # time.monotonic() of the pass, the hot-tenant policy's clock
+
+    @property
+    def specs(self) -> list[AdapterSpec]:
+        return [spec for spec, _ in self.adapters.values()]
+
+
+@dataclass
+class HotStep:
+    """One LoraAdapter's dedicated deployment this pass: the policy's decision and the plan."""
+
+    spec: AdapterSpec
+    obj: dict[str, Any]
+    decision: Decision
+    todo: Plan
+
+
+@dataclass
+class PassPlan:
+    """Step 2, plan: everything decided, nothing done yet."""
+
+    validation: Validation
+    placements: dict[ObjectKey, list[PodKey]]
+    desired: dict[PodKey, list[DesiredAdapter]]  # every pool pod's full desired set
+    hot: dict[ObjectKey, HotStep] = field(default_factory=dict)
+    credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
+    transient: bool = False  # something is known to change by itself: look again soon
+
+
+@dataclass
+class Delivery:
+    """Step 3, deliver: what could not be delivered, and the pods' state read back."""
+
+    put_errors: dict[PodKey, str]
+    observations: dict[PodKey, PodObservation]
+    transient: bool = False
+
+
+@dataclass
 class PassResult:
+    """Step 4, report: the outcome of a pass (the handlers and tests read it)."""
+
     ok: bool = True
     error: str | None = None
     transient: bool = False
@@ -67,14 +149,9 @@ class PassResult:
     specs: dict[ObjectKey, AdapterSpec] = field(default_factory=dict)
     pods: dict[PodKey, Mapping[str, Any]] = field(default_factory=dict)
     observations: dict[PodKey, PodObservation] = field(default_factory=dict)
-    desired: dict[PodKey, list[dict[str, Any]]] = field(default_factory=dict)
+    desired: dict[PodKey, list[DesiredAdapter]] = field(default_factory=dict)
     put_errors: dict[PodKey, str] = field(default_factory=dict)
     statuses: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
-
-
-_AWS_NAMES = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
-              "session_token": "AWS_SESSION_TOKEN", "region": "AWS_REGION",
-              "endpoint_url": "AWS_ENDPOINT_URL"}
 
 
 def _now() -> str:
@@ -85,6 +162,12 @@ def _base_url(pod: Mapping[str, Any], port: int) -> str:
     ip = pod_ip(pod) or "0.0.0.0"
     host = f"[{ip}]" if ":" in ip else ip
     return f"http://{host}:{port}"
+
+
+def _event_target(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A LoraAdapter as an Event's involvedObject (a listed item may lack apiVersion/kind)."""
+    return {"apiVersion": obj.get("apiVersion") or API_VERSION, "kind": obj.get("kind") or KIND,
+            "metadata": obj.get("metadata") or {}}
 
 
 def _short(exc: BaseException) -> str:
@@ -206,64 +289,88 @@ class Reconciler:
             else:
                 wait, backoff = self.settings.resync_seconds, 1.0
 
-    # ----------------------------------------------------------------- pods
-    async def _observe(self, pod: Mapping[str, Any]) -> PodObservation:
-        key = pod_key(pod)
-        assert self.http is not None
-        sidecar = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
-        server = _base_url(pod, container_port(pod, "http", self.settings.server_port))
-
-        async def get(url: str, headers: dict[str, str]) -> Any:
-            response = await self.http.get(url, headers=headers)  # type: ignore[union-attr]
-            response.raise_for_status()
-            return response.json()
-
-        state, desired, models = await asyncio.gather(
-            get(f"{sidecar}/v1/state", self._sidecar_headers),
-            get(f"{sidecar}/v1/desired", self._sidecar_headers),
-            get(f"{server}/v1/models", self._server_headers),
-            return_exceptions=True,
-        )
-        if isinstance(state, BaseException) or not isinstance(state, Mapping):
-            obs = PodObservation(key=key, sidecar_error=_short(state) if isinstance(
-                state, BaseException) else "bad /v1/state body")
-        else:
-            obs = PodObservation.from_state(key, state)
-        if isinstance(desired, Mapping):
-            obs.add_desired(desired)
-        if isinstance(models, Mapping):
-            obs.add_models(models)
-        return obs
-
-    async def _put_desired(self, pod: Mapping[str, Any], entries: list[dict[str, Any]]
-                           ) -> str | None:
-        assert self.http is not None
-        url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
+    # ----------------------------------------------------------------- the pass
+    async def run_pass(self) -> PassResult:
+        """One pass: observe → plan → deliver → report (a standby replica only checks that
+        it still stands by)."""
+        standby = await self._standby()
+        if standby is not None:
+            return standby
         try:
-            response = await self.http.put(f"{url}/v1/desired", json={"adapters": entries},
-                                           headers=self._sidecar_headers)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
-            return _short(exc)
+            seen = await self.observe()
+        except KubeError as exc:
+            log.warning("cannot list from the API server: %s", exc)
+            return PassResult(ok=False, error=str(exc), transient=True)
+        todo = self.plan(seen)
+        delivered = await self.deliver(seen, todo)
+        return await self.report(seen, todo, delivered)
+
+    async def _standby(self) -> PassResult | None:
+        """With kopf peering: a result (and nothing else done) while a live replica has a
+        higher priority. kopf pauses its own handlers then; this loop is not one of them."""
+        if not (self.settings.peering and self.settings.priority is not None):
+            return None
+        assert self.kube is not None
+        try:
+            peering = await self.kube.get_peering(self.settings.peering, self.settings.namespace)
+        except KubeError as exc:
+            log.warning("cannot read the peering object: %s", exc)
+            return PassResult(ok=False, error=str(exc), transient=True)
+        if outranked(peering, self.settings.priority):
+            log.debug("another replica has a higher priority: standing by")
+            return PassResult(ok=True)
         return None
 
-    async def _read_state(self, pod: Mapping[str, Any], obs: PodObservation) -> None:
+    # ----------------------------------------------------------------- 1. observe
+    async def observe(self) -> Observed:
+        """Read everything a pass decides from; raises :class:`KubeError` only when the
+        LoraAdapters or pods cannot be listed."""
+        assert self.kube is not None
+        objects = await self.kube.list_adapters(self.settings.namespace)
+        pods = await self.kube.list_pods(self.settings.namespace)
+        adapters: dict[ObjectKey, tuple[AdapterSpec, dict[str, Any]]] = {}
+        for obj in objects:
+            spec = parse_adapter(obj)
+            adapters[spec.key] = (spec, obj)
+        valid = [s for s, _ in adapters.values() if s.error is None]
+        self._pool_selectors = [(s.namespace, s.pool) for s in valid]
+        pool_pods = {pod_key(pod): pod for spec in valid for pod in pods_in_pool(spec, pods)}
+        keys = list(pool_pods)
+        states = await asyncio.gather(*(self._pod_state(pool_pods[k]) for k in keys))
+        live = [s for s in valid if not s.deleting]
+        credentials, problems = await self._credentials(live)
+        seen = Observed(adapters=adapters, pods=pods, pool_pods=pool_pods,
+                        observations=dict(zip(keys, states, strict=True)),
+                        credentials=credentials, credential_problems=problems,
+                        clock=time.monotonic())
+        if self.hot is not None:
+            await self._observe_traffic(seen, live)
+            try:
+                seen.dedicated = await self.hot.list_all(self.settings.namespace)
+            except KubeError as exc:
+                log.warning("cannot list dedicated deployments: %s", exc)
+                seen.dedicated_error = str(exc)
+        return seen
+
+    async def _pod_state(self, pod: Mapping[str, Any]) -> PodObservation:
+        """The pod's sidecar's ``GET /v1/state``, parsed (never raises)."""
         assert self.http is not None
+        key = pod_key(pod)
         url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
         try:
             response = await self.http.get(f"{url}/v1/state", headers=self._sidecar_headers)
             response.raise_for_status()
-            fresh = PodObservation.from_state(obs.key, response.json())
-        except (httpx.HTTPError, ValueError) as exc:
-            obs.sidecar_ok, obs.sidecar_error = False, _short(exc)
-            return
-        obs.sidecar_ok, obs.sidecar_error = True, None
-        obs.adapters, obs.server_reachable = fresh.adapters, fresh.server_reachable
+            state = SyncState.model_validate(response.json())
+        except ValueError as exc:  # not JSON, or not a SyncState
+            return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {_short(exc)}")
+        except Exception as exc:  # refused, timed out, HTTP error status
+            return PodObservation(key=key, sidecar_error=_short(exc))
+        return PodObservation.from_state(key, state)
 
-    # ----------------------------------------------------------------- credentials
     async def _credentials(self, specs: list[AdapterSpec]
-                           ) -> tuple[dict[ObjectKey, dict[str, str]], dict[ObjectKey, str]]:
-        creds: dict[ObjectKey, dict[str, str]] = {}
+                           ) -> tuple[dict[ObjectKey, EntryCredentials], dict[ObjectKey, str]]:
+        """Each spec's ``source.credentialsSecret``, or why it cannot be used."""
+        creds: dict[ObjectKey, EntryCredentials] = {}
         problems: dict[ObjectKey, str] = {}
         assert self.kube is not None
         for spec in specs:
@@ -277,191 +384,207 @@ class Reconciler:
             if secret is None:
                 problems[spec.key] = f"Secret {spec.credentials_secret!r} not found"
                 continue
-            values, problem = credentials_from_secret(secret, spec.credentials_secret)
-            if problem:
-                problems[spec.key] = problem
-            elif values:
+            values, problem = entry_credentials(secret, spec.credentials_secret)
+            if values is not None:
                 creds[spec.key] = values
+            else:
+                problems[spec.key] = problem or "unusable Secret"
         return creds, problems
 
-    # ----------------------------------------------------------------- the pass
-    async def run_pass(self) -> PassResult:
-        assert self.kube is not None
-        namespace = self.settings.namespace
-        if self.settings.peering and self.settings.priority is not None:
-            try:
-                peering = await self.kube.get_peering(self.settings.peering, namespace)
-            except KubeError as exc:
-                log.warning("cannot read the peering object: %s", exc)
-                return PassResult(ok=False, error=str(exc), transient=True)
-            if outranked(peering, self.settings.priority):
-                log.debug("another replica has a higher priority: standing by")
-                return PassResult(ok=True)
-        try:
-            objects = await self.kube.list_adapters(namespace)
-            pods = await self.kube.list_pods(namespace)
-        except KubeError as exc:
-            log.warning("cannot list from the API server: %s", exc)
-            return PassResult(ok=False, error=str(exc), transient=True)
-        by_key = {}
-        for obj in objects:
-            spec = parse_adapter(obj)
-            by_key[spec.key] = (spec, obj)
-        specs = [s for s, _ in by_key.values()]
-        valid = [s for s in specs if s.error is None]
-        self._pool_selectors = [(s.namespace, s.pool) for s in valid]
-
-        relevant: dict[PodKey, Mapping[str, Any]] = {}
-        for spec in valid:
-            for pod in pods_in_pool(spec, pods):
-                relevant[pod_key(pod)] = pod
-        keys = list(relevant)
-        observed = await asyncio.gather(*(self._observe(relevant[k]) for k in keys))
-        observations = dict(zip(keys, observed, strict=True))
-
-        validation = validate(specs, pods, observations)
-        placeable = [s for s in specs if s.key not in validation.rejected and not s.deleting]
-        placements = place(placeable, pods, excluded=validation.excluded,
-                           policy=self.settings.placement_policy)
-        creds, cred_problems = await self._credentials(placeable)
-        routes: dict[tuple[str, str, str], str] = {}
-        plans: dict[ObjectKey, Plan] = {}
-        hot_transient = False
-        if self.hot is not None:
-            routes, plans, hot_transient = await self._hot_tenants(
-                [s for s in placeable if s.error is None], by_key, placements, relevant,
-                observations, creds)
-        desired = build_desired_sets(placeable, placements, keys, observations,
-                                     credentials=creds, routes=routes)
-
-        puts = await asyncio.gather(*(self._put_desired(relevant[k], desired[k]) for k in keys))
-        put_errors = {k: err for k, err in zip(keys, puts, strict=True) if err}
-        for key, err in put_errors.items():
-            log.warning("pod %s/%s: desired set not delivered: %s", key[0], key[1], err)
-        await asyncio.gather(*(self._read_state(relevant[k], observations[k])
-                               for k in keys if k not in put_errors))
-
-        result = PassResult(specs={s.key: s for s in specs}, pods=dict(relevant),
-                            observations=observations, desired=desired, put_errors=put_errors)
-        transient = bool(put_errors) or bool(cred_problems) or hot_transient
-        now = _now()
-        for spec, obj in by_key.values():
-            if spec.deleting:
-                continue
-            old = obj.get("status") or {}
-            status = compute_status(
-                spec, rejection=validation.rejected.get(spec.key),
-                pods=placements.get(spec.key, []), desired=desired,
-                observations=observations, put_errors=put_errors,
-                credentials_problem=cred_problems.get(spec.key), previous=old, now=now,
-            )
-            todo = plans.get(spec.key)
-            if todo is not None and todo.condition:
-                prev = {c.get("type"): c for c in old.get("conditions") or []
-                        if isinstance(c, Mapping)}
-                c = todo.condition
-                status.setdefault("conditions", []).append(_condition(
-                    "Dedicated", c["status"] == "True", c["reason"], c["message"],
-                    spec.generation, prev, now))
-            if todo is not None and todo.endpoint:
-                status["dedicatedEndpoint"] = todo.endpoint
-            elif old.get("dedicatedEndpoint"):
-                status["dedicatedEndpoint"] = None
-            result.statuses[spec.key] = status
-            if status["phase"] in ("Progressing", "Pending") or any(
-                    r["state"] == "Unknown" for r in status.get("placements", [])):
-                transient = True
-            if not status_differs(old, status):
-                continue
-            patch = dict(status)
-            if "activeVersion" not in status and old.get("activeVersion"):
-                patch["activeVersion"] = None
-            try:
-                await self.kube.patch_adapter_status(spec.namespace, spec.name, patch)
-            except KubeError as exc:
-                log.warning("cannot patch status of %s/%s: %s", *spec.key, exc)
-                transient = True
-                continue
-            if old.get("phase") != status["phase"]:
-                log.info("%s/%s (%s@%s): %s -> %s", spec.namespace, spec.name, spec.tenant,
-                         spec.version, old.get("phase"), status["phase"])
-            body = {"apiVersion": obj.get("apiVersion") or API_VERSION,
-                    "kind": obj.get("kind") or KIND, "metadata": obj.get("metadata") or {}}
-            for type_, reason, message in status_events(old, status):
-                await self.kube.post_event(body, type_, reason, message)
-        result.transient = transient
-        return result
-
-    # ----------------------------------------------------------------- hot tenants
-    async def _hot_tenants(
-        self, specs: list[AdapterSpec],
-        by_key: Mapping[ObjectKey, tuple[AdapterSpec, dict[str, Any]]],
-        placements: Mapping[ObjectKey, list[PodKey]],
-        relevant: Mapping[PodKey, Mapping[str, Any]],
-        observations: Mapping[PodKey, PodObservation],
-        creds: Mapping[ObjectKey, Mapping[str, str]],
-    ) -> tuple[dict[tuple[str, str, str], str], dict[ObjectKey, Plan], bool]:
-        """Promote, route, roll and demote dedicated deployments (see hot_tenants)."""
+    async def _observe_traffic(self, seen: Observed, live: Sequence[AdapterSpec]) -> None:
+        """Hot tenants: record the pool's request counters (only Auto needs them), and
+        forget the history nothing needs any more."""
         hot = self.hot
-        assert hot is not None and self.kube is not None
-        now = time.monotonic()
-        if any(((by_key[s.key][1].get("spec") or {}).get("dedicated") or {}).get("mode")
-               == "Auto" for s in specs):  # only Auto needs the traffic
+        assert hot is not None
+        if any(spec.dedicated.mode == "Auto" for spec in live):
             targets = [(key[0], _base_url(pod, container_port(pod, "http",
                                                               self.settings.server_port)))
-                       for key, pod in relevant.items()]
+                       for key, pod in seen.pool_pods.items()]
             totals = await scrape_request_totals(self.http, targets,
-                                                 timeout=self.settings.request_timeout_seconds)
+                                                 timeout=self.settings.request_timeout_seconds,
+                                                 headers=self._server_headers)
             if totals is not None:
-                hot.record(totals, now)
-        try:
-            existing_all = await hot.list_all(self.settings.namespace)
-        except KubeError as exc:
-            log.warning("cannot list dedicated deployments: %s", exc)
-            return {}, {}, True
-        routes: dict[tuple[str, str, str], str] = {}
-        plans: dict[ObjectKey, Plan] = {}
+                hot.record(totals, seen.clock)
+        hot.prune(seen.specs)
+
+    # ----------------------------------------------------------------- 2. plan
+    def plan(self, seen: Observed) -> PassPlan:
+        """Decide without I/O: validation, placement, hot tenants' dedicated deployments
+        (and so their routes), and every pool pod's full desired set."""
+        specs = seen.specs
+        validation = validate(specs, seen.pods, seen.observations)
+        placeable = [s for s in specs if s.key not in validation.rejected and not s.deleting]
+        placements = place(placeable, seen.pods, excluded=validation.excluded,
+                           policy=self.settings.placement_policy)
+        keys = {spec.key for spec in placeable}
+        credentials = {k: c for k, c in seen.credentials.items() if k in keys}
+        problems = {k: p for k, p in seen.credential_problems.items() if k in keys}
+        hot, hot_transient = self._plan_hot(seen, placeable, placements, credentials)
+        routes = {(step.spec.namespace, step.spec.tenant, version): url
+                  for step in hot.values() for version, url in step.todo.routes.items()}
+        desired = build_desired_sets(placeable, placements, list(seen.pool_pods),
+                                     seen.observations, credentials=credentials, routes=routes)
+        return PassPlan(validation=validation, placements=placements, desired=desired, hot=hot,
+                        credential_problems=problems,
+                        transient=hot_transient or bool(problems))
+
+    def _plan_hot(
+        self, seen: Observed, specs: Sequence[AdapterSpec],
+        placements: Mapping[ObjectKey, list[PodKey]],
+        credentials: Mapping[ObjectKey, EntryCredentials],
+    ) -> tuple[dict[ObjectKey, HotStep], bool]:
+        """Promote, route, roll and demote dedicated deployments (see hot_tenants); the flag
+        says whether one is changing (or could not be seen)."""
+        hot = self.hot
+        if hot is None:
+            return {}, False
+        if seen.dedicated is None:
+            return {}, True
+        steps: dict[ObjectKey, HotStep] = {}
         transient = False
         for spec in specs:
-            obj = by_key[spec.key][1]
-            existing = existing_all.get(spec.key, Existing())
-            mode = ((obj.get("spec") or {}).get("dedicated") or {}).get("mode", "Never")
-            if mode == "Never" and existing.empty:
+            existing = seen.dedicated.get(spec.key, Existing())
+            if spec.dedicated.mode == "Never" and existing.empty:
                 continue
-            decision = hot.decide(obj, not existing.empty, now)
+            obj = seen.adapters[spec.key][1]
+            decision = hot.decide(spec, not existing.empty, seen.clock)
             pods = placements.get(spec.key, [])
             routed = {obs.routes[spec.tenant] for k in pods
-                      if (obs := observations.get(k)) is not None and spec.tenant in obs.routes}
+                      if (obs := seen.observations.get(k)) is not None
+                      and spec.tenant in obs.routes}
             serves = bool(pods) and all(
-                (obs := observations.get(k)) is not None
+                (obs := seen.observations.get(k)) is not None
                 and obs.serving.get(spec.tenant) == spec.version for k in pods)
-            secret_keys = {_AWS_NAMES[k] for k in creds.get(spec.key, {}) if k in _AWS_NAMES}
+            creds = credentials.get(spec.key)
+            keys = (secret_keys(creds) if creds is not None else set()) \
+                if spec.credentials_secret else None
             todo = plan(obj, decision, existing, hot.template, routed_versions=routed,
-                        pool_serves_version=serves,
-                        secret_keys=secret_keys if spec.credentials_secret else None,
-                        cluster_domain=self.settings.cluster_domain)
-            try:
-                await hot.apply(obj, todo, decision, now)
-            except KubeError as exc:
-                log.warning("%s/%s: dedicated deployment: %s", *spec.key, exc)
-                transient = True
-            body = {"apiVersion": obj.get("apiVersion") or API_VERSION,
-                    "kind": obj.get("kind") or KIND, "metadata": obj.get("metadata") or {}}
-            if any(o["kind"] == "Deployment" for o in todo.create):
-                await self.kube.post_event(body, "Normal", "Promoted",
-                                           f"dedicated deployment for {spec.tenant}@"
-                                           f"{spec.version}: {decision.reason}")
-            if todo.delete and decision.action == "demote":
-                await self.kube.post_event(body, "Normal", "Demoted",
-                                           f"{spec.tenant} served by the pool again: "
-                                           f"{decision.reason}")
-            for version, url in todo.routes.items():
-                routes[(spec.namespace, spec.tenant, version)] = url
-            plans[spec.key] = todo
+                        pool_serves_version=serves, replicas=spec.dedicated.replicas,
+                        secret_keys=keys, cluster_domain=self.settings.cluster_domain)
+            steps[spec.key] = HotStep(spec=spec, obj=obj, decision=decision, todo=todo)
             if todo.create or todo.delete or todo.condition.get("reason") in (
                     "Starting", "Demoting"):
                 transient = True
-        return routes, plans, transient
+        return steps, transient
+
+    # ----------------------------------------------------------------- 3. deliver
+    async def deliver(self, seen: Observed, todo: PassPlan) -> Delivery:
+        """Act on the plan: dedicated objects first, then every pool pod's desired set
+        (``PUT /v1/desired``), then each pod's state read back for the report."""
+        transient = await self._apply_hot(todo.hot, seen.clock)
+        keys = list(seen.pool_pods)
+        puts = await asyncio.gather(*(self._put_desired(seen.pool_pods[k], todo.desired[k])
+                                      for k in keys))
+        put_errors = {k: err for k, err in zip(keys, puts, strict=True) if err}
+        for key, err in put_errors.items():
+            log.warning("pod %s/%s: desired set not delivered: %s", key[0], key[1], err)
+        delivered = [k for k in keys if k not in put_errors]
+        after = await asyncio.gather(*(self._pod_state(seen.pool_pods[k]) for k in delivered))
+        observations = dict(seen.observations)
+        for key, fresh in zip(delivered, after, strict=True):
+            # A pod that does not answer now keeps what it said before, marked unanswered.
+            observations[key] = fresh if fresh.sidecar_ok else dataclasses.replace(
+                observations[key], sidecar_ok=False, sidecar_error=fresh.sidecar_error)
+        return Delivery(put_errors=put_errors, observations=observations,
+                        transient=transient or bool(put_errors))
+
+    async def _apply_hot(self, steps: Mapping[ObjectKey, HotStep], clock: float) -> bool:
+        """Create and delete dedicated objects, with Promoted/Demoted Events."""
+        transient = False
+        for step in steps.values():
+            spec, todo, decision = step.spec, step.todo, step.decision
+            assert self.hot is not None and self.kube is not None
+            try:
+                await self.hot.apply(spec, todo, decision, clock)
+            except KubeError as exc:
+                log.warning("%s/%s: dedicated deployment: %s", *spec.key, exc)
+                transient = True
+            target = _event_target(step.obj)
+            if any(o["kind"] == "Deployment" for o in todo.create):
+                await self.kube.post_event(target, "Normal", "Promoted",
+                                           f"dedicated deployment for {spec.tenant}@"
+                                           f"{spec.version}: {decision.reason}")
+            if todo.delete and decision.action == "demote":
+                await self.kube.post_event(target, "Normal", "Demoted",
+                                           f"{spec.tenant} served by the pool again: "
+                                           f"{decision.reason}")
+        return transient
+
+    async def _put_desired(self, pod: Mapping[str, Any], entries: list[DesiredAdapter]
+                           ) -> str | None:
+        assert self.http is not None
+        url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
+        try:
+            response = await self.http.put(f"{url}/v1/desired",
+                                           json=DesiredState(adapters=entries).wire(),
+                                           headers=self._sidecar_headers)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            return _short(exc)
+        return None
+
+    # ----------------------------------------------------------------- 4. report
+    async def report(self, seen: Observed, todo: PassPlan, delivered: Delivery) -> PassResult:
+        """Each LoraAdapter's status from what the pods said after delivery, merge-patched
+        when it changed, with an Event per transition."""
+        result = PassResult(specs={s.key: s for s in seen.specs}, pods=dict(seen.pool_pods),
+                            observations=delivered.observations, desired=todo.desired,
+                            put_errors=delivered.put_errors)
+        transient = todo.transient or delivered.transient
+        now = _now()
+        for spec, obj in seen.adapters.values():
+            if spec.deleting:
+                continue
+            old = obj.get("status") or {}
+            status = self._status(spec, old, todo, delivered, now)
+            result.statuses[spec.key] = status
+            if status["phase"] in (AdapterPhase.PROGRESSING, AdapterPhase.PENDING) or any(
+                    r["state"] == PlacementState.UNKNOWN for r in status.get("placements", [])):
+                transient = True
+            if status_differs(old, status) and not await self._write_status(spec, obj, status):
+                transient = True
+        result.transient = transient
+        return result
+
+    def _status(self, spec: AdapterSpec, old: Mapping[str, Any], todo: PassPlan,
+                delivered: Delivery, now: str) -> dict[str, Any]:
+        status = compute_status(
+            spec, rejection=todo.validation.rejected.get(spec.key),
+            pods=todo.placements.get(spec.key, []), desired=todo.desired,
+            observations=delivered.observations, put_errors=delivered.put_errors,
+            credentials_problem=todo.credential_problems.get(spec.key), previous=old, now=now,
+        )
+        step = todo.hot.get(spec.key)
+        if step is not None and step.todo.condition:
+            prev = {c.get("type"): c for c in old.get("conditions") or []
+                    if isinstance(c, Mapping)}
+            c = step.todo.condition
+            status.setdefault("conditions", []).append(_condition(
+                "Dedicated", c["status"] == "True", c["reason"], c["message"],
+                spec.generation, prev, now))
+        if step is not None and step.todo.endpoint:
+            status["dedicatedEndpoint"] = step.todo.endpoint
+        elif old.get("dedicatedEndpoint"):
+            status["dedicatedEndpoint"] = None
+        return status
+
+    async def _write_status(self, spec: AdapterSpec, obj: Mapping[str, Any],
+                            status: dict[str, Any]) -> bool:
+        """Merge-patch the status, then post its Events; False when the patch failed."""
+        assert self.kube is not None
+        old = obj.get("status") or {}
+        try:
+            await self.kube.patch_adapter_status(spec.namespace, spec.name,
+                                                 status_patch(old, status))
+        except KubeError as exc:
+            log.warning("cannot patch status of %s/%s: %s", *spec.key, exc)
+            return False
+        if old.get("phase") != status["phase"]:
+            log.info("%s/%s (%s@%s): %s -> %s", spec.namespace, spec.name, spec.tenant,
+                     spec.version, old.get("phase"), status["phase"])
+        for type_, reason, message in status_events(old, status):
+            await self.kube.post_event(_event_target(obj), type_, reason, message)
+        return True
 
     # ----------------------------------------------------------------- deletion
     def eviction_pending(self, spec: AdapterSpec, result: PassResult) -> list[str]:
@@ -475,7 +598,7 @@ class Reconciler:
                 continue
             if not selector_matches(spec.pool, (pod.get("metadata") or {}).get("labels")):
                 continue
-            still_desired = any(e["tenant"] == spec.tenant for e in result.desired.get(key, []))
+            still_desired = any(e.tenant == spec.tenant for e in result.desired.get(key, []))
             if still_desired:
                 continue  # another (valid) adapter owns this tenant on that pod now
             obs = result.observations.get(key)

@@ -11,12 +11,13 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from loramux.logs import LogSettings
 from loramux.tokens import read_token
 
 ENV_PREFIX = "LORAMUX_OPERATOR_"
 
 
-class OperatorSettings(BaseSettings):
+class OperatorSettings(LogSettings, BaseSettings):
     """One operator process: watches LoraAdapters, talks to every inference pod's sidecar."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
@@ -35,7 +36,7 @@ class OperatorSettings(BaseSettings):
     sidecar_token: str | None = Field(None, description="Bearer token of the sidecars' /v1 API.")
     sidecar_token_file: Path | None = None
     server_token: str | None = Field(
-        None, description="Bearer token sent to the servers (their /v1/models is public).",
+        None, description="Bearer token sent to the servers' /metrics (hot tenants' traffic).",
     )
     server_token_file: Path | None = None
     resync_seconds: float = Field(
@@ -69,7 +70,6 @@ class OperatorSettings(BaseSettings):
         8080, ge=0, le=65535,
         description="Liveness endpoint http://0.0.0.0:PORT/healthz (0 disables it).",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
     dedicated_template_file: Path | None = Field(
         None, description="Hot tenants: YAML pod template (metadata, spec with a 'server' "
                           "container) of dedicated merged Deployments; the chart renders it.",

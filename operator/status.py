@@ -2,7 +2,8 @@
 
 Status is computed only from what the pods' sidecars report (``GET /v1/state``) after the
 desired sets were sent: a placement is Ready only when its pod's sidecar says so for that
-version and its server is reachable.
+version and its server is reachable. Phases are :class:`~loramux.contracts.AdapterPhase`
+(``status.phase``) and :class:`~loramux.contracts.PlacementState` (``status.placements``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loramux.contracts import AdapterPhase, DesiredAdapter, PlacementState
 from loramux.operator.model import AdapterSpec, ObjectKey, PodKey, pod_key, pods_in_pool
-from loramux.operator.rollout import FAILED, READY, PodObservation
+from loramux.operator.rollout import PodObservation
 
-PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Failed")
 CONDITION_TYPES = ("Validated", "Synced", "Ready")
 
 # Reasons of Validated=False. All are permanent until the spec (or the pool) changes.
@@ -95,39 +96,38 @@ def validate(
 def placement_views(
     spec: AdapterSpec,
     pods: Sequence[PodKey],
-    desired: Mapping[PodKey, Sequence[Mapping[str, Any]]],
+    desired: Mapping[PodKey, Sequence[DesiredAdapter]],
     observations: Mapping[PodKey, PodObservation],
     put_errors: Mapping[PodKey, str],
 ) -> list[dict[str, Any]]:
     """``status.placements``: one row per (pod, version of this tenant desired there)."""
     rows: list[dict[str, Any]] = []
     for pod in sorted(pods, key=lambda p: p[1]):
-        entries = [e for e in desired.get(pod, ()) if e.get("tenant") == spec.tenant]
-        if not entries:
-            entries = [{"tenant": spec.tenant, "version": spec.version, "active": True}]
+        entries = [(e.version, e.active) for e in desired.get(pod, ()) if e.tenant == spec.tenant]
         obs = observations.get(pod)
-        for item in entries:
-            version = str(item["version"])
-            row: dict[str, Any] = {"pod": pod[1], "version": version,
-                                   "active": bool(item.get("active"))}
+        for version, active in entries or [(spec.version, True)]:
+            row: dict[str, Any] = {"pod": pod[1], "version": version, "active": active}
             if pod in put_errors:
-                row["state"], row["reason"] = "Unknown", f"desired set not delivered: " \
-                                                         f"{put_errors[pod]}"
+                row["state"] = PlacementState.UNKNOWN
+                row["reason"] = f"desired set not delivered: {put_errors[pod]}"
             elif obs is None or not obs.sidecar_ok:
-                row["state"] = "Unknown"
+                row["state"] = PlacementState.UNKNOWN
                 row["reason"] = f"sidecar did not answer: {obs.sidecar_error if obs else '?'}"
             else:
                 reported = obs.adapters.get((spec.tenant, version))
                 if reported is None:
-                    row["state"], row["reason"] = "Pending", "not reported by the sidecar yet"
+                    row["state"] = PlacementState.PENDING
+                    row["reason"] = "not reported by the sidecar yet"
                 else:
-                    row["state"] = str(reported.get("phase") or "Unknown")
-                    if reported.get("reason"):
-                        row["reason"] = str(reported["reason"])[:500]
-                    if reported.get("digest"):
-                        row["digest"] = str(reported["digest"])
-                    if row["state"] == READY and obs.server_reachable is False:
-                        row["state"], row["reason"] = "Unknown", "inference server unreachable"
+                    row["state"] = PlacementState(reported.phase.value)
+                    if reported.reason:
+                        row["reason"] = reported.reason[:500]
+                    if reported.digest:
+                        row["digest"] = reported.digest
+                    if (row["state"] == PlacementState.READY
+                            and obs.server_reachable is False):
+                        row["state"] = PlacementState.UNKNOWN
+                        row["reason"] = "inference server unreachable"
             rows.append(row)
     return rows
 
@@ -146,7 +146,7 @@ def compute_status(
     *,
     rejection: Rejection | None,
     pods: Sequence[PodKey],
-    desired: Mapping[PodKey, Sequence[Mapping[str, Any]]],
+    desired: Mapping[PodKey, Sequence[DesiredAdapter]],
     observations: Mapping[PodKey, PodObservation],
     put_errors: Mapping[PodKey, str] | None = None,
     credentials_problem: str | None = None,
@@ -165,7 +165,7 @@ def compute_status(
 
     if rejection is not None:
         return {
-            "phase": "Failed", "observedGeneration": gen,
+            "phase": AdapterPhase.FAILED, "observedGeneration": gen,
             "conditions": [
                 cond("Validated", False, rejection.reason, rejection.message),
                 cond("Synced", False, "NotPlaced", "not placed on any pod: validation failed"),
@@ -176,15 +176,16 @@ def compute_status(
 
     rows = placement_views(spec, pods, desired, observations, put_errors)
     current = {row["pod"]: row for row in rows if row["version"] == spec.version}
-    ready = sorted(p for p, row in current.items() if row["state"] == READY)
-    failed = {p: row for p, row in current.items() if row["state"] == FAILED}
+    ready = sorted(p for p, row in current.items() if row["state"] == PlacementState.READY)
+    failed = {p: row for p, row in current.items() if row["state"] == PlacementState.FAILED}
     total = len(pods)
 
     if not pods:
         synced = cond("Synced", False, "NoPods",
                       "no Ready pod matches spec.pool (or replicas could not be placed)")
-    elif put_errors.keys() & set(pods) or any(r["state"] == "Unknown" for r in rows):
-        bad = sorted({r["pod"] for r in rows if r["state"] == "Unknown"})
+    elif put_errors.keys() & set(pods) or any(r["state"] == PlacementState.UNKNOWN
+                                              for r in rows):
+        bad = sorted({r["pod"] for r in rows if r["state"] == PlacementState.UNKNOWN})
         synced = cond("Synced", False, "SyncFailed",
                       f"could not sync pod(s) {', '.join(bad)}; retrying")
     elif credentials_problem:
@@ -193,7 +194,8 @@ def compute_status(
         synced = cond("Synced", True, "Synced", f"desired set delivered to {total} pod(s)")
 
     # Which version do clients get? The active Ready one on every pod, when they agree.
-    active_versions = Counter(r["version"] for r in rows if r["active"] and r["state"] == READY)
+    active_versions = Counter(r["version"] for r in rows
+                              if r["active"] and r["state"] == PlacementState.READY)
     if pods and len(ready) == total:
         active: str | None = spec.version
     elif len(active_versions) == 1:
@@ -203,7 +205,7 @@ def compute_status(
                   else active_versions.most_common(1)[0][0])
     else:
         # No sidecar reports an active Ready version right now (e.g. one re-settling an entry
-        # whose only change is active=true): the servers' own answer (GET /v1/models, the
+        # whose only change is active=true): the servers' own answer (SyncState.server, the
         # version a bare tenant name resolves to) says what clients still get.
         serving = Counter(observations[p].serving[spec.tenant] for p in pods
                           if p in observations and spec.tenant in observations[p].serving)
@@ -215,21 +217,22 @@ def compute_status(
             active = None
 
     if not pods:
-        phase, ready_cond = "Pending", cond("Ready", False, "NoPods", "no target pod")
+        phase, ready_cond = AdapterPhase.PENDING, cond("Ready", False, "NoPods",
+                                                       "no target pod")
     elif failed:
         detail = "; ".join(f"{p}: {row.get('reason') or 'failed'}" for p, row in
                            sorted(failed.items()))
         keeps = (f"; {active} keeps serving" if active and active != spec.version else "")
-        phase = "Degraded"
+        phase = AdapterPhase.DEGRADED
         ready_cond = cond("Ready", False, "VersionFailed",
                           f"{spec.tenant}@{spec.version} failed on {len(failed)}/{total} "
                           f"pod(s): {detail}{keeps}")
     elif len(ready) == total:
-        phase = "Ready"
+        phase = AdapterPhase.READY
         ready_cond = cond("Ready", True, "AllPodsReady",
                           f"{spec.tenant}@{spec.version} is Ready on {total}/{total} pod(s)")
     else:
-        phase = "Progressing"
+        phase = AdapterPhase.PROGRESSING
         waiting = sorted(set(current) - set(ready)) or sorted(p[1] for p in pods)
         ready_cond = cond("Ready", False, "Progressing",
                           f"{len(ready)}/{total} pod(s) Ready; waiting for {', '.join(waiting)}")
@@ -242,6 +245,11 @@ def compute_status(
     }
     if active:
         status["activeVersion"] = active
+    # The operator's memory of where the active version comes from (a later rollout re-sends
+    # it from here): set when the spec's version becomes active, kept otherwise.
+    source = spec.source if active == spec.version else spec.previous_source
+    if source is not None:
+        status["activeSource"] = source.view()
     return status
 
 
@@ -260,7 +268,8 @@ def status_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]
         events.append(("Warning", str(validated.get("reason")), str(validated.get("message"))))
     if old_phase != new_phase:
         ready = conds.get("Ready", {})
-        kind = "Warning" if new_phase in ("Degraded", "Failed") else "Normal"
+        kind = ("Warning" if new_phase in (AdapterPhase.DEGRADED, AdapterPhase.FAILED)
+                else "Normal")
         message = f"phase {old_phase or 'none'} -> {new_phase}: {ready.get('message', '')}"
         events.append((kind, str(new_phase), message))
     if (old.get("activeVersion") and new.get("activeVersion")
@@ -274,7 +283,26 @@ def status_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> boo
     """Whether ``new`` changes anything in ``old`` (kopf's own keys ignored)."""
     old = {k: v for k, v in (old or {}).items() if k != "kopf"}
     return any(old.get(k) != v for k, v in new.items()) or any(
-        k not in new for k in old if k in ("activeVersion",))
+        k not in new for k in old if k in FORGETTABLE)
+
+
+# Status fields that disappear (``None`` in the merge patch) when a new status lacks them.
+FORGETTABLE = ("activeVersion", "activeSource")
+
+
+def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch from ``old`` to ``new``: :data:`FORGETTABLE` fields ``new`` lacks
+    are removed, and so are ``activeSource``'s own keys it no longer has (a merge patch
+    merges nested objects)."""
+    old = old or {}
+    patch = dict(new)
+    for key in FORGETTABLE:
+        if key not in new and old.get(key):
+            patch[key] = None
+    old_source, new_source = old.get("activeSource"), new.get("activeSource")
+    if isinstance(old_source, Mapping) and isinstance(new_source, Mapping):
+        patch["activeSource"] = {**{k: None for k in old_source}, **new_source}
+    return patch
 
 
 def outranked(peering: Mapping[str, Any] | None, priority: int,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from loramux.contracts import DesiredAdapter, EntryCredentials, SyncState
 from loramux.operator.credentials import credentials_from_secret
 from loramux.operator.model import (
     canonical_selector,
@@ -79,15 +80,29 @@ def k(name: str) -> tuple[str, str]:
 
 
 def obs(name: str, states: dict[tuple[str, str], str] | None = None, *, base: str = "smollm2",
-        desired: list[dict] | None = None) -> PodObservation:
-    o = PodObservation.from_state(k(name), {"server_reachable": True, "adapters": [
-        {"tenant": t, "version": v, "phase": ph, "reason": "boom" if ph == "Failed" else None,
-         "digest": SHA if ph == "Ready" else None}
-        for (t, v), ph in (states or {}).items()]})
-    o.add_models({"base_model": base, "base_model_aliases": [base, "alias-" + base], "data": []})
-    if desired is not None:
-        o.add_desired({"adapters": desired})
-    return o
+        served: list[dict] | None = None) -> PodObservation:
+    """A pod as its sidecar's GET /v1/state describes it (``served``: the server's own
+    adapters, as in GET /admin/adapters)."""
+    return PodObservation.from_state(k(name), SyncState.model_validate({
+        "server_reachable": True,
+        "adapters": [
+            {"tenant": t, "version": v, "phase": ph, "reason": "boom" if ph == "Failed" else None,
+             "digest": SHA if ph == "Ready" else None}
+            for (t, v), ph in (states or {}).items()],
+        "server": {"base_model": base, "base_model_aliases": [base, "alias-" + base],
+                   "adapters": served or []},
+    }))
+
+
+def wired(entries: list[DesiredAdapter]) -> list[dict[str, Any]]:
+    """Desired entries as the sidecar receives them (PUT /v1/desired)."""
+    return [e.wire() for e in entries]
+
+
+def source_status(version: str, uri: str, sha256: str | None = None) -> dict[str, Any]:
+    """A status whose active version (and its recorded source) is ``version``."""
+    return {"activeVersion": version, "activeSource": {
+        "version": version, "uri": uri, **({"sha256": sha256} if sha256 else {})}}
 
 
 # --------------------------------------------------------------------------- selection
@@ -197,52 +212,55 @@ def test_excluded_pods_and_custom_policy():
 def test_desired_entry_contract_and_credentials():
     spec = parse_adapter(cr("a", pinned=True))
     creds = {"access_key_id": "AK", "secret_access_key": "SK"}
-    (e,) = desired_entries(spec, None, credentials=creds)
+    (e,) = wired(desired_entries(spec, None, credentials=EntryCredentials(**creds)))
     assert e == {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/",
                  "sha256": SHA, "pinned": True, "active": True, "credentials": creds}
-    (e,) = desired_entries(parse_adapter(cr("b")), None)
+    (e,) = wired(desired_entries(parse_adapter(cr("b")), None))
     assert "credentials" not in e and e["pinned"] is False
 
 
 def test_rollout_steps_per_pod():
-    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
     old_entry = {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/",
                  "sha256": "b" * 64, "pinned": False, "active": True}
+    # the old version's source is the operator's memory: status.activeSource
+    spec = parse_adapter(cr("a", version="v2", status=source_status(
+        "v1", old_entry["uri"], old_entry["sha256"])))
     # 1. old Ready, new loading: both, old active
-    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Downloading"}, desired=[old_entry])
-    got = desired_entries(spec, o)
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Downloading"})
+    got = wired(desired_entries(spec, o))
     assert [(e["version"], e["active"]) for e in got] == [("v1", True), ("v2", False)]
     assert got[0]["uri"] == old_entry["uri"] and got[0]["sha256"] == "b" * 64
     assert got[1]["sha256"] == SHA
     # first step of a rollout: the sidecar still holds only v1
-    o = obs("p1", {("legal", "v1"): "Ready"}, desired=[old_entry])
-    assert [(e["version"], e["active"]) for e in desired_entries(spec, o)] == [
+    o = obs("p1", {("legal", "v1"): "Ready"})
+    assert [(e["version"], e["active"]) for e in wired(desired_entries(spec, o))] == [
         ("v1", True), ("v2", False)]
     # 3. new failed: old stays active
-    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"}, desired=[old_entry])
-    assert [(e["version"], e["active"]) for e in desired_entries(spec, o)] == [
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"})
+    assert [(e["version"], e["active"]) for e in wired(desired_entries(spec, o))] == [
         ("v1", True), ("v2", False)]
     # 2. new Ready: new only, active (the sidecar activates, then evicts v1)
-    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"}, desired=[old_entry])
-    assert [(e["version"], e["active"]) for e in desired_entries(spec, o)] == [("v2", True)]
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"})
+    assert [(e["version"], e["active"]) for e in wired(desired_entries(spec, o))] == [
+        ("v2", True)]
     # 4. fresh pod
-    assert [(e["version"], e["active"]) for e in desired_entries(spec, obs("p2"))] == [
+    assert [(e["version"], e["active"]) for e in wired(desired_entries(spec, obs("p2")))] == [
         ("v2", True)]
 
 
 def test_rollout_of_a_routed_hot_tenant_waits_for_the_new_dedicated_deployment():
-    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
-    ns = spec.namespace
     old_entry = {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/",
                  "pinned": False, "active": True}
-    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"}, desired=[old_entry])
+    spec = parse_adapter(cr("a", version="v2", status=source_status("v1", old_entry["uri"])))
+    ns = spec.namespace
+    o = obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"})
     only_old = {(ns, "legal", "v1"): "http://10.0.0.1:8000"}
-    got = desired_entries(spec, o, routes=only_old)
+    got = wired(desired_entries(spec, o, routes=only_old))
     # v2 is Ready in the pool, but v1 keeps serving (routed) until v2's dedicated is Ready
     assert [(e["version"], e["active"], e.get("route")) for e in got] == [
         ("v1", True, "http://10.0.0.1:8000"), ("v2", False, None)]
     both = {**only_old, (ns, "legal", "v2"): "http://10.0.0.2:8000"}
-    got = desired_entries(spec, o, routes=both)
+    got = wired(desired_entries(spec, o, routes=both))
     assert [(e["version"], e["active"], e.get("route")) for e in got] == [
         ("v2", True, "http://10.0.0.2:8000")]
 
@@ -251,8 +269,10 @@ def test_build_desired_sets_aggregates_and_sends_empty_sets():
     a = parse_adapter(cr("a", "legal"))
     b = parse_adapter(cr("b", "medical", replicas=1))
     placements = {a.key: [k("p1"), k("p2")], b.key: [k("p2")]}
-    sets = build_desired_sets([a, b], placements, [k("p1"), k("p2"), k("p3")], {},
-                              credentials={b.key: {"access_key_id": "x", "secret_access_key": "y"}})
+    built = build_desired_sets(
+        [a, b], placements, [k("p1"), k("p2"), k("p3")], {},
+        credentials={b.key: EntryCredentials(access_key_id="x", secret_access_key="y")})
+    sets = {pod: wired(entries) for pod, entries in built.items()}
     assert [e["tenant"] for e in sets[k("p1")]] == ["legal"]
     assert [e["tenant"] for e in sets[k("p2")]] == ["legal", "medical"]
     assert "credentials" in sets[k("p2")][1] and "credentials" not in sets[k("p2")][0]
@@ -344,22 +364,18 @@ def test_status_ready_only_when_sidecars_report_ready():
 
 
 def test_status_rollout_progress_and_degraded():
-    spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
     old_entry = {"tenant": "legal", "version": "v1", "uri": "s3://adapters/legal/v1/"}
+    spec = parse_adapter(cr("a", version="v2", status=source_status("v1", old_entry["uri"])))
     pods = [k("p1"), k("p2")]
-    mid = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"},
-                        desired=[old_entry]),
-           k("p2"): obs("p2", {("legal", "v1"): "Ready", ("legal", "v2"): "Loading"},
-                        desired=[old_entry])}
+    mid = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Ready"}),
+           k("p2"): obs("p2", {("legal", "v1"): "Ready", ("legal", "v2"): "Loading"})}
     st = _status(spec, pods, mid)
     assert st["phase"] == "Progressing" and st["readyPods"] == "1/2"
     rows = {(r["pod"], r["version"]): r for r in st["placements"]}
     assert rows[("p2", "v1")]["active"] and not rows[("p2", "v2")]["active"]
     assert rows[("p1", "v2")]["active"] and ("p1", "v1") not in rows
-    failed = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"},
-                           desired=[old_entry]),
-              k("p2"): obs("p2", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"},
-                           desired=[old_entry])}
+    failed = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"}),
+              k("p2"): obs("p2", {("legal", "v1"): "Ready", ("legal", "v2"): "Failed"})}
     st = _status(spec, pods, failed)
     assert st["phase"] == "Degraded" and st["activeVersion"] == "v1"
     assert conds(st)["Ready"] == ("False", "VersionFailed")
@@ -373,18 +389,14 @@ def test_active_version_kept_while_sidecars_resettle_an_activation():
     """Found end to end: right after the PUT that makes v2 active, a sidecar may report v2
     Pending for a moment (it restarts an entry whose only change is active=true) while its
     server still answers the bare tenant with v1. activeVersion must not blank out then
-    (it would also lose the Activated event); the servers' /v1/models says what clients get."""
+    (it would also lose the Activated event); the servers' own answer (SyncState.server)
+    says what clients get."""
     spec = parse_adapter(cr("a", version="v2", status={"activeVersion": "v1"}))
     pods = [k("p1"), k("p2")]
-    models = {"base_model": "smollm2", "data": [
-        {"id": "legal@v1", "tenant": "legal", "version": "v1"},
-        {"id": "legal", "tenant": "legal", "version": "v1"},
-        {"id": "legal@v2", "tenant": "legal", "version": "v2"}]}
-    observations = {}
-    for name in ("p1", "p2"):
-        o = obs(name, {("legal", "v2"): "Pending"})
-        o.add_models(models)
-        observations[k(name)] = o
+    served = [{"tenant": "legal", "version": "v1", "state": "ready", "active": True},
+              {"tenant": "legal", "version": "v2", "state": "ready", "active": False}]
+    observations = {k(name): obs(name, {("legal", "v2"): "Pending"}, served=served)
+                    for name in ("p1", "p2")}
     assert observations[k("p1")].serving == {"legal": "v1"}
     st = _status(spec, pods, observations)
     assert st["phase"] == "Progressing" and st["activeVersion"] == "v1"
@@ -593,26 +605,28 @@ class FakeSidecars:
         self.desired: dict[int, list[dict]] = {}
         self.ready: set[tuple[int, str, str]] = set()
         self.headers: list[str | None] = []
+        self.calls: set[tuple[str, str]] = set()
 
     def __call__(self, request):
         import httpx
 
         port = request.url.port
         self.headers.append(request.headers.get("authorization"))
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"base_model": "smollm2", "base_model_aliases": [],
-                                             "data": []})
+        self.calls.add((request.method, request.url.path))
         if request.method == "PUT":
             import json
 
             self.desired[port] = json.loads(request.content)["adapters"]
             return httpx.Response(202, json={})
-        if request.url.path == "/v1/desired":
-            return httpx.Response(200, json={"adapters": self.desired.get(port, [])})
         adapters = [{"tenant": e["tenant"], "version": e["version"],
                      "phase": "Ready" if (port, e["tenant"], e["version"]) in self.ready
                      else "Downloading"} for e in self.desired.get(port, [])]
-        return httpx.Response(200, json={"adapters": adapters, "server_reachable": True})
+        server = {"base_model": "smollm2", "adapters": [
+            {"tenant": e["tenant"], "version": e["version"], "state": "ready",
+             "active": e["active"]} for e in self.desired.get(port, [])
+            if (port, e["tenant"], e["version"]) in self.ready]}
+        return httpx.Response(200, json={"adapters": adapters, "server_reachable": True,
+                                         "server": server})
 
 
 async def test_one_pass_puts_desired_sets_and_patches_status():
@@ -662,6 +676,8 @@ async def test_one_pass_puts_desired_sets_and_patches_status():
     result = await rec.run_pass()
     assert fake.desired == {9101: [], 9201: []}
     assert rec.eviction_pending(parse_adapter(adapter), result) == []
+    # the pods' one source of state is the sidecar's GET /v1/state
+    assert fake.calls == {("GET", "/v1/state"), ("PUT", "/v1/desired")}
     await http.aclose()
 
 
@@ -694,3 +710,93 @@ def test_dedicated_pods_are_never_pool_members():
     dedicated = pod("lmx-legal-v1-abc", labels={
         "app": "infer", "app.kubernetes.io/name": "loramux-dedicated"})
     assert [p["metadata"]["name"] for p in pods_in_pool(spec, [pool, dedicated])] == ["p1"]
+
+
+# --------------------------------------------------------------------------- typed spec.dedicated
+
+
+def test_dedicated_spec_is_parsed_once_and_invalid_thresholds_hold():
+    from loramux.operator.hot_policy import Thresholds
+    from loramux.operator.hot_tenants import HotTenants
+    from loramux.operator.model import DedicatedSpec
+
+    assert parse_adapter(cr("a")).dedicated == DedicatedSpec()  # absent: Never
+    spec = parse_adapter(cr("a", dedicated={"mode": "Auto", "replicas": 2,
+                                            "promoteAboveRps": 10, "demoteBelowRps": 2}))
+    assert spec.dedicated.mode == "Auto" and spec.dedicated.replicas == 2
+    assert spec.dedicated.thresholds == Thresholds(promote_above_rps=10, demote_below_rps=2)
+    assert spec.dedicated.problem is None
+    flapping = parse_adapter(cr("b", dedicated={"mode": "Auto", "promoteAboveRps": 1,
+                                                "demoteBelowRps": 3}))
+    assert flapping.error is None  # the adapter itself stays valid
+    hot = HotTenants(kube=None, template=None)  # type: ignore[arg-type]
+    decision = hot.decide(flapping, True, 0.0)
+    assert decision.action == "hold" and decision.reason.startswith("invalid thresholds: ")
+    always = parse_adapter(cr("c", dedicated={"mode": "Always"}))
+    assert hot.decide(always, False, 0.0).action == "promote"
+
+
+def test_rate_history_is_pruned_for_gone_and_never_tenants():
+    from loramux.operator.hot_tenants import HotTenants
+
+    hot = HotTenants(kube=None, template=None)  # type: ignore[arg-type]
+    auto = parse_adapter(cr("a", "legal", dedicated={"mode": "Auto"}))
+    never = parse_adapter(cr("b", "medical"))
+    hot.record({(NS, "legal"): 1.0, (NS, "medical"): 1.0, (NS, "gone"): 1.0}, 10.0)
+    hot.last_change.update({(NS, "medical"): 1.0, (NS, "gone"): 1.0})
+    hot.prune([auto, never])
+    assert hot.history.tenants() == [f"{NS}/legal"]
+    assert set(hot.last_change) == {(NS, "medical")}  # dwell memory while the CR exists
+    hot.prune([])
+    assert hot.history.tenants() == [] and hot.last_change == {}
+
+
+# --------------------------------------------------------------------------- operator memory
+
+
+def test_active_source_is_recorded_kept_and_merge_patched():
+    from loramux.operator.status import status_patch
+
+    pods = [k("p1")]
+    spec = parse_adapter(cr("a"))
+    st = _status(spec, pods, {k("p1"): obs("p1", {("legal", "v1"): "Ready"})})
+    assert st["activeVersion"] == "v1"
+    assert st["activeSource"] == {"version": "v1", "uri": "s3://adapters/legal/v1/",
+                                  "sha256": SHA}
+    # a rollout to v2 (no sha256 pin): v1 still active, its source kept and re-sent
+    bumped = cr("a", version="v2", status=st)
+    del bumped["spec"]["source"]["sha256"]
+    spec = parse_adapter(bumped)
+    mid = {k("p1"): obs("p1", {("legal", "v1"): "Ready", ("legal", "v2"): "Loading"})}
+    st2 = _status(spec, pods, mid)
+    assert st2["activeVersion"] == "v1" and st2["activeSource"] == st["activeSource"]
+    entries = build_desired_sets([spec], {spec.key: pods}, pods, mid)[k("p1")]
+    assert [(e.version, e.uri, e.sha256) for e in entries] == [
+        ("v1", "s3://adapters/legal/v1/", SHA), ("v2", "s3://adapters/legal/v2/", None)]
+    # v2 Ready: its source replaces v1's; the merge patch drops the old sha256
+    done = _status(spec, pods, {k("p1"): obs("p1", {("legal", "v2"): "Ready"})})
+    assert done["activeSource"] == {"version": "v2", "uri": "s3://adapters/legal/v2/"}
+    patch = status_patch(st2, done)
+    assert patch["activeSource"] == {"version": "v2", "uri": "s3://adapters/legal/v2/",
+                                     "sha256": None}
+    # rejected: no active version, and nothing to remember
+    assert status_patch(done, {"phase": "Failed"})["activeSource"] is None
+    # a hand-edited source is not trusted
+    junk = parse_adapter(cr("a", version="v2", status={
+        "activeVersion": "v1", "activeSource": {"version": "v1", "uri": "http://x/"}}))
+    assert junk.previous_source is None
+
+
+def test_crd_has_the_active_source():
+    status = crd_version()["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert set(status["activeSource"]["properties"]) == {"version", "uri", "sha256"}
+
+
+def test_sidecar_state_is_the_one_source_of_a_pod():
+    o = obs("p1", {("legal", "v1"): "Ready"}, served=[
+        {"tenant": "legal", "version": "v1", "state": "ready", "active": True},
+        {"tenant": "legal", "version": "v0", "state": "draining"}])
+    assert o.base_names == {"smollm2", "alias-smollm2"} and o.server_ok
+    assert o.served == {("legal", "v1")} and o.serving == {"legal": "v1"}
+    unknown = PodObservation.from_state(k("p1"), SyncState(server_reachable=False))
+    assert unknown.base_names is None and not unknown.server_ok and unknown.served == set()
