@@ -14,7 +14,9 @@ code when loaded) are refused unless explicitly allowed.
 
 Sources: ``s3://bucket/prefix/`` through boto3 (endpoint, region and credentials from the
 standard ``AWS_*`` environment, a mounted secret directory or explicit
-:class:`S3Credentials`, so MinIO works) and ``file:///path/`` for local directories.
+:class:`~loramux.s3.S3Credentials`, so MinIO works) and ``file:///path/`` for local
+directories. Everything about reaching S3 (URI and bucket rules, the client, what an S3
+failure means) is :mod:`loramux.s3`; this module adds what the *content* must be.
 
 This module must stay importable in the inference image without the operator or training
 extras: no kopf, no kubernetes, nothing from ``loramux.training``.
@@ -26,12 +28,11 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -46,6 +47,7 @@ from loramux.manifest import (
     verify_directory,
 )
 from loramux.names import AdapterRef, InvalidName, validate_label
+from loramux.s3 import S3Error, S3Uri, make_client, parse_s3_uri, s3_errors
 
 INCOMING_DIR = ".incoming"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -54,6 +56,8 @@ CHUNK = 1 << 20
 # Pickle-based checkpoints run code when loaded; the server only needs safetensors.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 
+# The S3 layer's codes (loramux.s3: not_found, access_denied, io_error, bad_uri) plus what
+# the content can be wrong about.
 FETCH_ERROR_CODES = frozenset(
     {
         "not_found",
@@ -70,27 +74,29 @@ FETCH_ERROR_CODES = frozenset(
 )
 _RETRYABLE_BY_DEFAULT = frozenset({"io_error"})
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
-
-class FetchError(Exception):
+class FetchError(S3Error):
     """A fetch that failed or was refused.
 
     ``code`` is one of :data:`FETCH_ERROR_CODES`; ``retryable`` says whether trying the same
     fetch again later can succeed (network and disk trouble) or not (the content is wrong,
-    missing or forbidden, and retrying would only hammer the store).
+    missing or forbidden, and retrying would only hammer the store). An
+    :class:`~loramux.s3.S3Error`, so callers handle both with one ``except``.
     """
 
     def __init__(self, code: str, message: str, *, retryable: bool | None = None) -> None:
         if code not in FETCH_ERROR_CODES:
             raise ValueError(f"unknown FetchError code {code!r}")
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retryable = code in _RETRYABLE_BY_DEFAULT if retryable is None else retryable
+        super().__init__(code, message, retryable=(code in _RETRYABLE_BY_DEFAULT
+                                                   if retryable is None else retryable))
 
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+    @classmethod
+    def from_s3(cls, error: S3Error) -> FetchError:
+        """An S3 layer failure (bad URI, refused credentials, ...) as a fetch failure."""
+        if isinstance(error, FetchError):
+            return error
+        code = error.code if error.code in FETCH_ERROR_CODES else "io_error"
+        return cls(code, error.message, retryable=error.retryable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,18 +157,15 @@ class _FileSource(_Source):
 
 
 class _S3Source(_Source):
-    def __init__(self, uri: str, bucket: str, prefix: str, client: Any) -> None:
+    def __init__(self, uri: str, location: S3Uri, client: Any) -> None:
         self.uri = uri
-        self.bucket = bucket
-        self.prefix = prefix
+        self.location = location
         self.client = client
 
-    def key(self, relative: str) -> str:
-        return f"{self.prefix}/{relative}" if self.prefix else relative
-
     def _get(self, relative: str) -> Any:
-        with _s3_errors(f"{self.uri}: {relative}"):
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(relative))
+        with s3_errors(f"{self.uri}: {relative}"):
+            return self.client.get_object(Bucket=self.location.bucket,
+                                          Key=self.location.key(relative))
 
     def read_manifest(self) -> bytes:
         response = self._get(MANIFEST_FILE)
@@ -172,7 +175,7 @@ class _S3Source(_Source):
                 raise FetchError(
                     "too_large", f"{self.uri}: {MANIFEST_FILE} is {length} bytes"
                 )
-            with _s3_errors(f"{self.uri}: reading {MANIFEST_FILE}"):
+            with s3_errors(f"{self.uri}: reading {MANIFEST_FILE}"):
                 return body.read(MAX_MANIFEST_BYTES + 1)
 
     def open_chunks(self, relative: str, size: int) -> Iterator[bytes]:
@@ -184,140 +187,17 @@ class _S3Source(_Source):
                     "digest_mismatch",
                     f"{self.uri}: {relative} is {length} bytes, the manifest says {size}",
                 )
-            with _s3_errors(f"{self.uri}: reading {relative}"):
+            with s3_errors(f"{self.uri}: reading {relative}"):
                 yield from body.iter_chunks(CHUNK)
-
-
-# The key names of a Kubernetes Secret (and of the standard AWS environment variables), as
-# files in a mounted directory or as the fields an operator sends per desired entry.
-CREDENTIAL_FILES: dict[str, str] = {
-    "AWS_ACCESS_KEY_ID": "access_key_id",
-    "AWS_SECRET_ACCESS_KEY": "secret_access_key",
-    "AWS_SESSION_TOKEN": "session_token",
-    "AWS_REGION": "region",
-    "AWS_ENDPOINT_URL": "endpoint_url",
-}
-MAX_CREDENTIAL_FILE_BYTES = 16 << 10
-
-
-@dataclass(frozen=True, slots=True)
-class S3Credentials:
-    """Where and as whom to reach S3. Every field is optional; what is unset comes from the
-    next source (:meth:`over`) and finally from the standard AWS environment.
-
-    The secret parts never appear in ``repr`` (so not in logs or tracebacks either).
-    """
-
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    region: str | None = None
-    endpoint_url: str | None = None
-
-    def over(self, fallback: S3Credentials | None) -> S3Credentials:
-        """These credentials with unset parts filled from ``fallback``. The key pair and
-        the session token travel together: a token is never mixed with another source's keys.
-        """
-        if fallback is None:
-            return self
-        keys = self if (self.access_key_id or self.secret_access_key) else fallback
-        return S3Credentials(
-            access_key_id=keys.access_key_id,
-            secret_access_key=keys.secret_access_key,
-            session_token=keys.session_token,
-            region=self.region or fallback.region,
-            endpoint_url=self.endpoint_url or fallback.endpoint_url,
-        )
-
-    def fingerprint(self) -> str:
-        """A digest that changes whenever any part changes (a cache key; never logged)."""
-        parts = (self.access_key_id, self.secret_access_key, self.session_token, self.region,
-                 self.endpoint_url)
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-    def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.access_key_id, self.secret_access_key,
-                                 self.session_token) if s)
-
-
-def read_credentials_dir(directory: Path) -> S3Credentials:
-    """The credentials in a mounted secret directory (files named like the Secret's keys:
-    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_SESSION_TOKEN``,
-    ``AWS_REGION``, ``AWS_ENDPOINT_URL``). Read afresh on every call, so a rotated Secret
-    (kubelet swaps the files atomically) takes effect with the next client. Missing files
-    are unset; surrounding whitespace (a trailing newline) is stripped.
-    """
-    directory = Path(directory)
-    values: dict[str, str | None] = {}
-    for name, attr in CREDENTIAL_FILES.items():
-        path = directory / name
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_CREDENTIAL_FILE_BYTES + 1)
-        except FileNotFoundError:
-            values[attr] = None
-            continue
-        except OSError as exc:
-            raise FetchError("io_error", f"mounted credentials: cannot read {name} in "
-                             f"{directory}: {exc.strerror or type(exc).__name__}",
-                             retryable=True) from None
-        if len(data) > MAX_CREDENTIAL_FILE_BYTES:
-            raise FetchError("access_denied", f"mounted credentials: {name} in {directory} "
-                             f"is larger than {MAX_CREDENTIAL_FILE_BYTES} bytes")
-        values[attr] = data.decode("utf-8", errors="replace").strip() or None
-    return S3Credentials(**values)
-
-
-def make_s3_client(credentials: S3Credentials | None = None) -> Any:
-    """An S3 client, with short connect timeouts so an unreachable store fails fast.
-
-    ``credentials`` (from a desired entry or a mounted secret) override the standard AWS
-    environment (``AWS_ENDPOINT_URL[_S3]``, region, credentials, profiles) part by part;
-    without them the environment alone applies. A key without its secret (or the reverse)
-    is refused with ``access_denied`` rather than silently mixed with the environment's.
-    """
-    import boto3.session
-    from botocore.config import Config
-
-    creds = credentials or S3Credentials()
-    if bool(creds.access_key_id) != bool(creds.secret_access_key):
-        have, missing = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if creds.access_key_id
-                         else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
-        raise FetchError("access_denied", f"S3 credentials have {have} but no {missing}")
-    if creds.session_token and not creds.access_key_id:
-        raise FetchError("access_denied", "S3 credentials have a session token but no keys")
-    region = (creds.region or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION") or None)
-    config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3})
-    kwargs: dict[str, Any] = {}
-    if creds.access_key_id:
-        kwargs = {"aws_access_key_id": creds.access_key_id,
-                  "aws_secret_access_key": creds.secret_access_key,
-                  "aws_session_token": creds.session_token}
-    try:
-        # A fresh session: the module-level default caches credentials from the first call.
-        return boto3.session.Session().client(
-            "s3", region_name=region, endpoint_url=creds.endpoint_url or None, config=config,
-            **kwargs,
-        )
-    except ValueError as exc:  # e.g. an endpoint URL botocore cannot use
-        raise FetchError("bad_uri", f"cannot build an S3 client: {exc}") from None
 
 
 def _parse_source(uri: str, s3_client: Any) -> _Source:
     if not isinstance(uri, str) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
         raise FetchError("bad_uri", f"{str(uri)[:100]!r} is not a usable URI")
     if uri.startswith("s3://"):
-        if any(c in uri for c in "?#\\ "):
-            raise FetchError("bad_uri", f"{uri[:100]!r}: no query, fragment or backslash")
-        bucket, _, path = uri[len("s3://") :].partition("/")
-        if not _BUCKET.match(bucket) or ".." in bucket:
-            raise FetchError("bad_uri", f"{uri[:100]!r}: {bucket[:70]!r} is not a bucket name")
-        prefix = path.strip("/")
-        if prefix and any(s in ("", ".", "..") for s in prefix.split("/")):
-            raise FetchError("bad_uri", f"{uri[:100]!r} has an empty, '.' or '..' segment")
-        client = s3_client if s3_client is not None else make_s3_client()
-        return _S3Source(uri, bucket, prefix, client)
+        location = parse_s3_uri(uri)  # S3Error(bad_uri), made a FetchError by fetch_adapter
+        return _S3Source(uri, location,
+                         s3_client if s3_client is not None else make_client())
     if uri.startswith("file://"):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost") or parsed.query or parsed.fragment:
@@ -344,45 +224,6 @@ def _io_errors(what: str) -> Iterator[None]:
         raise FetchError("access_denied", f"{what}: {exc.strerror or exc}") from exc
     except OSError as exc:
         raise FetchError("io_error", f"{what}: {exc}") from exc
-
-
-def _classify_client_error(exc: Any) -> tuple[str, bool]:
-    err = exc.response.get("Error", {}) or {}
-    code = str(err.get("Code") or "")
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404") or status == 404:
-        return "not_found", False
-    denied = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
-    if code in denied or status == 403:
-        return "access_denied", False
-    throttled = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
-    retryable = code in throttled or status is None or status >= 500 or status == 429
-    return "io_error", retryable
-
-
-@contextlib.contextmanager
-def _s3_errors(what: str) -> Iterator[None]:
-    """botocore/boto3 failures as :class:`FetchError` with a code and a retry verdict."""
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        NoCredentialsError,
-        PartialCredentialsError,
-    )
-
-    try:
-        yield
-    except ClientError as exc:
-        code, retryable = _classify_client_error(exc)
-        err = exc.response.get("Error", {}) or {}
-        detail = f"{err.get('Code') or 'Error'} {err.get('Message') or ''}".strip()
-        raise FetchError(code, f"{what}: {detail}", retryable=retryable) from exc
-    except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise FetchError("access_denied", f"{what}: {exc}") from exc
-    except (BotoCoreError, Boto3Error, OSError) as exc:
-        # EndpointConnectionError, connect/read timeouts, truncated bodies, resets.
-        raise FetchError("io_error", f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- manifest checks
@@ -554,8 +395,30 @@ def fetch_adapter(
     Idempotent: an installed version that verifies (and matches ``expected_sha256``) is
     returned without touching the source. Otherwise the version is downloaded into
     ``<root>/.incoming/``, verified, and renamed into place; on any failure the temporary
-    directory is removed and the target is left as it was. Raises :class:`FetchError`.
+    directory is removed and the target is left as it was. Raises :class:`FetchError`
+    (failures of the S3 layer included: a bad URI, refused credentials, an unreachable store).
     """
+    try:
+        return _fetch_adapter(ref, uri, root, expected_sha256=expected_sha256,
+                              max_bytes=max_bytes, allow_pickle=allow_pickle,
+                              s3_client=s3_client, disk_budget_bytes=disk_budget_bytes)
+    except FetchError:
+        raise
+    except S3Error as exc:
+        raise FetchError.from_s3(exc) from exc
+
+
+def _fetch_adapter(
+    ref: AdapterRef,
+    uri: str,
+    root: Path,
+    *,
+    expected_sha256: str | None,
+    max_bytes: int,
+    allow_pickle: bool,
+    s3_client: Any,
+    disk_budget_bytes: int | None,
+) -> FetchResult:
     started = time.monotonic()
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive integer, not {max_bytes!r}")
@@ -686,18 +549,14 @@ def purge_incoming(root: Path) -> None:
 
 
 __all__ = [
-    "CREDENTIAL_FILES",
     "FETCH_ERROR_CODES",
     "INCOMING_DIR",
     "PICKLE_SUFFIXES",
     "FetchError",
     "FetchResult",
-    "S3Credentials",
     "fetch_adapter",
     "list_local",
-    "make_s3_client",
     "purge_incoming",
-    "read_credentials_dir",
     "remove_adapter",
     "version_dir",
 ]

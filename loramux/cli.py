@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "serve":
         return _serve(rest)
     if command == "sync":
-        from loramux.inference.sync_sidecar import main as sync_main
+        from loramux.sync.cli import main as sync_main
 
         return sync_main(rest)
     if command == "train":

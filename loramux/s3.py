@@ -234,6 +234,7 @@ def make_client(credentials: S3Credentials | None = None) -> Any:
     """
     import boto3.session
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
     creds = credentials or S3Credentials()
     if bool(creds.access_key_id) != bool(creds.secret_access_key):
@@ -259,6 +260,10 @@ def make_client(credentials: S3Credentials | None = None) -> Any:
         )
     except ValueError as exc:  # e.g. an endpoint URL botocore cannot use
         raise S3Error("bad_uri", f"cannot build an S3 client: {exc}") from None
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
+        error = classify(exc)
+        raise S3Error(error.code, f"cannot build an S3 client: {error.message}",
+                      retryable=error.retryable) from None
 
 
 # --------------------------------------------------------------------------- errors

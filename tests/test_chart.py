@@ -341,7 +341,7 @@ def test_env_names_are_real_settings(helm_env: dict[str, str]) -> None:
     """Every LORAMUX_* variable the chart sets is a field of the process's settings class
     (a typo would be silently ignored by pydantic-settings)."""
     from loramux.inference.settings import ServeSettings
-    from loramux.inference.sync_sidecar import SyncSettings
+    from loramux.sync.settings import SyncSettings
 
     prefixes: list[tuple[str, set[str], str]] = [
         ("LORAMUX_SYNC_", set(SyncSettings.model_fields), "sync"),

@@ -82,3 +82,23 @@ def test_refusals_exit_2_with_a_reason(source: tuple[Path, str], tmp_path: Path)
     missing = _fetch("--root", str(root), "--tenant", "legal", "--version", "v1",
                      "--uri", (tmp_path / "nowhere").as_uri() + "/", "--retries", "0")
     assert missing.returncode == 2 and "not_found" in missing.stderr
+
+
+def test_not_found_is_retried_like_in_the_sidecar(tmp_path: Path) -> None:
+    """One retry policy for every download: a missing version may be an upload still under
+    way (the manifest comes last), so not_found is retried before giving up."""
+    root = tmp_path / "adapters"
+    missing = _fetch("--root", str(root), "--tenant", "legal", "--version", "v1",
+                     "--uri", (tmp_path / "nowhere").as_uri() + "/", "--retries", "2",
+                     "--backoff-seconds", "0")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    retries = [json.loads(line) for line in missing.stderr.splitlines()
+               if line.startswith("{") and "retrying" in line]
+    assert [(r["code"], r["attempt"]) for r in retries] == [("not_found", 1), ("not_found", 2)]
+    assert missing.stderr.splitlines()[-1].startswith("loramux fetch: legal@v1 failed: not_found")
+    assert not (root / "legal" / "v1").exists()
+
+
+def test_help_exits_0() -> None:
+    done = _fetch("--help")
+    assert done.returncode == 0 and "--s3-credentials-dir" in done.stdout

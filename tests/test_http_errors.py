@@ -801,7 +801,8 @@ def test_admin_route_without_a_content_type_reads_json(http, strict):
 
 
 def test_sync_sidecar_applies_the_same_rule_in_its_error_shape(tmp_path):
-    from loramux.inference.sync_sidecar import SyncSettings, create_app
+    from loramux.sync.app import create_app
+    from loramux.sync.settings import SyncSettings
 
     app = create_app(SyncSettings(root=tmp_path, token=TOKEN))  # lifespan not run: no loop
 

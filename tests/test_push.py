@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from loramux.inference.adapter_store import FetchError, fetch_adapter
 from loramux.manifest import (
     MANIFEST_FILE,
     AdapterManifest,
@@ -26,11 +28,11 @@ from loramux.manifest import (
     verify_directory,
     write_manifest,
 )
+from loramux.names import AdapterRef
 from loramux.training import cli_push
 from loramux.training.publish import (
     PublishError,
     cr_name,
-    fetch,
     parse_s3_uri,
     push,
     render_cr,
@@ -44,6 +46,11 @@ BASE = "HuggingFaceTB/SmolLM2-135M"
 def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    # moto serves from threads of this process: its request log (werkzeug, INFO) would land
+    # on the stderr of the in-process CLI runs below, which a real `loramux push` never has.
+    werkzeug = logging.getLogger("werkzeug")
+    level = werkzeug.level
+    werkzeug.setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -51,6 +58,7 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+        werkzeug.setLevel(level)
 
 
 @pytest.fixture
@@ -120,6 +128,18 @@ def uri(tenant: str = "acme", version: str = "v1") -> str:
     return f"s3://{BUCKET}/team/adapters/{tenant}/{version}/"
 
 
+def fetch(
+    location: str, root: Path, client: Any, *, expected_sha256: str | None = None
+) -> tuple[Path, AdapterManifest]:
+    """Read a pushed version back with the production downloader (the sidecar's and
+    ``loramux fetch``'s): ``<root>/<tenant>/<version>/`` and its manifest."""
+    tenant, version = location.rstrip("/").split("/")[-2:]
+    result = fetch_adapter(AdapterRef(tenant, version), location, root,
+                           expected_sha256=expected_sha256, max_bytes=1 << 30,
+                           s3_client=client)
+    return result.path, result.manifest
+
+
 def record_puts(client: Any) -> list[str]:
     """Keys of every PutObject/CreateMultipartUpload the client sends, in order."""
     keys: list[str] = []
@@ -148,8 +168,7 @@ def test_push_then_fetch_round_trips_byte_for_byte(s3: Any, tmp_path: Path) -> N
     assert head["ContentType"] == "application/json"
     assert head["Metadata"]["sha256"] == sha
 
-    dest = tmp_path / "fetched"
-    fetched = fetch(uri(), dest, client=s3, expected_sha256=sha)
+    dest, fetched = fetch(uri(), tmp_path / "fetched", s3, expected_sha256=sha)
     assert fetched == manifest
     for name in ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE):
         assert (dest / name).read_bytes() == (directory / name).read_bytes()
@@ -195,13 +214,11 @@ def test_different_content_is_refused_unless_forced(s3: Any, tmp_path: Path) -> 
 
     with pytest.raises(PublishError, match="already published with different content"):
         push(second, uri(), client=s3, progress=False)
-    fetched = tmp_path / "still-first"
-    fetch(uri(), fetched, client=s3, expected_sha256=first_sha)  # untouched
+    fetch(uri(), tmp_path / "still-first", s3, expected_sha256=first_sha)  # untouched
 
     result = push(second, uri(), client=s3, force=True, progress=False)
     assert result.replaced and not result.skipped and result.manifest_sha256 == second_sha
-    dest = tmp_path / "now-second"
-    fetch(uri(), dest, client=s3, expected_sha256=second_sha)
+    dest, _ = fetch(uri(), tmp_path / "now-second", s3, expected_sha256=second_sha)
     assert (dest / "adapter_model.safetensors").read_bytes() == (
         second / "adapter_model.safetensors"
     ).read_bytes()
@@ -292,8 +309,9 @@ def test_missing_bucket_is_a_clear_error(s3: Any, tmp_path: Path) -> None:
     directory, _ = make_adapter_dir(tmp_path)
     with pytest.raises(PublishError, match="NoSuchBucket"):
         push(directory, "s3://no-such-bucket/acme/v1/", client=s3, progress=False)
-    with pytest.raises(PublishError, match="not published"):
-        fetch(uri("acme", "v9"), tmp_path / "x", client=s3)
+    with pytest.raises(FetchError, match=r"manifest\.json") as info:  # not published
+        fetch(uri("acme", "v9"), tmp_path / "x", s3)
+    assert info.value.code == "not_found"
 
 
 def test_fetch_refuses_manifest_paths_that_escape(s3: Any, tmp_path: Path) -> None:
@@ -313,8 +331,9 @@ def test_fetch_refuses_manifest_paths_that_escape(s3: Any, tmp_path: Path) -> No
     s3.put_object(
         Bucket=BUCKET, Key="team/adapters/acme/v1/manifest.json", Body=json.dumps(evil).encode()
     )
-    with pytest.raises(PublishError, match="invalid manifest"):
-        fetch(uri(), tmp_path / "dest", client=s3)
+    with pytest.raises(FetchError, match=r"escape\.txt") as info:  # an invalid manifest
+        fetch(uri(), tmp_path / "dest", s3)
+    assert info.value.code == "unsafe_manifest"
     assert not (tmp_path / "escape.txt").exists()
 
 
@@ -423,3 +442,11 @@ def test_s3_errors_are_described_in_one_line() -> None:
         assert describe_s3_error(wrapped) == "AccessDenied: Access Denied"
     bare = ClientError({"Error": {"Code": "403", "Message": ""}}, "HeadObject")
     assert describe_s3_error(bare) == "403: access denied"
+
+
+def test_cli_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "usage: loramux push" in out
+    for flag in ("--force", "--emit-cr", "--endpoint-url", "--namespace", "--name",
+                 "--no-progress"):
+        assert flag in out

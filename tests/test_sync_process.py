@@ -154,7 +154,8 @@ def launch_sidecar(start_sidecar, e: Env, moto: Moto) -> Any:
     sidecar = start_sidecar(
         "--root", str(e.root), "--server-url", e.server.url, "--token", TOKEN,
         "--resync-seconds", "0.3", "--backoff-seconds", "0.05", "--retries", str(RETRIES),
-        "--max-adapter-bytes", str(64 << 20), "--log-level", "debug", env=aws_env(moto))
+        "--max-adapter-bytes", str(64 << 20), "--log-level", "debug", "--log-format", "text",
+        env=aws_env(moto))
     port = urlsplit(sidecar.url).port
     assert port and port > 0, sidecar.url  # --port 0: the kernel's pick, read from the log
     return sidecar

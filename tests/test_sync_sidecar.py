@@ -21,11 +21,14 @@ import pytest
 import uvicorn
 from moto.server import ThreadedMotoServer
 
-import loramux.inference.sync_sidecar as sync_mod
+import loramux.sync.reconciler as sync_mod
+from loramux.contracts import DesiredState, SyncState, error_body, parse_error
 from loramux.inference.adapter_store import FetchError, list_local
-from loramux.inference.sync_sidecar import DesiredState, Reconciler, SyncSettings, create_app
 from loramux.manifest import MANIFEST_FILE, AdapterManifest, describe_files, write_manifest
 from loramux.names import AdapterRef
+from loramux.sync.app import create_app
+from loramux.sync.reconciler import Reconciler
+from loramux.sync.settings import SyncSettings
 
 TOKEN = "sidecar-secret"
 PROMPT = "The quick brown fox"
@@ -196,6 +199,13 @@ def test_api_auth_and_validation(sidecar: Any) -> None:
         {"tenant": "Bad_Name", "version": "v1", "uri": "s3://b/x/"}]})
     assert bad.status_code == 422
     assert bad.json()["error"]["code"] == "invalid_request"
+    # the one error body of every loramux service: message, code and status
+    assert parse_error(bad.json()) == ("invalid_request", bad.json()["error"]["message"])
+    unauthorized = httpx.get(f"{sidecar.base_url}/v1/state")
+    assert unauthorized.json() == error_body(401, "unauthorized",
+                                             "needs 'Authorization: Bearer <token>'")
+    missing = sidecar.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == 404
 
 
 def test_two_tenants_become_ready_and_serve(sidecar: Any, server, published) -> None:
@@ -215,6 +225,39 @@ def test_two_tenants_become_ready_and_serve(sidecar: Any, server, published) -> 
                                              AdapterRef("medical", "v1")}
     metrics = sidecar.get("/metrics").text
     assert 'loramux_sync_adapters{phase="Ready"} 2.0' in metrics
+
+
+def test_state_carries_the_servers_own_answer(sidecar: Any, server) -> None:
+    """GET /v1/state is the operator's one source of a pod's state: the sidecar's phases and
+    the server's own GET /admin/adapters answer as of the last pass."""
+    live = server_adapters(server)
+
+    def reported() -> SyncState:
+        return SyncState.model_validate(sidecar.get("/v1/state").json())
+
+    wait_until(lambda: (s := reported().server) is not None and {
+        str(a.ref) for a in s.adapters} == set(live), "the server's answer in /v1/state")
+    state = reported()
+    assert state.server_reachable is True and state.server is not None
+    answer = httpx.get(f"{server.url}/admin/adapters", timeout=10).json()
+    assert state.server.base_model == answer.get("base_model")
+    by_ref = {str(a.ref): a for a in state.server.adapters}
+    assert set(by_ref) == set(live)
+    for ref, item in live.items():
+        assert (by_ref[ref].state, by_ref[ref].path) == (item["state"], item["path"])
+
+
+async def test_state_server_is_none_when_the_server_does_not_answer(tmp_path: Path) -> None:
+    rec = Reconciler(SyncSettings(root=tmp_path / "vol", server_url="http://127.0.0.1:9",
+                                  resync_seconds=60))
+    await rec.start()
+    try:
+        await rec.reconcile_once()
+    finally:
+        await rec.stop()
+    state = rec.state()
+    assert state.server_reachable is False and state.server is None
+    assert state.last_pass is not None
 
 
 def test_wrong_digest_fails_alone(sidecar: Any, server, published) -> None:
@@ -384,7 +427,7 @@ def test_transient_fetch_errors_are_retried(sidecar: Any, server, published,
     """Two io_error failures, then success: Ready after 3 attempts.
 
     The failures are injected into the sidecar's fetch function because a flaky network
-    cannot be produced on loopback against moto (and not_found is rightly not retried).
+    cannot be produced on loopback against moto.
     """
     real_fetch = sync_mod.fetch_adapter
     calls: list[float] = []
@@ -627,12 +670,12 @@ def test_ownership_is_by_path_under_root_and_credentials_hide_in_repr(
     monkeypatch.chdir(tmp_path)
     rec = Reconciler(SyncSettings(root=Path("vol")))
     assert rec.root == tmp_path / "vol"  # relative --root made absolute (the server needs it)
-    assert rec._owns({"path": str(tmp_path / "vol" / "legal" / "v1")})
-    assert rec._owns({"path": str(tmp_path / "vol" / "x" / ".." / "legal" / "v1")})
+    assert rec._owns(str(tmp_path / "vol" / "legal" / "v1"))
+    assert rec._owns(str(tmp_path / "vol" / "x" / ".." / "legal" / "v1"))
     for foreign in (str(tmp_path / "vol"), str(tmp_path / "volume" / "legal" / "v1"),
                     str(tmp_path / "vol" / ".." / "other" / "v1"), "/models/legal/v1", ".",
                     "vol/legal/v1", None):
-        assert not rec._owns({"path": foreign}), foreign
+        assert not rec._owns(foreign), foreign
     spec = DesiredState.model_validate({"adapters": [{
         "tenant": "a", "version": "v1", "uri": "s3://b/a/v1/", "credentials": {
             "access_key_id": " AKIAREPR \n", "secret_access_key": "repr-secret\n",

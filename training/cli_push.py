@@ -2,47 +2,58 @@
 
 The human summary goes to stderr and, with ``--emit-cr``, only the ``LoraAdapter`` YAML goes
 to stdout, so ``loramux push ... --emit-cr | kubectl apply -f -`` works. Every expected
-failure (bad URI, inconsistent directory, S3 errors, no credentials, unreachable endpoint)
-is one line on stderr and exit code 2, never a traceback: this runs in CI pipelines where
-the first line of output is all anyone reads.
+failure (bad flags or URI, inconsistent directory, S3 errors, no credentials, unreachable
+endpoint) is one line on stderr and exit code 2, never a traceback: this runs in CI pipelines
+where the first line of output is all anyone reads.
+
+Flags and ``LORAMUX_PUSH_*`` environment variables fill :class:`PushSettings`
+(:func:`loramux.settings_cli.settings_from_cli`, like every ``loramux`` command).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, CliPositionalArg, SettingsConfigDict
+
+from loramux.logs import LogLevel, LogSettings
+from loramux.s3 import endpoint_problem
 
 PROG = "loramux push"
 EXIT_ERROR = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Upload a verified adapter directory (with manifest.json) to S3; the "
-        "manifest is uploaded last. Identical re-pushes are no-ops; different content for "
-        "an existing version is refused unless --force.",
-    )
-    parser.add_argument("directory", type=Path, help="adapter directory containing manifest.json")
-    parser.add_argument("uri", help="s3://bucket/[prefix/]<tenant>/<version>/")
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite an existing version with different content"
-    )
-    parser.add_argument(
-        "--emit-cr", action="store_true", help="print the LoraAdapter resource (YAML) on stdout"
-    )
-    parser.add_argument(
-        "--endpoint-url",
-        default=None,
-        help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)",
-    )
-    parser.add_argument("--namespace", default=None, help="metadata.namespace of the emitted CR")
-    parser.add_argument(
-        "--name", default=None, help="metadata.name of the emitted CR (default: <tenant>-<version>)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+class PushSettings(LogSettings, BaseSettings):
+    """Upload a verified adapter directory (with manifest.json) to S3; the manifest is
+    uploaded last. Identical re-pushes are no-ops; different content for an existing version
+    is refused unless --force."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMUX_PUSH_", extra="forbid")
+
+    directory: CliPositionalArg[Path] = Field(
+        description="adapter directory containing manifest.json")
+    uri: CliPositionalArg[str] = Field(description="s3://bucket/[prefix/]<tenant>/<version>/")
+    force: bool = Field(False, description="overwrite an existing version with different "
+                                           "content")
+    emit_cr: bool = Field(False, description="print the LoraAdapter resource (YAML) on stdout")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
+    namespace: str | None = Field(None, description="metadata.namespace of the emitted CR")
+    name: str | None = Field(
+        None, description="metadata.name of the emitted CR (default: <tenant>-<version>)")
+    progress: bool = Field(True, description="a progress bar on stderr when it is a terminal "
+                                             "(--no-progress: never)")
+    # stderr carries the summary line; logs only when something is wrong.
+    log_level: LogLevel = "warning"
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and (problem := endpoint_problem(value)):
+            raise ValueError(problem)
+        return value
 
 
 def _fail(message: str) -> int:
@@ -53,34 +64,30 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str]) -> int:
     """Run ``loramux push``; returns the exit code (0 ok, 2 on any error)."""
+    from loramux.logs import configure_logging
+    from loramux.settings_cli import settings_from_cli
+
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse already printed usage and the problem
+        args = settings_from_cli(PushSettings, argv, PROG)
+    except SystemExit as exc:  # --help (0), or bad flags (2, the problem already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    configure_logging(args.log_level, args.log_format)
 
     try:
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-
         from loramux.names import InvalidName
-        from loramux.training.publish import (
-            PublishError,
-            describe_s3_error,
-            make_client,
-            push,
-            render_cr,
-        )
+        from loramux.s3 import S3Credentials, S3Error, make_client
+        from loramux.training.publish import PublishError, push, render_cr
     except ImportError as exc:
         return _fail(f"missing dependency ({exc}); install loramux[train]")
 
     try:
-        client = make_client(args.endpoint_url)
+        client = make_client(S3Credentials(endpoint_url=args.endpoint_url))
         result = push(
             args.directory,
             args.uri,
             force=args.force,
             client=client,
-            progress=not args.no_progress and sys.stderr.isatty(),
+            progress=args.progress and sys.stderr.isatty(),
         )
         cr = None
         if args.emit_cr:
@@ -94,8 +101,8 @@ def main(argv: list[str]) -> int:
             )
     except (PublishError, InvalidName) as exc:
         return _fail(str(exc))
-    except (ClientError, BotoCoreError, Boto3Error) as exc:
-        return _fail(f"{args.uri}: {describe_s3_error(exc)}")
+    except S3Error as exc:
+        return _fail(f"{args.uri}: {exc.message}")
     except OSError as exc:
         return _fail(f"{exc.strerror or exc}: {exc.filename or args.directory}")
 

@@ -1,4 +1,4 @@
-"""Publish an adapter version to S3 (``loramux push``) and read one back (``fetch``).
+"""Publish an adapter version to S3 (``loramux push``).
 
 A published version is a prefix ``s3://bucket/.../<tenant>/<version>/`` holding the adapter
 files and ``manifest.json``. The manifest is written last, so a reader that can see it can
@@ -7,18 +7,19 @@ also see every file it lists; its sha256 is the version's pin (``source.sha256``
 no-op, anything else is refused unless forced, because a running fleet may already have
 loaded the old content under the same name.
 
-Works against AWS S3 and S3-compatible stores (MinIO, moto): the client comes from
-``boto3.client("s3")``, so the standard ``AWS_*`` environment (``AWS_ENDPOINT_URL[_S3]``,
-``AWS_REGION``/``AWS_DEFAULT_REGION``, credentials, profiles) applies.
+Works against AWS S3 and S3-compatible stores (MinIO, moto): the client is
+:func:`loramux.s3.make_client`, so the standard ``AWS_*`` environment
+(``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, credentials, profiles)
+applies. URI and bucket rules, the client and the meaning of S3 errors are
+:mod:`loramux.s3`'s, shared with every reader; reading a version back is the sidecar's
+verified downloader, :func:`loramux.inference.adapter_store.fetch_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import mimetypes
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,11 +34,11 @@ from loramux.manifest import (
     AdapterManifest,
     UnsafePath,
     describe_files,
-    safe_relative_path,
-    sha256_file,
     verify_directory,
 )
 from loramux.names import DNS1123_LABEL_MAX, InvalidName, validate_label
+from loramux.s3 import S3Error, classify, is_missing_key, make_client, s3_errors
+from loramux.s3 import parse_s3_uri as parse_any_s3_uri
 
 API_VERSION = "loramux.io/v1alpha1"
 KIND = "LoraAdapter"
@@ -48,11 +49,9 @@ SHA256_METADATA_KEY = "sha256"  # stored as x-amz-meta-sha256
 # so publishing one would either be useless or, worse, a foothold for whoever wrote it.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-
 
 class PublishError(Exception):
-    """A push or fetch that cannot (or must not) go ahead; the message is one readable line."""
+    """A push that cannot (or must not) go ahead; the message is one readable line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,48 +92,24 @@ class PushResult:
     manifest: AdapterManifest | None = None
 
 
-def _validate_bucket(bucket: str) -> str:
-    """S3 bucket naming rules (the general-purpose bucket subset every S3 clone accepts)."""
-    if not _BUCKET.match(bucket):
-        raise PublishError(
-            f"bucket {bucket[:70]!r} is not a valid S3 bucket name (3-63 characters: lower-case "
-            "letters, digits, '.' and '-', starting and ending with a letter or digit)"
-        )
-    if ".." in bucket or ".-" in bucket or "-." in bucket:
-        raise PublishError(f"bucket {bucket!r} is not a valid S3 bucket name (bad '.' placement)")
-    with contextlib.suppress(ValueError):
-        ipaddress.IPv4Address(bucket)
-        raise PublishError(f"bucket {bucket!r} must not be formatted as an IP address")
-    if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
-        raise PublishError(f"bucket {bucket!r} uses a prefix or suffix S3 reserves")
-    return bucket
-
-
 def parse_s3_uri(uri: str, manifest: AdapterManifest | None = None) -> S3Location:
     """Parse and validate ``s3://bucket/[prefix/]<tenant>/<version>[/]``.
 
+    The S3 rules (scheme, bucket name, path segments) are :func:`loramux.s3.parse_s3_uri`'s.
     The last two segments must be the tenant and version, so the object layout alone says
     what a version is; with ``manifest`` they must also match the manifest being pushed,
     which catches pushing tenant A's adapter under tenant B's path.
     """
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise PublishError(f"{str(uri)[:100]!r} is not an s3:// URI")
-    if any(c in uri for c in "?#\\") or any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
-        raise PublishError(
-            f"{uri[:100]!r}: query strings, fragments, backslashes and "
-            "whitespace are not allowed in the URI"
-        )
-    rest = uri[len("s3://") :]
-    bucket, _, path = rest.partition("/")
-    _validate_bucket(bucket)
-    path = path.removesuffix("/")
-    segments = path.split("/") if path else []
+    try:
+        location = parse_any_s3_uri(uri)
+    except S3Error as exc:
+        raise PublishError(exc.message) from None
+    segments = location.segments
     if len(segments) < 2:
         raise PublishError(
-            f"{uri!r} must end in <tenant>/<version>/ (e.g. s3://{bucket}/adapters/acme/v1/)"
+            f"{uri!r} must end in <tenant>/<version>/ "
+            f"(e.g. s3://{location.bucket}/adapters/acme/v1/)"
         )
-    if any(s in ("", ".", "..") for s in segments):
-        raise PublishError(f"{uri!r} has an empty, '.' or '..' path segment")
     tenant, version = segments[-2], segments[-1]
     try:
         validate_label(tenant, "tenant (second-to-last URI segment)")
@@ -146,82 +121,31 @@ def parse_s3_uri(uri: str, manifest: AdapterManifest | None = None) -> S3Locatio
             f"{uri!r} names {tenant}@{version} but the manifest is for "
             f"{manifest.tenant}@{manifest.version}"
         )
-    return S3Location(bucket=bucket, prefix=path, tenant=tenant, version=version)
-
-
-def make_client(endpoint_url: str | None = None) -> Any:
-    """An S3 client from the standard AWS environment, with an optional endpoint override.
-
-    ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` are honoured by boto3 itself. ``AWS_REGION``
-    is read here too because botocore only knows ``AWS_DEFAULT_REGION``. Connection timeouts
-    are short so an unreachable endpoint fails in seconds, not minutes.
-    """
-    import boto3.session
-    from botocore.config import Config
-
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-    config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3})
-    # A fresh session, not boto3's module-level default: that one caches the credentials it
-    # resolved first, which would ignore later changes to the environment in a long process.
-    session = boto3.session.Session()
-    return session.client(
-        "s3", endpoint_url=endpoint_url or None, region_name=region, config=config
-    )
+    return S3Location(bucket=location.bucket, prefix=location.prefix, tenant=tenant,
+                      version=version)
 
 
 def describe_s3_error(exc: BaseException) -> str:
     """One line for a botocore/boto3 error: the S3 error code and message, no traceback."""
-    from botocore.exceptions import ClientError
-
-    cause = exc
-    # boto3's transfer manager wraps the ClientError in S3UploadFailedError / its __cause__.
-    while not isinstance(cause, ClientError) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, ClientError):
-        err = cause.response.get("Error", {})
-        code = err.get("Code") or "Error"
-        message = err.get("Message") or ""
-        if code in ("404", "NoSuchBucket") and not message:
-            message = "not found"
-        if code == "403" and not message:
-            message = "access denied"
-        return f"{code}: {message}".rstrip(": ")
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return classify(exc).message
 
 
 @contextlib.contextmanager
 def _s3_errors(what: str) -> Iterator[None]:
-    """Turn S3 failures (missing bucket, denied, no credentials, unreachable) into one line."""
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    """S3 failures (missing bucket, denied, no credentials, unreachable) as one line."""
     try:
-        yield
-    except (ClientError, BotoCoreError, Boto3Error) as exc:
-        raise PublishError(f"{what}: {describe_s3_error(exc)}") from exc
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError
-
-    if not isinstance(exc, ClientError):
-        return False
-    err = exc.response.get("Error", {})
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return err.get("Code") in ("NoSuchKey", "404", "NotFound") or (
-        status == 404 and err.get("Code") != "NoSuchBucket"
-    )
+        with s3_errors(what):
+            yield
+    except S3Error as exc:
+        raise PublishError(exc.message) from exc
 
 
 def _get_object_bytes(client: Any, bucket: str, key: str) -> bytes | None:
     """The object's bytes, or None if the key does not exist (a missing bucket still raises)."""
-    from botocore.exceptions import ClientError
-
     try:
         response = client.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if _is_not_found(exc):
+    except Exception as exc:
+        if is_missing_key(exc):
             return None
         raise
     with contextlib.closing(response["Body"]) as body:
@@ -304,9 +228,11 @@ def push(
     manifest, manifest_bytes = load_local_manifest(directory)
     location = parse_s3_uri(uri, manifest)
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
-    client = client if client is not None else make_client()
     total = manifest.total_bytes
     where = location.uri
+    if client is None:
+        with _s3_errors(where):
+            client = make_client()
 
     with _s3_errors(f"{where}: cannot read the existing manifest"):
         existing = _get_object_bytes(client, location.bucket, location.manifest_key)
@@ -412,49 +338,3 @@ def render_cr(
         },
     }
     return yaml.safe_dump(document, sort_keys=False)
-
-
-def fetch(
-    uri: str, dest: Path, client: Any = None, *, expected_sha256: str | None = None
-) -> AdapterManifest:
-    """Download a published version into ``dest`` and verify it against its manifest.
-
-    With ``expected_sha256`` the manifest itself must have that digest (the CR's pin).
-    Manifest paths are checked with ``safe_relative_path`` so a hostile manifest cannot
-    write outside ``dest``.
-    """
-    location = parse_s3_uri(uri)
-    client = client if client is not None else make_client()
-    dest = Path(dest)
-    with _s3_errors(f"{location.uri}: cannot read {MANIFEST_FILE}"):
-        data = _get_object_bytes(client, location.bucket, location.manifest_key)
-    if data is None:
-        raise PublishError(f"{location.uri}: not published (no {MANIFEST_FILE})")
-    digest = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise PublishError(
-            f"{location.uri}: {MANIFEST_FILE} sha256 {digest} is not the expected {expected_sha256}"
-        )
-    try:
-        manifest = AdapterManifest.from_json(data)
-    except (ValidationError, UnsafePath, InvalidName) as exc:
-        first = str(exc).strip().splitlines()
-        raise PublishError(f"{location.uri}: invalid manifest: {' '.join(first[:3])}") from None
-    parse_s3_uri(uri, manifest)
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    for entry in manifest.files:
-        relative = safe_relative_path(entry.path)
-        target = dest / relative
-        if not target.resolve().is_relative_to(root):
-            raise PublishError(f"{location.uri}: {relative!r} escapes {dest}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _s3_errors(f"{location.uri}: downloading {relative}"):
-            client.download_file(location.bucket, location.key(relative), str(target))
-        if target.stat().st_size != entry.size or sha256_file(target) != entry.sha256:
-            raise PublishError(f"{location.uri}: {relative} does not match the manifest")
-    (dest / MANIFEST_FILE).write_bytes(data)
-    problems = verify_directory(dest, manifest)
-    if problems:
-        raise PublishError(f"{location.uri}: downloaded version does not verify: {problems[0]}")
-    return manifest
