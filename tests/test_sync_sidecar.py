@@ -689,3 +689,17 @@ def test_ownership_is_by_path_under_root_and_credentials_hide_in_repr(
     # pinning and activation are applied to the loaded version; a new uri is a new spec
     assert spec.same_spec(spec.model_copy(update={"pinned": True, "active": True}))
     assert not spec.same_spec(spec.model_copy(update={"uri": "s3://b/a/v1-new/"}))
+
+
+def test_package_stays_out_of_torch_operator_and_training() -> None:
+    """ARCHITECTURE.md: loramux.sync imports neither torch, kopf nor loramux.training."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loramux.sync.app, loramux.sync.cli\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('kopf', 'kubernetes', 'torch')"
+        " or m.startswith(('loramux.training', 'loramux.operator'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)
