@@ -190,7 +190,6 @@ class Reconciler:
         self._requested = 0
         self._completed = 0
         self._task: asyncio.Task[None] | None = None
-        self._pools: set[tuple[str, str]] = set()  # (namespace, canonical selector)
         self._pool_selectors: list[tuple[str, Mapping[str, Any]]] = []
         self.last_result: PassResult | None = None
         self.last_ok: float | None = None
