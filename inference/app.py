@@ -598,4 +598,4 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-__all__ = ["ApiError", "create_app", "validate_label"]
+__all__ = ["ApiError", "RuntimeDep", "create_app", "get_runtime"]

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -46,7 +46,6 @@ class Route:
     tenant: str
     url: str
     version: str | None = None
-    set_at: float = field(default_factory=time.time)
     down_until: float = 0.0  # monotonic
     forwarded: int = 0
     fallbacks: int = 0

@@ -165,12 +165,9 @@ class TenantDirectory:
             return future
 
     # ------------------------------------------------------------------ reading
-    def active_version(self, tenant: str) -> str | None:
-        with self._lock:
-            return self._active.get(tenant)
-
     def is_active(self, ref: AdapterRef) -> bool:
-        return self.active_version(ref.tenant) == ref.version
+        with self._lock:
+            return self._active.get(ref.tenant) == ref.version
 
     def views(self) -> list[AdapterView]:
         """Every version the server knows, sorted by reference (``GET /admin/adapters``)."""

@@ -177,3 +177,22 @@ def test_request_for_disk_only_adapter_triggers_its_load(make_runtime, adapter_r
     assert travel.residency == Residency.DEVICE
     assert asyncio.run(ask("travel")) == first
     assert travel.disk_load_seconds is not None and travel.host_to_device_seconds is not None
+
+
+def test_evicting_the_active_version_hands_the_tenant_to_its_newest_ready_version(
+    make_runtime, adapter_root
+):
+    from loramux.inference.adapter_cache import UnknownAdapter
+
+    runtime = make_runtime()
+    v1 = _register(runtime, adapter_root, "legal", "v1")
+    v2 = _register(runtime, adapter_root, "legal", "v2")
+    assert runtime.tenants.resolve(TenantRef("legal")) is v1  # the first ready version
+    runtime.tenants.evict(v1.ref).result(30)
+    assert runtime.tenants.is_active(v2.ref)
+    held = runtime.tenants.acquire(TenantRef("legal"))
+    assert held is v2
+    runtime.cache.release(held)
+    runtime.tenants.evict(v2.ref).result(30)
+    with pytest.raises(UnknownAdapter):
+        runtime.tenants.acquire(TenantRef("legal"))

@@ -477,6 +477,16 @@ def test_admin_routes_with_the_bearer_token_are_200(http, strict):
     assert r.status_code == 200 and r.json()["active"] is True
 
 
+def test_admin_adapter_list_is_the_contract_and_names_the_base_model(http, strict):
+    from loramux.contracts import AdapterList, AdapterState
+
+    body = http.get(f"{strict.url}/admin/adapters", headers=ADMIN).json()
+    listing = AdapterList.model_validate(body)
+    assert listing.base_model == BASE and BASE in (listing.base_names or ())
+    legal = next(a for a in listing.adapters if str(a.ref) == "legal@v1")
+    assert legal.state == AdapterState.READY and legal.active and legal.pinned
+
+
 def test_pinned_adapter_becomes_device_resident_and_then_readyz_is_200(http, strict):
     _wait_until(lambda: http.get(f"{strict.url}/readyz").status_code == 200, what="/readyz")
     listing = http.get(f"{strict.url}/admin/adapters", headers=ADMIN).json()["adapters"]
