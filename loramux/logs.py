@@ -52,6 +52,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Route every logger (uvicorn's and kopf's too) to one stderr handler."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    # On the handler too: a library that sets its own logger's level (werkzeug) stays quiet.
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
