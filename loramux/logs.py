@@ -16,6 +16,9 @@ from typing import Literal
 from pydantic import BaseModel
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# kopf's per-object loggers attach their whole settings object and a posting flag to every
+# record; the object reference (k8s_ref) is worth keeping, those two are not.
+_SKIP = _STANDARD | {"settings", "k8s_skip"}
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 # Their debug logs print request headers, session tokens included: never below INFO.
 _CHATTY = ("botocore", "boto3", "s3transfer", "urllib3")
@@ -42,7 +45,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        payload.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        payload.update({k: v for k, v in vars(record).items() if k not in _SKIP})
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)
