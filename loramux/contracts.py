@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from loramux.names import AdapterRef, TenantName, VersionName
-from loramux.s3 import REGION_PATTERN, S3Credentials, endpoint_problem
+from loramux.s3 import REGION_PATTERN, EndpointUrl, S3Credentials
 
 MASK = "***"
 ROUTE_URL_PATTERN = r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$"
@@ -146,20 +146,13 @@ class EntryCredentials(BaseModel):
     secret_access_key: SecretStr = Field(min_length=1, max_length=1024)
     session_token: SecretStr | None = Field(None, min_length=1, max_length=8192)
     region: str | None = Field(None, pattern=REGION_PATTERN)
-    endpoint_url: str | None = Field(None, max_length=2048)
+    endpoint_url: EndpointUrl | None = None
 
     @field_validator("access_key_id", "secret_access_key", "session_token", mode="before")
     @classmethod
     def _strip(cls, value: Any) -> Any:
         # Secret data copied with `echo` ends in a newline, which would break the signature.
         return value.strip() if isinstance(value, str) else value
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and (problem := endpoint_problem(value)):
-            raise ValueError(problem)
-        return value
 
     def to_s3(self) -> S3Credentials:
         return S3Credentials(

@@ -5,7 +5,7 @@ Every process that touches S3 uses this module: the server's adapter store and t
 (downloads), ``loramux fetch`` (init containers), ``loramux push`` (uploads) and the
 operator (which reads a LoraAdapter's credentials Secret and hands it to the sidecar).
 
-Torch-free and boto3-free at import time: boto3 and botocore are imported inside the
+Torch-free and boto3-free at import time (pydantic only): boto3 and botocore are imported inside the
 functions that need them, so the operator image (no boto3) can use the key map and the
 validators.
 """
@@ -22,8 +22,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field
 
 # The key names of a Kubernetes Secret and of the standard AWS environment variables, and
 # the field each fills. A mounted secret directory has one file per key.
@@ -79,6 +81,17 @@ def endpoint_problem(url: str) -> str | None:
     if parts.query or parts.fragment:
         return "must not have a query or fragment"
     return None
+
+
+def _valid_endpoint(url: str) -> str:
+    problem = endpoint_problem(url)
+    if problem:
+        raise ValueError(problem)
+    return url
+
+
+# A settings or wire field holding an S3 endpoint URL, checked by endpoint_problem.
+EndpointUrl = Annotated[str, Field(max_length=2048), AfterValidator(_valid_endpoint)]
 
 
 def bucket_problem(bucket: str) -> str | None:
@@ -377,7 +390,22 @@ class RetryPolicy:
         return base + random.uniform(0, base / 2 if base else 0)
 
 
-__all__ = ["CREDENTIAL_KEYS", "REQUIRED_KEYS", "RetryPolicy", "S3Credentials", "S3Error",
-           "S3Uri", "bucket_problem", "classify", "credentials_from_values", "endpoint_problem",
-           "is_missing_key", "make_client", "parse_s3_uri", "read_credentials_dir",
-           "region_problem", "s3_errors"]
+__all__ = [
+    "CREDENTIAL_KEYS",
+    "REQUIRED_KEYS",
+    "EndpointUrl",
+    "RetryPolicy",
+    "S3Credentials",
+    "S3Error",
+    "S3Uri",
+    "bucket_problem",
+    "classify",
+    "credentials_from_values",
+    "endpoint_problem",
+    "is_missing_key",
+    "make_client",
+    "parse_s3_uri",
+    "read_credentials_dir",
+    "region_problem",
+    "s3_errors",
+]

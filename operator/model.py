@@ -15,6 +15,7 @@ from typing import Any
 
 from loramux.names import InvalidName, validate_label
 from loramux.operator.hot_policy import Mode, Thresholds
+from loramux.s3 import S3Error, parse_s3_uri
 
 GROUP = "loramux.io"
 VERSION = "v1alpha1"
@@ -22,7 +23,6 @@ PLURAL = "loraadapters"
 KIND = "LoraAdapter"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-URI_PATTERN = re.compile(r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file:///\S*)$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 SECRET_NAME_PATTERN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -83,7 +83,7 @@ class ActiveSource:
             validate_label(version, "status.activeSource.version")  # type: ignore[arg-type]
         except InvalidName:
             return None
-        if not isinstance(uri, str) or len(uri) > 2048 or not URI_PATTERN.match(uri):
+        if source_uri_problem(uri) is not None:
             return None
         if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.match(sha)):
             return None
@@ -249,6 +249,20 @@ def parse_adapter(obj: Mapping[str, Any]) -> AdapterSpec:
     return AdapterSpec(**base, **fields, error=error)
 
 
+def source_uri_problem(uri: Any) -> str | None:
+    """Why ``uri`` is not a source the sidecar can fetch, by the same rules it applies
+    (:func:`loramux.s3.parse_s3_uri`), or None."""
+    if not isinstance(uri, str) or not uri or len(uri) > 2048:
+        return "a URI of 1 to 2048 characters is required"
+    if uri.startswith("file:///"):
+        return None if not any(c.isspace() for c in uri) else "no whitespace"
+    try:
+        parse_s3_uri(uri)
+    except S3Error as exc:
+        return exc.message
+    return None
+
+
 def _spec_error(spec: Mapping[str, Any], source: Any, f: dict[str, Any]) -> str | None:
     try:
         validate_label(spec.get("tenant"), "spec.tenant")  # type: ignore[arg-type]
@@ -257,9 +271,9 @@ def _spec_error(spec: Mapping[str, Any], source: Any, f: dict[str, Any]) -> str 
         return str(exc)
     if not isinstance(spec.get("source"), Mapping):
         return "spec.source is required (uri, sha256?, credentialsSecret?)"
-    uri = source.get("uri")
-    if not isinstance(uri, str) or len(uri) > 2048 or not URI_PATTERN.match(uri):
-        return "spec.source.uri must be s3://bucket/prefix/ or file:///path"
+    problem = source_uri_problem(source.get("uri"))
+    if problem is not None:
+        return f"spec.source.uri must be s3://bucket/prefix/ or file:///path: {problem}"
     sha = source.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.match(sha)):
         return "spec.source.sha256 must be 64 lower-case hex digits"

@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, CliPositionalArg, SettingsConfigDict
 
 from loramux.logs import LogLevel, LogSettings
-from loramux.s3 import endpoint_problem
+from loramux.s3 import EndpointUrl
 
 PROG = "loramux push"
 EXIT_ERROR = 2
@@ -38,7 +38,7 @@ class PushSettings(LogSettings, BaseSettings):
     force: bool = Field(False, description="overwrite an existing version with different "
                                            "content")
     emit_cr: bool = Field(False, description="print the LoraAdapter resource (YAML) on stdout")
-    endpoint_url: str | None = Field(
+    endpoint_url: EndpointUrl | None = Field(
         None, description="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
     namespace: str | None = Field(None, description="metadata.namespace of the emitted CR")
     name: str | None = Field(
@@ -47,13 +47,6 @@ class PushSettings(LogSettings, BaseSettings):
                                              "(--no-progress: never)")
     # stderr carries the summary line; logs only when something is wrong.
     log_level: LogLevel = "warning"
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and (problem := endpoint_problem(value)):
-            raise ValueError(problem)
-        return value
 
 
 def _fail(message: str) -> int:
