@@ -1,6 +1,6 @@
 """The FastAPI app: public, admin and health routers over one engine.
 
-Errors map to status codes in one place (:class:`ApiError` and the handlers registered in
+Errors map to status codes in one place (:class:`ServiceError` and the handlers registered in
 :func:`create_app`), and every error body is :func:`loramux.contracts.error_body`. Handlers
 only translate HTTP to engine calls and back: which version a request gets is the tenant
 directory's decision (``tenants.py``), and the admin bodies are the wire contracts of
@@ -10,7 +10,6 @@ directory's decision (``tenants.py``), and the admin bodies are the wire contrac
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
@@ -39,12 +37,17 @@ from loramux.contracts import (
     RouteView,
     error_body,
 )
+from loramux.http import (
+    ServiceError,
+    bearer_matches,
+    install_error_handlers,
+    require_json_body,
+)
 from loramux.names import AdapterRef, InvalidName, validate_label
 
 from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
 from .engine import ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
-from .json_body import UnsupportedMediaType, require_json_body
 from .routing import TenantRouter
 from .sampling import SamplingParams
 from .schemas import (
@@ -58,13 +61,6 @@ from .server import Runtime
 from .tenants import ModelName, Target
 
 log = logging.getLogger("loramux.http")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "error",
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers
 
 
 # ---------------------------------------------------------------------- request plumbing
@@ -125,16 +121,14 @@ def require_admin(request: Request, runtime: RuntimeDep) -> None:
     """Admin routes: a bearer token when one is configured, else loopback clients only."""
     token = runtime.admin_token
     if token:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
-            raise ApiError(401, "admin routes need 'Authorization: Bearer <token>'",
-                           "unauthorized", {"WWW-Authenticate": "Bearer"})
+        if not bearer_matches(request, token):
+            raise ServiceError(401, "admin routes need 'Authorization: Bearer <token>'",
+                               "unauthorized", {"WWW-Authenticate": "Bearer"})
         return
     host = request.client.host if request.client else ""
     if host not in ("127.0.0.1", "::1", "localhost"):
-        raise ApiError(403, "admin routes accept only loopback clients when no token is set",
-                       "forbidden")
+        raise ServiceError(403, "admin routes accept only loopback clients when no token is set",
+                           "forbidden")
 
 
 # ---------------------------------------------------------------------- generation core
@@ -144,16 +138,16 @@ def _target(runtime: Runtime, name: ModelName, *, openai: bool) -> Target:
         return runtime.tenants.target(name)
     except InvalidName as exc:
         if openai:
-            raise ApiError(404, f"model {name.text[:80]!r} not found: {exc}",
-                           "model_not_found") from exc
-        raise ApiError(422, str(exc), "invalid_name") from exc
+            raise ServiceError(404, f"model {name.text[:80]!r} not found: {exc}",
+                               "model_not_found") from exc
+        raise ServiceError(422, str(exc), "invalid_name") from exc
     except UnknownAdapter as exc:
-        raise ApiError(404, str(exc), "model_not_found") from exc
+        raise ServiceError(404, str(exc), "model_not_found") from exc
     except AdapterUnavailable as exc:
         # Retrying helps while a version drains (its successor is being activated), not
         # after a failed load (someone has to publish a fixed adapter).
         headers = {"Retry-After": "2"} if exc.retryable else None
-        raise ApiError(503, str(exc), "adapter_unavailable", headers) from exc
+        raise ServiceError(503, str(exc), "adapter_unavailable", headers) from exc
 
 
 def _params(runtime: Runtime, max_tokens: int | None, temperature: float, top_p: float,
@@ -161,8 +155,8 @@ def _params(runtime: Runtime, max_tokens: int | None, temperature: float, top_p:
     limit = runtime.settings.max_new_tokens_limit
     wanted = max_tokens if max_tokens is not None else runtime.settings.default_max_new_tokens
     if wanted > limit:
-        raise ApiError(422, f"max_new_tokens {wanted} exceeds this server's limit of {limit}",
-                       "max_tokens_too_large")
+        raise ServiceError(422, f"max_new_tokens {wanted} exceeds this server's limit of {limit}",
+                           "max_tokens_too_large")
     return SamplingParams(max_new_tokens=wanted, temperature=temperature, top_p=top_p,
                           stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed)
 
@@ -172,15 +166,15 @@ def _tokenize(runtime: Runtime, prompt: str, params: SamplingParams, *,
     ids = runtime.tokenizer.encode(prompt, add_special_tokens=special)
     limit = runtime.settings.max_prompt_tokens
     if len(ids) > limit:
-        raise ApiError(413, f"prompt is {len(ids)} tokens; this server accepts at most {limit}",
-                       "prompt_too_long")
+        raise ServiceError(413, f"prompt is {len(ids)} tokens; this server accepts at most {limit}",
+                           "prompt_too_long")
     if not ids:
-        raise ApiError(422, "prompt encodes to no tokens", "empty_prompt")
+        raise ServiceError(422, "prompt encodes to no tokens", "empty_prompt")
     context = runtime.context_length
     if context and len(ids) + params.max_new_tokens > context:
-        raise ApiError(422, f"prompt ({len(ids)} tokens) plus max_new_tokens "
-                            f"({params.max_new_tokens}) exceeds the model's context of "
-                            f"{context} tokens", "context_too_long")
+        raise ServiceError(422, f"prompt ({len(ids)} tokens) plus max_new_tokens "
+                                f"({params.max_new_tokens}) exceeds the model's context of "
+                                f"{context} tokens", "context_too_long")
     return ids
 
 
@@ -193,7 +187,8 @@ def _submit(runtime: Runtime, target: Target, prompt_ids: list[int],
         runtime.engine.submit(seq)
     except QueueFull as exc:
         _release(runtime, target)
-        raise ApiError(429, f"server is busy: {exc}", "queue_full", {"Retry-After": "1"}) from exc
+        raise ServiceError(429, f"server is busy: {exc}", "queue_full",
+                           {"Retry-After": "1"}) from exc
     return seq
 
 
@@ -212,15 +207,16 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
                 event = await asyncio.wait_for(seq.events.get(), timeout=0.25)
             except TimeoutError:
                 if time.monotonic() > backstop:
-                    raise ApiError(504, "no answer from the engine in time", "timeout") from None
+                    raise ServiceError(504, "no answer from the engine in time",
+                                       "timeout") from None
                 if await request.is_disconnected():
                     seq.cancel()
-                    raise ApiError(499, "client disconnected", "client_closed") from None
+                    raise ServiceError(499, "client disconnected", "client_closed") from None
                 continue
             if isinstance(event, FinishEvent):
                 return event
             if isinstance(event, ErrorEvent):
-                raise ApiError(event.status, event.reason, "generation_failed")
+                raise ServiceError(event.status, event.reason, "generation_failed")
     finally:
         if not seq.done:
             seq.cancel()
@@ -387,8 +383,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if forwarded is not None:
         return forwarded
     if not getattr(runtime.tokenizer, "chat_template", None):
-        raise ApiError(422, "the base model's tokenizer has no chat template; use "
-                            "/v1/completions", "no_chat_template")
+        raise ServiceError(422, "the base model's tokenizer has no chat template; use "
+                                "/v1/completions", "no_chat_template")
     text = runtime.tokenizer.apply_chat_template(
         [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
     )
@@ -423,7 +419,7 @@ def _ref(tenant: str, version: str) -> AdapterRef:
     try:
         return AdapterRef(tenant, version)
     except InvalidName as exc:
-        raise ApiError(422, str(exc), "invalid_name") from exc
+        raise ServiceError(422, str(exc), "invalid_name") from exc
 
 
 @admin.get("/adapters")
@@ -438,19 +434,19 @@ async def load_adapter(tenant: str, version: str, body: LoadAdapterRequest,
     ref = _ref(tenant, version)
     path = Path(body.path)
     if not path.is_absolute():
-        raise ApiError(422, "path must be absolute", "bad_path")
+        raise ServiceError(422, "path must be absolute", "bad_path")
     root = runtime.settings.adapter_root
     if root is not None and not path.resolve().is_relative_to(root.resolve()):
-        raise ApiError(422, f"path must be inside {root}", "bad_path")
+        raise ServiceError(422, f"path must be inside {root}", "bad_path")
     try:
         future = runtime.tenants.register(ref, path, pinned=body.pinned,
                                           activate=body.activate)
     except AdapterConflict as exc:
-        raise ApiError(409, str(exc), "conflict") from exc
+        raise ServiceError(409, str(exc), "conflict") from exc
     try:
         entry = await asyncio.wrap_future(future)
     except AdapterRejected as exc:
-        raise ApiError(422, f"adapter {ref} rejected: {exc.message}", exc.code) from exc
+        raise ServiceError(422, f"adapter {ref} rejected: {exc.message}", exc.code) from exc
     if body.pinned:
         await asyncio.wrap_future(runtime.engine.call(lambda: runtime.cache.prepare(entry)))
     if body.activate:
@@ -465,9 +461,9 @@ async def evict_adapter(tenant: str, version: str, runtime: RuntimeDep,
     try:
         future = runtime.tenants.evict(ref)
     except UnknownAdapter as exc:
-        raise ApiError(404, str(exc), "not_found") from exc
+        raise ServiceError(404, str(exc), "not_found") from exc
     except AdapterConflict as exc:
-        raise ApiError(409, str(exc), "conflict") from exc
+        raise ServiceError(409, str(exc), "conflict") from exc
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
                                runtime.settings.drain_timeout_s)
@@ -483,9 +479,9 @@ async def set_active(tenant: str, body: ActivateRequest, runtime: RuntimeDep) ->
     try:
         entry = runtime.tenants.activate(ref.tenant, ref.version)
     except UnknownAdapter as exc:
-        raise ApiError(404, str(exc), "not_found") from exc
+        raise ServiceError(404, str(exc), "not_found") from exc
     except AdapterUnavailable as exc:
-        raise ApiError(409, str(exc), "not_ready") from exc
+        raise ServiceError(409, str(exc), "not_ready") from exc
     return entry.view(active=runtime.tenants.is_active(ref))
 
 
@@ -499,13 +495,13 @@ async def list_routes(runtime: RuntimeDep) -> RouteList:
 async def set_route(tenant: str, body: RouteRequest, runtime: RuntimeDep) -> RouteView:
     """Forward ``tenant``'s requests to its dedicated deployment (hot tenants)."""
     if runtime.tenants.merged is not None:
-        raise ApiError(409, "a merged (dedicated) server does not forward", "conflict")
+        raise ServiceError(409, "a merged (dedicated) server does not forward", "conflict")
     try:
         validate_label(tenant, "tenant")
         if body.version is not None:
             validate_label(body.version, "version")
     except InvalidName as exc:
-        raise ApiError(422, str(exc), "invalid_name") from exc
+        raise ServiceError(422, str(exc), "invalid_name") from exc
     assert runtime.router is not None
     return runtime.router.set(tenant, body.url, body.version).view()
 
@@ -514,24 +510,24 @@ async def set_route(tenant: str, body: RouteRequest, runtime: RuntimeDep) -> Rou
 async def delete_route(tenant: str, runtime: RuntimeDep) -> Any:
     route = runtime.router.remove(tenant) if runtime.router is not None else None
     if route is None:
-        raise ApiError(404, f"tenant {tenant[:63]!r} has no route", "not_found")
+        raise ServiceError(404, f"tenant {tenant[:63]!r} has no route", "not_found")
     return {"tenant": tenant, "state": "removed"}
 
 
 @health.get("/healthz")
 async def healthz(runtime: RuntimeDep) -> Any:
     if not runtime.engine.alive:
-        raise ApiError(503, "engine thread is not running", "engine_down")
+        raise ServiceError(503, "engine thread is not running", "engine_down")
     return {"status": "ok"}
 
 
 @health.get("/readyz")
 async def readyz(runtime: RuntimeDep) -> Any:
     if not runtime.engine.alive:
-        raise ApiError(503, "engine thread is not running", "engine_down")
+        raise ServiceError(503, "engine thread is not running", "engine_down")
     ok, missing = runtime.cache.pinned_resident()
     if not ok:
-        raise ApiError(503, f"pinned adapters not resident yet: {missing}", "not_ready")
+        raise ServiceError(503, f"pinned adapters not resident yet: {missing}", "not_ready")
     return {"status": "ready", "base_model": runtime.base_name}
 
 
@@ -553,7 +549,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.engine.stop()
         runtime.cache.shutdown()
 
-    # JSON bodies: no Content-Type means JSON, other non-JSON types are a 415 (json_body.py).
+    # JSON bodies: no Content-Type means JSON, other non-JSON types are a 415 (loramux.http).
     app = FastAPI(title="loramux", version=runtime.version, lifespan=lifespan,
                   strict_content_type=False, dependencies=[Depends(require_json_body)])
     app.state.runtime = runtime
@@ -561,41 +557,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(admin)
     app.include_router(health)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.code, exc.message),
-                            status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(UnsupportedMediaType)
-    async def _not_json(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.code, exc.message),
-                            status_code=exc.status)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        # Starlette's own errors (unknown route, wrong method, body too large) get our shape.
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            exc.status_code, "http_error")
-        return JSONResponse(error_body(exc.status_code, code, str(exc.detail)),
-                            status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {err.get('msg')}")
-        return JSONResponse(error_body(422, "invalid_request", "; ".join(problems)[:2000]),
-                            status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body(500, "internal", "internal error; see the server log"),
-                            status_code=500)
-
+    install_error_handlers(app, log)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
     return app
 
 
-__all__ = ["ApiError", "RuntimeDep", "create_app", "get_runtime"]
+__all__ = ["RuntimeDep", "create_app", "get_runtime"]

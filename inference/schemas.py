@@ -28,13 +28,9 @@ def _normalise_stop(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _SamplingFields(BaseModel):
+    """The sampling fields both APIs share (the temperature's default differs)."""
 
-    tenant_id: str = Field(min_length=1, max_length=160, description="tenant or tenant@version")
-    prompt: str = Field(min_length=1, max_length=200_000)
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: StopField = None
     stream: bool = False
@@ -45,6 +41,15 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         return _normalise_stop(v)
+
+
+class GenerateRequest(_SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: str = Field(min_length=1, max_length=160, description="tenant or tenant@version")
+    prompt: str = Field(min_length=1, max_length=200_000)
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
 
 
 class Usage(BaseModel):
@@ -62,7 +67,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class _OpenAIBase(BaseModel):
+class _OpenAIBase(_SamplingFields):
     # OpenAI clients send many optional fields; unknown ones are ignored, as OpenAI does.
     model_config = ConfigDict(extra="ignore")
 
@@ -70,17 +75,7 @@ class _OpenAIBase(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: StopField = None
-    stream: bool = False
-    ignore_eos: bool = False
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str]:
-        return _normalise_stop(v)
 
 
 class CompletionRequest(_OpenAIBase):

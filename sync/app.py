@@ -14,30 +14,27 @@ error body of :mod:`loramux.contracts` (``{"error": {"message", "code", "status"
 
 from __future__ import annotations
 
-import hmac
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException
 
-from loramux.contracts import DesiredState, error_body
-from loramux.inference.json_body import UnsupportedMediaType, require_json_body
+from loramux.contracts import DesiredState
+from loramux.http import (
+    ServiceError,
+    bearer_matches,
+    error_response,
+    install_error_handlers,
+    require_json_body,
+)
 from loramux.sync.reconciler import Reconciler
 from loramux.sync.settings import SyncSettings
 
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
-           ) -> JSONResponse:
-    return JSONResponse(error_body(status, code, message), status_code=status, headers=headers)
-
-
-class _Unauthorized(Exception):
-    pass
+log = logging.getLogger("loramux.sync")
 
 
 def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
@@ -49,9 +46,9 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
     def require_token(request: Request) -> None:
         if not token:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
-            raise _Unauthorized()
+        if not bearer_matches(request, token):
+            raise ServiceError(401, "needs 'Authorization: Bearer <token>'", "unauthorized",
+                               {"WWW-Authenticate": "Bearer"})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,34 +58,13 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
         finally:
             await reconciler.stop()
 
-    # PUT /v1/desired: no Content-Type means JSON, other non-JSON types are a 415 (json_body).
+    # PUT /v1/desired: no Content-Type means JSON, other non-JSON types are a 415 (loramux.http).
     app = FastAPI(title="loramux-sync", lifespan=lifespan, strict_content_type=False,
                   dependencies=[Depends(require_json_body)])
     app.state.reconciler = reconciler
     auth = [Depends(require_token)]
 
-    @app.exception_handler(_Unauthorized)
-    async def _unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
-        return _error(401, "unauthorized", "needs 'Authorization: Bearer <token>'",
-                      {"WWW-Authenticate": "Bearer"})
-
-    @app.exception_handler(UnsupportedMediaType)
-    async def _not_json(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        # Starlette's own errors (unknown route, wrong method) get the one error body too.
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {err.get('msg')}")
-        return _error(422, "invalid_request", "; ".join(problems)[:2000])
+    install_error_handlers(app, log)
 
     @app.put("/v1/desired", status_code=202, dependencies=auth)
     async def put_desired(body: DesiredState) -> Any:
@@ -107,13 +83,13 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> Any:
         if not reconciler.loop_running:
-            return _error(503, "loop_down", "the reconcile loop is not running")
+            return error_response(503, "loop_down", "the reconcile loop is not running")
         return {"status": "ok", "server_reachable": reconciler.server_reachable}
 
     @app.get("/readyz")
     async def readyz() -> Any:
         if not reconciler.loop_running:
-            return _error(503, "loop_down", "the reconcile loop is not running")
+            return error_response(503, "loop_down", "the reconcile loop is not running")
         ready, body = reconciler.readiness()
         return JSONResponse(body, status_code=200 if ready else 503)
 
