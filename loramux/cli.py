@@ -8,6 +8,7 @@ and every process logs through :func:`loramux.logs.configure_logging`.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 USAGE = """usage: loramux <command> [flags]
@@ -41,42 +42,33 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+# Each command's entry point, imported only when it runs (the operator image has no torch).
+COMMANDS = {
+    "serve": "loramux.cli:_serve",
+    "sync": "loramux.sync.cli:main",
+    "train": "loramux.training.cli_train:main",
+    "push": "loramux.training.cli_push:main",
+    "fetch": "loramux.inference.fetch_cli:main",
+    "operator": "loramux.operator.main:main",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
-    if command == "serve":
-        return _serve(rest)
-    if command == "sync":
-        from loramux.sync.cli import main as sync_main
-
-        return sync_main(rest)
-    if command == "train":
-        from loramux.training.cli_train import main as train_main
-
-        return train_main(rest)
-    if command == "push":
-        from loramux.training.cli_push import main as push_main
-
-        return push_main(rest)
-    if command == "fetch":
-        from loramux.inference.fetch_cli import main as fetch_main
-
-        return fetch_main(rest)
-    if command == "operator":
-        from loramux.operator.main import main as operator_main
-
-        return operator_main(rest)
     if command == "version":
         from loramux import __version__
 
         print(__version__)
         return 0
-    print(f"loramux: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
-
+    if command not in COMMANDS:
+        print(f"loramux: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module, _, function = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(module), function)(rest)
 
 if __name__ == "__main__":
     sys.exit(main())

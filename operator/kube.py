@@ -74,33 +74,31 @@ class KubeApi:
                                     GROUP, VERSION, PLURAL)
         return list((body or {}).get("items") or [])
 
-    async def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+    async def _list(self, namespaced: Any, everywhere: Any, namespace: str | None,
+                    **kwargs: Any) -> list[dict[str, Any]]:
+        """A core or apps list call, in one namespace or in all of them; the items."""
         if namespace:
-            body = await self._call(self.core.list_namespaced_pod, namespace)
+            body = await self._call(namespaced, namespace, **kwargs)
         else:
-            body = await self._call(self.core.list_pod_for_all_namespaces)
+            body = await self._call(everywhere, **kwargs)
         return list((body or {}).get("items") or [])
+
+    async def list_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        return await self._list(self.core.list_namespaced_pod,
+                                self.core.list_pod_for_all_namespaces, namespace)
 
     # ----------------------------------------------------------------- dedicated objects
     async def list_deployments(self, namespace: str | None, label_selector: str
                                ) -> list[dict[str, Any]]:
-        if namespace:
-            body = await self._call(self.apps.list_namespaced_deployment, namespace,
-                                    label_selector=label_selector)
-        else:
-            body = await self._call(self.apps.list_deployment_for_all_namespaces,
-                                    label_selector=label_selector)
-        return list((body or {}).get("items") or [])
+        return await self._list(self.apps.list_namespaced_deployment,
+                                self.apps.list_deployment_for_all_namespaces, namespace,
+                                label_selector=label_selector)
 
     async def list_services(self, namespace: str | None, label_selector: str
                             ) -> list[dict[str, Any]]:
-        if namespace:
-            body = await self._call(self.core.list_namespaced_service, namespace,
-                                    label_selector=label_selector)
-        else:
-            body = await self._call(self.core.list_service_for_all_namespaces,
-                                    label_selector=label_selector)
-        return list((body or {}).get("items") or [])
+        return await self._list(self.core.list_namespaced_service,
+                                self.core.list_service_for_all_namespaces, namespace,
+                                label_selector=label_selector)
 
     async def create_deployment(self, body: Mapping[str, Any]) -> None:
         await self._call(self.apps.create_namespaced_deployment,
