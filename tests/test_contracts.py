@@ -165,3 +165,33 @@ def test_json_logs_carry_tenant_and_version(capsys):
     finally:
         logging.getLogger().handlers.clear()
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def _sources() -> dict[str, str]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return {str(p.relative_to(root)): p.read_text()
+            for folder in ("loramux", "inference", "sync", "operator", "training")
+            for p in (root / folder).rglob("*.py")}
+
+
+@pytest.mark.parametrize(("what", "pattern", "home"), [
+    ("the AWS key map", r'"AWS_SESSION_TOKEN"', {"loramux/s3.py"}),
+    ("the bucket naming rule", r"a-z0-9\]\[a-z0-9\.-\]\{1,61\}", {"loramux/s3.py"}),
+    ("the S3 client factory", r"boto3\.session", {"loramux/s3.py"}),
+    ("the retry backoff", r"backoff_seconds \*", {"loramux/s3.py"}),
+    ("the wire models", r"^class (DesiredAdapter|DesiredState|EntryCredentials|SyncState)\b",
+     {"loramux/contracts.py"}),
+    ("the sidecar's phase words", r'"Downloading"', {"loramux/contracts.py"}),
+    ("the error body", r'\{"error": \{"\w+": ', set()),  # contracts.error_body builds it
+    ("parsing flags", r"CliApp\.run|argparse\.ArgumentParser\(", {"loramux/settings_cli.py"}),
+    ("setting up logs", r"basicConfig|\.setFormatter\(", {"loramux/logs.py"}),
+    ("the Kubernetes client's private call", r"kube\._call", set()),
+])
+def test_each_decision_has_one_home(what, pattern, home):
+    """The copies the contracts issue removed stay removed: each lives in one module."""
+    import re
+
+    found = {path for path, text in _sources().items() if re.search(pattern, text, re.M)}
+    assert found <= home, f"{what} is written again in {sorted(found - home)}"
