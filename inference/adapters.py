@@ -202,7 +202,7 @@ def _check_tensors(
     seen: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         stripped = key.removeprefix(_PEFT_PREFIX)
-        match = _LORA_KEY.match(stripped)
+        match = _LORA_KEY.fullmatch(stripped)
         if not match:
             raise AdapterRejected("unsupported", f"tensor {key!r} is not a LoRA A/B weight")
         module = match["module"]

@@ -49,9 +49,13 @@ def error_response(status: int, code: str, message: str,
 
 
 def bearer_matches(request: Request, token: str) -> bool:
-    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time)."""
+    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time). Any
+    malformed header - no scheme, another scheme, bytes that are not ASCII - is simply no
+    match (a 401 for the caller), never an exception."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+    # Bytes, not str: compare_digest refuses non-ASCII strings (a TypeError, a 500).
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))
 
 
 _STARLETTE_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}

@@ -27,7 +27,7 @@ def validate_label(value: str, what: str = "name") -> str:
         raise InvalidName(f"{what} must be a non-empty string")
     if len(value) > DNS1123_LABEL_MAX:
         raise InvalidName(f"{what} {value[:70]!r} is longer than {DNS1123_LABEL_MAX} characters")
-    if not _DNS1123_LABEL.match(value):
+    if not _DNS1123_LABEL.fullmatch(value):
         raise InvalidName(
             f"{what} {value[:70]!r} is not a DNS-1123 label "
             "(lower-case letters, digits and '-', starting and ending with a letter or digit)"

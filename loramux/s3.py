@@ -65,7 +65,7 @@ class S3Error(Exception):
 
 
 def region_problem(region: str) -> str | None:
-    return None if _REGION.match(region) else "is not a region name"
+    return None if _REGION.fullmatch(region) else "is not a region name"
 
 
 def endpoint_problem(url: str) -> str | None:
@@ -97,7 +97,7 @@ EndpointUrl = Annotated[str, Field(max_length=2048), AfterValidator(_valid_endpo
 def bucket_problem(bucket: str) -> str | None:
     """Why ``bucket`` breaks the S3 bucket naming rules (the general-purpose subset every S3
     clone accepts), or None."""
-    if not _BUCKET.match(bucket):
+    if not _BUCKET.fullmatch(bucket):
         return ("is not a valid S3 bucket name (3-63 characters: lower-case letters, digits, "
                 "'.' and '-', starting and ending with a letter or digit)")
     if ".." in bucket or ".-" in bucket or "-." in bucket:

@@ -85,7 +85,7 @@ class ActiveSource:
             return None
         if source_uri_problem(uri) is not None:
             return None
-        if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.match(sha)):
+        if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.fullmatch(sha)):
             return None
         return cls(version=str(version), uri=uri, sha256=sha)
 
@@ -275,11 +275,11 @@ def _spec_error(spec: Mapping[str, Any], source: Any, f: dict[str, Any]) -> str 
     if problem is not None:
         return f"spec.source.uri must be s3://bucket/prefix/ or file:///path: {problem}"
     sha = source.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.match(sha)):
+    if sha is not None and (not isinstance(sha, str) or not SHA256_PATTERN.fullmatch(sha)):
         return "spec.source.sha256 must be 64 lower-case hex digits"
     secret = source.get("credentialsSecret")
     if secret is not None and (
-        not isinstance(secret, str) or len(secret) > 253 or not SECRET_NAME_PATTERN.match(secret)
+        not isinstance(secret, str) or len(secret) > 253 or not SECRET_NAME_PATTERN.fullmatch(secret)
     ):
         return "spec.source.credentialsSecret must be a Secret name"
     if not f["base_model"]:
