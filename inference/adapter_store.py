@@ -5,7 +5,15 @@ Why this exists: the inference server loads whatever it finds under
 to be what was published. A version is fetched into a temporary directory on the same
 volume (``<root>/.incoming/``), every file is checked against ``manifest.json`` (sha256 and
 size), and only then is the directory renamed into place - one atomic ``rename``, so a
-partial or corrupt download is never visible to the server.
+partial or corrupt download is never visible to the server. Every file, the manifest and the
+version directory are fsynced before the rename and the parent directory after it, so a
+crash (of the pod, of the node) right after a version was reported Ready cannot leave a
+half-written version behind that looks complete.
+
+A volume's disk budget (``disk_budget_bytes``) is enforced with reservations: a fetch
+reserves its bytes (files and manifest) under a per-volume lock before it downloads, and
+releases them once the version is installed or the fetch failed, so concurrent fetches
+cannot together overshoot the budget.
 
 The manifest is untrusted input until checked: its own sha256 must match the pin from the
 desired state when one is given, its paths must stay inside the version directory, its
@@ -30,6 +38,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -346,6 +355,30 @@ def _discard(path: Path, incoming: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make ``path``'s entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_tree(top: Path) -> None:
+    """fsync every directory under ``top``, deepest first, ``top`` last (files are fsynced
+    as they are written)."""
+    directories = [Path(d) for d, _, _ in os.walk(top)]
+    for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+        _fsync_dir(directory)
+
+
 def _download(source: _Source, manifest: AdapterManifest, tmp: Path) -> int:
     base = tmp.resolve()
     total = 0
@@ -443,50 +476,110 @@ def _fetch_adapter(
         )
     manifest = _parse_manifest(data, uri)
     _check_policy(manifest, ref, uri, **checks)
-    if disk_budget_bytes is not None:
-        used = _bytes_under(root, skip=target)
-        if used + manifest.total_bytes > disk_budget_bytes:
-            raise FetchError(
-                "disk_budget",
-                f"{ref} needs {manifest.total_bytes} bytes; {used} of the volume's budget of "
-                f"{disk_budget_bytes} are in use (other versions must go first)",
-            )
 
     incoming = root / INCOMING_DIR
-    with _io_errors(f"{root}: preparing {INCOMING_DIR}"):
-        incoming.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=incoming, prefix=f"{ref.tenant}-{ref.version}-"))
-    try:
-        with _io_errors(f"{uri}: writing into {tmp}"):
-            total = _download(source, manifest, tmp)
-            (tmp / MANIFEST_FILE).write_bytes(data)
-        problems = verify_directory(tmp, manifest)
-        if problems:
-            raise FetchError("digest_mismatch", f"{uri}: does not verify: {problems[0]}")
-        with _io_errors(f"{target}: installing"):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not _within(target.parent, root):
-                raise FetchError("unsafe_manifest", f"{target.parent} resolves outside {root}")
-            if target.exists() or target.is_symlink():
-                _discard(target, incoming)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                # Another fetcher may have installed the same version meanwhile.
-                local = _verified_local(ref, target, expected_sha256=digest, **checks)
-                if local is None:
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    need = manifest.total_bytes + len(data)
+    with _BUDGETS.reserve(root, target, ref, need, disk_budget_bytes) as tmp:
+        try:
+            with _io_errors(f"{uri}: writing into {tmp}"):
+                total = _download(source, manifest, tmp)
+                _write_durably(tmp / MANIFEST_FILE, data)
+            problems = verify_directory(tmp, manifest)
+            if problems:
+                raise FetchError("digest_mismatch", f"{uri}: does not verify: {problems[0]}")
+            with _io_errors(f"{target}: installing"):
+                _fsync_tree(tmp)  # the files are fsynced as written; now their entries
+                new_parent = not target.parent.exists()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not _within(target.parent, root):
+                    raise FetchError("unsafe_manifest",
+                                     f"{target.parent} resolves outside {root}")
+                if target.exists() or target.is_symlink():
+                    _discard(target, incoming)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    # Another fetcher may have installed the same version meanwhile.
+                    local = _verified_local(ref, target, expected_sha256=digest, **checks)
+                    if local is None:
+                        raise
+                # The rename (and a new tenant directory) durable too.
+                _fsync_dir(target.parent)
+                _fsync_dir(incoming)
+                if new_parent:
+                    _fsync_dir(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return FetchResult(target, manifest, digest, total, time.monotonic() - started, True)
 
 
-def _bytes_under(root: Path, *, skip: Path) -> int:
-    """Bytes of every file under ``root`` (downloads in progress included), except ``skip``."""
+@dataclass(slots=True)
+class _Reservation:
+    bytes: int
+    tmp: Path
+
+
+class _Budgets:
+    """The bytes reserved by the fetches in progress, per volume (this process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_volume: dict[str, list[_Reservation]] = {}
+
+    @contextlib.contextmanager
+    def reserve(self, root: Path, target: Path, ref: AdapterRef, need: int,
+                budget: int | None) -> Iterator[Path]:
+        """A fresh temporary directory in ``<root>/.incoming`` for the download, with ``need``
+        bytes reserved under ``budget`` until the block ends (installed or failed). Raises
+        ``disk_budget`` when the bytes on the volume plus the other reservations leave no
+        room. The volume is counted without ``target`` (it is replaced) and without the
+        reserved downloads' directories (their reservation counts instead)."""
+        incoming = root / INCOMING_DIR
+        key = os.path.realpath(root)
+        with self.lock:
+            with _io_errors(f"{root}: preparing {INCOMING_DIR}"):
+                incoming.mkdir(parents=True, exist_ok=True)
+            others = self.by_volume.setdefault(key, [])
+            if budget is not None:
+                reserved = sum(r.bytes for r in others)
+                used = _bytes_under(root, skip=[target, *(r.tmp for r in others)])
+                if used + reserved + need > budget:
+                    raise FetchError(
+                        "disk_budget",
+                        f"{ref} needs {need} bytes; {used} of the volume's budget of {budget} "
+                        f"are in use and {reserved} reserved by downloads in progress (other "
+                        f"versions must go first)",
+                    )
+            with _io_errors(f"{root}: preparing {INCOMING_DIR}"):
+                tmp = Path(tempfile.mkdtemp(dir=incoming, prefix=f"{ref.tenant}-{ref.version}-"))
+            mine = _Reservation(need, tmp)
+            others.append(mine)
+        try:
+            yield tmp
+        finally:
+            with self.lock:
+                others = self.by_volume.get(key, [])
+                if mine in others:
+                    others.remove(mine)
+                if not others:
+                    self.by_volume.pop(key, None)
+
+    def reserved(self, root: Path) -> int:
+        with self.lock:
+            return sum(r.bytes for r in self.by_volume.get(os.path.realpath(root), []))
+
+
+_BUDGETS = _Budgets()
+
+
+def _bytes_under(root: Path, *, skip: list[Path]) -> int:
+    """Bytes of every file under ``root`` (downloads in progress included), except under the
+    ``skip`` directories."""
     total = 0
-    skip_text = str(skip)
+    skip_texts = [str(path) for path in skip]
     for directory, _, files in os.walk(root):
-        if directory == skip_text or directory.startswith(skip_text + os.sep):
+        if any(directory == text or directory.startswith(text + os.sep)
+               for text in skip_texts):
             continue
         for name in files:
             with contextlib.suppress(OSError):

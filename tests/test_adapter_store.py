@@ -430,3 +430,43 @@ def test_module_stays_out_of_operator_and_training() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_install_is_fsynced_files_manifest_directory_then_parent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file, the manifest, the version directory (before the rename) and the parent
+    directories (after it) reach the disk: a crash after "Ready" leaves no half version."""
+    import os
+
+    import loramux.inference.adapter_store as store
+
+    src = tmp_path / "src"
+    _build(src)
+    root = tmp_path / "store"
+    synced: list[int] = []  # inodes, in fsync order
+    renamed_at: list[int] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def rename(a: Any, b: Any) -> None:
+        renamed_at.append(len(synced))
+        real_rename(a, b)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store.os, "rename", rename)
+    result = fetch_adapter(REF, src.as_uri() + "/", root, max_bytes=MAX)
+    target = result.path
+    inode = {name: (target / name).stat().st_ino
+             for name in ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)}
+    before_rename, after_rename = synced[:renamed_at[-1]], synced[renamed_at[-1]:]
+    for name, ino in inode.items():
+        assert ino in before_rename, f"{name} not fsynced before the rename"
+    version_ino = target.stat().st_ino
+    assert version_ino in before_rename, "the version directory was not fsynced"
+    assert max(before_rename.index(i) for i in inode.values()) < before_rename.index(version_ino)
+    assert target.parent.stat().st_ino in after_rename, "the tenant directory was not fsynced"
+    assert root.stat().st_ino in after_rename, "the new tenant directory's entry not fsynced"
+    assert list_local(root) == {REF: target}
