@@ -279,7 +279,8 @@ def _spec_error(spec: Mapping[str, Any], source: Any, f: dict[str, Any]) -> str 
         return "spec.source.sha256 must be 64 lower-case hex digits"
     secret = source.get("credentialsSecret")
     if secret is not None and (
-        not isinstance(secret, str) or len(secret) > 253 or not SECRET_NAME_PATTERN.fullmatch(secret)
+        not isinstance(secret, str) or len(secret) > 253
+        or not SECRET_NAME_PATTERN.fullmatch(secret)
     ):
         return "spec.source.credentialsSecret must be a Secret name"
     if not f["base_model"]:
