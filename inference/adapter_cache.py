@@ -174,11 +174,17 @@ class AdapterCache:
                         "publish a new version instead"
                     )
                 entry.pinned = pinned  # a PUT states the version's pinning, both ways
+                if not pinned:
+                    self._enforce_host_budget(keep=None)
                 if entry.loading is not None:
                     return Registration(entry.loading, False)
                 done: concurrent.futures.Future = concurrent.futures.Future()
                 done.set_result(entry)
                 return Registration(done, False)
+            if entry is not None:  # a failed version read again: forget the old entry
+                entry.host = None
+                self._host_lru.pop(ref, None)
+                self._device_lru.pop(ref, None)  # a failed entry holds no slot
             entry = AdapterEntry(ref=ref, path=Path(path), pinned=pinned)
             self._entries[ref] = entry
             return Registration(self._start_disk_load(entry), True)
@@ -196,6 +202,18 @@ class AdapterCache:
         entry.loading = future
 
         def load() -> None:
+            try:
+                read()
+            except BaseException as exc:  # never leave a waiter (a PUT) hanging
+                log.exception("adapter loader crashed", extra={"adapter": str(entry.ref)})
+                with self._lock:
+                    if entry.loading is future:
+                        entry.loading = None
+                if not future.done():
+                    future.set_exception(AdapterRejected("load_error", repr(exc)))
+                self.on_change()
+
+        def read() -> None:
             started = time.perf_counter()
             try:
                 host = read_adapter(entry.path, self._base, self.max_rank, self.allow_pickle)
@@ -216,17 +234,28 @@ class AdapterCache:
                 return
             seconds = time.perf_counter() - started
             with self._lock:
-                entry.host = host
-                entry.nbytes = host.nbytes
-                entry.rank = host.rank
-                entry.disk_load_seconds = seconds
-                if entry.state == AdapterState.LOADING:
-                    entry.state = AdapterState.READY
-                    entry.reason = entry.reason_code = None
                 entry.loading = None
-                self._host_lru[entry.ref] = None
-                self._enforce_host_budget(keep=entry.ref)
-                self._update_gauges()
+                if not self._registered(entry):
+                    # Evicted while it was being read: its weights go nowhere, and whoever
+                    # waits on the load hears so (a PUT answers 409, never hangs).
+                    gone = AdapterUnavailable(f"{entry.ref} was evicted while loading",
+                                              retryable=True)
+                else:
+                    gone = None
+                    entry.host = host
+                    entry.nbytes = host.nbytes
+                    entry.rank = host.rank
+                    entry.disk_load_seconds = seconds
+                    if entry.state == AdapterState.LOADING:
+                        entry.state = AdapterState.READY
+                        entry.reason = entry.reason_code = None
+                    self._host_lru[entry.ref] = None
+                    self._enforce_host_budget(keep=entry.ref)
+                    self._update_gauges()
+            if gone is not None:
+                future.set_exception(gone)
+                self.on_change()
+                return
             self._metrics.adapter_load_seconds.labels("disk", "host").observe(seconds)
             log.info(
                 "adapter read from disk",
@@ -238,6 +267,10 @@ class AdapterCache:
 
         self._pool.submit(load)
         return future
+
+    def _registered(self, entry: AdapterEntry) -> bool:
+        """Whether ``entry`` is still the registered entry of its version. Lock held."""
+        return self._entries.get(entry.ref) is entry
 
     def _fail(self, entry: AdapterEntry, code: str, message: str) -> None:
         with self._lock:
@@ -275,6 +308,9 @@ class AdapterCache:
         with self._lock:
             entry.refcount -= 1
             finish = entry.state == AdapterState.DRAINING and entry.refcount == 0
+            if entry.refcount == 0 and self._registered(entry):
+                # A host copy kept over budget for this entry's waiting requests may go now.
+                self._enforce_host_budget(keep=None)
         if finish:
             self.run_on_engine(lambda: self._finish_evict(entry))
         self.on_change()
@@ -282,6 +318,38 @@ class AdapterCache:
     def entries(self) -> list[AdapterEntry]:
         with self._lock:
             return list(self._entries.values())
+
+    def consistency_problems(self) -> list[str]:
+        """What is wrong with the cache's bookkeeping (empty: nothing). For tests and
+        debugging: the LRU dicts match the entries' tiers, budgets hold, counts are sane."""
+        problems: list[str] = []
+        with self._lock:
+            for ref, entry in self._entries.items():
+                if entry.ref != ref:
+                    problems.append(f"{ref}: entry is for {entry.ref}")
+                if entry.refcount < 0:
+                    problems.append(f"{ref}: refcount {entry.refcount}")
+                if (entry.slot is not None) != (ref in self._device_lru):
+                    problems.append(f"{ref}: slot {entry.slot} vs device LRU")
+                if (entry.host is not None) != (ref in self._host_lru):
+                    problems.append(f"{ref}: host copy vs host LRU")
+            for name, lru in (("device", self._device_lru), ("host", self._host_lru)):
+                problems += [f"{ref}: in the {name} LRU, not registered"
+                             for ref in lru if ref not in self._entries]
+            device = [self._entries[r] for r in self._device_lru if r in self._entries]
+            if len(device) > self.device_slots:
+                problems.append(f"{len(device)} adapters on {self.device_slots} device slots")
+            if sum(e.nbytes for e in device) > self.device_bytes:
+                problems.append("device byte budget exceeded")
+            host = [self._entries[r] for r in self._host_lru if r in self._entries]
+            # Only the newest host copy and copies that waiting requests need may exceed it.
+            droppable = [e for e in host[:-1]
+                         if not (e.slot is None and (e.refcount > 0 or e.pinned))]
+            used = sum(e.nbytes for e in host)
+            if used > self.host_bytes and droppable:
+                problems.append(f"host budget exceeded: {used} > {self.host_bytes} bytes with "
+                                f"{[str(e.ref) for e in droppable]} droppable")
+        return problems
 
     def pinned_resident(self) -> tuple[bool, list[str]]:
         with self._lock:
@@ -295,6 +363,9 @@ class AdapterCache:
         with self._lock:
             if entry.merged:
                 return Prepared.READY
+            if not self._registered(entry):
+                # Evicted (a pinning PUT raced a DELETE): nothing to bring back.
+                return Prepared.FAILED
             if entry.slot is not None:
                 self._device_lru.pop(entry.ref, None)
                 self._device_lru[entry.ref] = None
@@ -328,7 +399,9 @@ class AdapterCache:
             entry.host_to_device_seconds = seconds
             self._device_lru[entry.ref] = None
             self._host_lru.pop(entry.ref, None)
-            self._host_lru[entry.ref] = None
+            if entry.host is not None:  # a loader may have dropped it meanwhile
+                self._host_lru[entry.ref] = None
+            self._enforce_host_budget(keep=None)
             if entry.miss_counted:
                 entry.miss_counted = False
             else:
@@ -343,8 +416,22 @@ class AdapterCache:
         )
         return Prepared.READY
 
+    def _lru_entries(self, lru: dict[AdapterRef, None]) -> list[AdapterEntry]:
+        """The entries of an LRU dict, least recently used first. Lock held. Every removal
+        from ``_entries`` also removes the ref from both LRU dicts; a ref without an entry
+        would be a bug, so it is dropped (and logged), never a KeyError."""
+        found: list[AdapterEntry] = []
+        for ref in list(lru):
+            entry = self._entries.get(ref)
+            if entry is None:
+                log.error("cache LRU held an unregistered adapter", extra={"adapter": str(ref)})
+                lru.pop(ref, None)
+                continue
+            found.append(entry)
+        return found
+
     def _device_usage(self) -> tuple[int, int]:
-        on_device = [self._entries[r] for r in self._device_lru]
+        on_device = self._lru_entries(self._device_lru)
         return len(on_device), sum(e.nbytes for e in on_device)
 
     def _make_device_room(self, nbytes: int) -> bool:
@@ -354,8 +441,8 @@ class AdapterCache:
             if count < self.device_slots and used + nbytes <= self.device_bytes:
                 return True
             victim = next(
-                (self._entries[r] for r in self._device_lru
-                 if not self._entries[r].pinned and self._entries[r].refcount == 0),
+                (e for e in self._lru_entries(self._device_lru)
+                 if not e.pinned and e.refcount == 0),
                 None,
             )
             if victim is None:
@@ -373,21 +460,20 @@ class AdapterCache:
                  extra={"tenant": entry.ref.tenant, "version": entry.ref.version})
         self._update_gauges()
 
-    def _enforce_host_budget(self, keep: AdapterRef) -> None:
+    def _enforce_host_budget(self, keep: AdapterRef | None) -> None:
         """Drop host copies (LRU) that are not needed soon. Lock held."""
-        def used() -> int:
-            return sum(self._entries[r].nbytes for r in self._host_lru)
-
-        for ref in list(self._host_lru):
-            if used() <= self.host_bytes:
+        held = self._lru_entries(self._host_lru)
+        used = sum(e.nbytes for e in held)
+        for entry in held:
+            if used <= self.host_bytes:
                 break
-            entry = self._entries[ref]
             # A host copy that a waiting request is about to promote stays.
             needed = entry.slot is None and (entry.refcount > 0 or entry.pinned)
-            if ref == keep or needed:
+            if entry.ref == keep or needed:
                 continue
             entry.host = None
-            self._host_lru.pop(ref, None)
+            self._host_lru.pop(entry.ref, None)
+            used -= entry.nbytes
             self._metrics.cache_evictions.labels("host").inc()
 
     def promote_pinned(self) -> None:
@@ -421,9 +507,13 @@ class AdapterCache:
         with self._lock:
             if entry.refcount > 0 or entry.evicted is None or entry.evicted.done():
                 return
+            if not self._registered(entry):  # already removed: just say so
+                entry.evicted.set_result(entry)
+                return
             self._drop_from_device(entry)
             entry.host = None
             self._host_lru.pop(entry.ref, None)
+            self._device_lru.pop(entry.ref, None)
             self._entries.pop(entry.ref, None)
             self._update_gauges()
         log.info("adapter evicted",
@@ -431,8 +521,8 @@ class AdapterCache:
         entry.evicted.set_result(entry)
 
     def _update_gauges(self) -> None:
-        device = [self._entries[r] for r in self._device_lru if r in self._entries]
-        host = [self._entries[r] for r in self._host_lru if r in self._entries]
+        device = self._lru_entries(self._device_lru)
+        host = self._lru_entries(self._host_lru)
         self._metrics.resident_adapters.labels("device").set(len(device))
         self._metrics.resident_bytes.labels("device").set(sum(e.nbytes for e in device))
         self._metrics.resident_adapters.labels("host").set(len(host))

@@ -447,10 +447,24 @@ async def load_adapter(tenant: str, version: str, body: LoadAdapterRequest,
         entry = await asyncio.wrap_future(future)
     except AdapterRejected as exc:
         raise ServiceError(422, f"adapter {ref} rejected: {exc.message}", exc.code) from exc
+    except AdapterUnavailable as exc:  # evicted while it was being read
+        raise ServiceError(409, str(exc), "conflict") from exc
     if body.pinned:
-        await asyncio.wrap_future(runtime.engine.call(lambda: runtime.cache.prepare(entry)))
-    if body.activate:
-        runtime.tenants.activate(ref.tenant, ref.version)
+        # The engine brings pinned adapters onto the device between steps anyway; this only
+        # makes the answer wait for it, never longer than a drain.
+        promoted = asyncio.wrap_future(runtime.engine.call(lambda: runtime.cache.prepare(entry)))
+        try:
+            await asyncio.wait_for(promoted, runtime.settings.drain_timeout_s)
+        except TimeoutError:
+            log.warning("pinned adapter not on the device yet",
+                        extra={"tenant": ref.tenant, "version": ref.version})
+    try:
+        if runtime.cache.get(ref) is not entry:
+            raise UnknownAdapter(f"{ref} was evicted while it was being loaded")
+        if body.activate:
+            runtime.tenants.activate(ref.tenant, ref.version)
+    except (UnknownAdapter, AdapterUnavailable) as exc:  # a DELETE (or failure) came first
+        raise ServiceError(409, str(exc), "conflict") from exc
     return entry.view(active=runtime.tenants.is_active(ref))
 
 

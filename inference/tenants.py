@@ -110,15 +110,22 @@ class TenantDirectory:
         with self._lock:
             future, created = self._cache.register(ref, path, pinned=pinned)
             if not created:
-                if activate:
+                entry = self._cache.get(ref)
+                if activate and entry is not None and entry.state != AdapterState.DRAINING:
                     self._active[ref.tenant] = ref.version
                 return future
 
         def _after(fut: concurrent.futures.Future) -> None:
-            if fut.exception() is None:
-                with self._lock:
-                    if activate or ref.tenant not in self._active:
-                        self._active[ref.tenant] = ref.version
+            if fut.exception() is not None:
+                return
+            with self._lock:
+                # Only the version as still registered and servable: an eviction (or a
+                # failed re-read) may have come first.
+                entry = self._cache.get(ref)
+                if entry is not fut.result() or entry.state != AdapterState.READY:
+                    return
+                if activate or ref.tenant not in self._active:
+                    self._active[ref.tenant] = ref.version
 
         future.add_done_callback(_after)
         return future
