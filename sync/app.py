@@ -8,7 +8,9 @@
 - ``GET /v1/desired``: the desired set as told, credentials masked (for humans).
 - ``GET /healthz``, ``GET /readyz`` (unauthenticated probes), ``GET /metrics``.
 
-``/v1`` needs ``Authorization: Bearer <token>`` when a token is set. Every error is the one
+``/v1`` needs ``Authorization: Bearer <token>`` when a token is set; a token file is
+re-read when it changes, so a rotated Secret takes effect on the next request (the old token
+is refused from then on) without a restart. Every error is the one
 error body of :mod:`loramux.contracts` (``{"error": {"message", "code", "status"}}``).
 """
 
@@ -41,12 +43,14 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
     """The sidecar's app; its lifespan starts and stops the reconcile loop. ``s3_client``
     replaces the client built from the AWS environment (tests, embedding)."""
     reconciler = Reconciler(settings, s3_client=s3_client)
-    token = settings.resolved_token()
+    token = settings.token_source()
+    protected = settings.token_configured
 
     def require_token(request: Request) -> None:
-        if not token:
+        if not protected:
             return
-        if not bearer_matches(request, token):
+        current = token.current()  # follows a rotated token file
+        if not current or not bearer_matches(request, current):
             raise ServiceError(401, "needs 'Authorization: Bearer <token>'", "unauthorized",
                                {"WWW-Authenticate": "Bearer"})
 

@@ -20,6 +20,10 @@ class SyncMetrics:
         self.load_failures = Counter("loramux_sync_load_failures_total",
                                      "Adapters the server refused, by code", ["code"],
                                      registry=self.registry)
+        self.server_errors = Counter("loramux_sync_server_errors_total",
+                                     "Reports the server could not give (unreachable) or gave "
+                                     "malformed (bad_response), by call and code",
+                                     ["call", "code"], registry=self.registry)
         self.passes = Counter("loramux_sync_reconcile_passes_total", "Reconcile passes",
                               registry=self.registry)
         self.evictions = Counter("loramux_sync_evictions_total", "Versions evicted",

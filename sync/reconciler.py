@@ -100,6 +100,9 @@ class Reconciler:
         self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._loop_task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
+        # Read per call, not fixed in the client's headers: a rotated token file is used
+        # from the next call on.
+        self._server_token = settings.server_token_source()
         self.server_reachable = False
         self.last_pass: float | None = None
         # The server's own answer to GET /admin/adapters in the last pass (None: no answer).
@@ -113,12 +116,8 @@ class Reconciler:
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(purge_incoming, self.root)
-        headers = {}
-        token = self.settings.resolved_server_token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.AsyncClient(
-            base_url=self.settings.server_url.rstrip("/"), headers=headers,
+            base_url=self.settings.server_url.rstrip("/"),
             timeout=self.settings.server_timeout_seconds,
         )
         self._loop_task = asyncio.create_task(self._run(), name="loramux-sync-reconcile")
@@ -178,8 +177,10 @@ class Reconciler:
 
     async def _server(self, method: str, path: str, body: BaseModel | None = None) -> Any:
         payload = body.model_dump(mode="json", exclude_unset=True) if body is not None else None
+        token = self._server_token.current()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            response = await self.client.request(method, path, json=payload)
+            response = await self.client.request(method, path, json=payload, headers=headers)
         except httpx.HTTPError as exc:
             raise ServerError(None, "unreachable", f"{method} {path}: {exc!r}") from exc
         if response.status_code >= 400:
@@ -189,7 +190,14 @@ class Reconciler:
                 data = None
             code, message = parse_error(data, "http_error", response.text[:500])
             raise ServerError(response.status_code, code, message)
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:  # not JSON (or not UTF-8): a bad answer, not a crash
+            raise ServerError(None, "bad_response",
+                              f"{method} {path}: the answer is not JSON: "
+                              f"{response.text[:200]!r}") from exc
 
     async def _server_report(self, path: str, model: type[Any]) -> Any:
         """``GET path`` parsed as ``model`` (a contract report); a malformed answer is a
@@ -222,7 +230,11 @@ class Reconciler:
         try:
             answer = await self.server_adapters()
         except ServerError as exc:
+            # Unreachable, refused or malformed: this pass works without the server's
+            # answer (nothing that needs it happens, Ready versions stay Ready); the next
+            # pass asks again.
             self.server_reachable, self.server_state, server = False, None, None
+            self.metrics.server_errors.labels("adapters", exc.code).inc()
             log.warning("inference server unavailable: %s", exc.message)
         else:
             self.server_reachable, self.server_state = True, answer
@@ -302,6 +314,8 @@ class Reconciler:
         try:
             answer: RouteList = await self._server_report("/admin/routes", RouteList)
         except ServerError as exc:
+            # Only the routes wait for a good answer; the rest of the pass goes on.
+            self.metrics.server_errors.labels("routes", exc.code).inc()
             log.warning("cannot read the server's routes: %s", exc.message)
             return
         current = {route.tenant: route for route in answer.routes}

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loramux.logs import LogSettings
 from loramux.s3 import RetryPolicy
-from loramux.tokens import read_token
+from loramux.tokens import Token
 
 
 class SyncSettings(LogSettings, BaseSettings):
@@ -21,9 +21,13 @@ class SyncSettings(LogSettings, BaseSettings):
     root: Path = Field(description="Adapter volume: <root>/<tenant>/<version>/.")
     server_url: str = "http://127.0.0.1:8000"
     server_token: str | None = Field(None, description="Bearer token of the server's /admin.")
-    server_token_file: Path | None = None
+    server_token_file: Path | None = Field(
+        None, description="File holding the server's admin token (a mounted Secret); re-read "
+                          "when it changes, so a rotated token is sent from the next call on.")
     token: str | None = Field(None, description="Bearer token for this sidecar's /v1 API.")
-    token_file: Path | None = None
+    token_file: Path | None = Field(
+        None, description="File holding this sidecar's /v1 token; re-read when it changes "
+                          "(rotation without a restart).")
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=0, le=65535)
     resync_seconds: float = Field(10.0, gt=0)
@@ -50,11 +54,19 @@ class SyncSettings(LogSettings, BaseSettings):
                     "tenant's active (or only) version, every one, or none.",
     )
 
-    def resolved_server_token(self) -> str | None:
-        return read_token(self.server_token, self.server_token_file)
+    def server_token_source(self) -> Token:
+        """The server's admin token, following its file (read per call by the reconciler)."""
+        return Token(self.server_token, self.server_token_file)
 
-    def resolved_token(self) -> str | None:
-        return read_token(self.token, self.token_file)
+    def token_source(self) -> Token:
+        """This sidecar's /v1 token, following its file (checked per request)."""
+        return Token(self.token, self.token_file)
+
+    @property
+    def token_configured(self) -> bool:
+        """Whether /v1 is protected: a token or a token file was given (an empty or
+        unreadable file then refuses every request rather than opening the API)."""
+        return bool(self.token) or self.token_file is not None
 
     @property
     def retry_policy(self) -> RetryPolicy:

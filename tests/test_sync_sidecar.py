@@ -19,6 +19,8 @@ import boto3
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from moto.server import ThreadedMotoServer
 
 import loramux.sync.reconciler as sync_mod
@@ -703,3 +705,213 @@ def test_package_stays_out_of_torch_operator_and_training() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-P", "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- a stub server
+# For what the real server cannot be made to do on demand: answer garbage, or check a token
+# that follows a rotated file. It speaks the admin contract (loramux.contracts) and nothing
+# else.
+
+
+class StubServer:
+    """The server's admin API, in-process: loads are instant; ``adapters_answer`` and
+    ``routes_answer`` (raw bytes) replace the good answers; ``token`` (a
+    :class:`loramux.tokens.Token`) is checked on every call."""
+
+    def __init__(self, token: Any = None) -> None:
+        self.token = token
+        self.adapters: dict[tuple[str, str], dict[str, Any]] = {}
+        self.adapters_answer: bytes | None = None
+        self.routes_answer: bytes | None = None
+        self.calls: list[tuple[str, str, int]] = []  # method, path, status
+        self.deleted: list[str] = []
+        app = FastAPI()
+
+        @app.middleware("http")
+        async def auth(request: Request, call_next: Any) -> Any:
+            expected = self.token.current() if self.token is not None else None
+            if expected and request.headers.get("authorization") != f"Bearer {expected}":
+                self.calls.append((request.method, request.url.path, 401))
+                return JSONResponse(error_body(401, "unauthorized", "bad token"), 401)
+            response = await call_next(request)
+            self.calls.append((request.method, request.url.path, response.status_code))
+            return response
+
+        @app.get("/admin/adapters")
+        async def adapters() -> Any:
+            if self.adapters_answer is not None:
+                return Response(self.adapters_answer, media_type="application/json")
+            return {"adapters": list(self.adapters.values()), "base_model": "tiny-llama"}
+
+        @app.put("/admin/adapters/{tenant}/{version}")
+        async def load(tenant: str, version: str, request: Request) -> Any:
+            body = await request.json()
+            view = {"tenant": tenant, "version": version, "state": "ready",
+                    "path": body["path"], "pinned": body.get("pinned", False),
+                    "active": not any(t == tenant for t, _ in self.adapters)}
+            self.adapters[(tenant, version)] = view
+            return view
+
+        @app.delete("/admin/adapters/{tenant}/{version}")
+        async def evict(tenant: str, version: str) -> Any:
+            if self.adapters.pop((tenant, version), None) is None:
+                return JSONResponse(error_body(404, "not_found", "no such adapter"), 404)
+            self.deleted.append(f"{tenant}@{version}")
+            return {"tenant": tenant, "version": version, "state": "evicted"}
+
+        @app.put("/admin/tenants/{tenant}/active")
+        async def activate(tenant: str, request: Request) -> Any:
+            version = (await request.json())["version"]
+            for (t, v), view in self.adapters.items():
+                if t == tenant:
+                    view["active"] = v == version
+            return {"tenant": tenant, "version": version}
+
+        @app.get("/admin/routes")
+        async def routes() -> Any:
+            if self.routes_answer is not None:
+                return Response(self.routes_answer, media_type="application/json")
+            return {"routes": []}
+
+        self.app = app
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        uv = uvicorn.Server(config)
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not uv.started:
+            assert time.monotonic() < deadline, "stub server did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+        finally:
+            uv.should_exit = True
+            thread.join(20)
+
+
+def _file_source(adapter_root: Path, out: Path, tenant: str) -> dict[str, Any]:
+    from factories import stage_adapter
+
+    src, _ = stage_adapter(adapter_root, out, tenant, "v1")
+    return {"tenant": tenant, "version": "v1", "uri": src.as_uri() + "/"}
+
+
+def _rotate(path: Path, value: str) -> None:
+    """As the kubelet does: a new file swapped in behind the same path."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(value + "\n")
+    os.replace(fresh, path)
+
+
+def test_tokens_rotate_without_a_restart(adapter_root: Path, tmp_path: Path) -> None:
+    """The sidecar's own /v1 token and the server admin token it sends both follow their
+    files: after a rotation the old /v1 token gets 401 and the new one 200, and the sidecar
+    keeps loading adapters on a server whose token rotated at the same moment."""
+    from loramux.tokens import Token
+
+    api_file, admin_file = tmp_path / "api-token", tmp_path / "admin-token"
+    api_file.write_text("api-old\n")
+    admin_file.write_text("admin-old\n")
+    stub = StubServer(Token(path=admin_file))  # the server mounts the same Secret
+    sources = {t: _file_source(adapter_root, tmp_path / "pub", t) for t in ("legal", "medical")}
+    with stub.running() as url, run_sidecar(tmp_path / "volume", url, None, token=None,
+                                            token_file=api_file,
+                                            server_token_file=admin_file) as client:
+        base = str(client.base_url)
+
+        def call(token: str, method: str = "GET", path: str = "/v1/state",
+                 **kwargs: Any) -> httpx.Response:
+            return httpx.request(method, base + path, timeout=10,
+                                 headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+        assert call("api-old").status_code == 200
+        assert call("api-new").status_code == 401
+        assert call("api-old", "PUT", "/v1/desired",
+                    json={"adapters": [sources["legal"]]}).status_code == 202
+
+        def phase(token: str, tenant: str) -> str | None:
+            items = call(token).json()["adapters"]
+            return next((a["phase"] for a in items if a["tenant"] == tenant), None)
+
+        wait_until(lambda: phase("api-old", "legal") == "Ready", "legal Ready")
+        assert ("legal", "v1") in stub.adapters
+
+        _rotate(api_file, "api-new")
+        _rotate(admin_file, "admin-new")
+        old = call("api-old")
+        assert old.status_code == 401 and old.json()["error"]["code"] == "unauthorized"
+        assert call("api-new").status_code == 200
+        assert call("api-new", "PUT", "/v1/desired",
+                    json={"adapters": [sources["legal"], sources["medical"]]}
+                    ).status_code == 202
+        wait_until(lambda: phase("api-new", "medical") == "Ready", "medical Ready after rotation")
+        assert ("medical", "v1") in stub.adapters
+        state = call("api-new").json()
+        assert state["server_reachable"] is True
+        assert phase("api-new", "legal") == "Ready"
+        # Every call since the rotation carried the new token (a 401 could only happen in
+        # the instant between the two files' swaps).
+        mark = len(stub.calls)
+        wait_until(lambda: len(stub.calls) >= mark + 2, "another pass")
+        assert all(status != 401 for _, _, status in stub.calls[mark:]), stub.calls[mark:]
+        # An emptied token file refuses everything rather than opening the API.
+        _rotate(api_file, "")
+        assert call("api-new").status_code == 401
+        assert httpx.get(base + "/v1/state", timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize("garbage", [
+    b"<html>502 Bad Gateway</html>",  # not JSON
+    b"\xff\xfe\x00garbage",  # not even UTF-8
+    b'{"adapters": "all of them"}',  # JSON, not an AdapterList
+    b"[1, 2, 3]",
+])
+def test_malformed_server_answers_fail_only_their_pass(adapter_root: Path, tmp_path: Path,
+                                                       garbage: bytes) -> None:
+    """A malformed GET /admin/adapters is that pass's failure only (like an unreachable
+    server: nothing that needs the answer happens, Ready stays Ready, the loop goes on); a
+    malformed GET /admin/routes fails only the routes step (eviction and the deletion of
+    local files in the same pass still happen). Both are counted; good answers heal."""
+    stub = StubServer()
+    sources = {t: _file_source(adapter_root, tmp_path / "pub", t) for t in ("legal", "medical")}
+    root = tmp_path / "volume"
+    with stub.running() as url, run_sidecar(root, url, None, resync_seconds=0.2) as client:
+        put_desired(client, [sources["legal"], sources["medical"]])
+        wait_phases(client, {"legal@v1": "Ready", "medical@v1": "Ready"})
+
+        def metric(name: str) -> float:
+            text = client.get("/metrics").text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(name))
+
+        # 1. the adapters report is garbage
+        passes = metric("loramux_sync_reconcile_passes_total")
+        stub.adapters_answer = garbage
+        wait_until(lambda: client.get("/v1/state").json()["server_reachable"] is False,
+                   "the bad answer noticed")
+        wait_until(lambda: metric("loramux_sync_reconcile_passes_total") >= passes + 3,
+                   "the loop goes on")
+        state = client.get("/v1/state").json()
+        assert {a["phase"] for a in state["adapters"]} == {"Ready"}, state
+        assert state["server"] is None
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503  # no answer: not ready, not dead
+        assert 'call="adapters",code="bad_response"' in client.get("/metrics").text
+        stub.adapters_answer = None
+        wait_until(lambda: client.get("/readyz").status_code == 200, "ready again")
+
+        # 2. the routes report is garbage: only the routes wait
+        stub.routes_answer = garbage.replace(b'"adapters"', b'"routes"')
+        wait_until(lambda: 'call="routes",code="bad_response"' in client.get("/metrics").text,
+                   "the bad routes answer noticed")
+        put_desired(client, [sources["legal"]])
+        wait_until(lambda: "medical@v1" in stub.deleted, "medical evicted despite bad routes")
+        wait_until(lambda: not (root / "medical").exists(), "medical's files deleted")
+        state = client.get("/v1/state").json()
+        assert state["server_reachable"] is True
+        assert [(a["tenant"], a["phase"]) for a in state["adapters"]] == [("legal", "Ready")]
+        stub.routes_answer = None
+        assert client.get("/readyz").status_code == 200
