@@ -103,8 +103,8 @@ async def adapter_changed(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def adapter_deleted(body: kopf.Body, started: dt.datetime, **_: Any) -> None:
-    spec = parse_adapter(body)
     rec = reconciler()
+    spec = parse_adapter(body, max_dedicated_replicas=rec.settings.max_dedicated_replicas)
     result = await rec.reconcile_now()
     if not result.ok:
         raise kopf.TemporaryError(f"reconcile pass failed: {result.error}", delay=5)

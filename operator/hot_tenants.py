@@ -30,14 +30,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramux.names import InvalidName
 from loramux.operator.dedicated import (
     APP_LABEL,
+    HTTP_PORT,
     OWNER_LABEL,
+    TENANT_LABEL,
     VERSION_LABEL,
     build_deployment,
     build_service,
     dedicated_name,
     deployment_ready,
+    selector_labels,
     service_url,
 )
 from loramux.operator.hot_policy import Decision, RateHistory, Sample, decide
@@ -78,14 +82,47 @@ class Existing:
 
 
 def endpoint(service: Mapping[str, Any], cluster_domain: str = "cluster.local") -> str:
-    """The Service's URL: its cluster IP and port once allocated, else its DNS name."""
+    """The Service's URL: its cluster IP and port once allocated, else its DNS name (only
+    Services that :func:`not_ours` accepts, the operator's own, get here)."""
     spec = service.get("spec") or {}
     ip = spec.get("clusterIP")
     ports = spec.get("ports") or [{}]
-    if ip and ip != "None":
+    port = ports[0].get("port", HTTP_PORT) if isinstance(ports[0], Mapping) else HTTP_PORT
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        port = HTTP_PORT
+    if isinstance(ip, str) and ip and ip != "None":
         host = f"[{ip}]" if ":" in ip else ip
-        return f"http://{host}:{ports[0].get('port', 8000)}"
+        return f"http://{host}:{port}"
     return service_url(dict(service), cluster_domain)
+
+
+def not_ours(item: Mapping[str, Any], kind: str, owner_uid: str | None) -> str | None:
+    """Why a listed dedicated Deployment or Service is not one this operator made for the
+    LoraAdapter of uid ``owner_uid``, or None. Only such objects are ever routed to (a route
+    URL is built from our own Service) or deleted; anyone able to create a Service with the
+    right labels could otherwise point a tenant's traffic at any host."""
+    meta = item.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    tenant, version = labels.get(TENANT_LABEL), labels.get(VERSION_LABEL)
+    try:
+        name = dedicated_name(str(tenant), str(version))
+    except InvalidName:
+        return "bad tenant/version labels"
+    if meta.get("name") != name:
+        return f"name is not {name}"
+    if not owner_uid or not any(
+            isinstance(ref, Mapping) and ref.get("controller") is True
+            and ref.get("kind") == "LoraAdapter" and ref.get("uid") == owner_uid
+            for ref in meta.get("ownerReferences") or []):
+        return "not controlled by its LoraAdapter"
+    if kind == "Service":
+        spec = item.get("spec") or {}
+        if spec.get("type", "ClusterIP") != "ClusterIP" or spec.get("externalName") \
+                or spec.get("externalIPs"):
+            return "not a plain ClusterIP Service"
+        if dict(spec.get("selector") or {}) != selector_labels(str(tenant), str(version)):
+            return "selects other pods than the dedicated Deployment's"
+    return None
 
 
 @dataclass
@@ -202,9 +239,13 @@ class HotTenants:
         return decide(dedicated.mode, dedicated_now, self.history.get(_history_key(key)),
                       dedicated.thresholds, now, self.last_change.get(key))
 
-    async def list_all(self, namespace: str | None) -> dict[tuple[str, str], Existing]:
+    async def list_all(self, namespace: str | None,
+                       owners: Mapping[tuple[str, str], str] | None = None,
+                       ) -> dict[tuple[str, str], Existing]:
         """Every dedicated Deployment and Service, by owning LoraAdapter (namespace, name):
-        one list call each per pass, so a CR switched to Never or deleted is still seen."""
+        one list call each per pass, so a CR switched to Never or deleted is still seen.
+        ``owners`` (LoraAdapter key -> uid): only objects that LoraAdapter controls and that
+        look as the operator built them count (:func:`not_ours`); None: no check."""
         selector = f"app.kubernetes.io/name={APP_LABEL}"
         deps = await self.kube.list_deployments(namespace, selector)
         svcs = await self.kube.list_services(namespace, selector)
@@ -215,8 +256,15 @@ class HotTenants:
                 labels = meta.get("labels") or {}
                 owner, version = labels.get(OWNER_LABEL), labels.get(VERSION_LABEL)
                 if owner and version:
-                    existing = out.setdefault((meta.get("namespace") or "default", owner),
-                                              Existing())
+                    key = (meta.get("namespace") or "default", owner)
+                    if owners is not None:
+                        why = not_ours(item, attr[:-1].capitalize() if attr == "deployments"
+                                       else "Service", owners.get(key))
+                        if why is not None:
+                            log.warning("ignoring %s %s/%s: %s", attr[:-1], key[0],
+                                        meta.get("name"), why)
+                            continue
+                    existing = out.setdefault(key, Existing())
                     getattr(existing, attr)[version] = item
         return out
 
@@ -270,5 +318,6 @@ async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
     return totals
 
 
-__all__ = ["Existing", "HotTenants", "Plan", "endpoint", "parse_request_totals", "plan",
+__all__ = ["Existing", "HotTenants", "Plan", "endpoint", "not_ours", "parse_request_totals",
+           "plan",
            "scrape_request_totals"]

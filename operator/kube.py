@@ -134,6 +134,10 @@ class KubeApi:
                 return None
             raise
 
+    async def create_secret(self, body: Mapping[str, Any]) -> None:
+        await self._call(self.core.create_namespaced_secret,
+                         body["metadata"]["namespace"], dict(body))
+
     async def patch_adapter_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:

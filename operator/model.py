@@ -34,6 +34,18 @@ PodKey = tuple[str, str]  # (namespace, name) of a pod
 
 DEDICATED_MODES: tuple[Mode, ...] = ("Never", "Always", "Auto")
 
+# Bounds the CRD also states (crds/loraadapter.yaml), enforced here again because not every
+# API server validates: a LoraAdapter beyond them is Validated=False, never half-applied.
+MAX_DEDICATED_REPLICAS = 64  # the CRD's hard maximum of spec.dedicated.replicas
+DEFAULT_MAX_DEDICATED_REPLICAS = 8  # the operator's own limit (--max-dedicated-replicas)
+MIN_DWELL_SECONDS = 5  # spec.dedicated.minDwellSeconds: no promote/demote flapping
+MAX_NAME_LENGTH = 63  # the LoraAdapter's name is a label value of its dedicated objects
+MAX_MATCH_LABELS = 32
+MAX_MATCH_EXPRESSIONS = 16
+MAX_SELECTOR_VALUES = 64
+MAX_LABEL_KEY_LENGTH = 317  # a 253-character prefix, "/", a 63-character name
+MAX_LABEL_VALUE_LENGTH = 63
+
 
 @dataclass(frozen=True)
 class DedicatedSpec:
@@ -162,19 +174,33 @@ def selector_error(selector: Any) -> str | None:
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     ):
         return "spec.pool.matchLabels must map strings to strings"
+    if len(labels) > MAX_MATCH_LABELS:
+        return f"spec.pool.matchLabels has more than {MAX_MATCH_LABELS} labels"
+    if any(not 0 < len(k) <= MAX_LABEL_KEY_LENGTH or len(v) > MAX_LABEL_VALUE_LENGTH
+           for k, v in labels.items()):
+        return (f"spec.pool.matchLabels: keys are 1 to {MAX_LABEL_KEY_LENGTH} characters, "
+                f"values at most {MAX_LABEL_VALUE_LENGTH}")
     expressions = selector.get("matchExpressions") or []
     if not isinstance(expressions, list):
         return "spec.pool.matchExpressions must be a list"
+    if len(expressions) > MAX_MATCH_EXPRESSIONS:
+        return f"spec.pool.matchExpressions has more than {MAX_MATCH_EXPRESSIONS} terms"
     for i, expr in enumerate(expressions):
         where = f"spec.pool.matchExpressions[{i}]"
         if not isinstance(expr, Mapping) or not isinstance(expr.get("key"), str):
             return f"{where} needs a key"
+        if not 0 < len(expr["key"]) <= MAX_LABEL_KEY_LENGTH:
+            return f"{where}.key must be 1 to {MAX_LABEL_KEY_LENGTH} characters"
         op = expr.get("operator")
         if op not in SELECTOR_OPERATORS:
             return f"{where}.operator must be one of {', '.join(SELECTOR_OPERATORS)}"
         values = expr.get("values") or []
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             return f"{where}.values must be a list of strings"
+        if len(values) > MAX_SELECTOR_VALUES or any(
+                len(v) > MAX_LABEL_VALUE_LENGTH for v in values):
+            return (f"{where}.values: at most {MAX_SELECTOR_VALUES} values of at most "
+                    f"{MAX_LABEL_VALUE_LENGTH} characters")
         if op in ("In", "NotIn") and not values:
             return f"{where}: operator {op} needs values"
         if op in ("Exists", "DoesNotExist") and values:
@@ -206,8 +232,10 @@ def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, st
     return True
 
 
-def parse_adapter(obj: Mapping[str, Any]) -> AdapterSpec:
-    """Parse a LoraAdapter object; never raises (an invalid spec comes back with ``error``)."""
+def parse_adapter(obj: Mapping[str, Any], *,
+                  max_dedicated_replicas: int = DEFAULT_MAX_DEDICATED_REPLICAS) -> AdapterSpec:
+    """Parse a LoraAdapter object; never raises (an invalid spec comes back with ``error``).
+    ``max_dedicated_replicas``: the operator's limit of ``spec.dedicated.replicas``."""
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
@@ -241,7 +269,8 @@ def parse_adapter(obj: Mapping[str, Any]) -> AdapterSpec:
         "pinned": spec.get("pinned") is True,
         "dedicated": DedicatedSpec.parse(spec.get("dedicated")),
     }
-    error = _spec_error(spec, source, fields)
+    error = _name_error(base["name"]) or _spec_error(spec, source, fields) or _dedicated_error(
+        spec.get("dedicated"), max_dedicated_replicas)
     if error is not None:
         fields["replicas"] = None
         fields["sha256"] = None
@@ -260,6 +289,35 @@ def source_uri_problem(uri: Any) -> str | None:
         parse_s3_uri(uri)
     except S3Error as exc:
         return exc.message
+    return None
+
+
+def _name_error(name: str) -> str | None:
+    """The LoraAdapter's name is the value of a label on its dedicated objects."""
+    if len(name) > MAX_NAME_LENGTH:
+        return (f"metadata.name is {len(name)} characters; at most {MAX_NAME_LENGTH} (it is "
+                "used as a label value)")
+    return None
+
+
+def _dedicated_error(dedicated: Any, max_replicas: int) -> str | None:
+    """Bounds of ``spec.dedicated`` (the CRD states them too)."""
+    if dedicated is None:
+        return None
+    if not isinstance(dedicated, Mapping):
+        return "spec.dedicated must be an object"
+    replicas = dedicated.get("replicas")
+    if replicas is not None:
+        limit = min(max_replicas, MAX_DEDICATED_REPLICAS)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            return "spec.dedicated.replicas must be an integer >= 1"
+        if replicas > limit:
+            return (f"spec.dedicated.replicas is {replicas}; this operator allows at most "
+                    f"{limit} (--max-dedicated-replicas)")
+    dwell = dedicated.get("minDwellSeconds")
+    if dwell is not None and (isinstance(dwell, bool) or not isinstance(dwell, int | float)
+                              or dwell < MIN_DWELL_SECONDS):
+        return f"spec.dedicated.minDwellSeconds must be a number >= {MIN_DWELL_SECONDS}"
     return None
 
 
@@ -353,3 +411,62 @@ def pods_in_pool(spec: AdapterSpec, pods: Sequence[Mapping[str, Any]]) -> list[M
         and selector_matches(spec.pool, labels := (pod.get("metadata") or {}).get("labels"))
         and (labels or {}).get("app.kubernetes.io/name") != DEDICATED_APP
     ]
+
+
+# --------------------------------------------------------------------------- trust
+
+
+@dataclass(frozen=True)
+class PoolOwner:
+    """Which pods belong to this install, and so may receive the sidecar token, S3 keys and
+    routes: every label of ``labels`` (e.g. ``app.kubernetes.io/instance=<release>``), and
+    when ``deployment`` ``(namespace, name)`` is set, a controller ownerReference to a
+    ReplicaSet of that Deployment (``<name>-<pod-template-hash>``) in its namespace.
+    Empty: every pod a pool selects is trusted (the operator logs a warning at start)."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    deployment: tuple[str, str] | None = None
+
+    @property
+    def enforced(self) -> bool:
+        return bool(self.labels) or self.deployment is not None
+
+    @classmethod
+    def parse(cls, labels: str | None, deployment: str | None) -> PoolOwner:
+        """From ``key=value[,key=value]`` and ``namespace/name``; raises ValueError."""
+        parsed: dict[str, str] = {}
+        for item in (labels or "").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.strip().partition("=")
+            if not sep or not key:
+                raise ValueError(f"pool owner label {item!r} is not key=value")
+            parsed[key] = value
+        owner = None
+        if deployment:
+            namespace, sep, name = deployment.partition("/")
+            if not sep or not namespace or not name:
+                raise ValueError(f"pool owner deployment {deployment!r} is not namespace/name")
+            owner = (namespace, name)
+        return cls(labels=parsed, deployment=owner)
+
+    def why_not(self, pod: Mapping[str, Any]) -> str | None:
+        """Why ``pod`` is not this install's, or None when it is."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        missing = sorted(k for k, v in self.labels.items() if labels.get(k) != v)
+        if missing:
+            wanted = ", ".join(f"{k}={self.labels[k]}" for k in missing)
+            return f"lacks the install's label(s) {wanted}"
+        if self.deployment is None:
+            return None
+        namespace, name = self.deployment
+        if pod_key(pod)[0] != namespace:
+            return f"not in namespace {namespace!r} of Deployment {name!r}"
+        want = f"{name}-{labels.get('pod-template-hash', '')}"
+        for ref in meta.get("ownerReferences") or []:
+            if (isinstance(ref, Mapping) and ref.get("controller") is True
+                    and ref.get("kind") == "ReplicaSet" and ref.get("apiVersion") == "apps/v1"
+                    and ref.get("name") == want and "pod-template-hash" in labels):
+                return None
+        return f"not controlled by a ReplicaSet of Deployment {namespace}/{name}"

@@ -31,7 +31,9 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ from loramux.operator.model import (
     AdapterSpec,
     ObjectKey,
     PodKey,
+    PoolOwner,
     container_port,
     parse_adapter,
     pod_ip,
@@ -95,12 +98,16 @@ class Observed:
     adapters: dict[ObjectKey, tuple[AdapterSpec, dict[str, Any]]]  # parsed, and as read
     pods: list[dict[str, Any]]  # every pod of the watched namespace(s)
     pool_pods: dict[PodKey, Mapping[str, Any]]  # live pods of some valid adapter's pool
+    # (only pods this install owns: see PoolOwner)
     observations: dict[PodKey, PodObservation]  # their sidecars' GET /v1/state
     credentials: dict[ObjectKey, EntryCredentials] = field(default_factory=dict)
     credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
     dedicated: dict[ObjectKey, Existing] | None = None  # None: not listed (hot tenants off)
     dedicated_error: str | None = None  # they could not be listed
     clock: float = 0.0  # time.monotonic() of the pass, the hot-tenant policy's clock
+    # pods an adapter's pool selects that this install does not own, with why (they get
+    # nothing: no token, no credentials, no desired set)
+    untrusted: dict[ObjectKey, dict[str, str]] = field(default_factory=dict)
 
     @property
     def specs(self) -> list[AdapterSpec]:
@@ -126,6 +133,7 @@ class PassPlan:
     desired: dict[PodKey, list[DesiredAdapter]]  # every pool pod's full desired set
     hot: dict[ObjectKey, HotStep] = field(default_factory=dict)
     credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
+    untrusted: dict[ObjectKey, dict[str, str]] = field(default_factory=dict)
     transient: bool = False  # something is known to change by itself: look again soon
 
 
@@ -154,6 +162,10 @@ class PassResult:
     statuses: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
 
 
+TOKEN_KEYS = ("admin-token", "sidecar-token")
+UNTRUSTED_PODS = "UntrustedPods"  # a pool selects pods this install does not own
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -170,6 +182,10 @@ def _event_target(obj: Mapping[str, Any]) -> dict[str, Any]:
             "metadata": obj.get("metadata") or {}}
 
 
+class _BadState(Exception):
+    """A sidecar's GET /v1/state body the operator refuses to parse."""
+
+
 def _short(exc: BaseException) -> str:
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code}: {exc.response.text[:300]}"
@@ -183,8 +199,15 @@ class Reconciler:
         self.kube = kube
         self.http = http
         self._own_http = http is None
-        self._sidecar_headers = self._auth(settings.resolved_sidecar_token())
-        self._server_headers = self._auth(settings.resolved_server_token())
+        # Read per request (.current()), so a rotated token file takes effect at once.
+        self._sidecar_token = settings.sidecar_token_source()
+        self._server_token = settings.server_token_source()
+        self._managed_sidecar_token: str | None = None  # from --tokens-secret, every pass
+        self.owner = PoolOwner.parse(settings.pool_owner_labels,
+                                     settings.pool_owner_deployment)
+        if not self.owner.enforced:
+            log.warning("no --pool-owner-labels / --pool-owner-deployment: every pod a "
+                        "LoraAdapter's spec.pool selects gets the sidecar token and S3 keys")
         self._wake = asyncio.Event()
         self._cond = asyncio.Condition()
         self._requested = 0
@@ -199,6 +222,50 @@ class Reconciler:
     @staticmethod
     def _auth(token: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"} if token else {}
+
+    @property
+    def _sidecar_headers(self) -> dict[str, str]:
+        return self._auth(self._sidecar_token.current() or self._managed_sidecar_token)
+
+    @property
+    def _server_headers(self) -> dict[str, str]:
+        return self._auth(self._server_token.current())
+
+    async def _ensure_tokens(self) -> str | None:
+        """``--tokens-secret``: read the tokens Secret, creating it with random tokens when
+        absent (so a chart rendered by ``helm template`` holds no token at all, and two
+        renders are identical). Its sidecar token is used when no token flag or file is
+        set. Returns a problem, or None."""
+        ref = self.settings.tokens_secret
+        if not ref:
+            return None
+        assert self.kube is not None
+        namespace, _, name = ref.rpartition("/")
+        namespace = namespace or self.settings.namespace or "default"
+        try:
+            secret = await self.kube.get_secret(namespace, name)
+            if secret is None:
+                body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                        "metadata": {"name": name, "namespace": namespace,
+                                     "labels": {"app.kubernetes.io/managed-by":
+                                                "loramux-operator"}},
+                        "stringData": {k: secrets.token_urlsafe(36) for k in TOKEN_KEYS}}
+                try:
+                    await self.kube.create_secret(body)
+                    log.info("created the tokens Secret %s/%s", namespace, name)
+                except KubeError as exc:
+                    if exc.status != 409:  # 409: a peer created it first
+                        raise
+                secret = await self.kube.get_secret(namespace, name)
+        except KubeError as exc:
+            return f"cannot read or create the tokens Secret {namespace}/{name}: {exc}"
+        from loramux.operator.credentials import secret_values
+
+        token = secret_values(secret or {}).get("sidecar-token", "").strip()
+        if not token:
+            return f"the tokens Secret {namespace}/{name} has no sidecar-token"
+        self._managed_sidecar_token = token
+        return None
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -295,6 +362,10 @@ class Reconciler:
         standby = await self._standby()
         if standby is not None:
             return standby
+        problem = await self._ensure_tokens()
+        if problem is not None and not self._managed_sidecar_token:
+            log.warning("%s", problem)
+            return PassResult(ok=False, error=problem, transient=True)
         try:
             seen = await self.observe()
         except KubeError as exc:
@@ -326,13 +397,24 @@ class Reconciler:
         LoraAdapters or pods cannot be listed."""
         assert self.kube is not None
         objects = await self.kube.list_adapters(self.settings.namespace)
-        pods = await self.kube.list_pods(self.settings.namespace)
+        listed = await self.kube.list_pods(self.settings.namespace)
         adapters: dict[ObjectKey, tuple[AdapterSpec, dict[str, Any]]] = {}
         for obj in objects:
-            spec = parse_adapter(obj)
+            spec = parse_adapter(obj,
+                                 max_dedicated_replicas=self.settings.max_dedicated_replicas)
             adapters[spec.key] = (spec, obj)
         valid = [s for s, _ in adapters.values() if s.error is None]
         self._pool_selectors = [(s.namespace, s.pool) for s in valid]
+        # The trust boundary: pods this install does not own never take part in a pass.
+        distrust = {pod_key(pod): why for pod in listed
+                    if (why := self.owner.why_not(pod)) is not None}
+        pods = [pod for pod in listed if pod_key(pod) not in distrust]
+        untrusted = {}
+        for spec in valid:
+            selected = {pod_key(p)[1]: distrust[pod_key(p)]
+                        for p in pods_in_pool(spec, listed) if pod_key(p) in distrust}
+            if selected:
+                untrusted[spec.key] = selected
         pool_pods = {pod_key(pod): pod for spec in valid for pod in pods_in_pool(spec, pods)}
         keys = list(pool_pods)
         states = await asyncio.gather(*(self._pod_state(pool_pods[k]) for k in keys))
@@ -341,30 +423,57 @@ class Reconciler:
         seen = Observed(adapters=adapters, pods=pods, pool_pods=pool_pods,
                         observations=dict(zip(keys, states, strict=True)),
                         credentials=credentials, credential_problems=problems,
-                        clock=time.monotonic())
+                        clock=time.monotonic(), untrusted=untrusted)
         if self.hot is not None:
             await self._observe_traffic(seen, live)
             try:
-                seen.dedicated = await self.hot.list_all(self.settings.namespace)
+                owners = {s.key: s.uid for s in seen.specs}
+                seen.dedicated = await self.hot.list_all(self.settings.namespace, owners)
             except KubeError as exc:
                 log.warning("cannot list dedicated deployments: %s", exc)
                 seen.dedicated_error = str(exc)
         return seen
 
     async def _pod_state(self, pod: Mapping[str, Any]) -> PodObservation:
-        """The pod's sidecar's ``GET /v1/state``, parsed (never raises)."""
-        assert self.http is not None
+        """The pod's sidecar's ``GET /v1/state``, parsed (never raises). Whatever the pod
+        answers (not JSON, wrong types, a body beyond ``max_state_bytes``, a trickle slower
+        than the request timeout) counts against that pod alone: its observation carries the
+        error, and its placements are Unknown with it as the reason."""
         key = pod_key(pod)
-        url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
         try:
-            response = await self.http.get(f"{url}/v1/state", headers=self._sidecar_headers)
-            response.raise_for_status()
-            state = SyncState.model_validate(response.json())
+            state = await asyncio.wait_for(self._read_state(pod),
+                                           self.settings.request_timeout_seconds * 2)
+        except _BadState as exc:
+            return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {exc}"[:300])
         except ValueError as exc:  # not JSON, or not a SyncState
             return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {_short(exc)}")
         except Exception as exc:  # refused, timed out, HTTP error status
             return PodObservation(key=key, sidecar_error=_short(exc))
-        return PodObservation.from_state(key, state)
+        try:
+            return PodObservation.from_state(key, state)
+        except Exception as exc:  # a SyncState the operator cannot use
+            return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {_short(exc)}")
+
+    async def _read_state(self, pod: Mapping[str, Any]) -> SyncState:
+        assert self.http is not None
+        url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
+        limit = self.settings.max_state_bytes
+        headers = {**self._sidecar_headers, "Accept-Encoding": "identity"}
+        async with self.http.stream("GET", f"{url}/v1/state", headers=headers) as response:
+            response.raise_for_status()
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _BadState(f"{declared} bytes, more than {limit}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():  # decoded, counted as they come
+                body += chunk
+                if len(body) > limit:
+                    raise _BadState(f"more than {limit} bytes")
+        try:
+            data = json.loads(bytes(body))
+        except RecursionError:
+            raise _BadState("JSON nested too deeply") from None
+        return SyncState.model_validate(data)
 
     async def _credentials(self, specs: list[AdapterSpec]
                            ) -> tuple[dict[ObjectKey, EntryCredentials], dict[ObjectKey, str]]:
@@ -424,7 +533,7 @@ class Reconciler:
         desired = build_desired_sets(placeable, placements, list(seen.pool_pods),
                                      seen.observations, credentials=credentials, routes=routes)
         return PassPlan(validation=validation, placements=placements, desired=desired, hot=hot,
-                        credential_problems=problems,
+                        credential_problems=problems, untrusted=seen.untrusted,
                         transient=hot_transient or bool(problems))
 
     def _plan_hot(
@@ -553,6 +662,19 @@ class Reconciler:
             observations=delivered.observations, put_errors=delivered.put_errors,
             credentials_problem=todo.credential_problems.get(spec.key), previous=old, now=now,
         )
+        untrusted = todo.untrusted.get(spec.key)
+        if untrusted:
+            # Pods the pool selects that this install does not own: they get nothing.
+            prev = {c.get("type"): c for c in old.get("conditions") or []
+                    if isinstance(c, Mapping)}
+            detail = "; ".join(f"{pod}: {why}" for pod, why in sorted(untrusted.items()))
+            message = (f"{len(untrusted)} pod(s) match spec.pool but are not owned by this "
+                       f"install and get no token, credentials or adapters ({detail})")
+            status.setdefault("conditions", []).append(_condition(
+                "PoolTrusted", False, UNTRUSTED_PODS, message, spec.generation, prev, now))
+            for c in status["conditions"]:
+                if c["type"] in ("Synced", "Ready") and c["reason"] == "NoPods":
+                    c["reason"], c["message"] = UNTRUSTED_PODS, message[:1000]
         step = todo.hot.get(spec.key)
         if step is not None and step.todo.condition:
             prev = {c.get("type"): c for c in old.get("conditions") or []

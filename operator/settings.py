@@ -12,7 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loramux.logs import LogSettings
-from loramux.tokens import read_token
+from loramux.tokens import Token
 
 ENV_PREFIX = "LORAMUX_OPERATOR_"
 
@@ -74,14 +74,46 @@ class OperatorSettings(LogSettings, BaseSettings):
         None, description="Hot tenants: YAML pod template (metadata, spec with a 'server' "
                           "container) of dedicated merged Deployments; the chart renders it.",
     )
+    pool_owner_labels: str | None = Field(
+        None, description="Trust boundary: only pods carrying every one of these labels "
+                          "(key=value[,key=value]) get the sidecar token, S3 keys and routes; "
+                          "the chart sets app.kubernetes.io/instance=<release>.",
+    )
+    pool_owner_deployment: str | None = Field(
+        None, description="Trust boundary: only pods controlled by a ReplicaSet of this "
+                          "Deployment (namespace/name) get the sidecar token, S3 keys and "
+                          "routes; the chart names its inference Deployment.",
+    )
+    tokens_secret: str | None = Field(
+        None, description="Secret (namespace/name) holding 'admin-token' and 'sidecar-token': "
+                          "created with random tokens when absent, and read every pass for "
+                          "the sidecar token (the chart's default, stable under helm template).",
+    )
+    max_dedicated_replicas: int = Field(
+        8, ge=1, le=64,
+        description="Largest spec.dedicated.replicas accepted (the CRD's hard maximum is 64).",
+    )
+    max_state_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024,
+        description="Largest GET /v1/state body read from a sidecar; beyond it the pod's "
+                    "placements are Unknown.",
+    )
     cluster_domain: str = Field(
         "cluster.local", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="DNS domain of Service names, used when a Service has no cluster IP.",
     )
 
+    def sidecar_token_source(self) -> Token:
+        """The sidecar token; ``.current()`` follows a rotated file."""
+        return Token(self.sidecar_token, self.sidecar_token_file)
+
+    def server_token_source(self) -> Token:
+        """The server token (its /metrics); ``.current()`` follows a rotated file."""
+        return Token(self.server_token, self.server_token_file)
+
     def resolved_sidecar_token(self) -> str | None:
-        return read_token(self.sidecar_token, self.sidecar_token_file)
+        return self.sidecar_token_source().current()
 
     def resolved_server_token(self) -> str | None:
-        return read_token(self.server_token, self.server_token_file)
+        return self.server_token_source().current()
 

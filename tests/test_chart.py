@@ -65,6 +65,7 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "inference.autoscaling.enabled=true",
         "--set", "inference.serviceMonitor.enabled=true",
         "--set", "operator.enabled=false",
+        "--set", "tokens.existingSecret=my-tokens",  # no operator to create the Secret
     ],
     "dedicated-overrides": [
         "--set", "inference.model.source=pvc",
@@ -317,7 +318,10 @@ def test_probes_point_at_the_named_ports(helm_env: dict[str, str], name: str) ->
     assert env_of(server)["LORAMUX_PORT"] == "8000"
     assert env_of(sync)["LORAMUX_SYNC_HOST"] == "0.0.0.0"
     assert env_of(sync)["LORAMUX_SYNC_PORT"] == "8001"
-    assert env_of(sync)["LORAMUX_SYNC_SERVER_URL"] == "http://127.0.0.1:8000"
+    # The sidecar reaches the server's admin API on its loopback-only admin port, which is
+    # no containerPort (above) and in no Service.
+    assert env_of(server)["LORAMUX_ADMIN_PORT"] == "8002"
+    assert env_of(sync)["LORAMUX_SYNC_SERVER_URL"] == "http://127.0.0.1:8002"
 
 
 def test_pods_carry_the_labels_the_operator_selects(helm_env: dict[str, str]) -> None:
@@ -343,9 +347,12 @@ def test_env_names_are_real_settings(helm_env: dict[str, str]) -> None:
     from loramux.inference.settings import ServeSettings
     from loramux.sync.settings import SyncSettings
 
+    # Issue 15: the server's loopback-only admin port (LORAMUX_ADMIN_PORT) lands with the
+    # server's own change; until then the chart sets it ahead of the field.
+    pending = {"admin_port"}
     prefixes: list[tuple[str, set[str], str]] = [
         ("LORAMUX_SYNC_", set(SyncSettings.model_fields), "sync"),
-        ("LORAMUX_", set(ServeSettings.model_fields), "server"),
+        ("LORAMUX_", set(ServeSettings.model_fields) | pending, "server"),
     ]
     try:
         from loramux.operator.settings import OperatorSettings
@@ -501,10 +508,22 @@ def test_service_monitor_scrapes_both_containers(helm_env: dict[str, str]) -> No
 
 
 # --------------------------------------------------------------------------- operator, RBAC
-def _rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
+def _main_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's Role or ClusterRole (not the tokens Role)."""
+    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")
+             and not d["metadata"]["name"].endswith("-tokens")]
     assert len(roles) == 1
-    return roles[0]["rules"]
+    return roles[0]
+
+
+def _rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return _main_role(docs)["rules"]
+
+
+def _tokens_role(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-tokens")]
+    assert len(roles) <= 1
+    return roles[0] if roles else None
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -515,17 +534,23 @@ def test_rbac_has_no_wildcards(helm_env: dict[str, str], name: str) -> None:
         for rule in role["rules"]:
             for field in ("verbs", "resources", "apiGroups", "resourceNames"):
                 assert not any("*" in item for item in rule.get(field, [])), (field, rule)
-            # Secrets only by name, and read only.
+            # Secrets only by name, and read only; but the tokens Role, which may create
+            # (a create cannot name its object) in the release namespace only.
             if "secrets" in rule["resources"]:
+                if rule["verbs"] == ["create"]:
+                    assert role["kind"] == "Role" and role["metadata"]["name"].endswith("-tokens")
+                    assert role["metadata"]["namespace"] == NAMESPACE
+                    continue
                 assert rule["verbs"] == ["get"]
                 assert rule["resourceNames"]
 
 
 def test_rbac_namespaced_by_default(helm_env: dict[str, str]) -> None:
     docs = render(helm_env)
-    role = find(docs, "Role")
+    role = _main_role(docs)
     assert role["metadata"]["namespace"] == NAMESPACE
-    binding = find(docs, "RoleBinding")
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"
+                  and d["roleRef"]["name"] == role["metadata"]["name"]]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     sa = find(docs, "ServiceAccount", "operator")
@@ -559,7 +584,12 @@ def test_rbac_cluster_wide(helm_env: dict[str, str]) -> None:
     assert NAMESPACE in role["metadata"]["name"]  # two releases never share a ClusterRole
     binding = find(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["kind"] == "ClusterRole"
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "KopfPeering")]
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "KopfPeering")
+                and not d["metadata"]["name"].endswith("-tokens")]
+    # The tokens Secret stays namespaced: a Role in the release namespace, never cluster-wide.
+    tokens = _tokens_role(docs)
+    assert tokens is not None and tokens["metadata"]["namespace"] == NAMESPACE
+    assert not any("secrets" in r["resources"] for r in role["rules"])
     assert any(r["resources"] == ["clusterkopfpeerings"] for r in role["rules"])
     peering = find(docs, "ClusterKopfPeering")
     operator = container(find(docs, "Deployment", "operator")["spec"]["template"], "operator")
@@ -586,6 +616,27 @@ def test_operator_deployment(helm_env: dict[str, str]) -> None:
     assert env["LORAMUX_OPERATOR_HEALTH_PORT"] == "8080"
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in operator["ports"]} == {"health": 8080}
+    # Default: no token in the chart; the operator creates (and reads) the tokens Secret.
+    assert env["LORAMUX_OPERATOR_TOKENS_SECRET"] == f"{NAMESPACE}/{RELEASE}-loramux-tokens"
+    assert "LORAMUX_OPERATOR_SIDECAR_TOKEN_FILE" not in env
+    assert all(v["name"] != "tokens" for v in pod["volumes"])
+    # The trust boundary: only the chart's inference pods get the token and S3 keys.
+    assert env["LORAMUX_OPERATOR_POOL_OWNER_LABELS"] == (
+        f"app.kubernetes.io/name=loramux-inference,app.kubernetes.io/instance={RELEASE}")
+    assert env["LORAMUX_OPERATOR_POOL_OWNER_DEPLOYMENT"] == (
+        f"{NAMESPACE}/{find(docs, 'Deployment', 'inference')['metadata']['name']}")
+    labels = inference_pod(docs)["metadata"]["labels"]
+    for pair in env["LORAMUX_OPERATOR_POOL_OWNER_LABELS"].split(","):
+        key, _, value = pair.partition("=")
+        assert labels[key] == value
+    assert env["LORAMUX_OPERATOR_MAX_DEDICATED_REPLICAS"] == "8"
+    # With a Secret of the user's: the operator mounts its sidecar token as a file.
+    docs = render(helm_env, *VALUE_SETS["existing-secrets"])
+    deployment = find(docs, "Deployment", "operator")
+    pod = deployment["spec"]["template"]["spec"]
+    operator = container(deployment["spec"]["template"], "operator")
+    env = env_of(operator)
+    assert "LORAMUX_OPERATOR_TOKENS_SECRET" not in env
     token_file = Path(env["LORAMUX_OPERATOR_SIDECAR_TOKEN_FILE"])
     mount = next(m for m in operator["volumeMounts"]
                  if token_file.is_relative_to(m["mountPath"]))
@@ -779,7 +830,8 @@ def test_operator_reads_the_mounted_dedicated_template(helm_env: dict[str, str],
 
 
 def test_dedicated_disabled(helm_env: dict[str, str]) -> None:
-    for args in (["--set", "dedicated.enabled=false"], ["--set", "operator.enabled=false"]):
+    for args in (["--set", "dedicated.enabled=false"],
+                 ["--set", "operator.enabled=false", "--set", "tokens.existingSecret=t"]):
         docs = render(helm_env, *args)
         assert not [d for d in docs if d["kind"] == "ConfigMap"], args
     docs = render(helm_env, "--set", "dedicated.enabled=false")
@@ -789,20 +841,42 @@ def test_dedicated_disabled(helm_env: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------- tokens, NOTES
-def test_tokens_generated_when_not_supplied(helm_env: dict[str, str]) -> None:
-    def tokens() -> dict[str, str]:
-        out = _helm(helm_env, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                    "--show-only", "templates/secret-tokens.yaml").stdout
-        data = yaml.safe_load(out)["data"]
-        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+def test_two_renders_of_the_same_values_are_identical(helm_env: dict[str, str]) -> None:
+    """helm template (GitOps) is repeatable: no random token is ever rendered. Without
+    tokens.* the operator creates the Secret at run time; with both values, the Secret is
+    rendered from them."""
+    def rendered(*args: str) -> str:
+        return _helm(helm_env, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                     *args).stdout
 
-    first, second = tokens(), tokens()
-    assert set(first) == {"admin-token", "sidecar-token"}
-    assert all(len(v) == 48 and v.isalnum() for v in first.values())
-    assert first["admin-token"] != first["sidecar-token"]
-    # Without a cluster `lookup` finds nothing, so each render draws new ones; with a cluster
-    # the stored Secret is read back (loramux.token in _helpers.tpl).
-    assert first != second
+    assert rendered() == rendered()
+    docs = render(helm_env)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    tokens = _tokens_role(docs)
+    assert tokens is not None
+    assert tokens["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"],
+         "resourceNames": [f"{RELEASE}-loramux-tokens"], "verbs": ["get"]}]
+    # The pods mount the Secret the operator creates (they wait for it).
+    pod = inference_pod(docs)["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "tokens")
+    assert volume["secret"]["secretName"] == f"{RELEASE}-loramux-tokens"
+
+    args = ("--set", "tokens.adminToken=adm1n-value", "--set", "tokens.sidecarToken=s1de-value",
+            "--show-only", "templates/secret-tokens.yaml")
+    first, second = rendered(*args), rendered(*args)
+    assert first == second
+    data = yaml.safe_load(first)["data"]
+    assert {k: base64.b64decode(v).decode() for k, v in data.items()} == {
+        "admin-token": "adm1n-value", "sidecar-token": "s1de-value"}
+    assert _tokens_role(render(helm_env, *args[:4])) is None  # nothing to create
+    # Half the values, or no operator to create the Secret: a clear error.
+    for bad in (("--set", "tokens.adminToken=x"), ("--set", "operator.enabled=false")):
+        proc = _helm(helm_env, "template", RELEASE, str(CHART), *bad, check=False)
+        assert proc.returncode != 0 and "tokens" in proc.stderr, bad
+    templates = "".join(p.read_text() for p in (CHART / "templates").iterdir())
+    assert "randAlphaNum" not in templates and "lookup" not in templates
 
 
 def test_existing_token_secret_is_used_not_created(helm_env: dict[str, str]) -> None:
@@ -917,3 +991,59 @@ def test_hadolint(dockerfile: Path) -> None:
 
 # Building and running the images: tests/images (make test-images); the Dockerfiles' own
 # checks: tests/test_dockerfiles.py.
+
+
+# --------------------------------------------------------------------------- issue 15
+def test_network_policies_by_default(helm_env: dict[str, str]) -> None:
+    docs = render(helm_env)
+    pool_labels = inference_pod(docs)["metadata"]["labels"]
+    operator_labels = find(docs, "Deployment", "operator")["spec"]["template"]["metadata"][
+        "labels"]
+    pool = find(docs, "NetworkPolicy", "inference")["spec"]
+    assert pool["policyTypes"] == ["Ingress"]
+    assert all(pool_labels[k] == v for k, v in pool["podSelector"]["matchLabels"].items())
+    by_port = {rule["ports"][0]["port"]: rule for rule in pool["ingress"]}
+    assert set(by_port) == {"http", "sync"}  # nothing else: no admin port
+    assert "from" not in by_port["http"]  # clients: the public port
+    (peer,) = by_port["sync"]["from"]  # the sidecars: the operator only
+    assert set(peer) == {"podSelector"}
+    assert all(operator_labels[k] == v for k, v in peer["podSelector"]["matchLabels"].items())
+    assert not all(pool_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+    # hot tenants' dedicated pods: the pool only
+    dedicated = find(docs, "NetworkPolicy", "dedicated")["spec"]
+    template = yaml.safe_load(find(docs, "ConfigMap", "dedicated")["data"]["pod-template.yaml"])
+    from loramux.operator.dedicated import selector_labels
+
+    labels = {**template["metadata"]["labels"], **selector_labels("t", "v")}
+    assert all(labels[k] == v for k, v in dedicated["podSelector"]["matchLabels"].items())
+    (rule,) = dedicated["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert all(pool_labels[k] == v for k, v in peer["podSelector"]["matchLabels"].items())
+    # the public Service exposes "http" only; the admin port is in no Service or containerPort
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        assert all(p["port"] != 8002 and p.get("targetPort") != 8002 for p in svc["spec"]["ports"])
+    # extra peers, and off
+    docs = render(helm_env, "--set", "networkPolicy.syncFrom[0].namespaceSelector.matchLabels"
+                                     ".name=monitoring")
+    pool = find(docs, "NetworkPolicy", "inference")["spec"]
+    sync = next(r for r in pool["ingress"] if r["ports"][0]["port"] == "sync")
+    assert sync["from"][1] == {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    assert not [d for d in render(helm_env, "--set", "networkPolicy.enabled=false")
+                if d["kind"] == "NetworkPolicy"]
+
+
+def test_disk_budget_stays_below_the_adapter_volume(helm_env: dict[str, str]) -> None:
+    def budget(*args: str) -> str | None:
+        return env_of(container(inference_pod(render(helm_env, *args)), "sync")).get(
+            "LORAMUX_SYNC_DISK_BUDGET_BYTES")
+
+    assert budget() == str(int(20 * 2**30 * 0.9))  # 90% of the default 20Gi
+    assert budget("--set", "inference.adapterVolume.sizeLimit=500M") == "450000000"
+    assert budget("--set", "inference.sync.diskBudgetBytes=1000") == "1000"
+    assert budget(*VALUE_SETS["pvc"]) is None  # a pvc is not evicted when full
+    proc = _helm(helm_env, "template", RELEASE, str(CHART), "--set",
+                 "inference.adapterVolume.sizeLimit=1Gi", "--set",
+                 f"inference.sync.diskBudgetBytes={2**30}", check=False)
+    assert proc.returncode != 0 and "must be below inference.adapterVolume.sizeLimit" in (
+        proc.stderr)

@@ -113,3 +113,37 @@ loramux_requests_created{outcome="ok",tenant="legal"} 1.7e9
 loramux_forwarded_requests_total{outcome="forwarded",tenant="legal"} 30.0
 """
     assert parse_request_totals(text) == {"legal": 42.0, "medical": 2.0}
+
+
+def test_only_services_the_operator_built_for_the_adapter_are_routed_to() -> None:
+    import asyncio
+
+    from loramux.operator.hot_tenants import HotTenants, not_ours
+
+    dep, svc = _pair("v2", True)
+    assert not_ours(svc, "Service", "u1") is None and not_ours(dep, "Deployment", "u1") is None
+    assert not_ours(svc, "Service", "other-uid") == "not controlled by its LoraAdapter"
+    assert not_ours(svc, "Service", None) == "not controlled by its LoraAdapter"
+    forged = copy.deepcopy(svc)
+    forged["spec"] = {"type": "ExternalName", "externalName": "evil.example.com"}
+    assert not_ours(forged, "Service", "u1") == "not a plain ClusterIP Service"
+    elsewhere = copy.deepcopy(svc)
+    elsewhere["spec"]["selector"] = {"app": "attacker"}
+    assert "selects other pods" in (not_ours(elsewhere, "Service", "u1") or "")
+    renamed = copy.deepcopy(svc)
+    renamed["metadata"]["name"] = "lmx-legal-v2-x"
+    assert "name is not" in (not_ours(renamed, "Service", "u1") or "")
+    assert endpoint(svc) == "http://10.0.0.7:8000"
+
+    class Kube:
+        async def list_deployments(self, namespace, selector):
+            return [dep]
+
+        async def list_services(self, namespace, selector):
+            return [forged]
+
+    hot = HotTenants(Kube(), TEMPLATE)  # type: ignore[arg-type]
+    seen = asyncio.run(hot.list_all(None, {("ns", "legal"): "u1"}))
+    assert list(seen[("ns", "legal")].deployments) == ["v2"]
+    assert seen[("ns", "legal")].services == {}  # the forged Service is ignored
+    assert asyncio.run(hot.list_all(None, {})) == {}  # no LoraAdapter: nothing is ours

@@ -14,6 +14,8 @@ import yaml
 from loramux.contracts import DesiredAdapter, EntryCredentials, SyncState
 from loramux.operator.credentials import credentials_from_secret
 from loramux.operator.model import (
+    MAX_DEDICATED_REPLICAS,
+    MIN_DWELL_SECONDS,
     canonical_selector,
     container_port,
     parse_adapter,
@@ -149,6 +151,14 @@ def test_pod_liveness_readiness_and_ports():
     ({"replicas": 0}, "replicas"),
     ({"pool": {}}, "spec.pool"),
     ({"baseModel": ""}, "baseModel"),
+    ({"dedicated": {"mode": "Always", "replicas": 9}}, "--max-dedicated-replicas"),
+    ({"dedicated": {"mode": "Auto", "minDwellSeconds": 0}}, "minDwellSeconds"),
+    ({"pool": {"matchLabels": {f"k{i}": "v" for i in range(33)}}}, "more than 32 labels"),
+    ({"pool": {"matchLabels": {"app": "x" * 64}}}, "spec.pool.matchLabels"),
+    ({"pool": {"matchExpressions": [{"key": "a", "operator": "In", "values": ["v"] * 65}]}},
+     "values"),
+    ({"pool": {"matchExpressions": [{"key": "a", "operator": "Exists"}] * 17}},
+     "more than 16 terms"),
 ])
 def test_invalid_specs_are_reported(patch, fragment):
     obj = cr("a")
@@ -482,8 +492,20 @@ def test_crd_schema_patterns_enums_status_and_columns():
     ded = spec["dedicated"]["properties"]
     assert ded["mode"]["enum"] == ["Never", "Always", "Auto"] and ded["mode"]["default"] == "Never"
     assert ded["replicas"]["minimum"] == 1
-    for key in ("promoteAboveRps", "demoteBelowRps", "minDwellSeconds"):
+    for key in ("promoteAboveRps", "demoteBelowRps"):
         assert ded[key]["minimum"] == 0
+    assert ded["minDwellSeconds"]["minimum"] == MIN_DWELL_SECONDS
+    assert ded["replicas"]["maximum"] == MAX_DEDICATED_REPLICAS
+    pool = spec["pool"]["properties"]
+    assert pool["matchLabels"]["maxProperties"] == 32
+    assert pool["matchLabels"]["additionalProperties"]["maxLength"] == 63
+    assert pool["matchExpressions"]["maxItems"] == 16
+    term = pool["matchExpressions"]["items"]["properties"]
+    assert term["key"]["maxLength"] == 317 and term["values"]["maxItems"] == 64
+    assert schema["x-kubernetes-validations"] == [{
+        "rule": "self.metadata.name.size() <= 63",
+        "message": "the name is at most 63 characters (it is a label value of the dedicated "
+                   "objects)"}]
     for key in ("promoteAfterSeconds", "demoteAfterSeconds"):  # windows: at least 1 s
         assert ded[key]["minimum"] == 1
     ops = spec["pool"]["properties"]["matchExpressions"]["items"]["properties"]["operator"]
@@ -535,7 +557,9 @@ def test_crd_schema_rejects_what_the_operator_rejects():
                                              dedicated={"mode": "Auto", "replicas": 1})))
     for patch in ({"tenant": "Legal"}, {"replicas": 0}, {"dedicated": {"mode": "Sometimes"}},
                   {"source": {"uri": "ftp://x/"}},
-                  {"source": {"uri": "s3://b/x", "sha256": "A" * 64}}):
+                  {"source": {"uri": "s3://b/x", "sha256": "A" * 64}},
+                  {"dedicated": {"replicas": 65}}, {"dedicated": {"minDwellSeconds": 4}},
+                  {"pool": {"matchLabels": {f"k{i}": "v" for i in range(33)}}}):
         obj = cr("a")
         obj["spec"].update(patch)
         assert list(validator.iter_errors(obj)), patch
@@ -576,6 +600,7 @@ def test_settings_env_names(monkeypatch):
 class FakeKube:
     def __init__(self, adapters, pods, secrets=None):
         self.adapters, self.pods, self.secrets = adapters, pods, secrets or {}
+        self.created: list[dict] = []
         self.patches: list[tuple[str, dict]] = []
         self.events: list[tuple[str, str, str]] = []
 
@@ -587,6 +612,10 @@ class FakeKube:
 
     async def get_secret(self, namespace, name):
         return self.secrets.get(name)
+
+    async def create_secret(self, body):
+        self.created.append(body)
+        self.secrets[body["metadata"]["name"]] = body
 
     async def patch_adapter_status(self, namespace, name, status):
         self.patches.append((name, status))
@@ -800,3 +829,195 @@ def test_sidecar_state_is_the_one_source_of_a_pod():
     assert o.served == {("legal", "v1")} and o.serving == {"legal": "v1"}
     unknown = PodObservation.from_state(k("p1"), SyncState(server_reachable=False))
     assert unknown.base_names is None and not unknown.server_ok and unknown.served == set()
+
+
+# --------------------------------------------------------------------------- issue 15: trust
+
+
+def test_names_too_long_for_a_label_value_are_rejected_up_front():
+    spec = parse_adapter(cr("a" * 64))
+    assert spec.error and "metadata.name" in spec.error and "63" in spec.error
+    assert parse_adapter(cr("a" * 63)).error is None
+    # the operator's limit of dedicated replicas comes from its setting (the chart's value)
+    wide = cr("b", dedicated={"mode": "Always", "replicas": 20})
+    assert "at most 8" in (parse_adapter(wide).error or "")
+    assert parse_adapter(wide, max_dedicated_replicas=32).error is None
+    assert "at most 64" in (parse_adapter(cr("c", dedicated={"replicas": 65}),
+                                          max_dedicated_replicas=64).error or "")
+
+
+class GarbageSidecars(FakeSidecars):
+    """FakeSidecars, but the pods on ``bad`` ports answer ``GET /v1/state`` with junk."""
+
+    def __init__(self, bad: dict[int, Any]):
+        super().__init__()
+        self.bad = bad
+
+    def __call__(self, request):
+        import httpx
+
+        junk = self.bad.get(request.url.port)
+        if request.method == "GET" and junk is not None:
+            return junk() if callable(junk) else httpx.Response(200, content=junk)
+        return super().__call__(request)
+
+
+async def test_one_malformed_sidecar_answer_counts_against_that_pod_only():
+    import httpx
+
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    huge = b'{"adapters": [], "pad": "' + b"x" * 5000 + b'"}'
+    bad = {
+        9201: b"<html>not json</html>",
+        9301: b'{"adapters": "ready", "server_reachable": "maybe"}',  # wrong types
+        9401: huge,  # beyond max_state_bytes
+        9501: b"[" * 100_000 + b"]" * 100_000,  # nested past the recursion limit
+        9601: b'{"adapters": [{"tenant": 7, "version": null, "phase": "Exploded"}]}',
+        9701: lambda: httpx.Response(200, content=huge, headers={"content-length": "9999999"}),
+    }
+    pods = [pod("p1", ports={"sync": 9101})] + [
+        pod(f"p{port // 100 - 90}", ports={"sync": port}) for port in bad]
+    kube = FakeKube([cr("a", "legal"), cr("b", "medical")], pods)
+    fake = GarbageSidecars(bad)
+    fake.ready |= {(9101, "legal", "v1"), (9101, "medical", "v1")}
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    rec = Reconciler(OperatorSettings(max_state_bytes=4096), kube=kube, http=http)
+    await rec.run_pass()
+    result = await rec.run_pass()
+    assert result.ok  # the pass went through: every adapter got its status
+    assert set(result.statuses) == {k("a"), k("b")}
+    for status in result.statuses.values():
+        rows = {r["pod"]: r for r in status["placements"]}
+        assert rows["p1"]["state"] == "Ready"
+        for name in ("p3", "p4", "p5", "p6", "p7", "p2"):
+            row = rows[name]
+            assert row["state"] == "Unknown", row
+            assert "bad /v1/state body" in row["reason"], row
+        assert status["readyPods"] == "1/7"
+    assert len(result.observations[k("p4")].sidecar_error or "") <= 400
+    assert "4096" in (result.observations[k("p4")].sidecar_error or "")
+    # the healthy pod got both adapters delivered as usual
+    assert {e["tenant"] for e in fake.desired[9101]} == {"legal", "medical"}
+    await http.aclose()
+
+
+def owned_pod(name: str, *, label: bool = True, controller: str | None = "rel-inference",
+              namespace: str = NS, **kwargs: Any) -> dict[str, Any]:
+    p = pod(name, **kwargs)
+    p["metadata"]["namespace"] = namespace
+    p["metadata"]["labels"]["pod-template-hash"] = "abc12"
+    if label:
+        p["metadata"]["labels"]["app.kubernetes.io/instance"] = "rel"
+    if controller:
+        p["metadata"]["ownerReferences"] = [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{controller}-abc12",
+            "uid": "rs-uid", "controller": True}]
+    return p
+
+
+def test_pool_owner_checks_labels_and_the_controlling_replicaset():
+    from loramux.operator.model import PoolOwner
+
+    owner = PoolOwner.parse("app.kubernetes.io/instance=rel", f"{NS}/rel-inference")
+    assert owner.enforced and owner.why_not(owned_pod("p1")) is None
+    assert "lacks the install's label" in owner.why_not(owned_pod("p2", label=False))
+    assert "not controlled" in owner.why_not(owned_pod("p3", controller=None))
+    assert "not controlled" in owner.why_not(owned_pod("p4", controller="other"))
+    assert "namespace" in owner.why_not(owned_pod("p5", namespace="elsewhere"))
+    assert not PoolOwner.parse(None, None).enforced
+    for bad in (("novalue", None), (None, "no-namespace")):
+        with pytest.raises(ValueError):
+            PoolOwner.parse(*bad)
+
+
+async def test_pods_the_install_does_not_own_get_no_token_credentials_or_set():
+    import httpx
+
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    adapter = cr("a")
+    adapter["spec"]["source"]["credentialsSecret"] = "s3"
+    pods = [owned_pod("p1", ports={"sync": 9101}),
+            owned_pod("p2", label=False, ports={"sync": 9201}),  # someone else's pod
+            owned_pod("p3", controller=None, ports={"sync": 9301})]  # a bare pod
+    kube = FakeKube([adapter], pods, {"s3": {"data": {
+        "AWS_ACCESS_KEY_ID": b64("AK"), "AWS_SECRET_ACCESS_KEY": b64("SK")}}})
+    fake = FakeSidecars()
+    ports: list[int] = []
+    http = httpx.AsyncClient(transport=httpx.MockTransport(
+        lambda r: (ports.append(r.url.port), fake(r))[1]))
+    settings = OperatorSettings(sidecar_token="tok",
+                                pool_owner_labels="app.kubernetes.io/instance=rel",
+                                pool_owner_deployment=f"{NS}/rel-inference")
+    rec = Reconciler(settings, kube=kube, http=http)
+    result = await rec.run_pass()
+    assert set(ports) == {9101}  # not even a GET (with the token) to the others
+    assert set(fake.desired) == {9101}
+    status = result.statuses[k("a")]
+    assert [r["pod"] for r in status["placements"]] == ["p1"]
+    trusted = next(c for c in status["conditions"] if c["type"] == "PoolTrusted")
+    assert trusted["status"] == "False" and trusted["reason"] == "UntrustedPods"
+    assert "p2: lacks the install's label" in trusted["message"]
+    assert "p3: not controlled by a ReplicaSet" in trusted["message"]
+    # no owned pod at all: the status says why nothing is placed
+    kube.pods[:] = pods[1:]
+    status = (await rec.run_pass()).statuses[k("a")]
+    synced = next(c for c in status["conditions"] if c["type"] == "Synced")
+    assert synced["reason"] == "UntrustedPods" and "p2" in synced["message"]
+    await http.aclose()
+
+
+async def test_sidecar_token_file_rotates_without_a_restart(tmp_path):
+    import os
+
+    import httpx
+
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    token = tmp_path / "sidecar-token"
+    token.write_text("first\n")
+    fake = FakeSidecars()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    kube = FakeKube([cr("a")], [pod("p1", ports={"sync": 9101})])
+    rec = Reconciler(OperatorSettings(sidecar_token_file=token), kube=kube, http=http)
+    await rec.run_pass()
+    assert set(fake.headers) == {"Bearer first"}
+    fresh = tmp_path / "new"  # the kubelet swaps the file: a new inode behind the same path
+    fresh.write_text("second\n")
+    os.replace(fresh, token)
+    fake.headers.clear()
+    await rec.run_pass()
+    assert set(fake.headers) == {"Bearer second"}
+    await http.aclose()
+
+
+async def test_tokens_secret_is_created_once_and_followed():
+    import httpx
+
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    fake = FakeSidecars()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    kube = FakeKube([cr("a")], [pod("p1", ports={"sync": 9101})])
+    rec = Reconciler(OperatorSettings(tokens_secret=f"{NS}/rel-tokens"), kube=kube, http=http)
+    await rec.run_pass()
+    (created,) = kube.created
+    assert created["metadata"] == {"name": "rel-tokens", "namespace": NS, "labels": {
+        "app.kubernetes.io/managed-by": "loramux-operator"}}
+    values = created["stringData"]
+    assert set(values) == {"admin-token", "sidecar-token"} and len(values["sidecar-token"]) > 40
+    assert values["admin-token"] != values["sidecar-token"]
+    assert set(fake.headers) == {f"Bearer {values['sidecar-token']}"}
+    # rotated in the API: the next pass sends the new one; nothing is created again
+    kube.secrets["rel-tokens"] = {"data": {
+        "sidecar-token": base64.b64encode(b"rotated").decode(), "admin-token": "eA=="}}
+    fake.headers.clear()
+    await rec.run_pass()
+    assert set(fake.headers) == {"Bearer rotated"} and len(kube.created) == 1
+    await http.aclose()

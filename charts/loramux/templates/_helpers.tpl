@@ -77,23 +77,42 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-A token: the value given, else the one already stored in the release's Secret (so upgrades
-keep it), else a new random one. Called with (list $ "admin-token" .Values.tokens.adminToken).
+How the tokens Secret comes to be, one of:
+  existing - tokens.existingSecret: the user's Secret, nothing rendered;
+  values   - tokens.adminToken and tokens.sidecarToken: rendered from the values;
+  operator - neither: the operator creates "<fullname>-tokens" with random tokens at run time
+             (--tokens-secret) when it is absent, so the chart renders no token at all and two
+             renders of the same values (helm template, GitOps) are identical.
 */}}
-{{- define "loramux.token" -}}
-{{- $root := index . 0 }}
-{{- $key := index . 1 }}
-{{- $given := index . 2 }}
-{{- if $given }}
-{{- $given }}
+{{- define "loramux.tokensMode" -}}
+{{- $t := .Values.tokens }}
+{{- if $t.existingSecret }}existing
+{{- else if and $t.adminToken $t.sidecarToken }}values
+{{- else if or $t.adminToken $t.sidecarToken }}
+{{- fail "tokens: give both tokens.adminToken and tokens.sidecarToken, or tokens.existingSecret, or neither (the operator then creates the Secret)" }}
+{{- else if .Values.operator.enabled }}operator
 {{- else }}
-{{- $name := printf "%s-tokens" (include "loramux.fullname" $root) }}
-{{- $existing := lookup "v1" "Secret" $root.Release.Namespace $name }}
-{{- $stored := "" }}
-{{- if and $existing $existing.data }}
-{{- $stored = index $existing.data $key | default "" | b64dec }}
+{{- fail "tokens: without the operator (operator.enabled=false) set tokens.existingSecret or tokens.adminToken and tokens.sidecarToken" }}
 {{- end }}
-{{- default (randAlphaNum 48) $stored }}
+{{- end }}
+
+{{/* The labels a pod must carry to get the sidecar token, S3 keys and routes from the
+operator (operator.poolOwner.labels, else the inference pods' selector labels). */}}
+{{- define "loramux.poolOwnerLabels" -}}
+{{- if .Values.operator.poolOwner.labels }}
+{{- .Values.operator.poolOwner.labels }}
+{{- else }}
+{{- printf "app.kubernetes.io/name=loramux-inference,app.kubernetes.io/instance=%s" .Release.Name }}
+{{- end }}
+{{- end }}
+
+{{/* namespace/name of the Deployment whose ReplicaSets' pods the operator trusts (empty: the
+labels alone). */}}
+{{- define "loramux.poolOwnerDeployment" -}}
+{{- if .Values.operator.poolOwner.deployment }}
+{{- .Values.operator.poolOwner.deployment }}
+{{- else if and .Values.inference.enabled (not .Values.operator.poolOwner.labels) }}
+{{- printf "%s/%s" .Release.Namespace (include "loramux.inference.fullname" .) }}
 {{- end }}
 {{- end }}
 
@@ -122,6 +141,35 @@ file, LORAMUX_QUANTIZATION (merge mode loads an unquantized base itself), the ad
 (the operator adds its own) and the S3 credentials Secret.
 ----------------------------------------------------------------------------------------------
 */}}
+
+{{/* A Kubernetes quantity ("20Gi", "500M", "1073741824") in bytes, as an integer. */}}
+{{- define "loramux.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $suffix := trimPrefix $number $q }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 }}
+{{- if not (hasKey $units $suffix) }}
+{{- fail (printf "cannot read the quantity %q" $q) }}
+{{- end }}
+{{- mulf (float64 $number) (float64 (get $units $suffix)) | floor | int64 }}
+{{- end }}
+
+{{/* The sidecar's disk budget: inference.sync.diskBudgetBytes, or 90% of the emptyDir's
+sizeLimit when 0, so a full volume fails a download (reason disk_budget) instead of getting
+the pod evicted; a budget at or above the sizeLimit fails the render. 0: no budget (pvc). */}}
+{{- define "loramux.sync.diskBudgetBytes" -}}
+{{- $inf := .Values.inference }}
+{{- $budget := int64 $inf.sync.diskBudgetBytes }}
+{{- if eq $inf.adapterVolume.type "emptyDir" }}
+{{- $limit := include "loramux.quantityBytes" $inf.adapterVolume.sizeLimit | int64 }}
+{{- if eq $budget 0 }}
+{{- $budget = divf (mulf $limit 9) 10 | floor | int64 }}
+{{- else if ge $budget $limit }}
+{{- fail (printf "inference.sync.diskBudgetBytes (%d) must be below inference.adapterVolume.sizeLimit (%s = %d bytes): the kubelet evicts a pod whose emptyDir is full" $budget $inf.adapterVolume.sizeLimit $limit) }}
+{{- end }}
+{{- end }}
+{{- $budget }}
+{{- end }}
 
 {{/* Fails the render when the model source or the adapter volume lacks its details. */}}
 {{- define "loramux.inference.checkValues" -}}
@@ -240,6 +288,10 @@ capabilities:
   value: 0.0.0.0
 - name: LORAMUX_PORT
   value: "8000"
+# The admin API (/admin) listens on 127.0.0.1 only, for the sidecar in the same pod; the
+# public port answers 404 there. Never a containerPort, never in a Service.
+- name: LORAMUX_ADMIN_PORT
+  value: {{ $inf.adminPort | quote }}
 {{- if not .dedicated }}
 - name: LORAMUX_ADMIN_TOKEN_FILE
   value: /var/run/loramux/tokens/admin-token
