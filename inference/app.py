@@ -117,9 +117,15 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
+_FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 def require_admin(request: Request, runtime: RuntimeDep) -> None:
-    """Admin routes: a bearer token when one is configured, else loopback clients only."""
-    token = runtime.admin_token
+    """Admin routes: a bearer token when one is configured (read per request, so a rotated
+    token file takes effect), else loopback clients only - and a request that carries
+    forwarding headers came through a proxy, so it is not a loopback client whatever its
+    peer address says."""
+    token = runtime.admin_token.current()
     if token:
         if not bearer_matches(request, token):
             raise ServiceError(401, "admin routes need 'Authorization: Bearer <token>'",
@@ -129,6 +135,39 @@ def require_admin(request: Request, runtime: RuntimeDep) -> None:
     if host not in ("127.0.0.1", "::1", "localhost"):
         raise ServiceError(403, "admin routes accept only loopback clients when no token is set",
                            "forbidden")
+    forwarded = [h for h in _FORWARDING_HEADERS if h in request.headers]
+    if forwarded:
+        raise ServiceError(403, "admin routes without a token accept only direct loopback "
+                                f"clients, not requests forwarded by a proxy ({forwarded[0]})",
+                           "forbidden")
+
+
+class AdminPortGate:
+    """With a separate admin port (``runtime.admin_port``): ``/admin`` answers only there,
+    and the admin port answers nothing else; every other request is a 404, as for an unknown
+    route. The local port a request arrived on is the ASGI scope's ``server``."""
+
+    def __init__(self, app: Callable, runtime: Runtime) -> None:
+        self.app, self.runtime = app, runtime
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        # The bound port; the configured one until serve() bound it (0: none matches yet,
+        # so /admin is closed rather than open on the public port).
+        port = self.runtime.admin_port
+        if port is None:
+            port = self.runtime.settings.admin_port
+        if scope["type"] == "http" and port is not None:
+            server = scope.get("server")
+            on_admin_port = server is not None and server[1] == port
+            path = scope.get("path", "")
+            admin_path = path == "/admin" or path.startswith("/admin/")
+            if admin_path != on_admin_port:
+                body = json.dumps(error_body(404, "not_found", "Not Found")).encode()
+                await send({"type": "http.response.start", "status": 404,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------------- generation core
@@ -573,6 +612,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     install_error_handlers(app, log)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    if runtime.settings.admin_port is not None:
+        app.add_middleware(AdminPortGate, runtime=runtime)
     return app
 
 

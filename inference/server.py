@@ -1,8 +1,16 @@
-"""Assembling one server process from its settings, and running it under uvicorn."""
+"""Assembling one server process from its settings, and running it under uvicorn.
+
+With ``--admin-port`` the one app listens on two sockets of one uvicorn server: the public
+port and the admin port (``admin_host``, loopback by default). One app, one lifespan, one
+engine and one graceful shutdown; :class:`~.app.AdminPortGate` routes by the local port a
+request arrived on (``/admin/*`` only on the admin port). A second uvicorn server would need
+a second app and lifespan sharing the Runtime, and two shutdown paths to keep in step.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +19,7 @@ import torch
 
 from loramux import __version__
 from loramux.names import AdapterRef, InvalidName
+from loramux.tokens import Token
 
 from .adapter_cache import AdapterCache
 from .adapters import AdapterRejected, BaseFacts, read_adapter
@@ -34,8 +43,10 @@ class Runtime:
     tenants: TenantDirectory
     engine: Engine
     metrics: Metrics
-    admin_token: str | None
+    admin_token: Token  # .current() per request: a rotated token file takes effect
     router: TenantRouter | None = None
+    # The port /admin/* is served on when it is separate (settings.admin_port, bound).
+    admin_port: int | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
 
@@ -159,6 +170,20 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     return runtime
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(settings: ServeSettings) -> None:
     import uvicorn
 
@@ -170,5 +195,25 @@ def serve(settings: ServeSettings) -> None:
     torch.set_grad_enabled(False)
     runtime = build_runtime(settings)
     app = create_app(runtime)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1
+    # and let anything that proxies over loopback pick the client address /admin trusts.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            proxy_headers=False,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    if settings.admin_port is None:
+        uvicorn.Server(config).run()
+        return
+    public = _listen_socket(settings.host, settings.port)
+    admin = _listen_socket(settings.admin_host, settings.admin_port)
+    runtime.admin_port = admin.getsockname()[1]
+
+    class TwoPortServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # uvicorn logs nothing for sockets it is handed
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on %s (Press CTRL+C to quit)", _url(public))
+                log.info(f"admin API listening on {_url(admin)}",
+                         extra={"admin_port": runtime.admin_port})
+
+    TwoPortServer(config).run(sockets=[public, admin])

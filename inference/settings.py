@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loramux.logs import LogSettings
-from loramux.tokens import read_token
+from loramux.tokens import Token
 
 GiB = 1024**3
 MiB = 1024**2
@@ -50,7 +50,13 @@ class ServeSettings(LogSettings, BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_token: str | None = Field(None, description="Bearer token for /admin routes.")
-    admin_token_file: Path | None = None
+    admin_token_file: Path | None = Field(
+        None, description="File holding the admin token (a mounted Secret); re-read when it "
+        "changes, so a rotated token takes effect without a restart.")
+    admin_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /admin/* only on admin_host:admin_port (the "
+        "public port answers 404 for /admin). Unset: /admin is on the public port.")
+    admin_host: str = Field("127.0.0.1", description="Interface of the admin port.")
     max_body_bytes: int = Field(1 * MiB, ge=1024)
 
     torch_threads: int | None = Field(
@@ -99,7 +105,11 @@ class ServeSettings(LogSettings, BaseSettings):
     def _check(self) -> ServeSettings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
+        if (self.admin_port is not None and self.admin_port != 0
+                and self.admin_port == self.port):
+            raise ValueError("admin_port must differ from port")
         return self
 
-    def resolved_admin_token(self) -> str | None:
-        return read_token(self.admin_token, self.admin_token_file)
+    def resolved_admin_token(self) -> Token:
+        """The admin token; ``.current()`` follows a rotated token file (None: no token)."""
+        return Token(self.admin_token, self.admin_token_file)

@@ -835,9 +835,90 @@ def test_sync_sidecar_applies_the_same_rule_in_its_error_shape(tmp_path):
         assert r.status_code == 202 and r.json() == {"accepted": 0}, r.text
 
 
+# ====================================================================== admin surfaces
+@pytest.mark.parametrize("header", [b"Bearer \xff\xfe", b"Bearer s\xe9cret", b"Bearer",
+                                    b"Bearer\tsecret", b"\xffBearer secret", b"bearer secret extra"])
+def test_malformed_or_non_ascii_authorization_is_401_not_500(http, strict, header):
+    r = http.get(f"{strict.url}/admin/adapters", headers={"Authorization": header})
+    _error(r, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("header", [{"X-Forwarded-For": "127.0.0.1"},
+                                    {"X-Forwarded-For": "203.0.113.9"},
+                                    {"Forwarded": "for=127.0.0.1"},
+                                    {"X-Real-IP": "127.0.0.1"}])
+def test_requests_forwarded_over_loopback_get_no_loopback_exemption(http, fp32_server, header):
+    # fp32_server has no admin token: only direct loopback clients may use /admin.
+    assert http.get(f"{fp32_server.url}/admin/adapters").status_code == 200
+    r = http.get(f"{fp32_server.url}/admin/adapters", headers=header)
+    assert "proxy" in _error(r, 403, "forbidden")["message"]
+    r = http.delete(f"{fp32_server.url}/admin/adapters/legal/v1", headers=header)
+    _error(r, 403, "forbidden")
+    # The public routes do not care.
+    assert http.get(f"{fp32_server.url}/healthz", headers=header).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def rotating_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rotating") / "admin-token"
+    path.write_text("first-token\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def split(start_server, tiny_model_dir: Path, adapter_root: Path, rotating_token: Path):
+    """/admin on its own loopback port (LORAMUX_ADMIN_PORT, 0: the kernel picks), the admin
+    token in a file that the test rotates. Returns (server, admin URL)."""
+    server = start_server(
+        "--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text",
+        "--admin-token-file", str(rotating_token), *preload_flags(adapter_root, ["legal"]),
+        env={"LORAMUX_ADMIN_PORT": "0"},
+    )
+    match = re.search(r"admin API listening on (http://127\.0\.0\.1:\d+)", server.log())
+    assert match, server.log()[-3000:]
+    return server, match.group(1)
+
+
+def test_admin_port_serves_admin_and_the_public_port_answers_404_for_it(http, split):
+    server, admin_url = split
+    first = {"Authorization": "Bearer first-token"}
+    assert admin_url != server.url
+    for path in ("/admin/adapters", "/admin/routes", "/admin"):
+        _error(http.get(f"{server.url}{path}", headers=first), 404, "not_found")
+    _error(http.put(f"{server.url}/admin/tenants/legal/active", json={"version": "v1"},
+                    headers=first), 404, "not_found")
+    r = http.get(f"{admin_url}/admin/adapters", headers=first)
+    assert r.status_code == 200 and [a["tenant"] for a in r.json()["adapters"]] == ["legal"]
+    # The admin port still wants the token, and serves nothing but /admin.
+    _error(http.get(f"{admin_url}/admin/adapters"), 401, "unauthorized")
+    _error(http.post(f"{admin_url}/generate", json=_greedy("legal", "hi", 2)), 404)
+    # The public port serves the public routes.
+    assert http.post(f"{server.url}/generate",
+                     json=_greedy("legal", "hi", 2)).json()["adapter"] == "legal@v1"
+
+
+def test_rotated_admin_token_file_takes_effect_without_a_restart(http, split, rotating_token):
+    server, admin_url = split
+    old, new = {"Authorization": "Bearer first-token"}, {"Authorization": "Bearer second"}
+    assert http.get(f"{admin_url}/admin/adapters", headers=old).status_code == 200
+    _error(http.get(f"{admin_url}/admin/adapters", headers=new), 401, "unauthorized")
+    # The kubelet swaps a Secret's file: a new file renamed over the old path.
+    staged = rotating_token.with_name("admin-token.new")
+    staged.write_text("second\n")
+    staged.replace(rotating_token)
+    _error(http.get(f"{admin_url}/admin/adapters", headers=old), 401, "unauthorized")
+    assert http.get(f"{admin_url}/admin/adapters", headers=new).status_code == 200
+    # Rewritten in place (same inode, new size and mtime) works too.
+    rotating_token.write_text("third-token\n")
+    _error(http.get(f"{admin_url}/admin/adapters", headers=new), 401, "unauthorized")
+    r = http.get(f"{admin_url}/admin/adapters", headers={"Authorization": "Bearer third-token"})
+    assert r.status_code == 200
+    assert server.proc.poll() is None
+
+
 # ====================================================================== logs
-def test_no_server_logged_a_traceback_or_an_unhandled_error(fp32_server, strict, busy):
-    for server in (fp32_server, strict, busy):
+def test_no_server_logged_a_traceback_or_an_unhandled_error(fp32_server, strict, busy, split):
+    for server in (fp32_server, strict, busy, split[0]):
         log = server.log()
         assert "Traceback" not in log, log[-4000:]
         assert "unhandled error" not in log
