@@ -38,7 +38,7 @@ import torch
 from loramux.contracts import AdapterState, AdapterView, Residency
 from loramux.names import AdapterRef
 
-from .adapters import AdapterRejected, BaseFacts, HostAdapter, read_adapter
+from .adapters import AdapterRejected, BaseFacts, DiskStamp, HostAdapter, read_adapter
 from .lora_backend import LoraBackend
 from .metrics import Metrics
 
@@ -89,6 +89,7 @@ class AdapterEntry:
     evicted: concurrent.futures.Future | None = None
     merged: bool = False
     miss_counted: bool = False
+    stamp: DiskStamp | None = None  # the files as first read; re-reads must find them
 
     @property
     def residency(self) -> Residency:
@@ -216,7 +217,10 @@ class AdapterCache:
         def read() -> None:
             started = time.perf_counter()
             try:
-                host = read_adapter(entry.path, self._base, self.max_rank, self.allow_pickle)
+                # A re-read (the host copy was dropped) must find the files read the first
+                # time: changed or deleted ones fail this version alone.
+                host = read_adapter(entry.path, self._base, self.max_rank, self.allow_pickle,
+                                    expect=entry.stamp)
                 if host.nbytes > self.device_bytes:
                     raise AdapterRejected(
                         "too_large",
@@ -243,6 +247,8 @@ class AdapterCache:
                 else:
                     gone = None
                     entry.host = host
+                    if entry.stamp is None:
+                        entry.stamp = host.stamp
                     entry.nbytes = host.nbytes
                     entry.rank = host.rank
                     entry.disk_load_seconds = seconds

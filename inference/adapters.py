@@ -3,12 +3,20 @@
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Every
 check runs here, in a loader thread, and a failure names its reason precisely, so a bad
 adapter fails alone and never reaches the engine.
+
+A read records a :class:`DiskStamp` of the directory (each file's inode, size and mtime, and
+the manifest's digest). The cache reads a version again from disk after dropping its host
+copy; that read must find the files it validated the first time (``expect``), else the
+version fails with ``changed_on_disk`` (or ``missing_files``), alone. Files that were
+rewritten but still match an unchanged ``manifest.json`` pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +28,7 @@ log = logging.getLogger("loramux.adapters")
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+MANIFEST_FILE = "manifest.json"
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 
@@ -67,6 +76,70 @@ class BaseFacts:
         return claimed in names or claimed.rsplit("/", 1)[-1] in basenames
 
 
+@dataclass(frozen=True)
+class DiskStamp:
+    """An adapter directory's files as read: (relative path, inode, size, mtime ns) each,
+    and the sha256 of its ``manifest.json`` (None without one)."""
+
+    files: tuple[tuple[str, int, int, int], ...]
+    manifest_sha256: str | None
+
+    @classmethod
+    def of(cls, path: Path) -> DiskStamp:
+        files: list[tuple[str, int, int, int]] = []
+        for root, _, names in os.walk(path):
+            for name in names:
+                full = Path(root) / name
+                try:
+                    st = full.stat()
+                except OSError:
+                    continue  # vanished under us: it is missing from the stamp
+                files.append((full.relative_to(path).as_posix(), st.st_ino, st.st_size,
+                              st.st_mtime_ns))
+        try:
+            digest: str | None = hashlib.sha256((path / MANIFEST_FILE).read_bytes()).hexdigest()
+        except OSError:
+            digest = None
+        return cls(tuple(sorted(files)), digest)
+
+    def differences(self, other: DiskStamp) -> list[str]:
+        """What changed from ``self`` (the first read) to ``other`` (now), by file."""
+        before = {f[0]: f[1:] for f in self.files}
+        after = {f[0]: f[1:] for f in other.files}
+        changed = [f"{name}: deleted" for name in sorted(before.keys() - after.keys())]
+        changed += [f"{name}: added" for name in sorted(after.keys() - before.keys())]
+        changed += [f"{name}: replaced or modified" for name in sorted(before.keys() & after.keys())
+                    if before[name] != after[name]]
+        return changed
+
+
+def _check_unchanged(path: Path, expect: DiskStamp, now: DiskStamp) -> None:
+    """Refuse a re-read of ``path`` whose files are not those read the first time."""
+    if now == expect:
+        return
+    if not path.is_dir():
+        raise AdapterRejected("missing_files", f"adapter directory {path} was deleted after it "
+                                               "was first loaded")
+    changes = expect.differences(now) or ["manifest.json rewritten"]
+    if expect.manifest_sha256 is not None and now.manifest_sha256 == expect.manifest_sha256:
+        # Same manifest: files rewritten with the same content (a re-download) still pass.
+        from loramux.manifest import AdapterManifest, verify_directory
+
+        try:
+            manifest = AdapterManifest.from_json((path / MANIFEST_FILE).read_bytes())
+            problems = verify_directory(path, manifest)
+        except (OSError, ValueError) as exc:
+            problems = [str(exc)]
+        if not problems:
+            return
+        changes = problems
+    raise AdapterRejected(
+        "changed_on_disk",
+        f"adapter files in {path} changed on disk since they were first loaded and validated "
+        f"({'; '.join(changes[:5])}); load it again (PUT) or publish a new version",
+    )
+
+
 @dataclass
 class HostAdapter:
     """A validated adapter held in host memory: its PEFT config and its LoRA tensors."""
@@ -79,6 +152,7 @@ class HostAdapter:
     target_modules: list[str]
     nbytes: int
     modules: set[str] = field(default_factory=set)
+    stamp: DiskStamp | None = None  # the directory as it was read
 
     def peft_config(self):  # -> peft.LoraConfig
         from peft import LoraConfig
@@ -239,10 +313,15 @@ def _check_tensors(
 
 
 def read_adapter(
-    path: Path, base: BaseFacts, max_rank: int, allow_pickle: bool = False
+    path: Path, base: BaseFacts, max_rank: int, allow_pickle: bool = False,
+    expect: DiskStamp | None = None,
 ) -> HostAdapter:
-    """Read and validate an adapter directory into host memory, or raise AdapterRejected."""
+    """Read and validate an adapter directory into host memory, or raise AdapterRejected.
+    ``expect``: the stamp of an earlier read; the files must still be those."""
     path = Path(path)
+    before = DiskStamp.of(path)
+    if expect is not None:
+        _check_unchanged(path, expect, before)
     if not path.is_dir():
         raise AdapterRejected("missing_files", f"adapter directory {path} does not exist")
     config = _read_config(path)
@@ -250,4 +329,13 @@ def read_adapter(
     tensors = _load_tensors(path, allow_pickle)
     modules = _check_tensors(tensors, base, max_rank)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return HostAdapter(path, config, tensors, rank, alpha, targets, nbytes, modules)
+    after = DiskStamp.of(path)
+    if after != before:
+        raise AdapterRejected(
+            "changed_on_disk",
+            f"adapter files in {path} changed while they were being read "
+            f"({'; '.join(before.differences(after)[:5])}); load it again once they are "
+            "complete",
+        )
+    return HostAdapter(path, config, tensors, rank, alpha, targets, nbytes, modules,
+                       stamp=before)

@@ -275,3 +275,32 @@ def test_weights_holding_nan_are_rejected_as_corrupt_weights(adapters, base_fact
     exc = _rejected(adapter, base_facts)
     assert exc.code == "corrupt_weights"
     assert first in exc.message and "NaN" in exc.message
+
+
+# ---------------------------------------------------------------------- re-reads
+def test_a_re_read_must_find_the_files_of_the_first_read(adapters, base_facts, tmp_path):
+    import os
+
+    path = shutil.copytree(adapters["good"], tmp_path / "good")
+    first = read_adapter(path, base_facts, MAX_RANK)
+    assert first.stamp is not None and first.stamp.manifest_sha256 is None
+    # Unchanged: the same files pass.
+    assert read_adapter(path, base_facts, MAX_RANK, expect=first.stamp).stamp == first.stamp
+    # A file whose mtime moved (rewritten, even with the same bytes) is a change without a
+    # manifest to check it against.
+    st = (path / CONFIG_FILE).stat()
+    os.utime(path / CONFIG_FILE, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(AdapterRejected) as info:
+        read_adapter(path, base_facts, MAX_RANK, expect=first.stamp)
+    assert info.value.code == "changed_on_disk"
+    assert f"{CONFIG_FILE}: replaced or modified" in info.value.message
+    # An added file, and a deleted directory.
+    second = read_adapter(path, base_facts, MAX_RANK)
+    (path / "extra.txt").write_text("x")
+    with pytest.raises(AdapterRejected) as info:
+        read_adapter(path, base_facts, MAX_RANK, expect=second.stamp)
+    assert "extra.txt: added" in info.value.message
+    shutil.rmtree(path)
+    with pytest.raises(AdapterRejected) as info:
+        read_adapter(path, base_facts, MAX_RANK, expect=second.stamp)
+    assert info.value.code == "missing_files" and "deleted" in info.value.message

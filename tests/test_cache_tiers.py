@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import threading
 import time
 
@@ -196,3 +197,98 @@ def test_evicting_the_active_version_hands_the_tenant_to_its_newest_ready_versio
     runtime.tenants.evict(v2.ref).result(30)
     with pytest.raises(UnknownAdapter):
         runtime.tenants.acquire(TenantRef("legal"))
+
+
+# ---------------------------------------------------------------------- re-reads from disk
+def _disk_only(runtime, tmp_path, adapter_root, *, manifest: bool = False):
+    """legal (a private copy, so the test may change its files) read once, then pushed down
+    to the disk tier by retail (one device slot, no host room). Returns (legal, retail)."""
+    from factories import stage_adapter
+
+    if manifest:
+        path, _ = stage_adapter(adapter_root, tmp_path, "legal", "v1")
+    else:
+        path = tmp_path / "legal" / "v1"
+        shutil.copytree(adapter_root / "legal" / "v1", path)
+    legal = runtime.tenants.register(AdapterRef("legal", "v1"), path).result(30)
+    retail = _register(runtime, adapter_root, "retail")
+    _until_ready(runtime, legal)
+    _until_ready(runtime, retail)
+    assert legal.residency == Residency.DISK and legal.stamp is not None
+    return legal, retail
+
+
+def _ask(runtime, tenant: str) -> tuple[int, str]:
+    """(200, text) or (status, reason) of one request through the engine."""
+    from loramux.inference.adapter_cache import AdapterUnavailable
+    from loramux.inference.engine import ErrorEvent
+
+    try:
+        entry = runtime.tenants.acquire(TenantRef(tenant))
+    except AdapterUnavailable as exc:
+        return 503, str(exc)
+
+    async def run() -> tuple[int, str]:
+        seq = Sequence(prompt_ids=runtime.tokenizer.encode("hello"),
+                       params=SamplingParams(max_new_tokens=3, ignore_eos=True),
+                       entry=entry, loop=asyncio.get_running_loop(), timeout_s=60)
+        runtime.engine.submit(seq)
+        while True:
+            event = await seq.events.get()
+            if isinstance(event, FinishEvent):
+                return 200, event.text
+            if isinstance(event, ErrorEvent):
+                return event.status, event.reason
+
+    return asyncio.run(run())
+
+
+def test_adapter_changed_on_disk_after_its_first_load_fails_alone_when_read_again(
+        make_runtime, adapter_root, tmp_path):
+    runtime = make_runtime(host_cache_bytes=0, device_adapter_slots=1)
+    legal, _ = _disk_only(runtime, tmp_path, adapter_root)
+    # Someone swaps the weights under the served version (another adapter's, same shapes).
+    shutil.copy(adapter_root / "legal" / "v2" / "adapter_model.safetensors",
+                legal.path / "adapter_model.safetensors")
+    status, reason = _ask(runtime, "legal")
+    assert status == 503 and "changed on disk" in reason, reason
+    assert legal.state == "failed" and legal.reason_code == "changed_on_disk"
+    assert "adapter_model.safetensors" in legal.reason
+    # Later requests are refused with the reason; other tenants never noticed.
+    status, reason = _ask(runtime, "legal")
+    assert status == 503 and "changed on disk" in reason
+    assert _ask(runtime, "retail")[0] == 200
+    assert runtime.cache.consistency_problems() == []
+
+
+def test_adapter_deleted_after_its_first_load_fails_alone_when_read_again(
+        make_runtime, adapter_root, tmp_path):
+    runtime = make_runtime(host_cache_bytes=0, device_adapter_slots=1)
+    legal, _ = _disk_only(runtime, tmp_path, adapter_root)
+    shutil.rmtree(legal.path)
+    status, reason = _ask(runtime, "legal")
+    assert status == 503 and "deleted" in reason, reason
+    assert legal.reason_code == "missing_files"
+    assert _ask(runtime, "retail")[0] == 200
+
+
+def test_adapter_rewritten_with_the_same_content_under_its_manifest_is_read_again(
+        make_runtime, adapter_root, tmp_path):
+    runtime = make_runtime(host_cache_bytes=0, device_adapter_slots=1)
+    legal, _ = _disk_only(runtime, tmp_path, adapter_root, manifest=True)
+    expected = _ask(runtime, "legal")
+    assert expected[0] == 200
+    _until_ready(runtime, runtime.tenants.resolve(TenantRef("retail")))
+    assert legal.residency == Residency.DISK
+    # A re-download: the same bytes in a new file (new inode and mtime), same manifest.
+    weights = legal.path / "adapter_model.safetensors"
+    fresh = weights.with_name("fresh")
+    shutil.copy(weights, fresh)
+    fresh.replace(weights)
+    assert _ask(runtime, "legal") == expected
+    assert legal.state == "ready"
+    # The same manifest but different bytes is refused.
+    _until_ready(runtime, runtime.tenants.resolve(TenantRef("retail")))
+    shutil.copy(adapter_root / "legal" / "v2" / "adapter_model.safetensors", weights)
+    status, reason = _ask(runtime, "legal")
+    assert status == 503 and "sha256 does not match" in reason, reason

@@ -837,7 +837,8 @@ def test_sync_sidecar_applies_the_same_rule_in_its_error_shape(tmp_path):
 
 # ====================================================================== admin surfaces
 @pytest.mark.parametrize("header", [b"Bearer \xff\xfe", b"Bearer s\xe9cret", b"Bearer",
-                                    b"Bearer\tsecret", b"\xffBearer secret", b"bearer secret extra"])
+                                    b"Bearer\tsecret", b"\xffBearer secret",
+                                    b"bearer secret extra"])
 def test_malformed_or_non_ascii_authorization_is_401_not_500(http, strict, header):
     r = http.get(f"{strict.url}/admin/adapters", headers={"Authorization": header})
     _error(r, 401, "unauthorized")
