@@ -493,3 +493,55 @@ def test_secrets_never_leave_the_sidecar(env: Env, published, moto) -> None:
         for secret in (ENTRY_KEY_ID, ENTRY_SECRET, ENTRY_TOKEN, ENV_SECRET):
             assert secret not in text
     assert "DEBUG" in logs[0].read_text()  # the logs were at debug level
+
+
+def test_tokens_rotate_between_real_processes(start_server, start_sidecar, tiny_model_dir: Path,
+                                              adapter_root: Path, tmp_path: Path) -> None:
+    """One Secret mounted in both containers, rotated (a new file behind the same path, as
+    the kubelet does): the sidecar's /v1 refuses the old token and takes the new one, and
+    the sidecar keeps loading adapters on the real server, whose admin token rotated at the
+    same moment - no restart of either."""
+    api_file, admin_file = tmp_path / "sync-token", tmp_path / "admin-token"
+    api_file.write_text("sync-old\n")
+    admin_file.write_text("admin-old\n")
+    server = start_server("--model", str(tiny_model_dir), "--quantization", "none",
+                          "--log-format", "text", "--admin-token-file", str(admin_file))
+    sidecar = start_sidecar("--root", str(tmp_path / "volume"), "--server-url", server.url,
+                            "--resync-seconds", "0.5", "--token-file", str(api_file),
+                            "--server-token-file", str(admin_file))
+    sources = {}
+    for tenant in ("legal", "medical"):
+        src = stage(adapter_root, tmp_path / "pub", tenant, "v1")
+        sources[tenant] = {"tenant": tenant, "version": "v1", "uri": src.as_uri() + "/"}
+
+    def call(token: str, method: str = "GET", path: str = "/v1/state",
+             **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, sidecar.url + path, timeout=10,
+                             headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+    def loaded(admin: str) -> set[str]:
+        r = httpx.get(f"{server.url}/admin/adapters", timeout=10,
+                      headers={"Authorization": f"Bearer {admin}"})
+        assert r.status_code == 200, r.text
+        return {a["tenant"] for a in r.json()["adapters"] if a["state"] == "ready"}
+
+    assert call("sync-old", "PUT", "/v1/desired",
+                json={"adapters": [sources["legal"]]}).status_code == 202
+    wait_until(lambda: "legal" in loaded("admin-old"), "legal loaded with the old tokens")
+
+    for path, value in ((api_file, "sync-new"), (admin_file, "admin-new")):
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_text(value + "\n")
+        os.replace(fresh, path)
+    assert call("sync-old").status_code == 401
+    assert call("sync-new").status_code == 200
+    assert httpx.get(f"{server.url}/admin/adapters", timeout=10,
+                     headers={"Authorization": "Bearer admin-old"}).status_code == 401
+    assert call("sync-new", "PUT", "/v1/desired",
+                json={"adapters": [sources["legal"], sources["medical"]]}).status_code == 202
+    wait_until(lambda: {"legal", "medical"} <= loaded("admin-new"),
+               "medical loaded by the sidecar after the rotation")
+    state = call("sync-new").json()
+    assert state["server_reachable"] is True
+    assert {(a["tenant"], a["phase"]) for a in state["adapters"]} == {
+        ("legal", "Ready"), ("medical", "Ready")}
