@@ -49,7 +49,8 @@ from k8s_harness import CRD_PATH, S3, InferencePod, K8s, OperatorProcess, _flag,
 from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
-TOKEN = "chaos-sidecar-token"
+# The tokens live in files (mounted Secrets) shared by the processes; the test rotates them.
+TOKENS = {"sync": "chaos-sidecar-token", "admin": "chaos-admin-token"}
 TENANTS = ("legal", "medical", "finance")
 POD_NAMES = ("chaos-a", "chaos-b")
 PROMPT = "The quick brown fox"
@@ -97,10 +98,18 @@ def all_ready(k8s: K8s) -> bool:
     return True
 
 
+def rotate(path: Path, value: str) -> None:
+    """As the kubelet swaps a mounted Secret: a new file behind the same path."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(value + "\n")
+    fresh.replace(path)
+
+
 def serving_all(pod: InferencePod) -> bool:
     """The pod's server answers and has every tenant's v1 ready (what its readiness gate
     waits for before the pod is back behind the Service)."""
-    data = httpx.get(f"{pod.server_url}/admin/adapters", timeout=5).json()
+    data = httpx.get(f"{pod.server_url}/admin/adapters", timeout=5,
+                     headers={"Authorization": f"Bearer {TOKENS['admin']}"}).json()
     ready = {a["tenant"] for a in data["adapters"] if a["state"] == "ready" and a["active"]}
     return set(TENANTS) <= ready
 
@@ -129,9 +138,15 @@ def stack(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path,
         published[tenant] = (uri, push(src, uri, client=s3_server.client,
                                        progress=False).manifest_sha256)
     workdir = tmp_path_factory.mktemp("chaos-pods")
-    args = ["--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text"]
+    token_files = {kind: workdir / f"{kind}-token" for kind in TOKENS}
+    for kind, path in token_files.items():
+        path.write_text(TOKENS[kind] + "\n")
+    args = ["--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text",
+            "--admin-token-file", str(token_files["admin"])]
+    sync_args = ["--token-file", str(token_files["sync"]),
+                 "--server-token-file", str(token_files["admin"])]
     pods = {name: inference_pod(k8s.api, name, workdir, server_args=args,
-                                sidecar_token=TOKEN, start=False) for name in POD_NAMES}
+                                sidecar_extra=sync_args, start=False) for name in POD_NAMES}
     errors: list[BaseException] = []
 
     def start(pod: InferencePod) -> None:
@@ -148,7 +163,8 @@ def stack(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path,
     operator = OperatorProcess(
         k8s.kubeconfig, tmp_path_factory.mktemp("chaos-operator") / "operator.log",
         ["--namespace", "default", "--resync-seconds", "2", "--health-port", "0",
-         "--sidecar-token", TOKEN, "--delete-timeout-seconds", "30"])
+         "--sidecar-token-file", str(token_files["sync"]),
+         "--server-token-file", str(token_files["admin"]), "--delete-timeout-seconds", "30"])
     try:
         assert not errors, errors
         operator.start()
@@ -159,7 +175,7 @@ def stack(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path,
         for pod in pods.values():
             wait(lambda p=pod: serving_all(p), f"{pod.name} serving every tenant", 60)
         yield {"pods": pods, "operator": operator, "published": published,
-               "setup_seconds": time.monotonic() - started}
+               "token_files": token_files, "setup_seconds": time.monotonic() - started}
     finally:
         operator.stop()
         for pod in pods.values():
@@ -374,10 +390,10 @@ def hostile_loop(traffic: Traffic, pods: dict[str, InferencePod]) -> None:
                 pod = pods[POD_NAMES[turn % 2]]
                 cases = [("sidecar_no_token", {"json": {"adapters": []}}, 401),
                          ("sidecar_bad_json", {"content": b"{", "headers": {
-                             **JSON, "Authorization": f"Bearer {TOKEN}"}}, None),
+                             **JSON, "Authorization": f"Bearer {TOKENS['sync']}"}}, None),
                          ("sidecar_bad_name", {"json": {"adapters": [
                              {"tenant": "Bad_Name", "version": "v1", "uri": "s3://b/x/"}]},
-                             "headers": {"Authorization": f"Bearer {TOKEN}"}}, 422)]
+                             "headers": {"Authorization": f"Bearer {TOKENS['sync']}"}}, 422)]
                 case, options, status = cases[(turn // 5) % len(cases)]
                 t0 = time.monotonic()
                 try:
@@ -392,9 +408,12 @@ def hostile_loop(traffic: Traffic, pods: dict[str, InferencePod]) -> None:
                 else:
                     problem = _error_body(r) or (
                         None if status is None or r.status_code == status else "wrong status")
-                    traffic.add(Record("hostile", pod.name, case,
-                                       f"rejected_{r.status_code}" if problem is None
-                                       else "UNEXPECTED", f"{r.status_code} {r.text[:200]}"))
+                    outcome = f"rejected_{r.status_code}" if problem is None else "UNEXPECTED"
+                    if (problem and r.status_code == 401
+                            and traffic.in_fault("tokens", t0, time.monotonic())):
+                        outcome = "rejected_401_token_in_rotation"  # sent as the file swapped
+                    traffic.add(Record("hostile", pod.name + "/sync", case, outcome,
+                                       f"{r.status_code} {r.text[:200]}"))
             turn += 1
             time.sleep(0.15)
 
@@ -463,7 +482,29 @@ def test_chaos_nobody_else_goes_down(k8s: K8s, stack: dict[str, Any]) -> None:
         traffic.fault_ends(f"{pod_a.name}/sync")
         faults.append(("sidecar SIGKILL + restart (chaos-a)", time.monotonic() - t0))
 
-        # 3. an adapter's local files deleted under a serving pod, then its server killed:
+        # 3. the tokens rotate (one Secret swapped in every container): the old ones are
+        # refused at once, and everybody keeps talking with the new ones (the operator to
+        # the sidecars; the sidecars to their servers - steps 4 and 5 reload through it)
+        t0 = time.monotonic()
+        old = dict(TOKENS)
+        traffic.fault_begins("tokens", leave_rotation=False)
+        TOKENS.update(sync="chaos-sidecar-token-2", admin="chaos-admin-token-2")
+        for kind, path in stack["token_files"].items():
+            rotate(path, TOKENS[kind])
+        time.sleep(0.5)
+        traffic.fault_ends("tokens")
+        for pod in pods.values():
+            state = httpx.get(pod.sync_url + "/v1/state", timeout=10,
+                              headers={"Authorization": f"Bearer {old['sync']}"})
+            assert state.status_code == 401, state.text
+            admin = httpx.get(pod.server_url + "/admin/adapters", timeout=10,
+                              headers={"Authorization": f"Bearer {old['admin']}"})
+            assert admin.status_code == 401, admin.text
+        time.sleep(5)  # two of the operator's passes with the new token
+        wait(converged, "converged after the token rotation", 60)
+        faults.append(("sidecar and admin tokens rotated", time.monotonic() - t0))
+
+        # 4. an adapter's local files deleted under a serving pod, then its server killed:
         # the sidecar must fetch the version again before the server can load it
         shutil.rmtree(volume(pod_b) / "legal" / "v1")
         progress("with legal's files deleted on chaos-b")
@@ -474,7 +515,7 @@ def test_chaos_nobody_else_goes_down(k8s: K8s, stack: dict[str, Any]) -> None:
         assert (volume(pod_b) / "legal" / "v1" / "manifest.json").is_file()
         progress("after chaos-b is back")
 
-        # 4. the operator and a server down at the same time: the sidecar alone reloads
+        # 5. the operator and a server down at the same time: the sidecar alone reloads
         t0 = time.monotonic()
         operator.stop(kill=True)
         back = server_crash(pod_a)
@@ -504,7 +545,7 @@ def test_chaos_nobody_else_goes_down(k8s: K8s, stack: dict[str, Any]) -> None:
         # each fault: seconds from its injection until converged again (every LoraAdapter
         # Ready on both pods; for a server, until its adapters were loaded again)
         "faults": [(what, round(seconds, 1)) for what, seconds in faults],
-        "kills": {"operator": 2, "sidecar": 1, "server": 2},
+        "kills": {"operator": 2, "sidecar": 1, "server": 2, "token_rotations": 1},
         "requests_by_outcome": {f"{k}/{o}": n for (k, o), n in sorted(by_outcome.items())},
         "tenant_ok_by_tenant": dict(Counter(r.what for r in records if r.outcome == "ok")),
         "hostile_by_case": {f"{w}/{o}": n for (w, o), n in sorted(by_case.items())},
