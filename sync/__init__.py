@@ -43,7 +43,13 @@ credentials change.
 
 Because every pass re-reads the actual state, the sidecar converges after a restart of
 itself or of the server. One failing adapter never blocks the others: each fetch-and-load
-runs as its own task.
+runs as its own task. A server answer that is not what the contract says (not JSON, not an
+``AdapterList`` or ``RouteList``) is that pass's failure only, like an unreachable server
+(``loramux_sync_server_errors_total``); the next pass asks again.
+
+Tokens (``--token-file`` for this sidecar's ``/v1``, ``--server-token-file`` for the
+server's ``/admin``) are :class:`loramux.tokens.Token`: re-read when the mounted Secret is
+swapped, checked and sent per request, so a rotation needs no restart.
 
 Modules: :mod:`~loramux.sync.settings` (``SyncSettings``), :mod:`~loramux.sync.reconciler`,
 :mod:`~loramux.sync.credentials`, :mod:`~loramux.sync.metrics`, :mod:`~loramux.sync.app`

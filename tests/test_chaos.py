@@ -50,7 +50,8 @@ from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
 # The tokens live in files (mounted Secrets) shared by the processes; the test rotates them.
-TOKENS = {"sync": "chaos-sidecar-token", "admin": "chaos-admin-token"}
+FIRST_TOKENS = {"sync": "chaos-sidecar-token", "admin": "chaos-admin-token"}
+TOKENS = dict(FIRST_TOKENS)  # the current ones
 TENANTS = ("legal", "medical", "finance")
 POD_NAMES = ("chaos-a", "chaos-b")
 PROMPT = "The quick brown fox"
@@ -138,6 +139,7 @@ def stack(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path,
         published[tenant] = (uri, push(src, uri, client=s3_server.client,
                                        progress=False).manifest_sha256)
     workdir = tmp_path_factory.mktemp("chaos-pods")
+    TOKENS.update(FIRST_TOKENS)
     token_files = {kind: workdir / f"{kind}-token" for kind in TOKENS}
     for kind, path in token_files.items():
         path.write_text(TOKENS[kind] + "\n")
