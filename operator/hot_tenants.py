@@ -293,6 +293,7 @@ def _history_key(key: tuple[str, str]) -> str:
 
 async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
                                 timeout: float = 5.0, headers: Mapping[str, str] | None = None,
+                                max_bytes: int = 16 * 1024 * 1024,
                                 ) -> dict[tuple[str, str], float] | None:
     """Sum ``loramux_requests_total`` per (namespace, tenant) over ``(namespace, server_url)``
     targets. ``None`` when a pod did not answer: a partial sum would read as a counter
@@ -300,10 +301,24 @@ async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
     targets = list(targets)
 
     async def one(url: str) -> str | None:
+        """The body, or None (no answer, an error status, beyond ``max_bytes`` or slower
+        than twice ``timeout``)."""
+        async def read() -> str | None:
+            async with http.stream("GET", f"{url}/metrics", timeout=timeout,
+                                   headers=dict(headers or {})) as response:
+                if response.status_code != 200:
+                    return None
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        log.warning("%s/metrics is larger than %d bytes: ignored", url,
+                                    max_bytes)
+                        return None
+            return body.decode("utf-8", "replace")
+
         try:
-            response = await http.get(f"{url}/metrics", timeout=timeout,
-                                      headers=dict(headers or {}))
-            return response.text if response.status_code == 200 else None
+            return await asyncio.wait_for(read(), timeout * 2)
         except Exception:
             return None
 

@@ -147,3 +147,25 @@ def test_only_services_the_operator_built_for_the_adapter_are_routed_to() -> Non
     assert list(seen[("ns", "legal")].deployments) == ["v2"]
     assert seen[("ns", "legal")].services == {}  # the forged Service is ignored
     assert asyncio.run(hot.list_all(None, {})) == {}  # no LoraAdapter: nothing is ours
+
+
+def test_request_totals_are_read_within_a_size_bound() -> None:
+    import asyncio
+
+    import httpx
+
+    from loramux.operator.hot_tenants import scrape_request_totals
+
+    line = 'loramux_requests_total{outcome="ok",tenant="legal"} 3.0\n'
+    bodies = {"a": line.encode(), "b": line.encode() + b"#" * 5000}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=bodies[request.url.host])
+
+    async def scrape(*hosts: str) -> dict | None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            return await scrape_request_totals(http, [("ns", f"http://{h}") for h in hosts],
+                                               max_bytes=1000)
+
+    assert asyncio.run(scrape("a")) == {("ns", "legal"): 3.0}
+    assert asyncio.run(scrape("a", "b")) is None  # too big: no sample this pass

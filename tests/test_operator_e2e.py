@@ -32,6 +32,7 @@ import pytest
 from factories import stage_adapter
 from k8s_harness import (
     CRD_PATH,
+    INFERENCE_LABELS,
     S3,
     InferencePod,
     K8s,
@@ -43,6 +44,8 @@ from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
 TOKEN = "e2e-sidecar-token"
+# The trust boundary: the operator runs with --pool-owner-labels; the test pods carry it.
+OWNER_LABELS = {"app.kubernetes.io/instance": "e2e"}
 PROMPT = "The quick brown fox"
 POD_NAMES = ("infer-a", "infer-b")
 # credentialsSecret values: moto accepts any keys, so these are distinctive on purpose.
@@ -272,7 +275,9 @@ def pods(k8s: K8s, crd: None, s3_server: S3, tiny_model_dir: Path,
     workdir = tmp_path_factory.mktemp("pods")
     args = ["--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text"]
     made = {name: inference_pod(k8s.api, name, workdir, server_args=args,
-                                sidecar_token=TOKEN, start=False) for name in POD_NAMES}
+                                sidecar_token=TOKEN, start=False,
+                                labels={**INFERENCE_LABELS, **OWNER_LABELS})
+            for name in POD_NAMES}
     errors: list[BaseException] = []
 
     def start(pod: InferencePod) -> None:
@@ -301,6 +306,7 @@ def operator(k8s: K8s, pods: dict[str, InferencePod],
         k8s.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
         ["--namespace", "default", "--resync-seconds", "2", "--health-port", "0",
          "--sidecar-token", TOKEN, "--delete-timeout-seconds", "60",
+         "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in OWNER_LABELS.items()),
          "--log-level", "debug"])  # debug: the secret-leak check reads the most there is
     proc.start()
     proc.wait_for_log("loramux operator started", 60)
@@ -647,6 +653,50 @@ def test_no_secret_in_status_events_or_operator_log(env: Env, k8s: K8s) -> None:
     for value in (SECRET_VALUE, SECRET_KEY_ID, base64.b64encode(SECRET_VALUE.encode()).decode()):
         assert value not in everything
         assert value not in log
+
+
+def test_a_pod_the_install_does_not_own_gets_nothing(env: Env, k8s: K8s) -> None:
+    """A pod that spec.pool selects but that lacks the install's owner label: no request at
+    all (so no token, no credentials), and the LoraAdapter's status says why."""
+    import http.server
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("authorization")))
+            self.send_response(500)
+            self.end_headers()
+
+        do_PUT = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    listener = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    port = listener.server_address[1]
+    stranger = InferencePod(k8s.api, "stranger", labels=dict(INFERENCE_LABELS), dummy_port=port)
+    try:
+        stranger.publish()
+        env.apply("legal", "legal@v1", secret=env.secret)
+        env.ready("legal", "v1")
+
+        def trusted() -> dict[str, Any] | None:
+            status = k8s.api.get(*LORA, "legal").get("status") or {}
+            return next((c for c in status.get("conditions") or []
+                         if c["type"] == "PoolTrusted"), None)
+
+        condition = wait(trusted, "PoolTrusted condition")
+        assert condition["status"] == "False" and condition["reason"] == "UntrustedPods"
+        assert "stranger: lacks the install's label(s) app.kubernetes.io/instance=e2e" in (
+            condition["message"])
+        status = k8s.api.get(*LORA, "legal")["status"]
+        assert sorted(p["pod"] for p in status["placements"]) == sorted(POD_NAMES)
+        assert seen == []
+    finally:
+        stranger.delete(stop=False)
+        listener.shutdown()
 
 
 def test_every_test_cleaned_up(k8s: K8s, pods: dict[str, InferencePod]) -> None:
