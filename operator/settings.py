@@ -75,19 +75,22 @@ class OperatorSettings(LogSettings, BaseSettings):
                           "container) of dedicated merged Deployments; the chart renders it.",
     )
     pool_owner_labels: str | None = Field(
-        None, description="Trust boundary: only pods carrying every one of these labels "
-                          "(key=value[,key=value]) get the sidecar token, S3 keys and routes; "
-                          "the chart sets app.kubernetes.io/instance=<release>.",
+        None, pattern=r"^[^=,\s]+=[^=,\s]*(,[^=,\s]+=[^=,\s]*)*$",
+        description="Trust boundary: only pods carrying every one of these labels "
+                    "(key=value[,key=value]) get the sidecar token, S3 keys and routes; "
+                    "the chart sets its inference pods' selector labels.",
     )
     pool_owner_deployment: str | None = Field(
-        None, description="Trust boundary: only pods controlled by a ReplicaSet of this "
-                          "Deployment (namespace/name) get the sidecar token, S3 keys and "
-                          "routes; the chart names its inference Deployment.",
+        None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Trust boundary: only pods controlled by a ReplicaSet of this "
+                    "Deployment (namespace/name) get the sidecar token, S3 keys and "
+                    "routes; the chart names its inference Deployment.",
     )
     tokens_secret: str | None = Field(
-        None, description="Secret (namespace/name) holding 'admin-token' and 'sidecar-token': "
-                          "created with random tokens when absent, and read every pass for "
-                          "the sidecar token (the chart's default, stable under helm template).",
+        None, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Secret (namespace/name) holding 'admin-token' and 'sidecar-token': "
+                    "created with random tokens when absent, and read every pass for "
+                    "the sidecar token (the chart's default, stable under helm template).",
     )
     max_dedicated_replicas: int = Field(
         8, ge=1, le=64,

@@ -625,10 +625,21 @@ def test_operator_deployment(helm_env: dict[str, str]) -> None:
         f"app.kubernetes.io/name=loramux-inference,app.kubernetes.io/instance={RELEASE}")
     assert env["LORAMUX_OPERATOR_POOL_OWNER_DEPLOYMENT"] == (
         f"{NAMESPACE}/{find(docs, 'Deployment', 'inference')['metadata']['name']}")
-    labels = inference_pod(docs)["metadata"]["labels"]
-    for pair in env["LORAMUX_OPERATOR_POOL_OWNER_LABELS"].split(","):
-        key, _, value = pair.partition("=")
-        assert labels[key] == value
+    # A pod the Deployment controller makes from the rendered template is owned, by the
+    # operator's own check; the same pod in another namespace, or a bare one, is not.
+    from loramux.operator.model import PoolOwner
+
+    owner = PoolOwner.parse(env["LORAMUX_OPERATOR_POOL_OWNER_LABELS"],
+                            env["LORAMUX_OPERATOR_POOL_OWNER_DEPLOYMENT"])
+    name = find(docs, "Deployment", "inference")["metadata"]["name"]
+    pod = {"metadata": {
+        "name": f"{name}-7d9f8-x1", "namespace": NAMESPACE,
+        "labels": {**inference_pod(docs)["metadata"]["labels"], "pod-template-hash": "7d9f8"},
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                             "name": f"{name}-7d9f8", "uid": "u", "controller": True}]}}
+    assert owner.why_not(pod) is None
+    assert owner.why_not({"metadata": {**pod["metadata"], "namespace": "other"}})
+    assert owner.why_not({"metadata": {**pod["metadata"], "ownerReferences": []}})
     assert env["LORAMUX_OPERATOR_MAX_DEDICATED_REPLICAS"] == "8"
     # With a Secret of the user's: the operator mounts its sidecar token as a file.
     docs = render(helm_env, *VALUE_SETS["existing-secrets"])

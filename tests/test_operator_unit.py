@@ -592,6 +592,16 @@ def test_settings_env_names(monkeypatch):
     s = parse(["--resync-seconds", "5"])
     assert s.sidecar_port == 9001 and s.namespace == "team" and s.resync_seconds == 5
     assert s.server_port == 8000 and s.health_port == 8080 and s.peering is None
+    # issue 15: the trust boundary and the tokens Secret, checked at start
+    s = parse(["--pool-owner-labels", "app.kubernetes.io/instance=rel,a=b",
+               "--pool-owner-deployment", "ns/rel-loramux-inference",
+               "--tokens-secret", "ns/rel-tokens", "--max-dedicated-replicas", "4"])
+    assert s.pool_owner_labels == "app.kubernetes.io/instance=rel,a=b"
+    assert s.max_dedicated_replicas == 4 and s.tokens_secret == "ns/rel-tokens"
+    for bad in (["--pool-owner-labels", "no-value"], ["--pool-owner-deployment", "no-ns"],
+                ["--tokens-secret", "Bad/Name"], ["--max-dedicated-replicas", "65"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
 
 
 # --------------------------------------------------------------------------- one pass, faked I/O
