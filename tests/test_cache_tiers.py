@@ -292,3 +292,43 @@ def test_adapter_rewritten_with_the_same_content_under_its_manifest_is_read_agai
     shutil.copy(adapter_root / "legal" / "v2" / "adapter_model.safetensors", weights)
     status, reason = _ask(runtime, "legal")
     assert status == 503 and "sha256 does not match" in reason, reason
+
+
+# ---------------------------------------------------------------------- races, one at a time
+def test_version_evicted_while_it_is_read_resolves_its_load_and_leaves_no_trace(
+        make_runtime, adapter_root, monkeypatch):
+    from loramux.inference.adapter_cache import AdapterConflict, AdapterUnavailable
+
+    runtime = make_runtime(host_cache_bytes=1)
+    real_read = adapter_cache.read_adapter
+    reading, release = threading.Event(), threading.Event()
+
+    def held_read(path, *args, **kwargs):
+        if "support" in str(path):
+            reading.set()
+            release.wait(10)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_cache, "read_adapter", held_read)
+    ref = AdapterRef("support", "v1")
+    load = runtime.tenants.register(ref, adapter_root / "support" / "v1", activate=True)
+    assert reading.wait(10)
+    # DELETE while the loader thread reads: the idle version goes at once.
+    runtime.tenants.evict(ref).result(10)
+    assert runtime.cache.get(ref) is None
+    release.set()
+    # The load's waiter (a PUT) hears that the version went, instead of waiting forever,
+    # and the loader put nothing into the host tier for a version no one knows.
+    with pytest.raises(AdapterUnavailable, match="evicted while loading"):
+        load.result(10)
+    assert runtime.cache.consistency_problems() == []
+    assert not runtime.tenants.is_active(ref)
+    # The same version loads again; while it drains, a PUT of it is a conflict, not a hang.
+    entry = _register(runtime, adapter_root, "support")
+    held = runtime.cache.acquire(entry)
+    draining = runtime.tenants.evict(ref)
+    with pytest.raises(AdapterConflict):
+        runtime.tenants.register(ref, adapter_root / "support" / "v1")
+    runtime.cache.release(held)
+    draining.result(10)
+    assert runtime.cache.consistency_problems() == []
