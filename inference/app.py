@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -47,7 +48,7 @@ from loramux.names import AdapterRef, InvalidName, validate_label
 
 from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
-from .engine import ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
+from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .routing import TenantRouter
 from .sampling import SamplingParams
 from .schemas import (
@@ -186,7 +187,32 @@ def _target(runtime: Runtime, name: ModelName, *, openai: bool) -> Target:
         # Retrying helps while a version drains (its successor is being activated), not
         # after a failed load (someone has to publish a fixed adapter).
         headers = {"Retry-After": "2"} if exc.retryable else None
-        raise ServiceError(503, str(exc), "adapter_unavailable", headers) from exc
+        raise ServiceError(503, public_reason(str(exc)), "adapter_unavailable",
+                           headers) from exc
+
+
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:~|\.{1,2})?(?:[/\\][^\s/\\'\"<>:]+){2,}[/\\]?")
+
+
+def public_reason(reason: str) -> str:
+    """A failure reason as public clients see it: no URIs (bucket keys, internal URLs) and
+    no file paths, which loaders put in their messages. Admins read the full reason in
+    ``/admin/adapters``; the log has it too."""
+    return _PATH.sub("<path>", _URI.sub("<uri>", reason))
+
+
+def _engine_problem(runtime: Runtime) -> tuple[str, str] | None:
+    """Why the engine cannot take work now (code, message), or None. Liveness is progress:
+    a thread that is alive but has completed no step for ``engine_stall_timeout_s`` while
+    work waits is as good as dead to a client."""
+    engine = runtime.engine
+    if not engine.alive:
+        return "engine_down", "engine thread is not running"
+    stalled = engine.stalled_for(runtime.settings.engine_stall_timeout_s)
+    if stalled is not None:
+        return "engine_stalled", f"the engine has made no progress for {stalled:.0f}s"
+    return None
 
 
 def _params(runtime: Runtime, max_tokens: int | None, temperature: float, top_p: float,
@@ -222,8 +248,16 @@ def _submit(runtime: Runtime, target: Target, prompt_ids: list[int],
     seq = Sequence(prompt_ids=prompt_ids, params=params, entry=target.entry,
                    loop=asyncio.get_running_loop(), stream=stream,
                    timeout_s=runtime.settings.request_timeout_s)
+    problem = _engine_problem(runtime)
     try:
+        if problem is not None:
+            raise EngineDown(problem[1])
         runtime.engine.submit(seq)
+    except EngineDown as exc:
+        _release(runtime, target)
+        raise ServiceError(503, f"server cannot generate now: {exc}",
+                           problem[0] if problem else "engine_down",
+                           {"Retry-After": "5"}) from exc
     except QueueFull as exc:
         _release(runtime, target)
         raise ServiceError(429, f"server is busy: {exc}", "queue_full",
@@ -234,6 +268,10 @@ def _submit(runtime: Runtime, target: Target, prompt_ids: list[int],
 def _release(runtime: Runtime, target: Target) -> None:
     if target.entry is not None:
         runtime.cache.release(target.entry)
+
+
+def _error_payload(event: ErrorEvent) -> dict:
+    return error_body(event.status, "generation_failed", public_reason(event.reason))["error"]
 
 
 async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
@@ -255,7 +293,8 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
             if isinstance(event, FinishEvent):
                 return event
             if isinstance(event, ErrorEvent):
-                raise ServiceError(event.status, event.reason, "generation_failed")
+                raise ServiceError(event.status, public_reason(event.reason),
+                                   "generation_failed")
     finally:
         if not seq.done:
             seq.cancel()
@@ -281,12 +320,51 @@ def _sse(payload: Any) -> bytes:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class BoundedStreamingResponse(StreamingResponse):
+    """A stream with a server-side bound: a send that the client does not take (it stopped
+    reading; the socket buffers are full) for ``send_timeout_s`` ends the stream, runs
+    ``on_abort`` (which frees the engine row or the upstream connection) and closes the
+    connection, instead of holding both until the client comes back."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, send_timeout_s: float,
+                 on_abort: Callable[[], object] | None = None, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.send_timeout_s, self.on_abort = send_timeout_s, on_abort
+
+    async def stream_response(self, send: Callable) -> None:
+        async def bounded(message: dict) -> None:
+            async with asyncio.timeout(self.send_timeout_s):
+                await send(message)
+
+        try:
+            await super().stream_response(bounded)
+        except TimeoutError:
+            log.warning("stream client read nothing for %gs; ending the stream",
+                        self.send_timeout_s)
+            if self.on_abort is not None:
+                self.on_abort()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            # Returning with the response unfinished makes the server close the connection.
+
+
+def _stream_response(runtime: Runtime, content: AsyncIterator[bytes],
+                     on_abort: Callable[[], object] | None, **kwargs: Any) -> StreamingResponse:
+    return BoundedStreamingResponse(content, send_timeout_s=runtime.settings.stream_send_timeout_s,
+                                    on_abort=on_abort, **kwargs)
+
+
 async def _maybe_forward(runtime: Runtime, request: Request, name: ModelName,
                          stream: bool) -> Response | None:
-    """A routed (hot) tenant's request answered by its dedicated deployment, or ``None``."""
+    """A routed (hot) tenant's request answered by its dedicated deployment, or ``None``.
+
+    A dedicated (merged) server never forwards. Whether a request was forwarded already is
+    decided by the router from hop ids only servers know (routing.py), never from a header
+    a client can simply send, so no client opts out of routing."""
     router = runtime.router
     want = name.ref
-    if router is None or not router.routes or want is None:
+    if router is None or not router.routes or want is None or runtime.tenants.merged is not None:
         return None
     route = router.match(want.tenant, want.version, request.headers)
     if route is None:
@@ -299,8 +377,8 @@ async def _maybe_forward(runtime: Runtime, request: Request, name: ModelName,
     runtime.metrics.forwarded_requests.labels(want.tenant, "forwarded").inc()
     runtime.metrics.requests.labels(want.tenant, "forwarded").inc()
     if stream:
-        return StreamingResponse(result.stream(), status_code=result.status,
-                                 headers=result.headers)
+        return _stream_response(runtime, result.stream(), None, status_code=result.status,
+                                headers=result.headers)
     return Response(await result.body(), status_code=result.status, headers=result.headers)
 
 
@@ -332,11 +410,11 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep)
                                 "adapter": target.adapter, "finish_reason": event.finish_reason,
                                 "usage": _usage(event).model_dump()})
                 else:
-                    yield _sse({"error": error_body(event.status, "generation_failed",
-                                                    event.reason)["error"]})
+                    yield _sse({"error": _error_payload(event)})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return _stream_response(runtime, events(), seq.cancel, media_type="text/event-stream",
+                                headers=_SSE_HEADERS)
     done = await _await_finish(seq, request)
     return GenerateResponse(tenant_id=body.tenant_id, version=version, adapter=target.adapter,
                             text=done.text, finish_reason=done.finish_reason, usage=_usage(done))
@@ -385,12 +463,11 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName,
                     final["usage"] = _usage(event).model_dump()
                     yield _sse(final)
                 else:
-                    yield _sse({"error": error_body(event.status, "generation_failed",
-                                                    event.reason)["error"]})
+                    yield _sse({"error": _error_payload(event)})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **headers})
+        return _stream_response(runtime, events(), seq.cancel, media_type="text/event-stream",
+                                headers={**_SSE_HEADERS, **headers})
     done = await _await_finish(seq, request)
     if chat:
         choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
@@ -569,15 +646,17 @@ async def delete_route(tenant: str, runtime: RuntimeDep) -> Any:
 
 @health.get("/healthz")
 async def healthz(runtime: RuntimeDep) -> Any:
-    if not runtime.engine.alive:
-        raise ServiceError(503, "engine thread is not running", "engine_down")
+    problem = _engine_problem(runtime)
+    if problem is not None:
+        raise ServiceError(503, problem[1], problem[0])
     return {"status": "ok"}
 
 
 @health.get("/readyz")
 async def readyz(runtime: RuntimeDep) -> Any:
-    if not runtime.engine.alive:
-        raise ServiceError(503, "engine thread is not running", "engine_down")
+    problem = _engine_problem(runtime)
+    if problem is not None:
+        raise ServiceError(503, problem[1], problem[0])
     ok, missing = runtime.cache.pinned_resident()
     if not ok:
         raise ServiceError(503, f"pinned adapters not resident yet: {missing}", "not_ready")

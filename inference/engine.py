@@ -13,6 +13,21 @@ engine thread loops:
 Each row carries its own adapter slot; there is no model-wide active adapter and no lock
 around the forward pass. The running batch is left-padded: each row has its own position
 ids and attention mask, and the KV cache is re-packed when rows join or leave.
+
+One request never takes the others down. Sampling never raises (a row whose logits are not
+finite, or whose own sampling fails, ends alone with an error event); a prefill that raises
+is retried row by row, so only the rows that fail alone get an error (an out-of-memory of
+the whole group costs nobody); a decode step that raises is undone (the KV cache is
+restored), each row is tried alone to find the culprits, they end with an error and the
+step runs again without them. Only a failure that no single row explains fails the batch.
+
+Liveness is progress: :attr:`Engine.last_progress` is the end of the last loop iteration,
+and :meth:`Engine.stalled_for` says how long the engine has not advanced while work is
+waiting or running (the health routes turn that into 503s). If the thread dies, every row
+and queued request ends with a 503 at once.
+
+``LORAMUX_TEST_FAULTS`` (tests only) injects faults for chosen tenants; see
+:func:`parse_faults`.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -39,6 +55,7 @@ from .lora_backend import LoraBackend
 from .metrics import BASE_LABEL, Metrics
 from .sampling import (
     IncrementalDetokenizer,
+    RowError,
     RowSampler,
     SamplingParams,
     StopTextTracker,
@@ -69,6 +86,37 @@ def confine_torch_threads() -> None:
 
 class QueueFull(RuntimeError):
     """Too many requests wait to join the batch (HTTP 429)."""
+
+
+class EngineDown(RuntimeError):
+    """The engine thread is not running (HTTP 503)."""
+
+
+class _InjectedDeath(BaseException):
+    """Kills the engine thread (fault injection): escapes the loop's ``except Exception``."""
+
+
+FAULT_KINDS = ("prefill", "batch-prefill-oom", "decode", "sample", "stall", "die")
+
+
+def parse_faults(spec: str | None) -> dict[str, dict[str, float]]:
+    """``LORAMUX_TEST_FAULTS``: ``kind:tenant[:seconds]`` items, comma-separated; for tests.
+
+    ``prefill``/``decode``: a forward pass holding a row of ``tenant`` raises;
+    ``batch-prefill-oom``: a prefill of several rows holding one of ``tenant`` raises
+    out-of-memory (alone it fits); ``sample``: sampling ``tenant``'s row raises;
+    ``stall``: the first forward pass of each ``tenant`` request sleeps ``seconds``;
+    ``die``: the engine thread exits at ``tenant``'s first forward pass.
+    """
+    faults: dict[str, dict[str, float]] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        kind, tenant, *rest = item.strip().split(":")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r} (one of {FAULT_KINDS})")
+        faults.setdefault(tenant, {})[kind] = float(rest[0]) if rest else 0.0
+    return faults
 
 
 @dataclass
@@ -110,6 +158,7 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     done: bool = False
+    stalled: bool = False  # fault injection: stalled once already
     sampler: RowSampler = field(init=False)
     tracker: StopTextTracker = field(init=False)
     detokenizer: IncrementalDetokenizer = field(init=False)
@@ -185,8 +234,14 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
         self._batch: _Batch | None = None
+        self._prefilling: list[Sequence] = []  # admitted, not yet in the batch
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.last_progress = time.monotonic()
+        self._faults = parse_faults(os.environ.get("LORAMUX_TEST_FAULTS"))
+        if self._faults:
+            log.warning("fault injection is on (LORAMUX_TEST_FAULTS); never in production",
+                        extra={"faults": self._faults})
         cache.on_change = self.wake
         cache.run_on_engine = self.call
 
@@ -218,6 +273,8 @@ class Engine:
         return future
 
     def submit(self, seq: Sequence) -> None:
+        if not self.alive:
+            raise EngineDown("the engine thread is not running")
         with self._pending_lock:
             if self._pending >= self.max_queue:
                 raise QueueFull(f"{self._pending} requests already wait (limit {self.max_queue})")
@@ -236,8 +293,43 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def busy(self) -> bool:
+        """Rows run or requests wait (submitted, not yet admitted or ended)."""
+        return self.running > 0 or self._pending > 0 or bool(self._prefilling)
+
+    def stalled_for(self, limit_s: float) -> float | None:
+        """Seconds without a completed loop iteration while busy, if more than ``limit_s``."""
+        idle = time.monotonic() - self.last_progress
+        if idle > limit_s and self.busy:
+            return idle
+        return None
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        reason = "server is shutting down"
+        try:
+            self._loop()
+        except BaseException:
+            reason = "the engine stopped unexpectedly"
+            log.critical("engine thread died", exc_info=True)
+            raise
+        finally:
+            # Nobody waits for an engine that is gone: every row and queued request ends now.
+            self._fail_batch(503, reason)
+            for seq in self._prefilling:
+                self._finish_error(seq, 503, reason)
+            while True:
+                try:
+                    self._waiting.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for seq in list(self._waiting):
+                self._unqueue()
+                self._finish_error(seq, 503, reason)
+            self._waiting.clear()
+
+    def _loop(self) -> None:
         # The engine is the one thread that runs torch with all cores; the others stay at one
         # thread (see confine_torch_threads).
         torch.set_num_threads(self.torch_threads)
@@ -250,13 +342,11 @@ class Engine:
                 log.exception("engine step failed; failing the running batch")
                 self._fail_batch(503, "the engine hit an internal error on this batch")
                 worked = True
+            self.last_progress = time.monotonic()
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        self._fail_batch(503, "server is shutting down")
-        for seq in list(self._waiting):
-            self._finish_error(seq, 503, "server is shutting down")
-        self._waiting.clear()
+                self.last_progress = time.monotonic()
 
     def _step(self) -> bool:
         worked = self._run_commands()
@@ -269,6 +359,7 @@ class Engine:
         self._reap()
         admitted = self._admit()
         if admitted:
+            self._prefilling = admitted
             try:
                 self._prefill(admitted)
             except Exception:
@@ -276,7 +367,10 @@ class Engine:
                 # here so no client waits forever.
                 for seq in admitted:
                     self._finish_error(seq, 503, "the engine failed to prefill this request")
+                self._prefilling = []
                 raise
+            # Not in a finally: if the thread dies, _run ends these rows.
+            self._prefilling = []
             worked = True
         if self._batch is not None and self._batch.seqs:
             self._decode()
@@ -350,7 +444,56 @@ class Engine:
     def _slots(self, seqs: list[Sequence]) -> list[str | None]:
         return [s.entry.slot if s.entry is not None else None for s in seqs]
 
+    def _forward(self, seqs: list[Sequence], phase: str, ids: torch.Tensor,
+                 mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One forward pass; if it raises, ``cache`` is left as it was before the call."""
+        saved = [(layer.keys, layer.values) for layer in cache.layers]
+        try:
+            if self._faults:
+                self._inject(seqs, phase)
+            return self.backend.forward(ids, mask, positions, cache, self._slots(seqs))
+        except Exception:
+            # DynamicCache appends with torch.cat (new tensors): the old ones are intact.
+            for layer, (keys, values) in zip(cache.layers, saved, strict=True):
+                layer.keys, layer.values = keys, values
+            raise
+
+    def _inject(self, seqs: list[Sequence], phase: str) -> None:
+        for seq in seqs:
+            faults = self._faults.get(seq.tenant_label, {})
+            if "stall" in faults and not seq.stalled:
+                seq.stalled = True
+                time.sleep(faults["stall"])
+            if "die" in faults:
+                raise _InjectedDeath(f"injected: engine dies on {seq.tenant_label}")
+            if phase in faults:
+                raise RuntimeError(f"injected {phase} fault for {seq.tenant_label}")
+            if phase == "prefill" and "batch-prefill-oom" in faults and len(seqs) > 1:
+                raise torch.OutOfMemoryError("injected: out of memory prefilling a group")
+
     def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill ``seqs`` together; if that raises, one by one, so only a row that fails
+        on its own gets an error (and a group too large for memory costs nobody)."""
+        try:
+            group, logits = self._prefill_group(seqs)
+        except Exception as exc:
+            if len(seqs) > 1:
+                log.warning("prefill of %d rows failed (%s); prefilling them one by one",
+                            len(seqs), type(exc).__name__)
+                for seq in seqs:
+                    self._prefill([seq])
+                return
+            log.exception("prefill failed", extra={"tenant": seqs[0].tenant_label})
+            self.metrics.row_failures.labels(seqs[0].tenant_label, "prefill").inc()
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            self._finish_error(seqs[0], 503, "the server ran out of memory prefilling this "
+                               "request" if oom else "the engine failed to prefill this request")
+            return
+        self._merge(group)
+        assert self._batch is not None
+        self._accept_tokens(list(seqs), logits, offset=len(self._batch.seqs) - len(seqs))
+
+    def _prefill_group(self, seqs: list[Sequence]) -> tuple[_Batch, torch.Tensor]:
         from transformers import DynamicCache
 
         longest = max(len(s.prompt_ids) for s in seqs)
@@ -362,10 +505,8 @@ class Engine:
             mask[row, longest - n:] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model_config)
-        logits = self.backend.forward(
-            ids.to(self.device), mask.to(self.device), positions.to(self.device), cache,
-            self._slots(seqs),
-        )
+        logits = self._forward(seqs, "prefill", ids.to(self.device), mask.to(self.device),
+                               positions.to(self.device), cache)
         group = _Batch(
             seqs=list(seqs),
             cache=cache,
@@ -373,8 +514,7 @@ class Engine:
             positions=mask.sum(dim=1).to(self.device),
             last_tokens=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         )
-        self._merge(group)
-        self._accept_tokens(list(seqs), logits, offset=len(self._batch.seqs) - len(seqs))
+        return group, logits
 
     def _merge(self, group: _Batch) -> None:
         if self._batch is None or not self._batch.seqs:
@@ -403,13 +543,56 @@ class Engine:
         slots = self._slots(batch.seqs)
         self.metrics.batch_size.observe(rows)
         self.metrics.distinct_adapters.observe(len(set(slots)))
-        logits = self.backend.forward(
-            batch.last_tokens[:, None], mask, batch.positions[:, None], batch.cache, slots
-        )
+        try:
+            logits = self._forward(batch.seqs, "decode", batch.last_tokens[:, None], mask,
+                                   batch.positions[:, None], batch.cache)
+        except Exception:
+            self._isolate_decode_failure(mask)
+            return
         batch.mask = mask
         batch.positions = batch.positions + 1
         self.steps += 1
         self._accept_tokens(list(batch.seqs), logits, offset=0)
+
+    def _isolate_decode_failure(self, mask: torch.Tensor) -> None:
+        """The step raised (and left the cache as it was): try each row alone, end the rows
+        that fail alone, and run the step again without them. If no row fails alone, the
+        failure is the batch's, and the batch fails (the loop's handler)."""
+        batch = self._batch
+        assert batch is not None
+        log.warning("decode step of %d rows failed; trying each row alone", len(batch.seqs),
+                    exc_info=True)
+        culprits: list[Sequence] = []
+        for i, seq in enumerate(batch.seqs):
+            if len(batch.seqs) == 1:
+                culprits.append(seq)
+                break
+            try:
+                self._forward([seq], "decode", batch.last_tokens[i:i + 1, None], mask[i:i + 1],
+                              batch.positions[i:i + 1, None], self._row_cache(batch.cache, i))
+            except Exception:
+                culprits.append(seq)
+        if not culprits:
+            raise RuntimeError("a decode step failed that no single row explains")
+        for seq in culprits:
+            log.error("a row failed its decode step; ending it alone",
+                      extra={"tenant": seq.tenant_label})
+            self.metrics.row_failures.labels(seq.tenant_label, "decode").inc()
+            self._finish_error(seq, 503, "the engine failed to generate for this request")
+        self._drop_rows(culprits)
+        if self._batch is not None and self._batch.seqs:
+            self._decode()  # the rest of the step, without the failed rows
+
+    @staticmethod
+    def _row_cache(cache: Any, row: int) -> Any:
+        """A one-row copy of ``cache`` (a probe; the batch's cache is not touched)."""
+        sub = copy.copy(cache)
+        sub.layers = []
+        for layer in cache.layers:
+            one = copy.copy(layer)
+            one.keys, one.values = layer.keys[row:row + 1], layer.values[row:row + 1]
+            sub.layers.append(one)
+        return sub
 
     def _accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor, offset: int) -> None:
         """Sample a token per row, stream it, and retire rows that are done."""
@@ -419,26 +602,47 @@ class Engine:
         now = time.monotonic()
         finished: list[Sequence] = []
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            batch.last_tokens[offset + i] = token
-            seq.generated.append(token)
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                self.metrics.ttft.labels(seq.tenant_label).observe(now - seq.submitted_at)
-            hit_eos = token in self.eos_token_ids and not seq.params.ignore_eos
-            at_length = len(seq.generated) >= seq.params.max_new_tokens
-            final = hit_eos or at_length
-            if not hit_eos:
-                seq.detokenizer.add(token)
-            text = seq.detokenizer.finish() if final else seq.detokenizer.text
-            delta = seq.tracker.update(text, final=final)
-            if delta and seq.stream:
-                self._emit(seq, TokenEvent(delta))
-            if seq.tracker.stopped or final:
-                reason = "stop" if (hit_eos or seq.tracker.stopped) else "length"
-                self._finish_ok(seq, reason)
+            try:
+                if self._faults and "sample" in self._faults.get(seq.tenant_label, {}):
+                    raise RuntimeError(f"injected sample fault for {seq.tenant_label}")
+                if isinstance(token, RowError):
+                    raise token
+                if self._accept_one(seq, token, offset + i, now):
+                    finished.append(seq)
+            except Exception as exc:  # one row's failure ends that row, never the batch
+                log.error("a row failed after its forward pass; ending it alone",
+                          extra={"tenant": seq.tenant_label, "error": repr(exc)[:300]})
+                self.metrics.row_failures.labels(seq.tenant_label, "sample").inc()
+                reason = (str(exc) if isinstance(exc, RowError)
+                          else "the engine failed to sample for this request")
+                self._finish_error(seq, 503, reason)
                 finished.append(seq)
         if finished:
             self._drop_rows(finished)
+
+    def _accept_one(self, seq: Sequence, token: int, row: int, now: float) -> bool:
+        """Take ``token`` for ``seq``; True when the sequence is done."""
+        batch = self._batch
+        assert batch is not None
+        batch.last_tokens[row] = token
+        seq.generated.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.ttft.labels(seq.tenant_label).observe(now - seq.submitted_at)
+        hit_eos = token in self.eos_token_ids and not seq.params.ignore_eos
+        at_length = len(seq.generated) >= seq.params.max_new_tokens
+        final = hit_eos or at_length
+        if not hit_eos:
+            seq.detokenizer.add(token)
+        text = seq.detokenizer.finish() if final else seq.detokenizer.text
+        delta = seq.tracker.update(text, final=final)
+        if delta and seq.stream:
+            self._emit(seq, TokenEvent(delta))
+        if seq.tracker.stopped or final:
+            reason = "stop" if (hit_eos or seq.tracker.stopped) else "length"
+            self._finish_ok(seq, reason)
+            return True
+        return False
 
     def _drop_rows(self, gone: list[Sequence]) -> None:
         batch = self._batch

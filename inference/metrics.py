@@ -93,6 +93,12 @@ class Metrics:
             "(outcome=forwarded) or served here because it could not answer (fallback).",
             ["tenant", "outcome"], registry=r,
         )
+        self.row_failures = Counter(
+            "loramux_row_failures_total",
+            "Rows ended alone by a fault of their own (stage: prefill, decode or sample); "
+            "the rest of the batch went on.",
+            ["tenant", "stage"], registry=r,
+        )
         self.fallback_requests = Counter(
             "loramux_base_fallback_requests_total",
             "Requests for an unknown tenant served by the base model (fallback mode).",

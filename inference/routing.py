@@ -12,11 +12,19 @@ dedicated Service, and answers them itself whenever the dedicated side cannot:
   breaker), then the next request tries the upstream again.
 
 Only bare tenant names and the routed version are forwarded (``tenant@other-version`` is
-served locally). A forwarded request carries ``X-Loramux-Forwarded: 1``; a server never
-forwards such a request again, so a misconfigured route cannot loop.
+served locally). Loops are cut without trusting clients: each server process draws a random
+hop id at start (never shown anywhere), and a forwarded request carries
+``X-Loramux-Forwarded: <hop ids of the servers it passed>``. A server serves a request
+locally only if its own hop id is in that list, so a misconfigured route (to itself, or
+pool A -> pool B -> pool A) cannot loop, while a client that sends the header cannot opt out
+of routing (it would have to know the server's hop id). A dedicated (merged) server has no
+routes at all. Responses say that they were forwarded (``X-Loramux-Routed: dedicated``) but
+never where to: the dedicated deployment's URL is internal.
 
 A stream that breaks after the upstream has started sending cannot be replayed locally
-(the client already holds part of an answer); it ends with an SSE ``error`` event.
+(the client already holds part of an answer); it ends with an SSE ``error`` event, and so
+does one that runs longer than the router's ``timeout_s`` in all (a stalled upstream holds
+no connection forever; the app bounds a client that stops reading).
 
 Hand-written on purpose: it is a few dozen lines around ``httpx``'s streaming client, and a
 generic reverse proxy would not know when falling back to the local engine is safe.
@@ -26,6 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,6 +48,9 @@ from loramux.contracts import RouteView, error_body
 log = logging.getLogger("loramux.routing")
 
 FORWARDED_HEADER = "x-loramux-forwarded"
+ROUTED_HEADER = "X-Loramux-Routed"
+_HOP_ID = re.compile(r"[0-9a-f]{32}")
+_MAX_HOPS = 8
 _PASS_HEADERS = ("content-type", "accept", "authorization", "x-request-id")
 
 
@@ -60,8 +73,8 @@ class Route:
 class Forwarded:
     """An upstream response that has been accepted (2xx); the caller relays it."""
 
-    def __init__(self, response: httpx.Response, route: Route) -> None:
-        self.response, self.route = response, route
+    def __init__(self, response: httpx.Response, route: Route, max_stream_s: float) -> None:
+        self.response, self.route, self.max_stream_s = response, route, max_stream_s
 
     @property
     def status(self) -> int:
@@ -71,7 +84,7 @@ class Forwarded:
     def headers(self) -> dict[str, str]:
         keep = ("content-type", "x-loramux-adapter", "cache-control")
         out = {k: v for k, v in self.response.headers.items() if k.lower() in keep}
-        out["X-Loramux-Routed-To"] = self.route.url
+        out[ROUTED_HEADER] = "dedicated"  # never the URL: it is internal
         return out
 
     async def body(self) -> bytes:
@@ -81,9 +94,12 @@ class Forwarded:
             await self.response.aclose()
 
     async def stream(self) -> AsyncIterator[bytes]:
+        deadline = time.monotonic() + self.max_stream_s
         try:
             async for chunk in self.response.aiter_raw():
                 yield chunk
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"stream ran longer than {self.max_stream_s:g}s")
         except httpx.HTTPError as exc:
             self.route.last_error = f"stream broke: {exc!r}"[:300]
             log.warning("forwarded stream broke", extra={"tenant": self.route.tenant})
@@ -100,6 +116,8 @@ class TenantRouter:
     def __init__(self, *, timeout_s: float, retry_s: float = 5.0) -> None:
         self.routes: dict[str, Route] = {}
         self.retry_s = retry_s
+        self.timeout_s = timeout_s
+        self.hop_id = secrets.token_hex(16)  # this process's; see the module docstring
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=2.0), follow_redirects=False)
 
@@ -117,7 +135,7 @@ class TenantRouter:
 
     def match(self, tenant: str, version: str | None, headers: Any) -> Route | None:
         route = self.routes.get(tenant)
-        if route is None or headers.get(FORWARDED_HEADER):
+        if route is None or self.hop_id in _hops(headers):
             return None
         if version is not None and version != route.version:
             return None
@@ -130,7 +148,8 @@ class TenantRouter:
                       stream: bool) -> Forwarded | None:
         """Send the request upstream; ``None`` means "serve it locally"."""
         send_headers = {k: v for k, v in headers.items() if k.lower() in _PASS_HEADERS}
-        send_headers[FORWARDED_HEADER] = "1"
+        hops = [*_hops(headers), self.hop_id][-_MAX_HOPS:]
+        send_headers[FORWARDED_HEADER] = ",".join(hops)
         request = self._client.build_request("POST", route.url + path, content=body,
                                              headers=send_headers)
         try:
@@ -154,7 +173,7 @@ class TenantRouter:
                 return None
         route.forwarded += 1
         route.down_until = 0.0
-        return Forwarded(response, route)
+        return Forwarded(response, route, self.timeout_s)
 
     def _failed(self, route: Route, error: str) -> None:
         route.fallbacks += 1
@@ -168,4 +187,10 @@ class TenantRouter:
         await self._client.aclose()
 
 
-__all__ = ["FORWARDED_HEADER", "Forwarded", "Route", "TenantRouter"]
+def _hops(headers: Any) -> list[str]:
+    """The well-formed hop ids of a request's forwarded header (junk is dropped)."""
+    raw = headers.get(FORWARDED_HEADER) or ""
+    return [h for h in (p.strip() for p in raw[:2000].split(",")) if _HOP_ID.fullmatch(h)]
+
+
+__all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "Route", "TenantRouter"]

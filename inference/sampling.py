@@ -27,26 +27,54 @@ class RowSampler:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
 
-def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Pick one token per row. Greedy rows share one argmax; sampled rows go one by one."""
+class RowError(Exception):
+    """One row's sampling cannot go on (its logits are not finite): that row ends, alone."""
+
+
+def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int | RowError]:
+    """Pick one token per row. Greedy rows share one argmax; sampled rows go one by one.
+
+    Never raises for parameters the request schema accepts: a row whose logits hold inf or
+    nan (an adapter whose weights overflow the compute dtype) gets a :class:`RowError`
+    instead of a token, and so does a row whose own sampling fails for any other reason, so
+    the caller can end that row and keep the others. Such a row is ended, not sanitized: a
+    token drawn from garbage logits would be garbage text that looks like an answer.
+    """
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     greedy = logits.argmax(dim=-1).tolist()
-    out: list[int] = []
+    out: list[int | RowError] = []
     for row, sampler in enumerate(samplers):
+        if not finite[row]:
+            out.append(RowError("the model produced non-finite logits for this request "
+                                "(its adapter's weights overflow the compute dtype)"))
+            continue
         p = sampler.params
         if p.temperature <= 0:
             out.append(int(greedy[row]))
             continue
-        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            cut = cumulative - sorted_probs > p.top_p
-            sorted_probs[cut] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        token = torch.multinomial(probs, 1, generator=sampler.generator)
-        out.append(int(token.item()))
+        try:
+            out.append(_sample_one(logits[row], sampler))
+        except Exception as exc:  # one row's failure is that row's alone
+            out.append(RowError(f"sampling failed: {type(exc).__name__}"))
     return out
+
+
+def _sample_one(row_logits: torch.Tensor, sampler: RowSampler) -> int:
+    p = sampler.params
+    # In float64 and relative to the row's maximum: any temperature the schema allows
+    # (down to the smallest subnormal) gives finite scaled logits <= 0 with the best at 0,
+    # so softmax never sees inf - inf; a tiny temperature degrades to argmax, as it should.
+    scaled = (row_logits.double().cpu() - row_logits.max().double().cpu()) / p.temperature
+    probs = torch.softmax(scaled, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        cut = cumulative - sorted_probs > p.top_p
+        sorted_probs[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    token = torch.multinomial(probs, 1, generator=sampler.generator)
+    return int(token.item())
 
 
 class StopTextTracker:

@@ -75,6 +75,12 @@ class ServeSettings(LogSettings, BaseSettings):
     route_retry_s: float = Field(
         5.0, gt=0, description="After a routed (hot) tenant's dedicated deployment fails, "
                                "serve it locally for this long before trying it again.")
+    engine_stall_timeout_s: float = Field(
+        60.0, gt=0, description="Liveness: if the engine completes no step for this long while "
+        "requests run or wait, /healthz and /readyz fail and new requests get 503 at once.")
+    stream_send_timeout_s: float = Field(
+        30.0, gt=0, description="A stream whose client reads nothing for this long (a send "
+        "blocks) is ended and its row freed; forwarded streams too.")
 
     # --- adapters and cache tiers
     lora_backend: Literal["batched", "peft"] = Field(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.inference.sampling import RowSampler, SamplingParams, StopTextTracker, sample_rows
+from loramux.inference.sampling import (
+    RowError,
+    RowSampler,
+    SamplingParams,
+    StopTextTracker,
+    sample_rows,
+)
 from loramux.names import AdapterRef, InvalidName, TenantRef, validate_label
 
 
@@ -70,3 +76,35 @@ def test_seeded_sampling_is_reproducible_per_request():
     b = [sample_rows(logits, [s])[0] for s in [RowSampler(SamplingParams(temperature=1.0,
                                                                          seed=3))] * 1]
     assert a == b
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 1e-5, 1.0, 5.0])
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 0.5, 1.0])
+@pytest.mark.parametrize("seed", [None, 0, 2**63 - 1])
+def test_sampling_never_raises_for_values_the_schema_accepts(temperature, top_p, seed):
+    logits = torch.randn(3, 50) * 30
+    logits[1, 7] = 1e4  # a very peaked row
+    sampler = RowSampler(SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+    picks = sample_rows(logits, [sampler] * 3)
+    assert all(isinstance(p, int) and 0 <= p < 50 for p in picks)
+    if temperature <= 1e-30 or top_p <= 1e-300:
+        assert picks == logits.argmax(dim=-1).tolist()  # the limit is argmax
+
+
+def test_rows_with_non_finite_logits_get_an_error_and_the_others_a_token():
+    logits = torch.randn(4, 20)
+    logits[1, 3] = float("nan")
+    logits[2, 5] = float("inf")
+    greedy, sampled = RowSampler(SamplingParams()), RowSampler(SamplingParams(temperature=1.0))
+    picks = sample_rows(logits, [greedy, greedy, sampled, sampled])
+    assert isinstance(picks[0], int) and isinstance(picks[3], int)
+    assert isinstance(picks[1], RowError) and isinstance(picks[2], RowError)
+    assert "non-finite" in str(picks[1])
+
+
+def test_stop_strings_unicode_many_overlapping_and_longer_than_the_text():
+    tracker = StopTextTracker(("日本語", "本", "ab", "abc", "b", "🙂" * 5, "x" * 128, "é"))
+    pieces = [tracker.update(t) for t in ["a", "aa", "aaa日", "aaa日x", "aaa日xb"]]
+    assert "".join(pieces) == "aaa日x" and tracker.stopped
+    long_only = StopTextTracker(("x" * 128,))
+    assert long_only.update("short", final=True) == "short" and not long_only.stopped

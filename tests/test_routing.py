@@ -51,7 +51,9 @@ def test_forwarded_requests_match_local_answers(pool, dedicated) -> None:
         r = httpx.post(f"{pool.url}/generate", json={"tenant_id": "legal", "prompt": PROMPT,
                        "max_new_tokens": 16, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
-        assert r.headers["x-loramux-routed-to"] == dedicated.url
+        assert r.headers["x-loramux-routed"] == "dedicated"
+        # The dedicated deployment's URL is internal: no response header carries it.
+        assert not [k for k, v in r.headers.items() if dedicated.url in v or "routed-to" in k]
         assert r.json()["text"] == local["text"]  # merged == unmerged (fp32, greedy)
         after = metric_value(metrics(dedicated.url), "loramux_requests_total", tenant="legal")
         assert after == before + 1  # the dedicated server did the work
@@ -66,7 +68,8 @@ def test_forwarded_requests_match_local_answers(pool, dedicated) -> None:
                 "model": "legal", "stream": True, "max_tokens": 8, "ignore_eos": True,
                 "messages": [{"role": "user", "content": PROMPT}]}) as stream:
             assert stream.status_code == 200
-            assert stream.headers["x-loramux-routed-to"] == dedicated.url
+            assert stream.headers["x-loramux-routed"] == "dedicated"
+            assert not [v for v in stream.headers.values() if dedicated.url in v]
             lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
         assert any(json.loads(x[6:]).get("adapter") == "legal@v1" for x in lines[:-1])
@@ -74,17 +77,19 @@ def test_forwarded_requests_match_local_answers(pool, dedicated) -> None:
         # Other tenants and other versions stay local.
         other = httpx.post(f"{pool.url}/generate", json={"tenant_id": "medical",
                            "prompt": PROMPT, "max_new_tokens": 4}, timeout=60)
-        assert other.status_code == 200 and "x-loramux-routed-to" not in other.headers
+        assert other.status_code == 200 and "x-loramux-routed" not in other.headers
         pinned = httpx.post(f"{pool.url}/generate", json={"tenant_id": "legal@v2",
                             "prompt": PROMPT, "max_new_tokens": 4}, timeout=60)
-        assert "x-loramux-routed-to" not in pinned.headers
-        # A request that was already forwarded once is never forwarded again.
-        again = httpx.post(f"{pool.url}/generate", headers={"X-Loramux-Forwarded": "1"},
-                           json={"tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 4},
-                           timeout=60)
-        assert again.status_code == 200 and "x-loramux-routed-to" not in again.headers
+        assert "x-loramux-routed" not in pinned.headers
+        # A client cannot opt out of routing by sending the forwarded header (with junk or
+        # with well-formed hop ids it made up): only the server's own secret hop id counts.
+        for forged in ("1", "0" * 32, "1, " + "ab" * 16):
+            again = httpx.post(f"{pool.url}/generate", headers={"X-Loramux-Forwarded": forged},
+                               json={"tenant_id": "legal", "prompt": PROMPT,
+                                     "max_new_tokens": 4}, timeout=60)
+            assert again.status_code == 200 and again.headers["x-loramux-routed"], forged
         listing = httpx.get(f"{pool.url}/admin/routes", timeout=10).json()["routes"]
-        assert listing[0]["tenant"] == "legal" and listing[0]["forwarded"] >= 2
+        assert listing[0]["tenant"] == "legal" and listing[0]["forwarded"] >= 5
     finally:
         _unroute(pool)
 
@@ -107,7 +112,7 @@ def test_dead_dedicated_deployment_falls_back_without_failed_requests(
                     "tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 8,
                     "ignore_eos": True})
                 text = r.json().get("text", r.text) if r.status_code == 200 else r.text
-                results.append((r.status_code, text, "x-loramux-routed-to" in r.headers))
+                results.append((r.status_code, text, "x-loramux-routed" in r.headers))
 
     async def scenario() -> None:
         nonlocal stop
@@ -137,7 +142,7 @@ def test_upstream_errors_fall_back_and_route_validation(pool) -> None:
         started = time.monotonic()
         r = httpx.post(f"{pool.url}/generate", json={"tenant_id": "legal", "prompt": PROMPT,
                        "max_new_tokens": 4}, timeout=60)
-        assert r.status_code == 200 and "x-loramux-routed-to" not in r.headers
+        assert r.status_code == 200 and "x-loramux-routed" not in r.headers
         assert time.monotonic() - started < 30
         route = httpx.get(f"{pool.url}/admin/routes", timeout=10).json()["routes"][0]
         assert route["healthy"] is False and route["last_error"]
@@ -160,3 +165,20 @@ def test_upstream_errors_fall_back_and_route_validation(pool) -> None:
 def test_merged_server_refuses_routes(dedicated) -> None:
     r = _route(dedicated, "http://127.0.0.1:1")
     assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+
+
+def test_a_route_back_to_the_same_server_does_not_loop(pool) -> None:
+    """Loops are cut by the server's own secret hop id: a route to itself is served on the
+    second hop (a client's header could not have done that, see above)."""
+    local = generate(pool.url, "legal", PROMPT, tokens=6)["text"]
+    assert _route(pool, pool.url).status_code == 200
+    try:
+        r = httpx.post(f"{pool.url}/generate", json={"tenant_id": "legal", "prompt": PROMPT,
+                       "max_new_tokens": 6, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == local
+        assert pool.url not in " ".join(r.headers.values())
+        listing = httpx.get(f"{pool.url}/admin/routes", timeout=10).json()["routes"]
+        assert listing[0]["forwarded"] == 1  # one hop, then local
+    finally:
+        _unroute(pool)
