@@ -195,3 +195,24 @@ def test_each_decision_has_one_home(what, pattern, home):
 
     found = {path for path, text in _sources().items() if re.search(pattern, text, re.M)}
     assert found <= home, f"{what} is written again in {sorted(found - home)}"
+
+
+@pytest.mark.parametrize("bad", ["acme\n", "acme\r\n", "ac\nme", "acme ", "\nacme"])
+def test_names_with_newlines_are_refused_everywhere(bad):
+    """A `$`-anchored regex lets a trailing newline through; every validator matches whole."""
+    from loramux.names import InvalidName, TenantRef, validate_label
+    from loramux.operator.model import parse_adapter
+
+    with pytest.raises(InvalidName):
+        validate_label(bad)
+    with pytest.raises(InvalidName):
+        TenantRef.parse(f"{bad}@v1")
+    with pytest.raises(ValidationError):
+        DesiredAdapter(tenant=bad, version="v1", uri="file:///x")
+    assert bucket_problem(f"bucket{bad}") is not None
+    spec = parse_adapter({"metadata": {"name": "a", "namespace": "ns"},
+                          "spec": {"tenant": "acme", "version": "v1", "baseModel": "m",
+                                   "pool": {"matchLabels": {"app": "x"}},
+                                   "source": {"uri": "s3://bucket/acme/v1/",
+                                              "credentialsSecret": f"s3{bad}"}}})
+    assert spec.error is not None and "credentialsSecret" in spec.error
