@@ -29,7 +29,7 @@ demo: setup
 # kernels and oneDNN limited to AVX2), so both CPU kinds are proven in every run.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 NUMERIC_TESTS := tests/test_lora_backends.py tests/test_isolation.py \
-	tests/test_merge_and_default_model.py tests/test_precision.py
+	tests/test_merge_and_default_model.py tests/test_precision.py tests/test_engine_faults.py
 
 test: setup
 	$(PY) -m ruff check .
