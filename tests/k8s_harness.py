@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1881,6 +1881,24 @@ def _set_flag(proc: ManagedProcess, name: str, value: str) -> None:
 
 def _rebind_port(proc: ManagedProcess, port: int) -> None:
     _set_flag(proc, "--port", str(port))
+
+
+def start_pods(pods: Iterable[InferencePod], timeout: float = 300) -> list[BaseException]:
+    """Start pods at the same time (each one's model load dominates); the errors, if any."""
+    errors: list[BaseException] = []
+
+    def start(pod: InferencePod) -> None:
+        try:
+            pod.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(pod,)) for pod in pods]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors
 
 
 def inference_pod(api: KubeClient, name: str, workdir: Path, *,

@@ -45,7 +45,16 @@ import httpx
 import pytest
 
 from factories import stage_adapter
-from k8s_harness import CRD_PATH, S3, InferencePod, K8s, OperatorProcess, _flag, inference_pod
+from k8s_harness import (
+    CRD_PATH,
+    S3,
+    InferencePod,
+    K8s,
+    OperatorProcess,
+    _flag,
+    inference_pod,
+    start_pods,
+)
 from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -149,19 +158,7 @@ def stack(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path,
                  "--server-token-file", str(token_files["admin"])]
     pods = {name: inference_pod(k8s.api, name, workdir, server_args=args,
                                 sidecar_extra=sync_args, start=False) for name in POD_NAMES}
-    errors: list[BaseException] = []
-
-    def start(pod: InferencePod) -> None:
-        try:
-            pod.start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(p,)) for p in pods.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    errors = start_pods(pods.values())
     operator = OperatorProcess(
         k8s.kubeconfig, tmp_path_factory.mktemp("chaos-operator") / "operator.log",
         ["--namespace", "default", "--resync-seconds", "2", "--health-port", "0",

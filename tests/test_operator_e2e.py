@@ -39,6 +39,7 @@ from k8s_harness import (
     OperatorProcess,
     _flag,
     inference_pod,
+    start_pods,
 )
 from loramux.training.publish import push
 
@@ -278,19 +279,7 @@ def pods(k8s: K8s, crd: None, s3_server: S3, tiny_model_dir: Path,
                                 sidecar_token=TOKEN, start=False,
                                 labels={**INFERENCE_LABELS, **OWNER_LABELS})
             for name in POD_NAMES}
-    errors: list[BaseException] = []
-
-    def start(pod: InferencePod) -> None:
-        try:
-            pod.start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(p,)) for p in made.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    errors = start_pods(made.values())
     try:
         assert not errors, errors
         yield made
