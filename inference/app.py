@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -49,6 +50,7 @@ from loramux.names import AdapterRef, InvalidName, validate_label
 from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
 from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
+from .fairness import TenantLimited
 from .routing import TenantRouter
 from .sampling import SamplingParams
 from .schemas import (
@@ -258,6 +260,12 @@ def _submit(runtime: Runtime, target: Target, prompt_ids: list[int],
         raise ServiceError(503, f"server cannot generate now: {exc}",
                            problem[0] if problem else "engine_down",
                            {"Retry-After": "5"}) from exc
+    except TenantLimited as exc:
+        _release(runtime, target)
+        runtime.metrics.tenant_limited.labels(seq.tenant_label, exc.limit).inc()
+        raise ServiceError(429, f"{exc}; retry after {math.ceil(exc.retry_after_s)}s",
+                           f"tenant_{exc.limit}",
+                           {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
     except QueueFull as exc:
         _release(runtime, target)
         raise ServiceError(429, f"server is busy: {exc}", "queue_full",

@@ -99,6 +99,24 @@ class Metrics:
             "the rest of the batch went on.",
             ["tenant", "stage"], registry=r,
         )
+        self.forwarded_tokens = Counter(
+            "loramux_forwarded_tokens_total",
+            "Prompt plus generated tokens of a routed (hot) tenant's requests answered by its "
+            "dedicated deployment, read from the usage of the forwarded answer.",
+            ["tenant"], registry=r,
+        )
+        self.tenant_limited = Counter(
+            "loramux_tenant_limited_total",
+            "Requests refused with 429 by a per-tenant limit (max_concurrent, "
+            "tokens_per_minute, max_queued).",
+            ["tenant", "limit"], registry=r,
+        )
+        self.auth_failures = Counter(
+            "loramux_auth_failures_total",
+            "Requests refused for their key: 401 (missing or unknown key) or 403 (the key "
+            "does not grant the model asked for). No tenant label: it is not yet trusted.",
+            ["status"], registry=r,
+        )
         self.fallback_requests = Counter(
             "loramux_base_fallback_requests_total",
             "Requests for an unknown tenant served by the base model (fallback mode).",

@@ -58,6 +58,37 @@ class ServeSettings(LogSettings, BaseSettings):
         "public port answers 404 for /admin). Unset: /admin is on the public port.")
     admin_host: str = Field("127.0.0.1", description="Interface of the admin port.")
     max_body_bytes: int = Field(1 * MiB, ge=1024)
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve the per-tenant metrics at /metrics on "
+        "metrics_host:metrics_port; the public port's /metrics then shows them summed over "
+        "tenants. Unset: per-tenant metrics are at /admin/metrics.")
+    metrics_host: str = Field("127.0.0.1", description="Interface of the metrics port.")
+
+    # --- access (issue 16)
+    auth: Literal["keys", "none"] = Field(
+        "keys", description="keys = every generation and /v1/models call needs "
+        "'Authorization: Bearer <key>' whose hash grants the model asked for (from "
+        "--access-file and the admin API); none = anyone may call anything (local use and "
+        "the demo only; logged loudly).")
+    access_file: Path | None = Field(
+        None, description="JSON key grants and per-tenant access (loramux.contracts."
+        "AccessFile): hashes only, never keys. Re-read when it changes.")
+
+    # --- fair shares and per-tenant limits (issue 16)
+    admission: Literal["fair", "fifo"] = Field(
+        "fair", description="fair = token-fair admission across tenants (virtual token "
+        "counters, weighted); fifo = arrival order (the old behaviour, for comparison).")
+    prompt_token_cost: float = Field(
+        1.0, gt=0, description="Weight of a prompt token in a tenant's fair-share service.")
+    output_token_cost: float = Field(
+        2.0, gt=0, description="Weight of a generated token in a tenant's fair-share service "
+        "(a decode step costs more per token than a prefill).")
+    tenant_max_concurrent: int | None = Field(
+        None, ge=1, description="Default per-tenant cap on requests waiting or running.")
+    tenant_tokens_per_minute: int | None = Field(
+        None, ge=1, description="Default per-tenant cap on prompt+generated tokens per 60 s.")
+    tenant_max_queued: int | None = Field(
+        None, ge=0, description="Default per-tenant cap on requests waiting for a row.")
 
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's forward passes (default: all)."
@@ -114,6 +145,9 @@ class ServeSettings(LogSettings, BaseSettings):
         if (self.admin_port is not None and self.admin_port != 0
                 and self.admin_port == self.port):
             raise ValueError("admin_port must differ from port")
+        ports = [p for p in (self.port, self.admin_port, self.metrics_port) if p]
+        if len(ports) != len(set(ports)):
+            raise ValueError("port, admin_port and metrics_port must differ")
         return self
 
     def resolved_admin_token(self) -> Token:

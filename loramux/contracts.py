@@ -38,6 +38,8 @@ from loramux.names import AdapterRef, TenantName, VersionName
 from loramux.s3 import REGION_PATTERN, EndpointUrl, S3Credentials
 
 MASK = "***"
+KEY_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ALL_TENANTS = "*"
 ROUTE_URL_PATTERN = r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?/?$"
 
 
@@ -192,6 +194,10 @@ class DesiredAdapter(BaseModel):
     pinned: bool = False
     active: bool = False
     credentials: EntryCredentials | None = None
+    access: TenantAccess | None = Field(
+        None, description="The tenant's key hashes, weight and limits (spec.access); None: "
+                          "no keys of its own (only pool-wide grants reach it), weight 1 and "
+                          "the server's default limits.")
     route: str | None = Field(
         None, max_length=512, pattern=ROUTE_URL_PATTERN,
         description="Hot tenant: the dedicated deployment's URL. While this (active) version "
@@ -203,9 +209,9 @@ class DesiredAdapter(BaseModel):
         return AdapterRef(self.tenant, self.version)
 
     def same_spec(self, other: DesiredAdapter | None) -> bool:
-        """Equal apart from credentials, route, ``active`` and ``pinned``: none of them
-        restarts a version (activation and pinning are applied to the loaded version)."""
-        skip = {"credentials", "route", "active", "pinned"}
+        """Equal apart from credentials, route, access, ``active`` and ``pinned``: none of
+        them restarts a version (activation and pinning are applied to the loaded version)."""
+        skip = {"credentials", "route", "active", "pinned", "access"}
         return other is not None and (self.model_dump(exclude=skip)
                                       == other.model_dump(exclude=skip))
 
@@ -350,6 +356,131 @@ class RouteList(_Report):
     routes: list[RouteView] = Field(default_factory=list)
 
 
+# --------------------------------------------------------------------------- tenant access
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key: lower-case hex SHA-256 of its UTF-8 bytes (surrounding
+    whitespace stripped: a key pasted with ``echo`` ends in a newline). Only this hash ever
+    leaves the operator: keys are long random strings (the operator refuses short ones), so
+    a fast hash is enough; a slow password hash would cost every request."""
+    import hashlib
+
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def _fingerprint(payload: Any) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TenantLimits(BaseModel):
+    """Per-tenant limits on one server; ``None`` = the server's default for that limit.
+    Beyond one, a request gets 429 with ``Retry-After`` and the limit's name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent: int | None = Field(
+        None, ge=1, le=100_000, description="Requests of the tenant admitted or waiting.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, le=10**12, description="Prompt plus generated tokens over the last 60 s.")
+    max_queued: int | None = Field(
+        None, ge=0, le=100_000, description="Requests of the tenant waiting for a row.")
+
+
+class TenantAccess(BaseModel):
+    """One tenant's access and share on a server: the SHA-256 hashes of the API keys that
+    may call it, its weight in the fair scheduler, and its limits.
+
+    Sent by the operator (in :class:`DesiredAdapter`) to the sidecar, by the sidecar to the
+    server (``PUT /admin/tenants/{tenant}/access``), and written by the operator into a
+    dedicated deployment's access file. Hashes only: the keys never leave their Secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_sha256: tuple[str, ...] = Field(default=(), max_length=1000)
+    weight: float = Field(1.0, gt=0, le=1000)
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+    @field_validator("key_sha256", mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return tuple(sorted({str(v).lower() for v in value}))
+        return value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for digest in value:
+            if not re.fullmatch(KEY_SHA256_PATTERN, digest):
+                raise ValueError("key_sha256 holds lower-case hex SHA-256 digests (64 chars)")
+        return value
+
+    def fingerprint(self) -> str:
+        """A short digest of the whole access (keys, weight, limits): equal iff the same."""
+        return _fingerprint(self.model_dump(mode="json"))
+
+
+class KeyGrant(BaseModel):
+    """One key of a server's access file: what its hash may call. ``tenants`` may hold
+    ``"*"`` (every tenant); ``base`` grants the base model (and, on a dedicated deployment,
+    nothing more: its merged tenant is granted by the tenant's own keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=KEY_SHA256_PATTERN)
+    tenants: tuple[str, ...] = ()
+    base: bool = False
+    name: str | None = Field(None, max_length=63, pattern=r"^[A-Za-z0-9._-]+$",
+                             description="A label for logs (never the key).")
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from loramux.names import validate_label
+
+        for tenant in value:
+            if tenant != ALL_TENANTS:
+                validate_label(tenant, "tenant")
+        return value
+
+
+class AccessFile(BaseModel):
+    """``--access-file`` of ``loramux serve`` (JSON; re-read when it changes): pool-wide key
+    grants (the chart's ``auth.keys``) and per-tenant access (the operator writes one for
+    each dedicated deployment). Access pushed through the admin API is added to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grants: list[KeyGrant] = Field(default_factory=list, max_length=10_000)
+    tenants: dict[TenantName, TenantAccess] = Field(default_factory=dict)
+
+
+class AccessView(_Report):
+    """One tenant's access on a server (``GET /admin/access``): never the hashes, only how
+    many and a fingerprint to compare with what was sent."""
+
+    tenant: str
+    keys: int = 0
+    fingerprint: str = ""
+    weight: float = 1.0
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+    source: str = "admin"  # "admin" (pushed by the sidecar) or "file" (--access-file)
+
+
+class AccessList(_Report):
+    """``GET /admin/access``: the server's auth mode and every tenant's access."""
+
+    auth: str = "keys"
+    tenants: list[AccessView] = Field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- sidecar → operator
 
 
@@ -377,12 +508,39 @@ class SyncState(_Report):
     server_reachable: bool | None = None
     last_pass: float | None = None
     server: AdapterList | None = None
+    access: AccessList | None = None
 
 
 __all__ = [
-    "ActivateRequest", "AdapterList", "AdapterPhase", "AdapterState", "AdapterView",
-    "DesiredAdapter", "DesiredState", "EntryCredentials", "ErrorBody", "ErrorDetail",
-    "EvictResult", "EvictionState", "LoadAdapterRequest", "PlacementState", "Residency",
-    "RouteList", "RouteRequest", "RouteView", "SyncPhase", "SyncState", "VersionStatus",
-    "error_body", "parse_error",
+    "ALL_TENANTS",
+    "AccessFile",
+    "AccessList",
+    "AccessView",
+    "ActivateRequest",
+    "AdapterList",
+    "AdapterPhase",
+    "AdapterState",
+    "AdapterView",
+    "DesiredAdapter",
+    "DesiredState",
+    "EntryCredentials",
+    "ErrorBody",
+    "ErrorDetail",
+    "EvictResult",
+    "EvictionState",
+    "KeyGrant",
+    "LoadAdapterRequest",
+    "PlacementState",
+    "Residency",
+    "RouteList",
+    "RouteRequest",
+    "RouteView",
+    "SyncPhase",
+    "SyncState",
+    "TenantAccess",
+    "TenantLimits",
+    "VersionStatus",
+    "error_body",
+    "hash_key",
+    "parse_error",
 ]
