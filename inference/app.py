@@ -27,6 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from loramux.contracts import (
+    AccessList,
+    AccessView,
     ActivateRequest,
     AdapterList,
     AdapterState,
@@ -37,6 +39,7 @@ from loramux.contracts import (
     RouteList,
     RouteRequest,
     RouteView,
+    TenantAccess,
     error_body,
 )
 from loramux.http import (
@@ -47,11 +50,13 @@ from loramux.http import (
 )
 from loramux.names import AdapterRef, InvalidName, validate_label
 
+from .access import Principal, Unauthenticated
 from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
 from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .fairness import TenantLimited
-from .routing import TenantRouter
+from .metrics import summed_over_tenants
+from .routing import TenantRouter, UsageReader
 from .sampling import SamplingParams
 from .schemas import (
     ChatCompletionRequest,
@@ -145,10 +150,17 @@ def require_admin(request: Request, runtime: RuntimeDep) -> None:
                            "forbidden")
 
 
-class AdminPortGate:
+def _on_port(scope: dict, port: int | None) -> bool:
+    server = scope.get("server")
+    return port is not None and server is not None and server[1] == port
+
+
+class PortGate:
     """With a separate admin port (``runtime.admin_port``): ``/admin`` answers only there,
-    and the admin port answers nothing else; every other request is a 404, as for an unknown
-    route. The local port a request arrived on is the ASGI scope's ``server``."""
+    and the admin port answers nothing else. With a metrics port (``runtime.metrics_port``):
+    it answers ``/metrics`` (per tenant) and nothing else. Every other request is a 404, as
+    for an unknown route. The local port a request arrived on is the ASGI scope's
+    ``server``."""
 
     def __init__(self, app: Callable, runtime: Runtime) -> None:
         self.app, self.runtime = app, runtime
@@ -156,15 +168,22 @@ class AdminPortGate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         # The bound port; the configured one until serve() bound it (0: none matches yet,
         # so /admin is closed rather than open on the public port).
-        port = self.runtime.admin_port
-        if port is None:
-            port = self.runtime.settings.admin_port
-        if scope["type"] == "http" and port is not None:
-            server = scope.get("server")
-            on_admin_port = server is not None and server[1] == port
+        settings = self.runtime.settings
+        admin_port = self.runtime.admin_port
+        if admin_port is None:
+            admin_port = settings.admin_port
+        metrics_port = self.runtime.metrics_port
+        if metrics_port is None:
+            metrics_port = settings.metrics_port
+        if scope["type"] == "http":
             path = scope.get("path", "")
-            admin_path = path == "/admin" or path.startswith("/admin/")
-            if admin_path != on_admin_port:
+            refuse = False
+            if _on_port(scope, metrics_port):
+                refuse = path != "/metrics"
+            elif admin_port is not None:
+                admin_path = path == "/admin" or path.startswith("/admin/")
+                refuse = admin_path != _on_port(scope, admin_port)
+            if refuse:
                 body = json.dumps(error_body(404, "not_found", "Not Found")).encode()
                 await send({"type": "http.response.start", "status": 404,
                             "headers": [(b"content-type", b"application/json")]})
@@ -202,6 +221,50 @@ def public_reason(reason: str) -> str:
     no file paths, which loaders put in their messages. Admins read the full reason in
     ``/admin/adapters``; the log has it too."""
     return _PATH.sub("<path>", _URI.sub("<uri>", reason))
+
+
+def _principal(runtime: Runtime, request: Request) -> Principal:
+    """Who is calling: 401 without a key the server knows. The key is never logged."""
+    try:
+        return runtime.access.authenticate(request.headers.get("authorization"))
+    except Unauthenticated as exc:
+        runtime.metrics.auth_failures.labels("401").inc()
+        raise ServiceError(401, str(exc), exc.code, {"WWW-Authenticate": "Bearer"}) from None
+
+
+def require_key(request: Request, runtime: RuntimeDep) -> None:
+    """Every public route: authenticate first, so a caller without a key learns nothing,
+    not even what a valid body looks like (this runs before body validation)."""
+    request.state.principal = _principal(runtime, request)
+
+
+def _authorize(runtime: Runtime, request: Request, name: ModelName) -> Principal:
+    """401 without a known key; 403 when the key does not grant the model ``name`` names
+    (whether or not that model exists here: a 404 would tell a stranger who is here)."""
+    principal = getattr(request.state, "principal", None) or _principal(runtime, request)
+    if name.base:
+        wanted: str | None = None  # the base model
+    elif name.ref is not None:
+        wanted = name.ref.tenant
+    else:
+        wanted = ""  # an invalid name: only an every-tenant key gets as far as its 4xx
+    if wanted == "" and principal.all_tenants:
+        return principal
+    if not principal.may(wanted):
+        runtime.metrics.auth_failures.labels("403").inc()
+        what = "the base model" if wanted is None else f"model {name.text[:80]!r}"
+        raise ServiceError(403, f"this API key does not grant {what}", "forbidden")
+    return principal
+
+
+def _check_base_fallback(runtime: Runtime, principal: Principal, target: Target) -> None:
+    """An unknown tenant served by the base model (``--unknown-tenant base``) is the base
+    model: the key must grant it too."""
+    if target.entry is None and not principal.may(None):
+        _release(runtime, target)
+        runtime.metrics.auth_failures.labels("403").inc()
+        raise ServiceError(403, "this model is served by the base model here, which this API "
+                                "key does not grant", "forbidden")
 
 
 def _engine_problem(runtime: Runtime) -> tuple[str, str] | None:
@@ -384,14 +447,29 @@ async def _maybe_forward(runtime: Runtime, request: Request, name: ModelName,
         return None
     runtime.metrics.forwarded_requests.labels(want.tenant, "forwarded").inc()
     runtime.metrics.requests.labels(want.tenant, "forwarded").inc()
+    usage = UsageReader()
+    tokens = runtime.metrics.forwarded_tokens.labels(want.tenant)
     if stream:
-        return _stream_response(runtime, result.stream(), None, status_code=result.status,
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in result.stream():
+                    usage.feed(chunk)
+                    yield chunk
+            finally:
+                if usage.tokens:
+                    tokens.inc(usage.tokens)
+
+        return _stream_response(runtime, relay(), None, status_code=result.status,
                                 headers=result.headers)
-    return Response(await result.body(), status_code=result.status, headers=result.headers)
+    body = await result.body()
+    usage.body(body)
+    if usage.tokens:
+        tokens.inc(usage.tokens)
+    return Response(body, status_code=result.status, headers=result.headers)
 
 
 # ---------------------------------------------------------------------- routers
-public = APIRouter()
+public = APIRouter(dependencies=[Depends(require_key)])
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 health = APIRouter()
 
@@ -399,6 +477,7 @@ health = APIRouter()
 @public.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep) -> Any:
     name = runtime.tenants.name(body.tenant_id)
+    principal = _authorize(runtime, request, name)
     forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
@@ -406,6 +485,7 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep)
                      body.ignore_eos, body.seed)
     prompt_ids = _tokenize(runtime, body.prompt, params)
     target = _target(runtime, name, openai=False)
+    _check_base_fallback(runtime, principal, target)
     version = target.entry.ref.version if target.entry is not None else None
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     if body.stream:
@@ -433,7 +513,7 @@ def _usage(event: FinishEvent) -> Usage:
                  total_tokens=event.prompt_tokens + event.completion_tokens)
 
 
-async def _openai(runtime: Runtime, request: Request, name: ModelName,
+async def _openai(runtime: Runtime, request: Request, name: ModelName, principal: Principal,
                   body: CompletionRequest | ChatCompletionRequest, prompt: str,
                   chat: bool) -> Any:
     params = _params(runtime, body.max_completion_tokens or body.max_tokens, body.temperature,
@@ -441,6 +521,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName,
     # A chat template already carries its special tokens.
     prompt_ids = _tokenize(runtime, prompt, params, special=not chat)
     target = _target(runtime, name, openai=True)
+    _check_base_fallback(runtime, principal, target)
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -492,17 +573,19 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName,
 @public.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep) -> Any:
     name = runtime.tenants.name(body.model)
+    principal = _authorize(runtime, request, name)
     forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
     assert isinstance(body.prompt, str)
-    return await _openai(runtime, request, name, body, body.prompt, chat=False)
+    return await _openai(runtime, request, name, principal, body, body.prompt, chat=False)
 
 
 @public.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            runtime: RuntimeDep) -> Any:
     name = runtime.tenants.name(body.model)
+    principal = _authorize(runtime, request, name)
     forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
@@ -512,20 +595,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     text = runtime.tokenizer.apply_chat_template(
         [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
     )
-    return await _openai(runtime, request, name, body, text, chat=True)
+    return await _openai(runtime, request, name, principal, body, text, chat=True)
 
 
 @public.get("/v1/models")
-async def models(runtime: RuntimeDep) -> Any:
+async def models(request: Request, runtime: RuntimeDep) -> Any:
+    """The models the caller's key may use (everything with ``--auth none``)."""
+    principal = getattr(request.state, "principal", None) or _principal(runtime, request)
     created = int(runtime.started_at)
     data: list[dict[str, Any]] = []
-    if runtime.tenants.merged is None:
+    if runtime.tenants.merged is None and principal.may(None):
         data.append({"id": runtime.base_name, "object": "model", "created": created,
                      "owned_by": "loramux", "root": runtime.base_name, "parent": None,
                      "quantization": runtime.quantization,
                      "compute_dtype": runtime.base.compute_dtype})
     for entry in sorted(runtime.cache.entries(), key=lambda e: str(e.ref)):
-        if entry.state != AdapterState.READY:
+        if entry.state != AdapterState.READY or not principal.may(entry.ref.tenant):
             continue
         active = runtime.tenants.is_active(entry.ref)
         ids = [str(entry.ref)] + ([entry.ref.tenant] if active else [])
@@ -652,6 +737,42 @@ async def delete_route(tenant: str, runtime: RuntimeDep) -> Any:
     return {"tenant": tenant, "state": "removed"}
 
 
+@admin.get("/access")
+async def list_access(runtime: RuntimeDep) -> AccessList:
+    return runtime.access.views()
+
+
+@admin.put("/tenants/{tenant}/access")
+async def set_access(tenant: str, body: TenantAccess, runtime: RuntimeDep) -> AccessView:
+    """A tenant's key hashes, weight and limits (the sidecar, from ``spec.access``)."""
+    try:
+        validate_label(tenant, "tenant")
+    except InvalidName as exc:
+        raise ServiceError(422, str(exc), "invalid_name") from exc
+    return runtime.access.set(tenant, body)
+
+
+@admin.delete("/tenants/{tenant}/access")
+async def delete_access(tenant: str, runtime: RuntimeDep) -> Any:
+    if not runtime.access.remove(tenant):
+        raise ServiceError(404, f"tenant {tenant[:63]!r} has no access set through this API",
+                           "not_found")
+    return {"tenant": tenant, "state": "removed"}
+
+
+@admin.get("/fairness")
+async def fairness(runtime: RuntimeDep) -> Any:
+    """The fair scheduler's view per tenant (service counter, waiting, in flight, limits)."""
+    view = getattr(runtime.engine, "fairness_view", None)
+    return {"admission": runtime.settings.admission, "tenants": view() if view else {}}
+
+
+@admin.get("/metrics")
+async def admin_metrics(runtime: RuntimeDep) -> Response:
+    """Every series, per tenant (the public port's ``/metrics`` sums over tenants)."""
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 @health.get("/healthz")
 async def healthz(runtime: RuntimeDep) -> Any:
     problem = _engine_problem(runtime)
@@ -672,9 +793,14 @@ async def readyz(runtime: RuntimeDep) -> Any:
 
 
 @health.get("/metrics")
-async def metrics(runtime: RuntimeDep) -> Response:
-    return Response(generate_latest(runtime.metrics.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    """On the metrics port: every series, per tenant. Elsewhere (the public port): the same
+    series summed over tenants, so a client learns nothing about other tenants' traffic."""
+    port = runtime.metrics_port if runtime.metrics_port is not None \
+        else runtime.settings.metrics_port
+    registry = (runtime.metrics.registry if _on_port(request.scope, port)
+                else summed_over_tenants(runtime.metrics.registry))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---------------------------------------------------------------------- app
@@ -699,8 +825,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     install_error_handlers(app, log)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
-    if runtime.settings.admin_port is not None:
-        app.add_middleware(AdminPortGate, runtime=runtime)
+    if runtime.settings.admin_port is not None or runtime.settings.metrics_port is not None:
+        app.add_middleware(PortGate, runtime=runtime)
     return app
 
 

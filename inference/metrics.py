@@ -6,7 +6,10 @@ a client cannot blow up label cardinality with made-up names.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
 
 BASE_LABEL = "_base"
 
@@ -122,3 +125,35 @@ class Metrics:
             "Requests for an unknown tenant served by the base model (fallback mode).",
             registry=r,
         )
+
+
+class _SummedOverTenants:
+    """A registry view: every family with a ``tenant`` label, summed over it (counters,
+    gauges and histogram buckets add up); ``_created`` timestamps are dropped, since they do
+    not. For the public port, where one tenant must not see another's traffic."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if not any("tenant" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items()
+                                      if k != "tenant"))
+                key = (sample.name, labels)
+                sums[key] = sums.get(key, 0.0) + sample.value
+            out = Metric(family.name, f"{family.documentation} Summed over tenants on this "
+                         "port; per tenant on the metrics port.", family.type, family.unit)
+            for (name, labels), value in sums.items():
+                out.add_sample(name, dict(labels), value)
+            yield out
+
+
+def summed_over_tenants(registry: CollectorRegistry) -> _SummedOverTenants:
+    return _SummedOverTenants(registry)

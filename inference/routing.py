@@ -193,4 +193,46 @@ def _hops(headers: Any) -> list[str]:
     return [h for h in (p.strip() for p in raw[:2000].split(",")) if _HOP_ID.fullmatch(h)]
 
 
-__all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "Route", "TenantRouter"]
+
+
+class UsageReader:
+    """Reads the token usage of a forwarded answer as it is relayed: the JSON body's
+    ``usage``, or the last SSE event that carries one. Only the tail of a stream that may
+    still hold an unfinished event is kept, so a long stream costs no memory."""
+
+    _MAX_PENDING = 64 * 1024
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending += chunk
+        *events, self._pending = self._pending.split(b"\n\n")
+        for event in events:
+            self._event(event)
+        if len(self._pending) > self._MAX_PENDING:
+            self._pending = b""  # no event is this long: not SSE; nothing to read
+
+    def body(self, body: bytes) -> None:
+        self._json(body)
+
+    def _event(self, event: bytes) -> None:
+        if b'"usage"' not in event:
+            return
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                self._json(line[5:])
+
+    def _json(self, raw: bytes) -> None:
+        try:
+            usage = json.loads(raw).get("usage")
+            total = int(usage["prompt_tokens"]) + int(usage["completion_tokens"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return
+        if total >= 0:
+            self.tokens = total
+
+
+__all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "Route", "TenantRouter",
+           "UsageReader"]

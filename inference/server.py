@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 from loramux import __version__
+from loramux.contracts import TenantAccess
 from loramux.names import AdapterRef, InvalidName
 from loramux.tokens import Token
 
+from .access import AccessControl
 from .adapter_cache import AdapterCache
 from .adapters import AdapterRejected, BaseFacts, read_adapter
 from .engine import Engine, confine_torch_threads
+from .fairness import TenantPolicy
 from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
 from .metrics import Metrics
 from .model_loader import BaseModel, load_base_model, resolve_device
@@ -44,9 +47,12 @@ class Runtime:
     engine: Engine
     metrics: Metrics
     admin_token: Token  # .current() per request: a rotated token file takes effect
+    access: AccessControl  # who may call which model (API key hashes)
     router: TenantRouter | None = None
     # The port /admin/* is served on when it is separate (settings.admin_port, bound).
     admin_port: int | None = None
+    # The port the per-tenant /metrics is served on (settings.metrics_port, bound).
+    metrics_port: int | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
 
@@ -96,6 +102,8 @@ def _merge_ref(settings: ServeSettings, path: Path) -> AdapterRef:
 
 def build_runtime(settings: ServeSettings) -> Runtime:
     confine_torch_threads()  # before loading: this thread must not own an OpenMP team
+    # Before the model: a bad access file fails start-up at once (AccessFileError).
+    access = AccessControl(settings.auth, settings.access_file)
     quantization = settings.quantization
     if settings.merge_adapter is not None and quantization in ("auto", "nf4"):
         # Merging into 4-bit weights is lossy: merge into an unquantized copy in the compute
@@ -152,9 +160,14 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         max_prefill_tokens=settings.max_prefill_tokens,
         eos_token_ids=eos,
         torch_threads=settings.torch_threads,
+        admission=settings.admission,
+        prompt_token_cost=settings.prompt_token_cost,
+        output_token_cost=settings.output_token_cost,
+        default_policy=default_policy(settings),
     )
+    access.attach(lambda tenant, a: _apply_policy(settings, engine, tenant, a))
     runtime = Runtime(settings, base, cache, tenants, engine, metrics,
-                      settings.resolved_admin_token())
+                      settings.resolved_admin_token(), access)
     if merged_ref is not None:
         tenants.register_merged(merged_ref, merged_bytes, merged_rank)
     pinned = set(settings.pin)
@@ -168,6 +181,32 @@ def build_runtime(settings: ServeSettings) -> Runtime:
                       extra={"tenant": ref.tenant, "version": ref.version, "reason": exc.code,
                              "detail": exc.message})
     return runtime
+
+
+def default_policy(settings: ServeSettings) -> TenantPolicy:
+    return TenantPolicy(max_concurrent=settings.tenant_max_concurrent,
+                        tokens_per_minute=settings.tenant_tokens_per_minute,
+                        max_queued=settings.tenant_max_queued)
+
+
+def _apply_policy(settings: ServeSettings, engine: Engine, tenant: str,
+                  access: TenantAccess | None) -> None:
+    """A tenant's weight and limits (its own, else the server's defaults) to the engine."""
+    if access is None:
+        policy = None
+    else:
+        default, limits = default_policy(settings), access.limits
+        policy = TenantPolicy(
+            weight=access.weight,
+            max_concurrent=(limits.max_concurrent if limits.max_concurrent is not None
+                            else default.max_concurrent),
+            tokens_per_minute=(limits.tokens_per_minute if limits.tokens_per_minute is not None
+                               else default.tokens_per_minute),
+            max_queued=(limits.max_queued if limits.max_queued is not None
+                        else default.max_queued))
+    set_policy = getattr(engine, "set_tenant_policy", None)
+    if set_policy is not None:
+        set_policy(tenant, policy)
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
@@ -200,20 +239,30 @@ def serve(settings: ServeSettings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             proxy_headers=False,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
-    if settings.admin_port is None:
+    if settings.admin_port is None and settings.metrics_port is None:
         uvicorn.Server(config).run()
         return
     public = _listen_socket(settings.host, settings.port)
-    admin = _listen_socket(settings.admin_host, settings.admin_port)
-    runtime.admin_port = admin.getsockname()[1]
+    sockets = [public]
+    extra: list[tuple[str, socket.socket]] = []
+    if settings.admin_port is not None:
+        admin = _listen_socket(settings.admin_host, settings.admin_port)
+        runtime.admin_port = admin.getsockname()[1]
+        extra.append(("admin API", admin))
+    if settings.metrics_port is not None:
+        metrics = _listen_socket(settings.metrics_host, settings.metrics_port)
+        runtime.metrics_port = metrics.getsockname()[1]
+        extra.append(("per-tenant metrics", metrics))
+    sockets += [sock for _, sock in extra]
 
-    class TwoPortServer(uvicorn.Server):
+    class MultiPortServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:  # uvicorn logs nothing for sockets it is handed
                 logging.getLogger("uvicorn.error").info(
                     "Uvicorn running on %s (Press CTRL+C to quit)", _url(public))
-                log.info(f"admin API listening on {_url(admin)}",
-                         extra={"admin_port": runtime.admin_port})
+                for what, sock in extra:
+                    log.info(f"{what} listening on {_url(sock)}",
+                             extra={"port": sock.getsockname()[1]})
 
-    TwoPortServer(config).run(sockets=[public, admin])
+    MultiPortServer(config).run(sockets=sockets)

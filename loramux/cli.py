@@ -31,12 +31,14 @@ def _serve(argv: list[str]) -> int:
     from loramux.settings_cli import settings_from_cli
 
     settings = settings_from_cli(ServeSettings, argv, "loramux serve")
+    from loramux.inference.access import AccessFileError
     from loramux.inference.model_loader import ModelLoadError
     from loramux.inference.server import serve
 
     try:
         serve(settings)
-    except ModelLoadError as exc:  # a missing model, an impossible precision: say it once
+    except (ModelLoadError, AccessFileError) as exc:  # a missing model, a bad access file,
+        # an impossible precision: say it once
         print(f"loramux serve: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Servers in tests run in the local mode (no API keys) unless a test asks for keys with
+# `--auth keys` (tests/test_access.py, tests/test_access_e2e.py); production's default is
+# keys, and the chart never renders none (tests/test_chart.py).
+os.environ.setdefault("LORAMUX_AUTH", "none")
+
 from factories import make_adapter, make_tiny_model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

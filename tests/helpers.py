@@ -47,5 +47,7 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     return total
 
 
-def metrics(url: str) -> str:
-    return httpx.get(f"{url}/metrics", timeout=10).text
+def metrics(url: str, headers: dict[str, str] | None = None) -> str:
+    """Every series, per tenant: ``/admin/metrics`` (the public ``/metrics`` sums over
+    tenants). Loopback clients need no token unless the server has one."""
+    return httpx.get(f"{url}/admin/metrics", timeout=10, headers=headers).text

@@ -263,10 +263,10 @@ def test_healthz_and_readyz_are_200(http, fp32_server):
 
 
 def test_metrics_expose_requests_tokens_latencies_batch_queue_and_cache(http, fp32_server):
-    before = http.get(f"{fp32_server.url}/metrics").text
+    before = http.get(f"{fp32_server.url}/admin/metrics").text
     ok_before = metric_value(before, "loramux_requests_total", tenant="legal", outcome="ok")
     done = http.post(f"{fp32_server.url}/generate", json=_greedy("legal", "count me", 5)).json()
-    text = http.get(f"{fp32_server.url}/metrics").text
+    text = http.get(f"{fp32_server.url}/admin/metrics").text
 
     def value(name: str, **labels: str) -> float:
         return metric_value(text, name, **labels)
