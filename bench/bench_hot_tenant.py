@@ -45,7 +45,8 @@ DEFAULT_OUT = HERE / "results" / "bench_hot_tenant.json"
 
 
 def serve(name: str, args: list[str], logs: Path, cpus: set[int] | None = None) -> LoramuxProc:
-    return LoramuxProc(name, ["serve", "--port", "0", "--log-format", "text", *args], logs,
+    return LoramuxProc(name, ["serve", "--port", "0", "--log-format", "text", "--auth", "none",
+                                 *args], logs,
                        cpus=cpus)
 
 

@@ -434,7 +434,7 @@ def main() -> None:
     lmx_argv = [PYTHON, "-P", "-m", "loramux.cli", "serve", "--port", "{port}",
                 "--quantization", precision.quantization,
                 "--compute-dtype", precision.compute_dtype, "--log-format", "text",
-                "--max-batch-size", str(max(16, args.clients)),
+                "--auth", "none", "--max-batch-size", str(max(16, args.clients)),
                 "--lora-backend", args.lora_backend]
     for name, path in adapters.items():
         lmx_argv += ["--adapter", f"{name}@v1={path}"]

@@ -133,7 +133,8 @@ def main() -> None:
     published = build_and_push(count, s3_url)
     size_mb = int(published["sync-0"]["bytes"]) / 1e6
 
-    server = Proc("server", ["serve", "--port", "0", "--device-adapter-slots", "64",
+    server = Proc("server", ["serve", "--port", "0", "--auth", "none",
+                             "--device-adapter-slots", "64",
                              "--device-cache-bytes", str(4 * 1024**3)], work, env)
     sync_args = ["sync", "--port", "0", "--server-url", server.url, "--resync-seconds", "5",
                  "--max-concurrent-downloads", str(args.max_concurrent_downloads)]

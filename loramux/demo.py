@@ -52,7 +52,8 @@ def train_demo_adapters(cache: Path) -> dict[str, Path]:
 def _start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     log = open(log_path, "w")  # noqa: SIM115 - the child process holds it
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "loramux.cli", "serve", "--port", "0", "--log-format", "text"],
+        [sys.executable, "-P", "-m", "loramux.cli", "serve", "--port", "0", "--log-format", "text",
+         "--auth", "none"],  # local demo: no API keys (logged loudly by the server)
         stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 300

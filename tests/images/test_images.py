@@ -172,7 +172,7 @@ def smol_adapter(default_model_dir: Path) -> Iterator[Path]:
 
 def serve_args(port: int) -> list[str]:
     return ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-            "--log-format", "text"]
+            "--log-format", "text", "--auth", "none"]
 
 
 def test_both_images_run_as_non_root_on_a_read_only_root(images: dict[str, str]) -> None:
