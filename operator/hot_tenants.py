@@ -2,9 +2,13 @@
 
 Each reconcile pass:
 
-1. :func:`scrape_request_totals` reads ``loramux_requests_total`` from every pool pod's
-   server ``/metrics`` and sums it per (namespace, tenant); forwarded requests count too,
-   because the pool still receives them. :class:`HotTenants` keeps the history.
+1. :func:`scrape_token_totals` reads the tokens served per tenant from every pool pod's
+   per-tenant ``/metrics`` (the container port named ``metrics``; the public port only
+   shows sums over tenants) and sums them per (namespace, tenant): prompt + generated
+   tokens the pod served itself, plus the tokens of the requests it forwarded to the
+   tenant's dedicated deployment (``loramux_forwarded_tokens_total``, from the forwarded
+   answers' usage), so a promoted tenant's traffic still counts.
+   :class:`HotTenants` keeps the history.
 2. :func:`hot_policy.decide` turns ``spec.dedicated`` (:class:`~model.DedicatedSpec`) and
    the history into promote, demote or hold.
 3. :func:`plan` (pure) turns that decision and what exists (the CR's dedicated Deployments
@@ -46,27 +50,53 @@ from loramux.operator.dedicated import (
 )
 from loramux.operator.hot_policy import Decision, RateHistory, Sample, decide
 from loramux.operator.kube import KubeApi
-from loramux.operator.model import AdapterSpec
+from loramux.operator.model import AdapterSpec, PodKey, container_port, pod_ip
 
 log = logging.getLogger("loramux.operator.hot")
 
-# One sample line of the Prometheus text format for the request counter. The operator image
-# carries no prometheus_client; this one metric's lines are simple enough to read directly.
-_REQUESTS = re.compile(r'^loramux_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)\s*$', re.M)
+# The counters whose sum is what a tenant is served: tokens, not requests. Forwarded tokens
+# are those of requests this pod passed to the tenant's dedicated deployment (the pod did not
+# run them, so they are not in the other two).
+TOKEN_COUNTERS = ("loramux_prompt_tokens_total", "loramux_completion_tokens_total",
+                  "loramux_forwarded_tokens_total")
+METRICS_PORT_NAME = "metrics"  # the pod's container port of the per-tenant /metrics
+
+# One sample line of the Prometheus text format for those counters (an optional timestamp
+# after the value). The operator image carries no prometheus_client; these lines are simple
+# enough to read directly.
+_TOKENS = re.compile(
+    r'^(?:' + "|".join(TOKEN_COUNTERS) + r')\{([^}]*)\}[ \t]+([0-9.eE+-]+)(?:[ \t]+-?\d+)?'
+    r'[ \t]*$', re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_request_totals(text: str) -> dict[str, float]:
-    """tenant -> requests (every outcome) from one server's ``/metrics`` text."""
+def parse_token_totals(text: str) -> dict[str, float]:
+    """tenant -> tokens served (the sum of :data:`TOKEN_COUNTERS`) from one server's
+    per-tenant ``/metrics`` text. Series without a tenant label (the public port's sums over
+    tenants) and ``_base`` (the base model, never promoted) are left out."""
     totals: dict[str, float] = {}
-    for labels, value in _REQUESTS.findall(text):
+    for labels, value in _TOKENS.findall(text):
         tenant = dict(_LABEL.findall(labels)).get("tenant")
         if tenant and not tenant.startswith("_"):  # "_base": the base model
             try:
-                totals[tenant] = totals.get(tenant, 0.0) + float(value)
+                number = float(value)
             except ValueError:
                 continue
+            if number == number and number >= 0:  # not NaN, not negative
+                totals[tenant] = totals.get(tenant, 0.0) + number
     return totals
+
+
+def metrics_url(pod: Mapping[str, Any], server_port: int) -> tuple[str, bool]:
+    """Where a pool pod's per-tenant counters are: ``/metrics`` on its container port named
+    ``metrics``, and True. A pod without one: its server port's ``/metrics`` and False
+    (that only has sums over tenants, so the pod contributes no tenant's tokens)."""
+    ip = pod_ip(pod) or "0.0.0.0"
+    host = f"[{ip}]" if ":" in ip else ip
+    port = container_port(pod, METRICS_PORT_NAME, 0)
+    if port > 0:
+        return f"http://{host}:{port}/metrics", True
+    return f"http://{host}:{container_port(pod, 'http', server_port)}/metrics", False
 
 
 @dataclass
@@ -148,8 +178,24 @@ def plan(cr: Mapping[str, Any], decision: Decision, existing: Existing,
     ``routed_versions``: versions of this tenant that some pool pod's server routes to now
     (from the sidecars' state). ``pool_serves_version``: every pool pod serves
     ``spec.version`` (the rollout there is finished). ``replicas``: the dedicated
-    Deployment's (``spec.dedicated.replicas``).
+    Deployment's (``spec.dedicated.replicas``). A decision on an invalid ``spec.dedicated``
+    (``decision.invalid``) holds what exists, and the condition's reason is InvalidSpec with
+    the problem in the message (its status still says whether a dedicated one serves).
     """
+    out = _plan(cr, decision, existing, template, routed_versions=routed_versions,
+                pool_serves_version=pool_serves_version, replicas=replicas,
+                secret_keys=secret_keys, cluster_domain=cluster_domain)
+    if decision.invalid:
+        out.condition = _condition(out.condition.get("status") == "True", "InvalidSpec",
+                                   f"{decision.reason}; the hot-tenant policy holds what "
+                                   "exists until it is fixed")
+    return out
+
+
+def _plan(cr: Mapping[str, Any], decision: Decision, existing: Existing,
+          template: Mapping[str, Any] | None, *, routed_versions: set[str],
+          pool_serves_version: bool, replicas: int, secret_keys: set[str] | None,
+          cluster_domain: str) -> Plan:
     spec = cr["spec"]
     namespace = cr["metadata"]["namespace"]
     version = spec["version"]
@@ -213,13 +259,35 @@ class HotTenants:
         self.cluster_domain = cluster_domain
         self.history = RateHistory()
         self.last_change: dict[tuple[str, str], float] = {}
+        self._no_metrics_port: set[PodKey] = set()  # pool pods already warned about
+
+    def scrape_targets(self, pool_pods: Mapping[PodKey, Mapping[str, Any]],
+                       server_port: int) -> list[tuple[str, str]]:
+        """``(namespace, metrics URL)`` of every pool pod (:func:`metrics_url`); a pod that
+        declares no ``metrics`` container port is warned about once: its server's public
+        ``/metrics`` is read instead, which has no per-tenant series, so its tenants' tokens
+        are missing and Auto holds for lack of data."""
+        targets = []
+        for key, pod in pool_pods.items():
+            url, per_tenant = metrics_url(pod, server_port)
+            if not per_tenant and key not in self._no_metrics_port:
+                log.warning("pool pod %s/%s declares no container port named %r: reading "
+                            "its server port's /metrics, which has only sums over tenants, "
+                            "so Auto hot-tenant promotion gets no tenant's tokens from it",
+                            key[0], key[1], METRICS_PORT_NAME)
+            if not per_tenant:
+                self._no_metrics_port.add(key)
+            targets.append((key[0], url))
+        self._no_metrics_port &= set(pool_pods)
+        return targets
 
     def record(self, totals: Mapping[tuple[str, str], float], now: float) -> None:
+        """One sample of tokens served per (namespace, tenant), taken at ``now``."""
         for key, total in totals.items():
             self.history.add(_history_key(key), Sample(now, total))
 
     def prune(self, specs: Iterable[AdapterSpec]) -> None:
-        """Forget the request history of tenants whose LoraAdapter is gone (or going) or
+        """Forget the token history of tenants whose LoraAdapter is gone (or going) or
         whose mode is Never, and the last change of tenants without a LoraAdapter."""
         specs = [s for s in specs if s.tenant and not s.deleting]
         watched = {_history_key((s.namespace, s.tenant)) for s in specs
@@ -234,7 +302,7 @@ class HotTenants:
     def decide(self, spec: AdapterSpec, dedicated_now: bool, now: float) -> Decision:
         dedicated = spec.dedicated
         if dedicated.problem:
-            return Decision("hold", dedicated.problem)
+            return Decision("hold", dedicated.problem, invalid=True)
         key = (spec.namespace, spec.tenant)
         return decide(dedicated.mode, dedicated_now, self.history.get(_history_key(key)),
                       dedicated.thresholds, now, self.last_change.get(key))
@@ -291,20 +359,21 @@ def _history_key(key: tuple[str, str]) -> str:
     return f"{key[0]}/{key[1]}"
 
 
-async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
-                                timeout: float = 5.0, headers: Mapping[str, str] | None = None,
-                                max_bytes: int = 16 * 1024 * 1024,
-                                ) -> dict[tuple[str, str], float] | None:
-    """Sum ``loramux_requests_total`` per (namespace, tenant) over ``(namespace, server_url)``
-    targets. ``None`` when a pod did not answer: a partial sum would read as a counter
-    reset, so such a pass records no sample (the policy treats the gap as missing data)."""
+async def scrape_token_totals(http: Any, targets: Iterable[tuple[str, str]],
+                              timeout: float = 5.0, headers: Mapping[str, str] | None = None,
+                              max_bytes: int = 16 * 1024 * 1024,
+                              ) -> dict[tuple[str, str], float] | None:
+    """Sum the tokens served (:func:`parse_token_totals`) per (namespace, tenant) over
+    ``(namespace, metrics_url)`` targets (:meth:`HotTenants.scrape_targets`). ``None`` when a
+    pod did not answer: a partial sum would read as a counter reset, so such a pass records
+    no sample (the policy treats the gap as missing data)."""
     targets = list(targets)
 
     async def one(url: str) -> str | None:
         """The body, or None (no answer, an error status, beyond ``max_bytes`` or slower
         than twice ``timeout``)."""
         async def read() -> str | None:
-            async with http.stream("GET", f"{url}/metrics", timeout=timeout,
+            async with http.stream("GET", url, timeout=timeout,
                                    headers=dict(headers or {})) as response:
                 if response.status_code != 200:
                     return None
@@ -312,7 +381,7 @@ async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > max_bytes:
-                        log.warning("%s/metrics is larger than %d bytes: ignored", url,
+                        log.warning("%s is larger than %d bytes: ignored", url,
                                     max_bytes)
                         return None
             return body.decode("utf-8", "replace")
@@ -328,11 +397,10 @@ async def scrape_request_totals(http: Any, targets: Iterable[tuple[str, str]],
         return None
     for (namespace, _), text in zip(targets, texts, strict=True):
         assert text is not None
-        for tenant, value in parse_request_totals(text).items():
+        for tenant, value in parse_token_totals(text).items():
             totals[(namespace, tenant)] = totals.get((namespace, tenant), 0.0) + value
     return totals
 
 
-__all__ = ["Existing", "HotTenants", "Plan", "endpoint", "not_ours", "parse_request_totals",
-           "plan",
-           "scrape_request_totals"]
+__all__ = ["METRICS_PORT_NAME", "TOKEN_COUNTERS", "Existing", "HotTenants", "Plan", "endpoint",
+           "metrics_url", "not_ours", "parse_token_totals", "plan", "scrape_token_totals"]

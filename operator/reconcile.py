@@ -56,7 +56,7 @@ from loramux.operator.hot_tenants import (
     HotTenants,
     Plan,
     plan,
-    scrape_request_totals,
+    scrape_token_totals,
 )
 from loramux.operator.kube import KubeApi, KubeError
 from loramux.operator.model import (
@@ -500,17 +500,16 @@ class Reconciler:
         return creds, problems
 
     async def _observe_traffic(self, seen: Observed, live: Sequence[AdapterSpec]) -> None:
-        """Hot tenants: record the pool's request counters (only Auto needs them), and
-        forget the history nothing needs any more."""
+        """Hot tenants: record the tokens each tenant was served, from the pool pods'
+        per-tenant metrics ports (only Auto needs them), and forget the history nothing
+        needs any more."""
         hot = self.hot
         assert hot is not None
         if any(spec.dedicated.mode == "Auto" for spec in live):
-            targets = [(key[0], _base_url(pod, container_port(pod, "http",
-                                                              self.settings.server_port)))
-                       for key, pod in seen.pool_pods.items()]
-            totals = await scrape_request_totals(self.http, targets,
-                                                 timeout=self.settings.request_timeout_seconds,
-                                                 headers=self._server_headers)
+            targets = hot.scrape_targets(seen.pool_pods, self.settings.server_port)
+            totals = await scrape_token_totals(self.http, targets,
+                                               timeout=self.settings.request_timeout_seconds,
+                                               headers=self._server_headers)
             if totals is not None:
                 hot.record(totals, seen.clock)
         hot.prune(seen.specs)

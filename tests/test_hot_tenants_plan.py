@@ -1,13 +1,30 @@
-"""Planning a hot tenant's dedicated objects and routes (pure), and reading the request
-counter from a server's /metrics text."""
+"""Planning a hot tenant's dedicated objects and routes (pure), and reading the tokens each
+tenant was served from the pool pods' per-tenant /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import httpx
+import pytest
 
 from loramux.operator.dedicated import build_deployment, build_service
 from loramux.operator.hot_policy import Decision
-from loramux.operator.hot_tenants import Existing, endpoint, parse_request_totals, plan
+from loramux.operator.hot_tenants import (
+    Existing,
+    HotTenants,
+    endpoint,
+    metrics_url,
+    parse_token_totals,
+    plan,
+    scrape_token_totals,
+)
+from loramux.operator.model import parse_adapter
 
 CR = {
     "apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter",
@@ -102,23 +119,113 @@ def test_endpoint_prefers_cluster_ip_then_dns() -> None:
     assert endpoint(svc) == "http://lmx-legal-v2.ns.svc.cluster.local:8000"
 
 
-def test_parse_request_totals() -> None:
-    text = """# HELP loramux_requests_total Requests finished, by tenant and outcome.
-# TYPE loramux_requests_total counter
-loramux_requests_total{outcome="ok",tenant="legal"} 12.0
-loramux_requests_total{outcome="forwarded",tenant="legal"} 30.0
-loramux_requests_total{outcome="ok",tenant="medical"} 2.0
-loramux_requests_total{outcome="ok",tenant="_base"} 5.0
-loramux_requests_created{outcome="ok",tenant="legal"} 1.7e9
+def test_parse_token_totals_sums_prompt_generated_and_forwarded_tokens() -> None:
+    text = """# HELP loramux_prompt_tokens_total Prompt tokens processed.
+# TYPE loramux_prompt_tokens_total counter
+loramux_prompt_tokens_total{tenant="legal"} 1200.0
+loramux_prompt_tokens_total{tenant="medical"} 30.0
+loramux_prompt_tokens_total{tenant="_base"} 5000.0
+loramux_prompt_tokens_created{tenant="legal"} 1.7e9
+loramux_completion_tokens_total{tenant="legal"} 300.0
+loramux_completion_tokens_total{tenant="medical"} 2.5e1 1700000000000
+loramux_forwarded_tokens_total{tenant="legal"} 4000.0
+loramux_forwarded_tokens_total{tenant="bad"} NaN
 loramux_forwarded_requests_total{outcome="forwarded",tenant="legal"} 30.0
+loramux_requests_total{outcome="ok",tenant="legal"} 12.0
+loramux_requests_total{outcome="ok",tenant="chatty"} 100000.0
+loramux_tenant_limited_total{limit="max_queued",tenant="legal"} 7.0
 """
-    assert parse_request_totals(text) == {"legal": 42.0, "medical": 2.0}
+    # requests are not counted at all: "chatty" sent many, but was served no tokens
+    assert parse_token_totals(text) == {"legal": 5500.0, "medical": 55.0}
+    # the public port's sums over tenants carry no tenant: nothing to attribute
+    summed = ("loramux_prompt_tokens_total 1200.0\n"
+              "loramux_completion_tokens_total 300.0\n")
+    assert parse_token_totals(summed) == {}
+
+
+def test_invalid_thresholds_hold_with_an_invalid_spec_condition() -> None:
+    """The removed request-rate fields: the adapter itself stays valid and placed; the
+    policy holds what exists and the Dedicated condition names the new field."""
+    obj = {"apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter",
+           "metadata": {"name": "legal", "namespace": "ns", "uid": "u1"},
+           "spec": {"tenant": "legal", "version": "v2", "baseModel": "tiny",
+                    "source": {"uri": "s3://bucket/legal/v2/"},
+                    "pool": {"matchLabels": {"app": "pool"}},
+                    "dedicated": {"mode": "Auto", "promoteAboveRps": 5, "demoteBelowRps": 1}}}
+    spec = parse_adapter(obj)
+    assert spec.error is None
+    assert "promoteAboveRps was removed: use promoteAboveTokensPerSecond" in (
+        spec.dedicated.problem or "")
+    hot = HotTenants(kube=None, template=TEMPLATE)  # type: ignore[arg-type]
+    for dedicated_now, existing, status in ((False, Existing(), "False"),
+                                            (True, _existing(("v2", True)), "True")):
+        decision = hot.decide(spec, dedicated_now, 1000.0)
+        assert decision.action == "hold" and decision.invalid
+        p = plan(CR, decision, existing, TEMPLATE, routed_versions={"v2"},
+                 pool_serves_version=True)
+        assert p.create == [] and p.delete == []  # held: nothing created, nothing deleted
+        assert p.condition["reason"] == "InvalidSpec" and p.condition["status"] == status
+        assert "use demoteBelowTokensPerSecond" in p.condition["message"]
+    valid = plan(CR, Decision("hold", "h"), Existing(), TEMPLATE, routed_versions=set(),
+                 pool_serves_version=True)
+    assert valid.condition["reason"] == "NotDedicated"
+
+
+def _pod(name: str, ports: dict[str, int], ip: str = "10.1.2.3") -> dict:
+    return {"metadata": {"name": name, "namespace": "ns"}, "status": {"podIP": ip},
+            "spec": {"containers": [{"name": "server", "ports": [
+                {"name": n, "containerPort": p} for n, p in ports.items()]}]}}
+
+
+def test_scrape_targets_are_the_metrics_ports(caplog: pytest.LogCaptureFixture) -> None:
+    with_port = _pod("a", {"http": 8000, "metrics": 8003})
+    without = _pod("b", {"http": 8100}, ip="fd00::9")
+    assert metrics_url(with_port, 8000) == ("http://10.1.2.3:8003/metrics", True)
+    assert metrics_url(without, 8000) == ("http://[fd00::9]:8100/metrics", False)
+    assert metrics_url(_pod("c", {}), 8000) == ("http://10.1.2.3:8000/metrics", False)
+    hot = HotTenants(kube=None, template=None)  # type: ignore[arg-type]
+    pods = {("ns", "a"): with_port, ("ns", "b"): without}
+    with caplog.at_level("WARNING", logger="loramux.operator.hot"):
+        for _ in range(3):
+            targets = hot.scrape_targets(pods, 8000)
+    assert targets == [("ns", "http://10.1.2.3:8003/metrics"),
+                       ("ns", "http://[fd00::9]:8100/metrics")]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "ns/b" in warned[0] and "'metrics'" in warned[0]
+
+
+class _Bodies(BaseHTTPRequestHandler):
+    bodies: ClassVar[dict[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        body = self.bodies.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[str]:
+    """A real HTTP server on loopback answering ``/<name>/metrics`` from _Bodies.bodies."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bodies)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_only_services_the_operator_built_for_the_adapter_are_routed_to() -> None:
-    import asyncio
-
-    from loramux.operator.hot_tenants import HotTenants, not_ours
+    from loramux.operator.hot_tenants import not_ours
 
     dep, svc = _pair("v2", True)
     assert not_ours(svc, "Service", "u1") is None and not_ours(dep, "Deployment", "u1") is None
@@ -149,23 +256,25 @@ def test_only_services_the_operator_built_for_the_adapter_are_routed_to() -> Non
     assert asyncio.run(hot.list_all(None, {})) == {}  # no LoraAdapter: nothing is ours
 
 
-def test_request_totals_are_read_within_a_size_bound() -> None:
-    import asyncio
+def test_token_totals_are_summed_over_pods_within_a_size_bound(metrics_server: str) -> None:
+    _Bodies.bodies = {
+        "/a/metrics": b'loramux_prompt_tokens_total{tenant="legal"} 300.0\n'
+                      b'loramux_completion_tokens_total{tenant="legal"} 100.0\n',
+        "/b/metrics": b'loramux_forwarded_tokens_total{tenant="legal"} 1000.0\n'
+                      b'loramux_prompt_tokens_total{tenant="legal",} 0\n'
+                      b'loramux_completion_tokens_total{tenant="legal"} 0\n',
+        "/c/metrics": b'loramux_prompt_tokens_total{tenant="legal"} 3.0\n' + b"#" * 5000,
+        "/summed/metrics": b"loramux_prompt_tokens_total 300.0\n",
+    }
 
-    import httpx
+    async def scrape(*names: str) -> dict | None:
+        async with httpx.AsyncClient() as http:
+            return await scrape_token_totals(
+                http, [("ns", f"{metrics_server}/{n}/metrics") for n in names],
+                max_bytes=1000)
 
-    from loramux.operator.hot_tenants import scrape_request_totals
-
-    line = 'loramux_requests_total{outcome="ok",tenant="legal"} 3.0\n'
-    bodies = {"a": line.encode(), "b": line.encode() + b"#" * 5000}
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=bodies[request.url.host])
-
-    async def scrape(*hosts: str) -> dict | None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
-            return await scrape_request_totals(http, [("ns", f"http://{h}") for h in hosts],
-                                               max_bytes=1000)
-
-    assert asyncio.run(scrape("a")) == {("ns", "legal"): 3.0}
-    assert asyncio.run(scrape("a", "b")) is None  # too big: no sample this pass
+    assert asyncio.run(scrape("a")) == {("ns", "legal"): 400.0}
+    assert asyncio.run(scrape("a", "b")) == {("ns", "legal"): 1400.0}
+    assert asyncio.run(scrape("a", "summed")) == {("ns", "legal"): 400.0}
+    assert asyncio.run(scrape("a", "c")) is None  # too big: no sample this pass
+    assert asyncio.run(scrape("a", "gone")) is None  # a pod that does not answer: none
