@@ -8,6 +8,15 @@ verified versions on the shared volume (:func:`~loramux.inference.adapter_store.
 and the server's ``GET /admin/adapters`` (:class:`~loramux.contracts.AdapterList`) - and
 closes the gap, one pass at a time:
 
+0. each tenant's access (:class:`~loramux.contracts.TenantAccess`: the SHA-256 hashes of
+   its API keys, its fair-share weight and its limits, carried by its desired entries) is
+   pushed with ``PUT /admin/tenants/{tenant}/access`` when the server's ``GET /admin/access``
+   has no admin-pushed row for it or one with another fingerprint, before any of its
+   versions is loaded or activated; admin-pushed access of a tenant that no longer has any
+   is removed with ``DELETE`` (never before the first ``PUT /v1/desired``). Rows the server
+   read from its ``--access-file`` are not the sidecar's. A server without
+   ``/admin/access`` (404: older) is logged once and skipped. Hashes are never logged,
+   only key counts and fingerprints;
 1. every desired version that is not yet on the server is fetched (atomic, verified:
    :func:`~loramux.inference.adapter_store.fetch_adapter`, retried with backoff by the one
    :class:`~loramux.s3.RetryPolicy` when the failure is transient or ``not_found``) and then
@@ -26,7 +35,8 @@ closes the gap, one pass at a time:
 5. local files of versions neither desired nor loaded are deleted (same condition as 3).
 
 ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`) reports each desired version's
-phase (:class:`~loramux.contracts.SyncPhase`), the routes and the server's own last answer;
+phase (:class:`~loramux.contracts.SyncPhase`), the routes and the server's own last answers
+(``server``: its adapters, ``access``: its tenant access, counts and fingerprints only);
 the operator reads a pod's state from there only. ``GET /readyz`` is 200 only when the
 versions selected by ``require_ready_for`` are Ready (default: pinned ones and each tenant's
 active or only version); otherwise 503 with what is missing and why.
@@ -44,8 +54,8 @@ credentials change.
 Because every pass re-reads the actual state, the sidecar converges after a restart of
 itself or of the server. One failing adapter never blocks the others: each fetch-and-load
 runs as its own task. A server answer that is not what the contract says (not JSON, not an
-``AdapterList`` or ``RouteList``) is that pass's failure only, like an unreachable server
-(``loramux_sync_server_errors_total``); the next pass asks again.
+``AdapterList``, ``RouteList`` or ``AccessList``) is that pass's failure only, like an
+unreachable server (``loramux_sync_server_errors_total``); the next pass asks again.
 
 Tokens (``--token-file`` for this sidecar's ``/v1``, ``--server-token-file`` for the
 server's ``/admin``) are :class:`loramux.tokens.Token`: re-read when the mounted Secret is

@@ -3,8 +3,9 @@
 - ``PUT /v1/desired`` (:class:`~loramux.contracts.DesiredState`): the versions this pod
   should hold; 202, then the reconcile loop works towards it.
 - ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`): each desired version's phase,
-  the routes, and the server's own last ``GET /admin/adapters`` answer. The operator reads
-  a pod's state from here only.
+  the routes, and the server's own last ``GET /admin/adapters`` and ``GET /admin/access``
+  answers (``access``: key counts and fingerprints, never hashes). The operator reads a
+  pod's state from here only.
 - ``GET /v1/desired``: the desired set as told, credentials masked (for humans).
 - ``GET /healthz``, ``GET /readyz`` (unauthenticated probes), ``GET /metrics``.
 

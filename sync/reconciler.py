@@ -17,6 +17,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from loramux.contracts import (
+    AccessList,
+    AccessView,
     ActivateRequest,
     AdapterList,
     AdapterState,
@@ -31,6 +33,7 @@ from loramux.contracts import (
     RouteView,
     SyncPhase,
     SyncState,
+    TenantAccess,
     VersionStatus,
     parse_error,
 )
@@ -111,6 +114,10 @@ class Reconciler:
         # "remove everything": a restarted sidecar must not evict and delete what serves.
         self.desired_received = False
         self.routes: dict[str, RouteView] = {}  # the server's, as of the last pass
+        # The server's GET /admin/access as of the last pass (None: no answer, or a server
+        # without per-tenant access); False once an older server said 404 (logged once).
+        self.access_state: AccessList | None = None
+        self.access_supported = True
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -216,13 +223,15 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         """One pass, from what is actually there (the volume and the server's answer):
 
+        0. push each tenant's access to the server (and remove access no longer desired);
         1. fetch and load each desired version that is not ready on the server;
         2. switch each tenant's active version once its target is ready;
         3. evict versions no longer desired (once their tenant has settled);
         4. set or remove hot tenants' routes to their dedicated deployments;
         5. delete local files of versions neither desired nor loaded.
 
-        Steps 2-5 only run while the server answers and after the first PUT /v1/desired.
+        Steps 0 and 2-5 only run while the server answers; removals (of access, versions,
+        routes, files) only after the first PUT /v1/desired.
         """
         self.metrics.passes.inc()
         self.last_pass = time.time()
@@ -234,6 +243,7 @@ class Reconciler:
             # answer (nothing that needs it happens, Ready versions stay Ready); the next
             # pass asks again.
             self.server_reachable, self.server_state, server = False, None, None
+            self.access_state = None
             self.metrics.server_errors.labels("adapters", exc.code).inc()
             log.warning("inference server unavailable: %s", exc.message)
         else:
@@ -243,6 +253,10 @@ class Reconciler:
                 with contextlib.suppress(ValueError):
                     # A working copy: the steps below update it, the answer stays as it was.
                     server[AdapterRef(view.tenant, view.version)] = view.model_copy()
+        if server is not None:
+            # 0. tenant access (key hashes, weight, limits) before anything is loaded or
+            # activated: a tenant becomes callable with its keys already known.
+            await self._sync_access()
         local = await asyncio.to_thread(list_local, self.root)
         now = time.monotonic()
 
@@ -342,6 +356,94 @@ class Reconciler:
             except ServerError as exc:
                 if exc.status != 404:
                     log.warning("removing the route of %s failed: %s", tenant, exc.message)
+
+    def desired_access(self) -> dict[str, TenantAccess | None]:
+        """tenant -> the access its desired entries carry: the active entry's, else any
+        entry's (the operator sends the same on every entry of a tenant); None when no entry
+        carries one (then the sidecar removes what it pushed before)."""
+        wanted: dict[str, TenantAccess | None] = {}
+        for tenant in sorted({ref.tenant for ref in self.desired}):
+            entries = sorted((e for e in self.desired.values() if e.tenant == tenant),
+                             key=lambda e: (not e.active, e.version))
+            wanted[tenant] = next((e.access for e in entries if e.access is not None), None)
+        return wanted
+
+    async def _sync_access(self) -> None:
+        """Makes the server's admin-pushed access (``source == "admin"`` rows of
+        ``GET /admin/access``) match :meth:`desired_access`: ``PUT`` where missing or its
+        fingerprint differs, ``DELETE`` where no longer desired (only after the first
+        ``PUT /v1/desired``). A server answering 404 predates per-tenant access: logged
+        once, skipped. Failures count in ``loramux_sync_server_errors_total`` and are
+        retried next pass. Only counts and fingerprints are logged, never the hashes."""
+        try:
+            answer: AccessList = await self._server_report("/admin/access", AccessList)
+        except ServerError as exc:
+            self.access_state = None
+            if exc.status == 404:
+                if self.access_supported:
+                    log.warning("the inference server has no GET /admin/access (an older "
+                                "server): tenant keys, weights and limits are not pushed")
+                self.access_supported = False
+                return
+            self.metrics.server_errors.labels("access", exc.code).inc()
+            log.warning("cannot read the server's tenant access: %s", exc.message)
+            return
+        if not self.access_supported:
+            log.info("the inference server now answers GET /admin/access")
+        self.access_supported = True
+        self.access_state = answer
+        pushed = {view.tenant: view for view in answer.tenants if view.source == "admin"}
+        wanted = self.desired_access()
+        for tenant, access in wanted.items():
+            if access is None:
+                continue
+            have = pushed.get(tenant)
+            fingerprint = access.fingerprint()
+            if have is not None and have.fingerprint == fingerprint:
+                continue
+            try:
+                reply = await self._server("PUT", f"/admin/tenants/{tenant}/access", access)
+            except ServerError as exc:
+                self.metrics.server_errors.labels("access_push", exc.code).inc()
+                log.warning("pushing the access of %s failed: %s", tenant, exc.message,
+                            extra={"tenant": tenant, "code": exc.code})
+                continue
+            try:
+                view = AccessView.model_validate(reply)
+            except ValidationError:
+                view = AccessView(tenant=tenant, keys=len(access.key_sha256),
+                                  fingerprint=fingerprint, weight=access.weight,
+                                  limits=access.limits, source="admin")
+            self._record_access(tenant, view)
+            log.info("access of %s set on the server: %d key(s), weight %g, fingerprint %s",
+                     tenant, len(access.key_sha256), access.weight, fingerprint,
+                     extra={"tenant": tenant})
+        if not self.desired_received:
+            return  # "not told yet" is not "no access": never remove before the first PUT
+        for tenant in sorted(pushed):
+            if wanted.get(tenant) is not None:
+                continue
+            try:
+                await self._server("DELETE", f"/admin/tenants/{tenant}/access")
+            except ServerError as exc:
+                if exc.status != 404:  # 404: already gone
+                    self.metrics.server_errors.labels("access_remove", exc.code).inc()
+                    log.warning("removing the access of %s failed: %s", tenant, exc.message,
+                                extra={"tenant": tenant, "code": exc.code})
+                    continue
+            self._record_access(tenant, None)
+            log.info("access of %s removed from the server", tenant, extra={"tenant": tenant})
+
+    def _record_access(self, tenant: str, view: AccessView | None) -> None:
+        """Updates the reported access list after a successful PUT (``view``) or DELETE."""
+        if self.access_state is None:
+            return
+        rows = [v for v in self.access_state.tenants
+                if not (v.tenant == tenant and v.source == "admin")]
+        if view is not None:
+            rows.append(view)
+        rows.sort(key=lambda v: (v.tenant, v.source))
+        self.access_state = self.access_state.model_copy(update={"tenants": rows})
 
     async def _repin(self, ref: AdapterRef, spec: DesiredAdapter, path: str) -> None:
         try:
@@ -557,12 +659,13 @@ class Reconciler:
 
     def state(self) -> SyncState:
         """``GET /v1/state``: every desired version's status, the routes, and the server's
-        own last answer (the operator reads a pod's state from here only)."""
+        own last answers (adapters, and tenant access: counts and fingerprints, never hashes;
+        the operator reads a pod's state from here only)."""
         items = sorted(self.status.items(), key=lambda kv: str(kv[0]))
         return SyncState(adapters=[status.view(ref) for ref, status in items],
                          routes=[self.routes[t] for t in sorted(self.routes)],
                          server_reachable=self.server_reachable, last_pass=self.last_pass,
-                         server=self.server_state)
+                         server=self.server_state, access=self.access_state)
 
 
 def _eviction_state(answer: Any) -> EvictionState | None:

@@ -87,6 +87,22 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "dedicated.extraEnv[0].value=text",
         "--set", "dedicated.podLabels.team=search",
     ],
+    # Issue 16: pool-wide key grants, per-tenant limits, metrics scraped by a monitoring
+    # namespace.
+    "keys-and-limits": [
+        "--set", "auth.keys[0].name=gateway",
+        "--set", f"auth.keys[0].sha256={'a1' * 32}",
+        "--set", "auth.keys[0].tenants={*}",
+        "--set", f"auth.keys[1].sha256={'b2' * 32}",
+        "--set", "auth.keys[1].tenants={legal,medical}",
+        "--set", "auth.keys[1].base=true",
+        "--set", "inference.tenantLimits.tokensPerMinute=120000",
+        "--set", "inference.tenantLimits.maxConcurrent=8",
+        "--set", "inference.admission=fifo",
+        "--set", "inference.serviceMonitor.enabled=true",
+        "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels"
+                 ".kubernetes\\.io/metadata\\.name=monitoring",
+    ],
 }
 
 
@@ -306,7 +322,8 @@ def test_inference_pod_shares_the_adapter_volume(helm_env: dict[str, str], name:
 def test_probes_point_at_the_named_ports(helm_env: dict[str, str], name: str) -> None:
     pod = inference_pod(render(helm_env, *VALUE_SETS[name]))
     server, sync = container(pod, "server"), container(pod, "sync")
-    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"http": 8000}
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"http": 8000,
+                                                                         "metrics": 8003}
     assert {p["name"]: p["containerPort"] for p in sync["ports"]} == {"sync": 8001}
     assert server["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -497,12 +514,15 @@ def test_hpa_and_service_monitor(helm_env: dict[str, str]) -> None:
 def test_service_monitor_scrapes_both_containers(helm_env: dict[str, str]) -> None:
     docs = render(helm_env, *VALUE_SETS["image-model-hpa-monitor"])
     monitor = find(docs, "ServiceMonitor")
+    # The server's per-tenant port "metrics" (the public "http" one only shows sums over
+    # tenants) and the sidecar's "sync".
     assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [
-        ("http", "/metrics"), ("sync", "/metrics")]
+        ("metrics", "/metrics"), ("sync", "/metrics")]
     metrics = find(docs, "Service", "metrics")
     selected = monitor["spec"]["selector"]["matchLabels"]
     assert all(metrics["metadata"]["labels"][k] == v for k, v in selected.items())
-    assert {p["name"] for p in metrics["spec"]["ports"]} == {"http", "sync"}
+    assert {(p["name"], p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]} == {
+        ("metrics", 8003, "metrics"), ("sync", 8001, "sync")}
     public = [d for d in docs if d["kind"] == "Service" and d is not metrics]
     assert [p["name"] for d in public for p in d["spec"]["ports"]] == ["http"]
 
@@ -534,12 +554,18 @@ def test_rbac_has_no_wildcards(helm_env: dict[str, str], name: str) -> None:
         for rule in role["rules"]:
             for field in ("verbs", "resources", "apiGroups", "resourceNames"):
                 assert not any("*" in item for item in rule.get(field, [])), (field, rule)
-            # Secrets only by name, and read only; but the tokens Role, which may create
-            # (a create cannot name its object) in the release namespace only.
+            # Secrets are read only by name; but the tokens Role may create (a create cannot
+            # name its object) in the release namespace only, and the operator writes the
+            # dedicated deployments' access files (create, update, patch, delete: never
+            # get, list or watch, so it reads no Secret it was not given by name).
             if "secrets" in rule["resources"]:
                 if rule["verbs"] == ["create"]:
                     assert role["kind"] == "Role" and role["metadata"]["name"].endswith("-tokens")
                     assert role["metadata"]["namespace"] == NAMESPACE
+                    continue
+                if "resourceNames" not in rule:
+                    assert rule["verbs"] == ["create", "update", "patch", "delete"], rule
+                    assert "dedicated.enabled=false" not in VALUE_SETS[name]
                     continue
                 assert rule["verbs"] == ["get"]
                 assert rule["resourceNames"]
@@ -568,8 +594,19 @@ def test_rbac_namespaced_by_default(helm_env: dict[str, str]) -> None:
     assert grants[("", "services")] == crud
     assert grants[("", "events")] == {"create", "patch"}
     assert grants[("kopf.dev", "kopfpeerings")] == {"get", "list", "watch", "patch"}
-    # No secret access unless names are given.
-    assert not any("secrets" in rule["resources"] for rule in role["rules"])
+    # No Secret is read unless its name is given (here: the pool's access Secret, hashes
+    # only, whose grants the operator copies into dedicated deployments' access files); those
+    # files (Secrets "<deployment>-access", key hashes only) are written.
+    secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secret_rules == [
+        {"apiGroups": [""], "resources": ["secrets"],
+         "verbs": ["create", "update", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["secrets"],
+         "resourceNames": [f"{RELEASE}-loramux-access"], "verbs": ["get"]}]
+    annotations = dedicated_template(docs)["metadata"]["annotations"]
+    assert annotations["loramux.io/pool-access-secret"] == f"{RELEASE}-loramux-access"
+    no_dedicated = _main_role(render(helm_env, "--set", "dedicated.enabled=false"))
+    assert not any("secrets" in rule["resources"] for rule in no_dedicated["rules"])
     # kopf's peering object exists in the namespace, under the name the operator is given.
     peering = find(docs, "KopfPeering")
     operator = container(find(docs, "Deployment", "operator")["spec"]["template"], "operator")
@@ -589,7 +626,9 @@ def test_rbac_cluster_wide(helm_env: dict[str, str]) -> None:
     # The tokens Secret stays namespaced: a Role in the release namespace, never cluster-wide.
     tokens = _tokens_role(docs)
     assert tokens is not None and tokens["metadata"]["namespace"] == NAMESPACE
-    assert not any("secrets" in r["resources"] for r in role["rules"])
+    # Secrets: written (dedicated access files, in the tenants' namespaces), never read.
+    assert [r["verbs"] for r in role["rules"] if "secrets" in r["resources"]] == [
+        ["create", "update", "patch", "delete"], ["get"]]
     assert any(r["resources"] == ["clusterkopfpeerings"] for r in role["rules"])
     peering = find(docs, "ClusterKopfPeering")
     operator = container(find(docs, "Deployment", "operator")["spec"]["template"], "operator")
@@ -600,7 +639,8 @@ def test_rbac_cluster_wide(helm_env: dict[str, str]) -> None:
 
 def test_secret_access_only_by_name(helm_env: dict[str, str]) -> None:
     rules = _rules(render(helm_env, *VALUE_SETS["existing-secrets"]))
-    (secret_rule,) = [r for r in rules if "secrets" in r["resources"]]
+    (secret_rule,) = [r for r in rules if "secrets" in r["resources"]
+                      and "tenant-a-s3" in r.get("resourceNames", [])]
     assert secret_rule == {"apiGroups": [""], "resources": ["secrets"],
                            "resourceNames": ["tenant-a-s3", "tenant-b-s3"], "verbs": ["get"]}
 
@@ -719,8 +759,13 @@ def test_dedicated_template_builds_valid_objects(helm_env: dict[str, str], name:
     pool_volumes = {v["name"]: v for v in pool["spec"]["volumes"]}
     mounts = {m["name"]: m for m in server["volumeMounts"]}
     assert set(mounts) <= set(volumes)
-    assert set(mounts) == {m["name"] for m in pool_server["volumeMounts"]} - {"tokens"}
-    for vol in set(mounts) - {"adapters"}:
+    # Pool-only: the admin token and the chart's access file (auth.keys); a dedicated pod's
+    # access file ("tenant-access": the tenant's keys and the pool's grants) is the
+    # operator's own.
+    own = {"tenant-access"}
+    assert set(mounts) - own == {m["name"] for m in pool_server["volumeMounts"]} - {"tokens",
+                                                                                     "access"}
+    for vol in set(mounts) - {"adapters"} - own:
         assert volumes[vol] == pool_volumes[vol], vol
         assert mounts[vol] == next(m for m in pool_server["volumeMounts"] if m["name"] == vol)
     assert volumes["adapters"] == {"name": "adapters", "emptyDir": {}}
@@ -736,8 +781,10 @@ def test_dedicated_template_builds_valid_objects(helm_env: dict[str, str], name:
                 "LORAMUX_COMPUTE_DTYPE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
                 "HOME"):
         assert env.get(key) == pool_env.get(key), key
+    pool_only_env = ("LORAMUX_QUANTIZATION", "LORAMUX_ADMIN_TOKEN_FILE", "LORAMUX_ACCESS_FILE",
+                     "LORAMUX_METRICS_PORT", "LORAMUX_METRICS_HOST")
     for e in pool_server["env"]:
-        if e["name"] not in ("LORAMUX_QUANTIZATION", "LORAMUX_ADMIN_TOKEN_FILE"):
+        if e["name"] not in pool_only_env:
             assert e in server["env"], e
     # The model's init containers run before the operator's fetch.
     pool_inits = pool["spec"].get("initContainers", [])
@@ -862,7 +909,9 @@ def test_two_renders_of_the_same_values_are_identical(helm_env: dict[str, str]) 
 
     assert rendered() == rendered()
     docs = render(helm_env)
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    # No token Secret; the only Secret is the access file (key hashes, none by default).
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [
+        f"{RELEASE}-loramux-access"]
     tokens = _tokens_role(docs)
     assert tokens is not None
     assert tokens["rules"] == [
@@ -892,7 +941,7 @@ def test_two_renders_of_the_same_values_are_identical(helm_env: dict[str, str]) 
 
 def test_existing_token_secret_is_used_not_created(helm_env: dict[str, str]) -> None:
     docs = render(helm_env, *VALUE_SETS["existing-secrets"])
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not [d for d in docs if d["kind"] == "Secret" and "access.json" not in d["data"]]
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
                       if v["name"] == "tokens")
@@ -1014,12 +1063,15 @@ def test_network_policies_by_default(helm_env: dict[str, str]) -> None:
     assert pool["policyTypes"] == ["Ingress"]
     assert all(pool_labels[k] == v for k, v in pool["podSelector"]["matchLabels"].items())
     by_port = {rule["ports"][0]["port"]: rule for rule in pool["ingress"]}
-    assert set(by_port) == {"http", "sync"}  # nothing else: no admin port
+    assert set(by_port) == {"http", "sync", "metrics"}  # nothing else: no admin port
     assert "from" not in by_port["http"]  # clients: the public port
-    (peer,) = by_port["sync"]["from"]  # the sidecars: the operator only
-    assert set(peer) == {"podSelector"}
-    assert all(operator_labels[k] == v for k, v in peer["podSelector"]["matchLabels"].items())
-    assert not all(pool_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+    # the sidecars and the per-tenant metrics: the operator only
+    for port in ("sync", "metrics"):
+        (peer,) = by_port[port]["from"]
+        assert set(peer) == {"podSelector"}
+        assert all(operator_labels[k] == v for k, v in peer["podSelector"]["matchLabels"].items())
+        assert not all(pool_labels.get(k) == v
+                       for k, v in peer["podSelector"]["matchLabels"].items())
     # hot tenants' dedicated pods: the pool only
     dedicated = find(docs, "NetworkPolicy", "dedicated")["spec"]
     template = yaml.safe_load(find(docs, "ConfigMap", "dedicated")["data"]["pod-template.yaml"])
@@ -1058,3 +1110,174 @@ def test_disk_budget_stays_below_the_adapter_volume(helm_env: dict[str, str]) ->
                  f"inference.sync.diskBudgetBytes={2**30}", check=False)
     assert proc.returncode != 0 and "must be below inference.adapterVolume.sizeLimit" in (
         proc.stderr)
+
+
+# --------------------------------------------------------------------------- issue 16
+def _access_file(docs: list[dict[str, Any]]) -> Any:
+    """The access Secret's access.json, parsed by the server's own contract."""
+    from loramux.contracts import AccessFile
+
+    secret = find(docs, "Secret", "access")
+    assert secret["metadata"]["name"] == f"{RELEASE}-loramux-access"
+    assert set(secret["data"]) == {"access.json"}  # nothing else: no key material
+    return AccessFile.model_validate_json(base64.b64decode(secret["data"]["access.json"]))
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_auth_is_keys_unless_told_otherwise(helm_env: dict[str, str], name: str) -> None:
+    docs = render(helm_env, *VALUE_SETS[name])
+    pod = inference_pod(docs)
+    server = container(pod, "server")
+    env = env_of(server)
+    assert env["LORAMUX_AUTH"] == "keys"  # never none by default
+    # The access file: the Secret mounted read-only as a directory (no subPath: a changed
+    # Secret reaches the running server, which re-reads the file).
+    path = Path(env["LORAMUX_ACCESS_FILE"])
+    assert path == Path("/etc/loramux/access/access.json")
+    (mount,) = [m for m in server["volumeMounts"] if path.parent == Path(m["mountPath"])]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == f"{RELEASE}-loramux-access"
+    assert volume["secret"]["items"] == [{"key": "access.json", "path": path.name}]
+    # Only the server sees it.
+    assert all(m["name"] != mount["name"] for m in container(pod, "sync")["volumeMounts"])
+    access = _access_file(docs)
+    assert access.tenants == {}
+    if name != "keys-and-limits":
+        assert access.grants == []
+    if name in DEDICATED_SETS:  # a hot tenant's merged server checks keys too
+        assert env_of(container(dedicated_template(docs), "server"))["LORAMUX_AUTH"] == "keys"
+
+
+def test_pool_wide_grants_are_hashes_only(helm_env: dict[str, str]) -> None:
+    from loramux.contracts import hash_key
+
+    docs = render(helm_env, *VALUE_SETS["keys-and-limits"])
+    grants = [g.model_dump(mode="json") for g in _access_file(docs).grants]
+    assert grants == [
+        {"sha256": "a1" * 32, "tenants": ["*"], "base": False, "name": "gateway"},
+        {"sha256": "b2" * 32, "tenants": ["legal", "medical"], "base": True, "name": None},
+    ]
+    # The hash a user computes with `printf %s "$KEY" | sha256sum` is the server's hash_key.
+    key = "lmx-example-key-0123456789abcdef"
+    digest = subprocess.run(["sha256sum"], input=key.encode(), capture_output=True,
+                            check=True).stdout.split()[0].decode()
+    assert digest == hash_key(key)
+    proc = _helm(helm_env, "template", RELEASE, str(CHART),
+                 "--set", f"auth.keys[0].sha256={digest}", "--set", "auth.keys[0].tenants={legal}",
+                 "--show-only", "templates/secret-access.yaml")
+    assert key not in proc.stdout and digest in base64.b64decode(
+        yaml.safe_load(proc.stdout)["data"]["access.json"]).decode()
+
+
+def test_auth_none_is_explicit_and_loud(helm_env: dict[str, str]) -> None:
+    default_notes = _helm(helm_env, "install", RELEASE, str(CHART), "--dry-run=client",
+                          "--namespace", NAMESPACE).stdout.partition("NOTES:")[2]
+    assert "WARNING" not in default_notes
+    assert 'Authorization: Bearer $KEY' in default_notes and "sha256sum" in default_notes
+    docs = render(helm_env, "--set", "auth.mode=none")
+    assert env_of(container(inference_pod(docs), "server"))["LORAMUX_AUTH"] == "none"
+    assert env_of(container(dedicated_template(docs), "server"))["LORAMUX_AUTH"] == "none"
+    notes = _helm(helm_env, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace",
+                  NAMESPACE, "--set", "auth.mode=none").stdout.partition("NOTES:")[2]
+    assert 'WARNING: auth.mode is "none"' in notes
+    assert notes.index("WARNING") < notes.index("1. Wait")  # first thing, not a footnote
+    assert "Authorization" not in notes
+
+
+def test_tenant_limits_and_admission_reach_the_servers(helm_env: dict[str, str]) -> None:
+    from loramux.inference.settings import ServeSettings
+
+    docs = render(helm_env)
+    env = env_of(container(inference_pod(docs), "server"))
+    assert env["LORAMUX_TENANT_MAX_CONCURRENT"] == "64"
+    assert env["LORAMUX_TENANT_MAX_QUEUED"] == "64"
+    assert "LORAMUX_TENANT_TOKENS_PER_MINUTE" not in env  # null: no limit
+    assert env["LORAMUX_ADMISSION"] == "fair"
+    # The defaults leave room below the global queue bound, the last line.
+    assert int(env["LORAMUX_TENANT_MAX_QUEUED"]) < int(env["LORAMUX_MAX_QUEUE"])
+    docs = render(helm_env, *VALUE_SETS["keys-and-limits"])
+    for server in (container(inference_pod(docs), "server"),
+                   container(dedicated_template(docs), "server")):
+        env = env_of(server)
+        assert env["LORAMUX_TENANT_MAX_CONCURRENT"] == "8"
+        assert env["LORAMUX_TENANT_TOKENS_PER_MINUTE"] == "120000"  # no float formatting
+        assert env["LORAMUX_ADMISSION"] == "fifo"
+    # What the server makes of the pool's env: its own settings class parses it.
+    pool_env = env_of(container(inference_pod(docs), "server"))
+    fields = {k.removeprefix("LORAMUX_").lower(): v for k, v in pool_env.items()
+              if k.startswith(("LORAMUX_TENANT_", "LORAMUX_ADMISSION", "LORAMUX_AUTH",
+                               "LORAMUX_METRICS_", "LORAMUX_ACCESS_FILE"))}
+    settings = ServeSettings(**fields)
+    assert (settings.tenant_max_concurrent, settings.tenant_tokens_per_minute,
+            settings.tenant_max_queued) == (8, 120000, 64)
+    assert (settings.admission, settings.auth, settings.metrics_port) == ("fifo", "keys", 8003)
+
+
+def test_metrics_port_wiring(helm_env: dict[str, str]) -> None:
+    docs = render(helm_env)
+    pod = inference_pod(docs)
+    server = container(pod, "server")
+    env = env_of(server)
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports["metrics"] == int(env["LORAMUX_METRICS_PORT"]) == 8003
+    assert env["LORAMUX_METRICS_HOST"] == "0.0.0.0"  # scraped from outside the pod
+    # Probes stay on the public port; the public Service never exposes the metrics port.
+    assert server["readinessProbe"]["httpGet"]["port"] == "http"
+    public = find(docs, "Service", "inference")
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
+    # A dedicated pod has no chart metrics port (the operator builds its ports).
+    ded_env = env_of(container(dedicated_template(docs), "server"))
+    assert "LORAMUX_METRICS_PORT" not in ded_env and "LORAMUX_ACCESS_FILE" not in ded_env
+    # Another port, and a clash with the admin port.
+    moved = container(inference_pod(render(helm_env, "--set", "inference.metricsPort=9100")),
+                      "server")
+    assert {p["name"]: p["containerPort"] for p in moved["ports"]}["metrics"] == 9100
+    assert env_of(moved)["LORAMUX_METRICS_PORT"] == "9100"
+    clash = _helm(helm_env, "template", RELEASE, str(CHART), "--set", "inference.metricsPort=8002",
+                  check=False)
+    assert clash.returncode != 0 and "metricsPort" in clash.stderr
+
+
+def test_network_policy_admits_monitoring_to_metrics_only(helm_env: dict[str, str]) -> None:
+    docs = render(helm_env, *VALUE_SETS["keys-and-limits"])
+    pool = find(docs, "NetworkPolicy", "inference")["spec"]
+    by_port = {rule["ports"][0]["port"]: rule for rule in pool["ingress"]}
+    monitoring = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}
+    assert by_port["metrics"]["from"][1:] == [monitoring]
+    assert "podSelector" in by_port["metrics"]["from"][0]  # the operator first
+    assert monitoring not in by_port["sync"]["from"]
+    assert "from" not in by_port["http"]  # the public port as it was
+    # Without the operator, only the configured peers.
+    no_operator = render(helm_env, "--set", "operator.enabled=false", "--set",
+                         "tokens.existingSecret=t")
+    rules = find(no_operator, "NetworkPolicy", "inference")["spec"]["ingress"]
+    assert [r["ports"][0]["port"] for r in rules] == ["http"]
+
+
+def test_schema_rejects_bad_access_values(helm_env: dict[str, str]) -> None:
+    bad = {
+        "auth mode": ["--set", "auth.mode=open"],
+        "short sha256": ["--set", "auth.keys[0].sha256=abc123"],
+        "upper-case sha256": ["--set", f"auth.keys[0].sha256={'AB' * 32}"],
+        "a key instead of a hash": ["--set", f"auth.keys[0].sha256=sk-{'x' * 61}"],
+        "grant without sha256": ["--set", "auth.keys[0].tenants={legal}"],
+        "unknown grant field": ["--set", f"auth.keys[0].sha256={'ab' * 32}",
+                                "--set", "auth.keys[0].key=secret"],
+        "bad tenant": ["--set", f"auth.keys[0].sha256={'ab' * 32}",
+                       "--set", "auth.keys[0].tenants={Legal_Team}"],
+        "admission": ["--set", "inference.admission=random"],
+        "zero concurrency": ["--set", "inference.tenantLimits.maxConcurrent=0"],
+        "string limit": ["--set-string", "inference.tenantLimits.tokensPerMinute=lots"],
+        "metrics port on http": ["--set", "inference.metricsPort=8000"],
+    }
+    for what, args in bad.items():
+        proc = _helm(helm_env, "template", RELEASE, str(CHART), *args, check=False)
+        assert proc.returncode != 0, what
+        assert "schema" in proc.stderr, (what, proc.stderr)
+    # null (no limit) is a valid value for every tenant limit
+    env = env_of(container(inference_pod(render(
+        helm_env, "--set", "inference.tenantLimits.maxConcurrent=null",
+        "--set", "inference.tenantLimits.maxQueued=null")), "server"))
+    assert not any(k.startswith("LORAMUX_TENANT_") for k in env)

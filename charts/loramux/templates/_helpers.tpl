@@ -76,6 +76,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-tokens" (include "loramux.fullname" .)) .Values.tokens.existingSecret }}
 {{- end }}
 
+{{/* The Secret holding the pool servers' access.json (auth.keys, hashes only). */}}
+{{- define "loramux.accessSecretName" -}}
+{{- printf "%s-access" (include "loramux.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Where the pool servers find access.json (the access Secret, mounted read-only). */}}
+{{- define "loramux.accessDir" -}}
+/etc/loramux/access
+{{- end }}
+
 {{/*
 How the tokens Secret comes to be, one of:
   existing - tokens.existingSecret: the user's Secret, nothing rendered;
@@ -187,6 +197,9 @@ the pod evicted; a budget at or above the sizeLimit fails the render. 0: no budg
 {{- if and (eq $inf.adapterVolume.type "pvc") (not $inf.adapterVolume.claimName) }}
 {{- fail "inference.adapterVolume.type=pvc needs inference.adapterVolume.claimName" }}
 {{- end }}
+{{- if eq (int $inf.metricsPort) (int $inf.adminPort) }}
+{{- fail "inference.metricsPort must differ from inference.adminPort" }}
+{{- end }}
 {{- end }}
 
 {{/* Resources of the server container: inference.resources (or dedicated.resources when
@@ -295,6 +308,37 @@ capabilities:
 {{- if not .dedicated }}
 - name: LORAMUX_ADMIN_TOKEN_FILE
   value: /var/run/loramux/tokens/admin-token
+{{- end }}
+# Who may call what (auth.mode): keys = a key whose hash grants the model; never none by
+# default. The chart's grants (auth.keys) are in the access file; each tenant's own keys
+# arrive through the operator (spec.access).
+- name: LORAMUX_AUTH
+  value: {{ $root.Values.auth.mode | quote }}
+{{- if not .dedicated }}
+- name: LORAMUX_ACCESS_FILE
+  value: {{ printf "%s/access.json" (include "loramux.accessDir" $root) | quote }}
+# Per-tenant metrics on their own port (container port "metrics"; the NetworkPolicy admits
+# the operator and networkPolicy.metricsFrom); the public port's /metrics shows sums only.
+- name: LORAMUX_METRICS_PORT
+  value: {{ $inf.metricsPort | quote }}
+- name: LORAMUX_METRICS_HOST
+  value: 0.0.0.0
+{{- end }}
+# Fair shares: admission order and each tenant's default limits (inference.tenantLimits).
+- name: LORAMUX_ADMISSION
+  value: {{ $inf.admission | quote }}
+{{- $tl := $inf.tenantLimits }}
+{{- if not (kindIs "invalid" $tl.maxConcurrent) }}
+- name: LORAMUX_TENANT_MAX_CONCURRENT
+  value: {{ $tl.maxConcurrent | int64 | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $tl.maxQueued) }}
+- name: LORAMUX_TENANT_MAX_QUEUED
+  value: {{ $tl.maxQueued | int64 | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $tl.tokensPerMinute) }}
+- name: LORAMUX_TENANT_TOKENS_PER_MINUTE
+  value: {{ $tl.tokensPerMinute | int64 | quote }}
 {{- end }}
 # The admin API loads adapters only from inside the shared adapter volume.
 - name: LORAMUX_ADAPTER_ROOT
@@ -472,6 +516,9 @@ volumeMounts:
   - name: tokens
     mountPath: /var/run/loramux/tokens
     readOnly: true
+  - name: access
+    mountPath: {{ include "loramux.accessDir" $root }}
+    readOnly: true
   {{- end }}
   {{- include "loramux.server.modelVolumeMounts" . | trim | nindent 2 }}
 {{- end }}
@@ -498,7 +545,6 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- $fetchSecret := and $ded.usePoolS3Secret $inf.s3.existingSecret }}
-  {{- if or $ded.podAnnotations $fetchSecret }}
   annotations:
     {{- with $ded.podAnnotations }}
     {{- toYaml . | nindent 4 }}
@@ -507,7 +553,9 @@ metadata:
     # Read by the operator: this Secret is mounted into the "fetch" init container only.
     loramux.io/fetch-s3-secret: {{ $inf.s3.existingSecret | quote }}
     {{- end }}
-  {{- end }}
+    # Read by the operator: the pool's access Secret (auth.keys, hashes only), whose grants
+    # it copies into each dedicated deployment's own access file.
+    loramux.io/pool-access-secret: {{ include "loramux.accessSecretName" . | quote }}
 spec:
   serviceAccountName: {{ include "loramux.inference.serviceAccountName" . }}
   # The dedicated pods never talk to the Kubernetes API.
