@@ -10,8 +10,20 @@ The pod runs the same image as the pool:
 * init container ``fetch``: ``loramux fetch`` (the sync sidecar's verified, atomic
   download path: manifest, sha256 of every file, digest pin, no pickles) into the pod's
   ``adapters`` volume, with S3 credentials from the LoraAdapter's ``credentialsSecret``;
-* container ``server``: ``loramux serve --merge-adapter /adapters/<tenant>/<version>``,
-  the adapter merged into a dequantized base; probes on ``/healthz`` and ``/readyz``.
+* container ``server``: ``loramux serve --auth keys --access-file <access.json>
+  --merge-adapter /adapters/<tenant>/<version>``, the adapter merged into a dequantized
+  base; probes on ``/healthz`` and ``/readyz`` (``--auth none`` only when the template's
+  ``LORAMUX_AUTH`` says so, i.e. the pool runs without keys too).
+
+Access: a Secret ``<deployment name>-access`` (owned by the LoraAdapter too, built by
+:func:`build_access_secret`) holds ``access.json``, an :class:`~loramux.contracts.AccessFile`
+with the tenant's :class:`~loramux.contracts.TenantAccess` (key hashes, weight, limits from
+``spec.access``) and the pool-wide key grants (the chart's, from the Secret the template's
+``loramux.io/pool-access-secret`` annotation names). It is mounted read-only; the operator
+rewrites it when the access changes, the kubelet refreshes the mounted file and the server
+re-reads it, so a key rotation needs no restart. Without ``spec.access`` the file holds the
+pool-wide grants only, as on the pool: the dedicated server accepts exactly the keys the
+pool would (the pool forwards the caller's request, key included).
 
 Everything else of the pod (image, resources, GPU, node selection, model volume, env) comes
 from a template the Helm chart renders from its values (``dedicated.podTemplate``), so the
@@ -20,12 +32,14 @@ operator never invents resources.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 from typing import Any
 
 import kopf
 
+from loramux.contracts import AccessFile
 from loramux.names import validate_label
 from loramux.operator.model import API_VERSION, KIND
 from loramux.s3 import CREDENTIAL_KEYS
@@ -41,6 +55,13 @@ OWNER_LABEL = "loramux.io/lora-adapter"
 # from the pool's S3 Secret); mounted as files, never as env of the server.
 FETCH_SECRET_ANNOTATION = "loramux.io/fetch-s3-secret"
 FETCH_SECRET_MOUNT = "/var/run/loramux/s3"
+# A template annotation naming the pool's access Secret (key ``access.json``, an AccessFile):
+# its key grants are copied into every dedicated deployment's own access file.
+POOL_ACCESS_ANNOTATION = "loramux.io/pool-access-secret"
+ACCESS_VOLUME = "tenant-access"
+ACCESS_MOUNT = "/var/run/loramux/access"
+ACCESS_FILE = "access.json"
+ACCESS_SECRET_SUFFIX = "-access"
 
 
 def dedicated_name(tenant: str, version: str) -> str:
@@ -53,6 +74,30 @@ def dedicated_name(tenant: str, version: str) -> str:
         return name
     digest = hashlib.sha256(f"{tenant}@{version}".encode()).hexdigest()[:8]
     return f"{name[:54].rstrip('-')}-{digest}"
+
+
+def access_secret_name(deployment: str) -> str:
+    """The access Secret of dedicated Deployment ``deployment`` (a Secret name may be 253
+    characters; a dedicated name is at most 63)."""
+    return f"{deployment}{ACCESS_SECRET_SUFFIX}"
+
+
+def pool_access_secret(template: dict[str, Any] | None) -> str | None:
+    """The pool's access Secret the template's annotation names, or None."""
+    annotations = ((template or {}).get("metadata") or {}).get("annotations") or {}
+    name = annotations.get(POOL_ACCESS_ANNOTATION)
+    return name if isinstance(name, str) and name else None
+
+
+def auth_mode(server: dict[str, Any]) -> str:
+    """The pool's auth mode, from the template's ``LORAMUX_AUTH`` (the chart's
+    ``auth.mode``): ``none`` only when the template says so, else ``keys``. The pool forwards
+    a hot tenant's requests as they came, so the dedicated server must ask what the pool
+    asks."""
+    for env in server.get("env") or []:
+        if env.get("name") == "LORAMUX_AUTH" and env.get("value") == "none":
+            return "none"
+    return "keys"
 
 
 def selector_labels(tenant: str, version: str) -> dict[str, str]:
@@ -95,6 +140,7 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
     pod_meta = pod.setdefault("metadata", {})
     annotations = dict(pod_meta.get("annotations") or {})
     fetch_secret = annotations.pop(FETCH_SECRET_ANNOTATION, None)
+    annotations.pop(POOL_ACCESS_ANNOTATION, None)  # the operator's to read, not the pod's
     if annotations:
         pod_meta["annotations"] = annotations
     else:
@@ -113,7 +159,8 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
     adapter_dir = f"{ADAPTERS_MOUNT}/{tenant}/{version}"
     server["command"] = ["loramux"]
     server["args"] = ["serve", "--host", "0.0.0.0", "--port", str(HTTP_PORT),
-                      "--merge-adapter", adapter_dir]
+                      "--auth", auth_mode(server), "--access-file",
+                      f"{ACCESS_MOUNT}/{ACCESS_FILE}", "--merge-adapter", adapter_dir]
     server["ports"] = [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
     server["readinessProbe"] = {"httpGet": {"path": "/readyz", "port": "http"},
                                 "periodSeconds": 5, "failureThreshold": 3}
@@ -121,9 +168,12 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
                                "periodSeconds": 10, "failureThreshold": 6}
     server["startupProbe"] = {"httpGet": {"path": "/healthz", "port": "http"},
                               "periodSeconds": 5, "failureThreshold": 120}
-    mounts = [m for m in server.get("volumeMounts") or [] if m.get("name") != "adapters"]
+    mounts = [m for m in server.get("volumeMounts") or []
+              if m.get("name") not in ("adapters", ACCESS_VOLUME)]
     server["volumeMounts"] = [*mounts, {"name": "adapters", "mountPath": ADAPTERS_MOUNT,
-                                        "readOnly": True}]
+                                        "readOnly": True},
+                              {"name": ACCESS_VOLUME, "mountPath": ACCESS_MOUNT,
+                               "readOnly": True}]
     fetch_args = ["fetch", "--root", ADAPTERS_MOUNT, "--tenant", tenant, "--version", version,
                   "--uri", spec["source"]["uri"]]
     if spec["source"].get("sha256"):
@@ -147,8 +197,10 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
     inits = [c for c in pod_spec.get("initContainers") or [] if c.get("name") != "fetch"]
     pod_spec["initContainers"] = [*inits, fetch]
     volumes = [v for v in pod_spec.get("volumes") or []
-               if v.get("name") not in ("adapters", "fetch-s3-credentials")]
-    pod_spec["volumes"] = [*volumes, {"name": "adapters", "emptyDir": {}}]
+               if v.get("name") not in ("adapters", "fetch-s3-credentials", ACCESS_VOLUME)]
+    pod_spec["volumes"] = [*volumes, {"name": "adapters", "emptyDir": {}},
+                           {"name": ACCESS_VOLUME,
+                            "secret": {"secretName": access_secret_name(name)}}]
     if use_fetch_secret:
         pod_spec["volumes"].append({"name": "fetch-s3-credentials",
                                     "secret": {"secretName": fetch_secret}})
@@ -161,6 +213,32 @@ def build_deployment(cr: dict[str, Any], template: dict[str, Any], *, replicas: 
                  "strategy": {"type": "RollingUpdate",
                               "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}},
     }, cr)
+
+
+def build_access_secret(cr: dict[str, Any], deployment: str, version: str,
+                        access: AccessFile) -> dict[str, Any]:
+    """The access Secret of dedicated Deployment ``deployment`` (of ``version``): its
+    ``access.json`` is ``access`` (key hashes only, never a key)."""
+    tenant = cr["spec"]["tenant"]
+    labels = {**selector_labels(tenant, version), OWNER_LABEL: cr["metadata"]["name"]}
+    body = access.model_dump_json().encode()
+    return _owned({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": access_secret_name(deployment),
+                     "namespace": cr["metadata"]["namespace"], "labels": labels},
+        "data": {ACCESS_FILE: base64.b64encode(body).decode()},
+    }, cr)
+
+
+def access_file_of(secret: dict[str, Any] | None) -> str | None:
+    """The ``access.json`` text of an access Secret as read (None: absent or unreadable)."""
+    raw = ((secret or {}).get("data") or {}).get(ACCESS_FILE)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return base64.b64decode(raw, validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def build_service(cr: dict[str, Any]) -> dict[str, Any]:
@@ -197,5 +275,6 @@ def deployment_ready(deployment: dict[str, Any] | None) -> bool:
             and int(status.get("updatedReplicas") or 0) >= wanted)
 
 
-__all__ = ["build_deployment", "build_service", "dedicated_name", "deployment_ready",
+__all__ = ["access_file_of", "access_secret_name", "build_access_secret", "build_deployment",
+           "build_service", "dedicated_name", "deployment_ready", "pool_access_secret",
            "selector_labels", "service_url"]

@@ -8,11 +8,13 @@ must end as a clear condition, never as a crash loop).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramux.contracts import TenantLimits
 from loramux.names import InvalidName, validate_label
 from loramux.operator.hot_policy import Mode, Thresholds
 from loramux.s3 import S3Error, parse_s3_uri
@@ -74,6 +76,64 @@ class DedicatedSpec:
         return cls(mode=mode, replicas=replicas, thresholds=thresholds)
 
 
+# spec.access.limits (camelCase in the CRD) -> TenantLimits fields, with their bounds (the
+# contract's: loramux.contracts.TenantLimits).
+ACCESS_LIMITS: dict[str, tuple[str, int, int]] = {
+    "maxConcurrent": ("max_concurrent", 1, 100_000),
+    "tokensPerMinute": ("tokens_per_minute", 1, 10**12),
+    "maxQueued": ("max_queued", 0, 100_000),
+}
+MAX_ACCESS_WEIGHT = 1000.0
+
+
+@dataclass(frozen=True)
+class AccessSpec:
+    """``spec.access``, parsed: the Secret holding the tenant's API keys (every data entry
+    is one key; the operator reads it each pass and sends only SHA-256 hashes), the tenant's
+    weight in the servers' fair scheduler, and its limits (None: the server's default)."""
+
+    secret_name: str
+    weight: float = 1.0
+    limits: TenantLimits = field(default_factory=TenantLimits)
+
+    @classmethod
+    def parse(cls, raw: Any) -> tuple[AccessSpec | None, str | None]:
+        """``(AccessSpec, None)``, ``(None, None)`` when absent, or ``(None, problem)``."""
+        if raw is None:
+            return None, None
+        if not isinstance(raw, Mapping):
+            return None, "spec.access must be an object (secretName, weight?, limits?)"
+        unknown = set(raw) - {"secretName", "weight", "limits"}
+        if unknown:
+            return None, f"spec.access has unknown fields {sorted(unknown)}"
+        secret = raw.get("secretName")
+        if (not isinstance(secret, str) or len(secret) > 253
+                or not SECRET_NAME_PATTERN.fullmatch(secret)):
+            return None, "spec.access.secretName (a Secret name) is required"
+        weight = raw.get("weight", 1)
+        if (isinstance(weight, bool) or not isinstance(weight, int | float)
+                or not math.isfinite(weight) or not 0 < weight <= MAX_ACCESS_WEIGHT):
+            return None, "spec.access.weight must be a number > 0 and <= 1000"
+        limits_raw = raw.get("limits")
+        if limits_raw is None:
+            limits_raw = {}
+        if not isinstance(limits_raw, Mapping):
+            return None, "spec.access.limits must be an object"
+        unknown = set(limits_raw) - set(ACCESS_LIMITS)
+        if unknown:
+            return None, f"spec.access.limits has unknown fields {sorted(unknown)}"
+        limits: dict[str, int] = {}
+        for key, (attr, low, high) in ACCESS_LIMITS.items():
+            value = limits_raw.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                return None, f"spec.access.limits.{key} must be an integer from {low} to {high}"
+            limits[attr] = value
+        return cls(secret_name=secret, weight=float(weight),
+                   limits=TenantLimits(**limits)), None
+
+
 @dataclass(frozen=True)
 class ActiveSource:
     """Where a version's files come from. ``status.activeSource`` is the source of the last
@@ -129,6 +189,7 @@ class AdapterSpec:
     previous_active: str | None = None  # status.activeVersion
     previous_source: ActiveSource | None = None  # status.activeSource
     dedicated: DedicatedSpec = field(default_factory=DedicatedSpec)
+    access: AccessSpec | None = None  # spec.access (None: no keys of its own)
     error: str | None = None
 
     @property
@@ -269,12 +330,15 @@ def parse_adapter(obj: Mapping[str, Any], *,
         "pinned": spec.get("pinned") is True,
         "dedicated": DedicatedSpec.parse(spec.get("dedicated")),
     }
+    access, access_error = AccessSpec.parse(spec.get("access"))
+    fields["access"] = access
     error = _name_error(base["name"]) or _spec_error(spec, source, fields) or _dedicated_error(
-        spec.get("dedicated"), max_dedicated_replicas)
+        spec.get("dedicated"), max_dedicated_replicas) or access_error
     if error is not None:
         fields["replicas"] = None
         fields["sha256"] = None
         fields["credentials_secret"] = None
+        fields["access"] = None
     return AdapterSpec(**base, **fields, error=error)
 
 

@@ -6,12 +6,12 @@ method that reads alone:
 
 1. :meth:`~Reconciler.observe` (reads only): every LoraAdapter and pod, each pool pod's
    sidecar ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`, the one source of a
-   pod's state, its server's own answer included), the credentials Secrets, hot tenants'
-   dedicated objects and the pool's request counters;
+   pod's state, its server's own answer included), the credentials and API-key Secrets, hot
+   tenants' dedicated objects (and their access Secrets) and the pool's request counters;
 2. :meth:`~Reconciler.plan` (no I/O): validation, placement, each hot tenant's dedicated
    deployment, and every pool pod's desired set;
-3. :meth:`~Reconciler.deliver` (writes): dedicated objects created or deleted,
-   ``PUT /v1/desired`` to every pool pod, its state read back;
+3. :meth:`~Reconciler.deliver` (writes): dedicated access Secrets written, dedicated objects
+   created or deleted, ``PUT /v1/desired`` to every pool pod, its state read back;
 4. :meth:`~Reconciler.report`: each LoraAdapter's status (merge-patched) and its Events.
 
 Passes are serialized (one at a time), debounced (a burst of events is one pass) and
@@ -23,6 +23,16 @@ process is the request-rate history of hot tenants.
 Triggers: the kopf handlers (create/update/resume/delete of LoraAdapters), pod events, and
 the resync timer; after a pass with transient failures the next one comes sooner
 (exponential backoff up to ``resync_seconds``).
+
+Access (``spec.access``): every pass reads the Secret it names (every entry one API key)
+and puts only the keys' SHA-256 hashes, with the tenant's weight and limits, into each of
+the tenant's desired entries (:class:`~loramux.contracts.TenantAccess`) and into its
+dedicated deployments' access Secrets; ``AccessReady`` says whether every entry was used.
+A rotated key therefore reaches the servers within one resync period (Secrets are not
+watched: that would need list/watch on every Secret of the namespace, where the operator
+now only gets the Secrets it is told about). A missing Secret means no key at all (fail
+closed, the adapter stays loaded); a Secret the API server fails to return keeps the hashes
+last read by this process (a blip must not lock a tenant out), none after a restart.
 """
 
 from __future__ import annotations
@@ -42,14 +52,33 @@ from typing import Any
 import httpx
 
 from loramux.contracts import (
+    AccessFile,
     AdapterPhase,
     DesiredAdapter,
     DesiredState,
     EntryCredentials,
+    KeyGrant,
     PlacementState,
     SyncState,
+    TenantAccess,
 )
-from loramux.operator.credentials import entry_credentials, secret_keys
+from loramux.operator.credentials import (
+    SECRET_NOT_FOUND,
+    AccessOutcome,
+    access_from_secret,
+    access_unreadable,
+    entry_credentials,
+    pool_grants_from_secret,
+    secret_keys,
+)
+from loramux.operator.dedicated import (
+    VERSION_LABEL,
+    access_file_of,
+    access_secret_name,
+    build_access_secret,
+    dedicated_name,
+    pool_access_secret,
+)
 from loramux.operator.hot_policy import Decision
 from loramux.operator.hot_tenants import (
     Existing,
@@ -102,6 +131,11 @@ class Observed:
     observations: dict[PodKey, PodObservation]  # their sidecars' GET /v1/state
     credentials: dict[ObjectKey, EntryCredentials] = field(default_factory=dict)
     credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
+    access: dict[ObjectKey, AccessOutcome] = field(default_factory=dict)  # spec.access
+    # dedicated deployments' access Secrets: (namespace, name) -> access.json as read (None:
+    # absent), and the pool-wide grants per namespace (None: could not be read this pass)
+    access_files: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    pool_grants: dict[str, list[KeyGrant] | None] = field(default_factory=dict)
     dedicated: dict[ObjectKey, Existing] | None = None  # None: not listed (hot tenants off)
     dedicated_error: str | None = None  # they could not be listed
     clock: float = 0.0  # time.monotonic() of the pass, the hot-tenant policy's clock
@@ -134,6 +168,10 @@ class PassPlan:
     hot: dict[ObjectKey, HotStep] = field(default_factory=dict)
     credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
     untrusted: dict[ObjectKey, dict[str, str]] = field(default_factory=dict)
+    access: dict[ObjectKey, AccessOutcome] = field(default_factory=dict)
+    # dedicated access Secrets to write (bodies) and to delete ((namespace, name))
+    access_writes: list[dict[str, Any]] = field(default_factory=list)
+    access_deletes: list[tuple[str, str]] = field(default_factory=list)
     transient: bool = False  # something is known to change by itself: look again soon
 
 
@@ -164,6 +202,7 @@ class PassResult:
 
 TOKEN_KEYS = ("admin-token", "sidecar-token")
 UNTRUSTED_PODS = "UntrustedPods"  # a pool selects pods this install does not own
+ACCESS_READY = "AccessReady"  # condition: spec.access's keys are in use (reasons: credentials)
 
 
 def _now() -> str:
@@ -180,6 +219,56 @@ def _event_target(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A LoraAdapter as an Event's involvedObject (a listed item may lack apiVersion/kind)."""
     return {"apiVersion": obj.get("apiVersion") or API_VERSION, "kind": obj.get("kind") or KIND,
             "metadata": obj.get("metadata") or {}}
+
+
+def with_access(desired: Mapping[PodKey, list[DesiredAdapter]],
+                access: Mapping[tuple[str, str], TenantAccess]
+                ) -> dict[PodKey, list[DesiredAdapter]]:
+    """Every entry of a tenant with ``spec.access`` carries its access ((namespace, tenant)
+    -> TenantAccess); the others none (only pool-wide grants reach them)."""
+    return {pod: [entry.model_copy(update={"access": access.get((pod[0], entry.tenant))})
+                  for entry in entries]
+            for pod, entries in desired.items()}
+
+
+def plan_dedicated_access(seen: Observed, hot: Mapping[ObjectKey, HotStep],
+                          access: Mapping[ObjectKey, AccessOutcome]
+                          ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The access Secrets of hot tenants' dedicated Deployments: one per Deployment that
+    exists or is created this pass, written when its ``access.json`` differs from the wanted
+    one; those of Deployments deleted this pass go too. While the tenant's keys or the
+    pool-wide grants are unknown (the API server failed), an existing file is left as is."""
+    writes: list[dict[str, Any]] = []
+    deletes: list[tuple[str, str]] = []
+    for key, step in hot.items():
+        spec = step.spec
+        outcome = access.get(key)
+        grants = seen.pool_grants.get(spec.namespace, [])
+        file = AccessFile(grants=list(grants or []),
+                          tenants={spec.tenant: outcome.access} if outcome else {})
+        unknown = (outcome is not None and outcome.ok is None) or (
+            spec.namespace in seen.pool_grants and grants is None)
+        want = file.model_dump_json()
+        deleted = {name for kind, _, name in step.todo.delete if kind == "Deployment"}
+        existing = seen.dedicated.get(key) if seen.dedicated else None
+        versions = {v: str(d["metadata"].get("name") or dedicated_name(spec.tenant, v))
+                    for v, d in (existing.deployments if existing else {}).items()}
+        for obj in step.todo.create:
+            if obj["kind"] == "Deployment":
+                labels = obj["metadata"].get("labels") or {}
+                versions[str(labels.get(VERSION_LABEL, spec.version))] = obj["metadata"]["name"]
+        for version, name in sorted(versions.items()):
+            secret_key = (spec.namespace, access_secret_name(name))
+            if name in deleted:
+                deletes.append(secret_key)
+                continue
+            if secret_key not in seen.access_files:
+                continue  # could not be read this pass
+            current = seen.access_files[secret_key]
+            if current == want or (unknown and current is not None):
+                continue
+            writes.append(build_access_secret(step.obj, name, version, file))
+    return writes, deletes
 
 
 class _BadState(Exception):
@@ -218,6 +307,10 @@ class Reconciler:
         self.last_ok: float | None = None
         self.passes = 0
         self.hot: HotTenants | None = None
+        # The last access read per LoraAdapter (its Secret's name, the hashes): used only
+        # while the API server fails to return that Secret.
+        self._last_access: dict[ObjectKey, tuple[str, TenantAccess]] = {}
+        self._last_grants: dict[str, list[KeyGrant]] = {}
 
     @staticmethod
     def _auth(token: str | None) -> dict[str, str]:
@@ -423,6 +516,7 @@ class Reconciler:
         seen = Observed(adapters=adapters, pods=pods, pool_pods=pool_pods,
                         observations=dict(zip(keys, states, strict=True)),
                         credentials=credentials, credential_problems=problems,
+                        access=await self._access(live),
                         clock=time.monotonic(), untrusted=untrusted)
         if self.hot is not None:
             await self._observe_traffic(seen, live)
@@ -432,7 +526,84 @@ class Reconciler:
             except KubeError as exc:
                 log.warning("cannot list dedicated deployments: %s", exc)
                 seen.dedicated_error = str(exc)
+            if seen.dedicated is not None:
+                await self._observe_dedicated_access(seen, live)
         return seen
+
+    async def _access(self, specs: list[AdapterSpec]) -> dict[ObjectKey, AccessOutcome]:
+        """Each ``spec.access``: its Secret's keys, hashed (see the module docstring)."""
+        assert self.kube is not None
+        out: dict[ObjectKey, AccessOutcome] = {}
+        for spec in specs:
+            access = spec.access
+            if access is None:
+                self._last_access.pop(spec.key, None)
+                continue
+            try:
+                secret = await self.kube.get_secret(spec.namespace, access.secret_name)
+            except KubeError as exc:
+                last = self._last_access.get(spec.key)
+                kept = last[1] if last is not None and last[0] == access.secret_name else None
+                if kept is not None:  # the weight and limits are the spec's, always
+                    kept = kept.model_copy(update={"weight": access.weight,
+                                                   "limits": access.limits})
+                out[spec.key] = access_unreadable(access, str(exc), kept)
+                continue
+            outcome = access_from_secret(secret, access)
+            if outcome.ok is False and outcome.reason != SECRET_NOT_FOUND:
+                log.warning("%s/%s: access: %s", *spec.key, outcome.message)
+            self._last_access[spec.key] = (access.secret_name, outcome.access)
+            out[spec.key] = outcome
+        for key in [k for k in self._last_access if k not in {s.key for s in specs}]:
+            del self._last_access[key]
+        return out
+
+    async def _observe_dedicated_access(self, seen: Observed,
+                                        live: Sequence[AdapterSpec]) -> None:
+        """Hot tenants: the pool-wide grants (the Secret the pod template's annotation names)
+        of each namespace with dedicated deployments, and their access Secrets as they are."""
+        assert self.kube is not None and self.hot is not None and seen.dedicated is not None
+        pool_secret = pool_access_secret(self.hot.template)
+        for spec in live:
+            existing = seen.dedicated.get(spec.key, Existing())
+            if spec.dedicated.mode == "Never" and existing.empty:
+                continue
+            names = {dedicated_name(spec.tenant, v) for v in existing.deployments}
+            names.add(dedicated_name(spec.tenant, spec.version))
+            for name in sorted(names):
+                secret_key = (spec.namespace, access_secret_name(name))
+                try:
+                    found = await self.kube.get_secret(*secret_key)
+                except KubeError as exc:
+                    log.warning("cannot read access Secret %s/%s: %s", *secret_key, exc)
+                    continue  # not in access_files: left as it is this pass
+                seen.access_files[secret_key] = access_file_of(found) if found else None
+            if pool_secret and spec.namespace not in seen.pool_grants:
+                seen.pool_grants[spec.namespace] = await self._pool_grants(
+                    spec.namespace, pool_secret)
+        if not pool_secret:
+            self._last_grants.clear()
+
+    async def _pool_grants(self, namespace: str, name: str) -> list[KeyGrant] | None:
+        """The pool-wide grants of ``namespace`` (a missing or bad Secret: none, logged; the
+        API server failing: the last ones read, else None = hold the files as they are)."""
+        assert self.kube is not None
+        try:
+            secret = await self.kube.get_secret(namespace, name)
+        except KubeError as exc:
+            log.warning("cannot read the pool access Secret %s/%s: %s", namespace, name, exc)
+            return self._last_grants.get(namespace)
+        if secret is None:
+            log.warning("the pool access Secret %s/%s is not found: dedicated deployments "
+                        "get no pool-wide key", namespace, name)
+            grants: list[KeyGrant] = []
+        else:
+            found, problem = pool_grants_from_secret(secret, name)
+            if found is None:
+                log.warning("%s: dedicated deployments get no pool-wide key", problem)
+            grants = found or []
+        self._last_grants[namespace] = grants
+        return grants
 
     async def _pod_state(self, pod: Mapping[str, Any]) -> PodObservation:
         """The pod's sidecar's ``GET /v1/state``, parsed (never raises). Whatever the pod
@@ -531,9 +702,16 @@ class Reconciler:
                   for step in hot.values() for version, url in step.todo.routes.items()}
         desired = build_desired_sets(placeable, placements, list(seen.pool_pods),
                                      seen.observations, credentials=credentials, routes=routes)
+        access = {k: a for k, a in seen.access.items() if k in keys}
+        desired = with_access(desired, {(s.namespace, s.tenant): access[s.key].access
+                                        for s in placeable if s.key in access})
+        writes, deletes = plan_dedicated_access(seen, hot, access)
+        access_transient = any(a.ok is None or a.reason == SECRET_NOT_FOUND
+                               for a in access.values())
         return PassPlan(validation=validation, placements=placements, desired=desired, hot=hot,
                         credential_problems=problems, untrusted=seen.untrusted,
-                        transient=hot_transient or bool(problems))
+                        access=access, access_writes=writes, access_deletes=deletes,
+                        transient=hot_transient or bool(problems) or access_transient)
 
     def _plan_hot(
         self, seen: Observed, specs: Sequence[AdapterSpec],
@@ -578,7 +756,9 @@ class Reconciler:
     async def deliver(self, seen: Observed, todo: PassPlan) -> Delivery:
         """Act on the plan: dedicated objects first, then every pool pod's desired set
         (``PUT /v1/desired``), then each pod's state read back for the report."""
-        transient = await self._apply_hot(todo.hot, seen.clock)
+        transient = await self._apply_access(todo.access_writes, ())
+        transient = await self._apply_hot(todo.hot, seen.clock) or transient
+        transient = await self._apply_access((), todo.access_deletes) or transient
         keys = list(seen.pool_pods)
         puts = await asyncio.gather(*(self._put_desired(seen.pool_pods[k], todo.desired[k])
                                       for k in keys))
@@ -616,6 +796,44 @@ class Reconciler:
                                            f"{spec.tenant} served by the pool again: "
                                            f"{decision.reason}")
         return transient
+
+    async def _apply_access(self, writes: Sequence[dict[str, Any]],
+                            deletes: Sequence[tuple[str, str]]) -> bool:
+        """Write (create, else merge-patch) and delete dedicated access Secrets; True when
+        one failed."""
+        from loramux.operator.kube import MERGE_PATCH
+
+        kube = self.kube
+        assert kube is not None
+        failed = False
+        for body in writes:
+            meta = body["metadata"]
+            try:
+                try:
+                    await kube.create_secret(body)
+                    log.info("created access Secret %s/%s", meta["namespace"], meta["name"])
+                    continue
+                except KubeError as exc:
+                    if exc.status != 409:
+                        raise
+                patch = {"metadata": {"labels": meta["labels"],
+                                      "ownerReferences": meta["ownerReferences"]},
+                         "data": body["data"]}
+                await kube._call(kube.core.patch_namespaced_secret, meta["name"],
+                                 meta["namespace"], patch, _content_type=MERGE_PATCH)
+                log.info("updated access Secret %s/%s", meta["namespace"], meta["name"])
+            except KubeError as exc:
+                log.warning("cannot write access Secret %s/%s: %s", meta["namespace"],
+                            meta["name"], exc)
+                failed = True
+        for namespace, name in deletes:
+            try:
+                if await kube._delete(kube.core.delete_namespaced_secret, namespace, name):
+                    log.info("deleted access Secret %s/%s", namespace, name)
+            except KubeError as exc:
+                log.warning("cannot delete access Secret %s/%s: %s", namespace, name, exc)
+                failed = True
+        return failed
 
     async def _put_desired(self, pod: Mapping[str, Any], entries: list[DesiredAdapter]
                            ) -> str | None:
@@ -674,6 +892,13 @@ class Reconciler:
             for c in status["conditions"]:
                 if c["type"] in ("Synced", "Ready") and c["reason"] == "NoPods":
                     c["reason"], c["message"] = UNTRUSTED_PODS, message[:1000]
+        access = todo.access.get(spec.key)
+        if access is not None:
+            prev = {c.get("type"): c for c in old.get("conditions") or []
+                    if isinstance(c, Mapping)}
+            status.setdefault("conditions", []).append(_condition(
+                ACCESS_READY, access.ok, access.reason, access.message, spec.generation, prev,
+                now))
         step = todo.hot.get(spec.key)
         if step is not None and step.todo.condition:
             prev = {c.get("type"): c for c in old.get("conditions") or []

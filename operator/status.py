@@ -266,6 +266,15 @@ def status_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]
         old_conds.get("Validated", {}).get("reason") != validated.get("reason")
     ):
         events.append(("Warning", str(validated.get("reason")), str(validated.get("message"))))
+    access = conds.get("AccessReady", {})
+    old_access = old_conds.get("AccessReady", {})
+    if access and (old_access.get("status"), old_access.get("reason")) != (
+            access.get("status"), access.get("reason")):
+        # spec.access: a refused key or a missing Secret (entry names only, never a key)
+        if access.get("status") == "False":
+            events.append(("Warning", str(access.get("reason")), str(access.get("message"))))
+        elif access.get("status") == "True" and old_access:
+            events.append(("Normal", str(access.get("reason")), str(access.get("message"))))
     if old_phase != new_phase:
         ready = conds.get("Ready", {})
         kind = ("Warning" if new_phase in (AdapterPhase.DEGRADED, AdapterPhase.FAILED)

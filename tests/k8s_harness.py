@@ -1240,6 +1240,13 @@ def _to_json_schema(schema: Any) -> Any:
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if schema.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
+    # OpenAPI 3.0's boolean exclusiveMinimum/Maximum are numbers in JSON Schema draft 7.
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(schema.get(exclusive), bool):
+            if schema[exclusive] and bound in out:
+                out[exclusive] = out.pop(bound)
+            else:
+                out.pop(exclusive, None)
     return out
 
 
@@ -1908,13 +1915,27 @@ def inference_pod(api: KubeClient, name: str, workdir: Path, *,
                   sidecar_env: Mapping[str, str] | None = None,
                   server_env: Mapping[str, str] | None = None,
                   namespace: str = "default", labels: Mapping[str, str] | None = None,
+                  auth: str | None = None, access_file: Any = None,
                   start: bool = True) -> InferencePod:
     """Build (and by default start and publish) an inference pod.
 
     ``server_args`` go to ``loramux serve`` (e.g. ``["--model", DIR, "--quantization",
-    "none"]``); the sidecar's adapter volume is ``workdir/<name>/adapters``."""
+    "none"]``); the sidecar's adapter volume is ``workdir/<name>/adapters``.
+
+    ``auth``: ``--auth`` of the server (tests run with ``LORAMUX_AUTH=none`` unless a test
+    says ``"keys"``). ``access_file``: the server's ``--access-file``, a path or an
+    :class:`~loramux.contracts.AccessFile` (or its JSON-able dict) written to
+    ``workdir/<name>/access.json`` (:func:`write_access_file` rewrites it later, as the
+    kubelet refreshes a mounted Secret)."""
     workdir = workdir / name
-    server = server_process(list(server_args or []), workdir / "server.log", env=server_env) \
+    server_args = list(server_args or [])
+    if auth is not None:
+        server_args += ["--auth", auth]
+    if access_file is not None:
+        if not isinstance(access_file, str | Path):
+            access_file = write_access_file(workdir / "access.json", access_file)
+        server_args += ["--access-file", str(access_file)]
+    server = server_process(server_args, workdir / "server.log", env=server_env) \
         if with_server else None
     server_port = int(_flag(server, "--port")) if server else free_port()
     sidecar = sidecar_process(workdir / "adapters", f"http://127.0.0.1:{server_port}",
@@ -1926,6 +1947,19 @@ def inference_pod(api: KubeClient, name: str, workdir: Path, *,
                        dict(labels if labels is not None else INFERENCE_LABELS), server, sidecar,
                        dummy_port=server_port if not server else 9)
     return pod.start() if start else pod
+
+
+def write_access_file(path: Path, access: Any) -> Path:
+    """Write a server's access file atomically (``access``: an AccessFile or a dict of
+    one), as the kubelet swaps a mounted Secret: a reader never sees half a file."""
+    from loramux.contracts import AccessFile
+
+    model = access if isinstance(access, AccessFile) else AccessFile.model_validate(access)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(model.model_dump_json())
+    tmp.replace(path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

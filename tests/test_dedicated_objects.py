@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from loramux.contracts import AccessFile, KeyGrant, TenantAccess, hash_key
 from loramux.names import InvalidName
 from loramux.operator.dedicated import (
+    access_file_of,
+    build_access_secret,
     build_deployment,
     build_service,
     dedicated_name,
     deployment_ready,
+    pool_access_secret,
     service_url,
 )
 
@@ -77,8 +81,8 @@ def test_deployment_runs_verified_fetch_then_merged_server() -> None:
     assert server["args"][server["args"].index("--merge-adapter") + 1] == "/adapters/legal/v2"
     assert server["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert {m["name"] for m in server["volumeMounts"]} == {"model", "adapters"}
-    assert {v["name"] for v in pod["volumes"]} == {"model", "adapters"}
+    assert {m["name"] for m in server["volumeMounts"]} == {"model", "adapters", "tenant-access"}
+    assert {v["name"] for v in pod["volumes"]} == {"model", "adapters", "tenant-access"}
     # the template is not modified in place
     assert "initContainers" not in TEMPLATE["spec"]
     # a template's own init containers are kept, before the fetch
@@ -113,3 +117,52 @@ def test_deployment_ready(status: dict, generation: int, ready: bool) -> None:
     dep = {"metadata": {"generation": generation}, "spec": {"replicas": 2}, "status": status}
     assert deployment_ready(dep) is ready
     assert deployment_ready(None) is False
+
+
+def test_dedicated_server_asks_for_keys_from_its_mounted_access_file() -> None:
+    dep = build_deployment(CR, TEMPLATE)
+    pod = dep["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    args = server["args"]
+    assert args[args.index("--auth") + 1] == "keys"
+    assert args[args.index("--access-file") + 1] == "/var/run/loramux/access/access.json"
+    assert args[-2:] == ["--merge-adapter", "/adapters/legal/v2"]
+    mount = next(m for m in server["volumeMounts"] if m["name"] == "tenant-access")
+    assert mount == {"name": "tenant-access", "mountPath": "/var/run/loramux/access",
+                     "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == "tenant-access")
+    assert volume == {"name": "tenant-access", "secret": {"secretName": "lmx-legal-v2-access"}}
+    # the fetch step never sees it
+    assert not any(m["name"] == "tenant-access" for m in pod["initContainers"][0]["volumeMounts"])
+    # a pool without keys (the chart's auth.mode=none): the dedicated server asks none either
+    open_template = {"spec": {"containers": [{**TEMPLATE["spec"]["containers"][0], "env": [
+        {"name": "LORAMUX_AUTH", "value": "none"}]}]}}
+    open_args = build_deployment(CR, open_template)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert open_args[open_args.index("--auth") + 1] == "none"
+    # the pool's access Secret annotation is the operator's to read, not the pod's
+    annotated = {**TEMPLATE, "metadata": {"labels": {"team": "ml"}, "annotations": {
+        "loramux.io/pool-access-secret": "rel-loramux-access", "keep": "me"}}}
+    assert pool_access_secret(annotated) == "rel-loramux-access"
+    assert pool_access_secret(TEMPLATE) is None
+    meta = build_deployment(CR, annotated)["spec"]["template"]["metadata"]
+    assert meta["annotations"] == {"keep": "me"}
+
+
+def test_access_secret_holds_hashes_only_and_is_owned_by_the_lora_adapter() -> None:
+    key = "legal-key-0123456789-0123456789-abcdef"
+    access = AccessFile(
+        grants=[KeyGrant(sha256=hash_key("gateway-" + key), tenants=("*",), name="gateway")],
+        tenants={"legal": TenantAccess(key_sha256=(hash_key(key),), weight=2)})
+    secret = build_access_secret(CR, "lmx-legal-v2", "v2", access)
+    assert secret["kind"] == "Secret" and secret["type"] == "Opaque"
+    meta = secret["metadata"]
+    assert meta["name"] == "lmx-legal-v2-access" and meta["namespace"] == "team-a"
+    assert meta["ownerReferences"][0]["uid"] == "uid-1"
+    assert meta["labels"]["loramux.io/lora-adapter"] == "legal"
+    assert meta["labels"]["loramux.io/version"] == "v2"
+    text = access_file_of(secret)
+    assert text is not None and AccessFile.model_validate_json(text) == access
+    assert key not in repr(secret) and key not in text
+    assert access_file_of(None) is None
+    assert access_file_of({"data": {"access.json": "%%%"}}) is None

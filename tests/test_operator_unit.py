@@ -527,7 +527,10 @@ def _validator():
 
     def strip(node: Any) -> Any:  # OpenAPI extensions are not JSON Schema keywords
         if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+            out = {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+            if out.get("exclusiveMinimum") is True:  # OpenAPI 3.0's boolean form
+                out["exclusiveMinimum"] = out.pop("minimum")
+            return out
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
@@ -1031,3 +1034,246 @@ async def test_tokens_secret_is_created_once_and_followed():
     await rec.run_pass()
     assert set(fake.headers) == {"Bearer rotated"} and len(kube.created) == 1
     await http.aclose()
+
+
+# --------------------------------------------------------------------------- spec.access
+
+KEY_A = "tenant-a-key-0123456789abcdefghijklmnop"  # 38 characters
+KEY_B = "tenant-a-key-rotated-ZYXWVUTSRQPONMLKJIH"
+SHORT = "short-key-never-in-status"  # 25 characters: refused
+
+
+def b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+def test_access_spec_is_parsed_and_bad_access_is_invalid():
+    from loramux.contracts import TenantLimits
+
+    spec = parse_adapter(cr("a", access={"secretName": "legal-keys", "weight": 2.5, "limits": {
+        "maxConcurrent": 4, "tokensPerMinute": 60000, "maxQueued": 0}}))
+    assert spec.error is None
+    assert spec.access is not None and spec.access.secret_name == "legal-keys"
+    assert spec.access.weight == 2.5
+    assert spec.access.limits == TenantLimits(max_concurrent=4, tokens_per_minute=60000,
+                                              max_queued=0)
+    plain = parse_adapter(cr("a", access={"secretName": "k"}))
+    assert plain.access is not None and plain.access.weight == 1.0
+    assert plain.access.limits == TenantLimits()
+    assert parse_adapter(cr("a")).access is None
+    for bad, fragment in [
+        ({}, "secretName"), ({"secretName": "Bad_Name"}, "secretName"),
+        ({"secretName": "k", "weight": 0}, "weight"),
+        ({"secretName": "k", "weight": 1001}, "weight"),
+        ({"secretName": "k", "weight": True}, "weight"),
+        ({"secretName": "k", "weight": float("nan")}, "weight"),
+        ({"secretName": "k", "limits": {"maxConcurrent": 0}}, "maxConcurrent"),
+        ({"secretName": "k", "limits": {"maxQueued": -1}}, "maxQueued"),
+        ({"secretName": "k", "limits": {"tokensPerMinute": 1.5}}, "tokensPerMinute"),
+        ({"secretName": "k", "limits": {"rps": 3}}, "unknown"),
+        ({"secretName": "k", "keys": ["inline"]}, "unknown"),
+        ("legal-keys", "object"),
+    ]:
+        spec = parse_adapter(cr("a", access=bad))
+        assert spec.error is not None and fragment in spec.error, (bad, spec.error)
+        assert spec.access is None
+
+
+def test_crd_access_schema_matches_the_operator():
+    spec = crd_version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    access = spec["access"]
+    assert access["required"] == ["secretName"]
+    props = access["properties"]
+    assert props["weight"]["default"] == 1 and props["weight"]["maximum"] == 1000
+    assert props["weight"]["exclusiveMinimum"] is True and props["weight"]["minimum"] == 0
+    limits = props["limits"]["properties"]
+    assert set(limits) == {"maxConcurrent", "tokensPerMinute", "maxQueued"}
+    assert limits["maxConcurrent"]["minimum"] == 1 and limits["maxQueued"]["minimum"] == 0
+    # both copies of the CRD are one file
+    chart_crd = ROOT / "charts" / "loramux" / "crds" / "loraadapter.yaml"
+    assert chart_crd.read_bytes() == CRD.read_bytes()
+    validator = _validator()
+    good = cr("a", access={"secretName": "legal-keys", "weight": 0.5,
+                           "limits": {"maxConcurrent": 2, "maxQueued": 0}})
+    assert not list(validator.iter_errors(good))
+    for bad in ({}, {"secretName": "k", "weight": 0}, {"secretName": "k", "weight": 1001},
+                {"secretName": "k", "limits": {"maxConcurrent": 0}},
+                {"secretName": "Bad_Name"}):
+        obj = cr("a", access=bad)
+        assert list(validator.iter_errors(obj)), bad
+        assert parse_adapter(obj).error is not None, bad
+
+
+def test_access_from_secret_hashes_keys_and_names_refused_entries_only():
+    from loramux.contracts import hash_key
+    from loramux.operator.credentials import access_from_secret
+    from loramux.operator.model import AccessSpec
+
+    spec, _ = AccessSpec.parse({"secretName": "legal-keys", "weight": 3})
+    assert spec is not None
+    ok = access_from_secret({"data": {"primary": b64(KEY_A + "\n")},
+                             "stringData": {"secondary": KEY_B}}, spec)
+    assert ok.ok is True and ok.reason == "KeysLoaded" and ok.keys == 2
+    assert set(ok.access.key_sha256) == {hash_key(KEY_A), hash_key(KEY_B)}
+    assert ok.access.weight == 3
+    short = access_from_secret({"data": {"primary": b64(KEY_A), "old-one": b64(SHORT),
+                                         "garbled": "%%%not-base64"}}, spec)
+    assert short.ok is False and short.reason == "KeyTooShort"
+    assert short.access.key_sha256 == (hash_key(KEY_A),)  # fail closed: the rest is used
+    assert "'old-one'" in short.message and "'garbled'" in short.message
+    assert SHORT not in short.message and KEY_A not in short.message
+    assert hash_key(SHORT) not in repr(short)
+    missing = access_from_secret(None, spec)
+    assert missing.ok is False and missing.reason == "SecretNotFound"
+    assert missing.access.key_sha256 == () and missing.access.weight == 3
+    empty = access_from_secret({"data": {}}, spec)
+    assert empty.ok is False and empty.reason == "NoKeys" and empty.keys == 0
+
+
+class SecretKube(FakeKube):
+    """FakeKube whose get_secret fails for the names in ``broken`` (an API server error)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.broken: set[str] = set()
+
+    async def get_secret(self, namespace, name):
+        from loramux.operator.kube import KubeError
+
+        if name in self.broken:
+            raise KubeError(500, "500 Internal Server Error")
+        return await super().get_secret(namespace, name)
+
+
+async def test_access_reaches_every_entry_of_the_tenant_and_rotates_each_pass():
+    import httpx
+
+    from loramux.contracts import hash_key
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    adapter = cr("a", access={"secretName": "legal-keys", "weight": 2,
+                              "limits": {"maxConcurrent": 3}})
+    other = cr("b", tenant="medical")
+    kube = SecretKube([adapter, other], [pod("p1", ports={"sync": 9101})],
+                      {"legal-keys": {"data": {"primary": b64(KEY_A)}}})
+    fake = FakeSidecars()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    rec = Reconciler(OperatorSettings(sidecar_token="tok"), kube=kube, http=http)
+
+    def access_of(tenant: str) -> list[Any]:
+        return [e.get("access") for e in fake.desired[9101] if e["tenant"] == tenant]
+
+    def access_cond() -> dict[str, Any]:
+        status = [st for name, st in kube.patches if name == "a"][-1]
+        return {c["type"]: c for c in status["conditions"]}["AccessReady"]
+
+    await rec.run_pass()
+    (sent,) = access_of("legal")
+    assert sent == {"key_sha256": [hash_key(KEY_A)], "weight": 2.0,
+                    "limits": {"max_concurrent": 3}}  # unset limits: the server's default
+    assert access_of("medical") == [None]  # no spec.access: no keys of its own
+    assert access_cond()["status"] == "True" and access_cond()["reason"] == "KeysLoaded"
+    # a rollout: both entries of the tenant carry the access
+    fake.ready.add((9101, "legal", "v1"))
+    await rec.run_pass()
+    adapter["spec"]["version"] = "v2"
+    await rec.run_pass()
+    assert [e["version"] for e in fake.desired[9101] if e["tenant"] == "legal"] == ["v1", "v2"]
+    assert all(a == sent for a in access_of("legal"))
+    # rotation: the next pass sends the new key's hash only
+    kube.secrets["legal-keys"] = {"data": {"primary": b64(KEY_B)}}
+    await rec.run_pass()
+    assert {tuple(a["key_sha256"]) for a in access_of("legal")} == {(hash_key(KEY_B),)}
+    # a short key is left out, and the condition names its entry
+    kube.secrets["legal-keys"] = {"data": {"primary": b64(KEY_B), "legacy": b64(SHORT)}}
+    await rec.run_pass()
+    assert {tuple(a["key_sha256"]) for a in access_of("legal")} == {(hash_key(KEY_B),)}
+    cond = access_cond()
+    assert cond["status"] == "False" and cond["reason"] == "KeyTooShort"
+    assert "'legacy'" in cond["message"]
+    assert ("Warning", "KeyTooShort") in {(t, r) for t, r, _ in kube.events}
+    # the API server failing: the last hashes read are kept, the condition is Unknown
+    kube.broken = {"legal-keys"}
+    result = await rec.run_pass()
+    kube.broken = set()
+    assert {tuple(a["key_sha256"]) for a in access_of("legal")} == {(hash_key(KEY_B),)}
+    assert access_cond()["status"] == "Unknown" and result.transient
+    # the Secret deleted: no key at all (fail closed), the adapter stays desired
+    del kube.secrets["legal-keys"]
+    result = await rec.run_pass()
+    assert [a["key_sha256"] for a in access_of("legal")] == [[], []]
+    cond = access_cond()
+    assert cond["status"] == "False" and cond["reason"] == "SecretNotFound"
+    assert "legal-keys" in cond["message"] and result.transient
+    # no key, no hash of a refused key, in any status or event
+    for value in (KEY_A, KEY_B, SHORT, b64(KEY_A), b64(SHORT), hash_key(SHORT)):
+        assert value not in repr(kube.patches) and value not in repr(kube.events)
+    # spec.access removed: no AccessReady, no access in the entries
+    del adapter["spec"]["access"]
+    await rec.run_pass()
+    assert set(map(repr, access_of("legal"))) == {"None"}
+    status = [st for name, st in kube.patches if name == "a"][-1]
+    assert "AccessReady" not in {c["type"] for c in status["conditions"]}
+    await http.aclose()
+
+
+def test_dedicated_access_secrets_follow_the_access_and_the_pool_grants():
+    from loramux.contracts import AccessFile, KeyGrant, hash_key
+    from loramux.operator.credentials import access_from_secret
+    from loramux.operator.dedicated import access_file_of, build_access_secret
+    from loramux.operator.hot_policy import Decision
+    from loramux.operator.hot_tenants import Existing, Plan
+    from loramux.operator.reconcile import HotStep, Observed, plan_dedicated_access
+
+    obj = cr("a", access={"secretName": "legal-keys"}, dedicated={"mode": "Always"})
+    spec = parse_adapter(obj)
+    assert spec.access is not None
+    outcome = access_from_secret({"data": {"k": b64(KEY_A)}}, spec.access)
+    grant = KeyGrant(sha256=hash_key("gateway-key-" + "x" * 32), tenants=("*",), name="gw")
+    deployment = {"kind": "Deployment", "metadata": {
+        "name": "lmx-legal-v1", "labels": {"loramux.io/version": "v1"}}}
+
+    def seen(files: dict, grants: Any = (grant,), existing: Existing | None = None) -> Observed:
+        return Observed(adapters={spec.key: (spec, obj)}, pods=[], pool_pods={},
+                        observations={}, access_files=files,
+                        pool_grants={NS: list(grants) if grants is not None else None},
+                        dedicated={spec.key: existing or Existing()})
+
+    step = HotStep(spec=spec, obj=obj, decision=Decision("promote", "Always"),
+                   todo=Plan(create=[deployment]))
+    want = AccessFile(grants=[grant], tenants={"legal": outcome.access})
+    # promotion: the Secret is written before the Deployment that mounts it
+    writes, deletes = plan_dedicated_access(seen({(NS, "lmx-legal-v1-access"): None}),
+                                            {spec.key: step}, {spec.key: outcome})
+    (body,) = writes
+    assert deletes == []
+    assert body["metadata"]["name"] == "lmx-legal-v1-access"
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-a"
+    assert AccessFile.model_validate_json(access_file_of(body)) == want
+    assert KEY_A not in repr(body)
+    # unchanged: nothing to write
+    current = {(NS, "lmx-legal-v1-access"): access_file_of(body)}
+    assert plan_dedicated_access(seen(current), {spec.key: step}, {spec.key: outcome}) == (
+        [], [])
+    # the pool grants unknown this pass (API error): the existing file is kept as it is
+    assert plan_dedicated_access(seen(current, grants=None), {spec.key: step},
+                                 {spec.key: outcome}) == ([], [])
+    # rotated: rewritten
+    rotated = access_from_secret({"data": {"k": b64(KEY_B)}}, spec.access)
+    (body,) = plan_dedicated_access(seen(current), {spec.key: step},
+                                    {spec.key: rotated})[0]
+    assert AccessFile.model_validate_json(access_file_of(body)).tenants[
+        "legal"].key_sha256 == (hash_key(KEY_B),)
+    # without spec.access: the pool-wide grants only, as on the pool
+    (body,) = plan_dedicated_access(seen(current), {spec.key: step}, {})[0]
+    assert AccessFile.model_validate_json(access_file_of(body)) == AccessFile(grants=[grant])
+    # a deleted Deployment's Secret goes with it
+    existing = Existing(deployments={"v1": {"metadata": {"name": "lmx-legal-v1"}}})
+    demote = HotStep(spec=spec, obj=obj, decision=Decision("demote", "Never"),
+                     todo=Plan(delete=[("Deployment", NS, "lmx-legal-v1"),
+                                       ("Service", NS, "lmx-legal-v1")]))
+    assert plan_dedicated_access(seen(current, existing=existing), {spec.key: demote},
+                                 {spec.key: outcome}) == ([], [(NS, "lmx-legal-v1-access")])
+    assert build_access_secret(obj, "lmx-legal-v1", "v1", want)["data"] == \
+        build_access_secret(obj, "lmx-legal-v1", "v1", want)["data"]
