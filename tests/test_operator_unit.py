@@ -492,7 +492,7 @@ def test_crd_schema_patterns_enums_status_and_columns():
     ded = spec["dedicated"]["properties"]
     assert ded["mode"]["enum"] == ["Never", "Always", "Auto"] and ded["mode"]["default"] == "Never"
     assert ded["replicas"]["minimum"] == 1
-    for key in ("promoteAboveRps", "demoteBelowRps"):
+    for key in ("promoteAboveTokensPerSecond", "demoteBelowTokensPerSecond"):
         assert ded[key]["minimum"] == 0
     assert ded["minDwellSeconds"]["minimum"] == MIN_DWELL_SECONDS
     assert ded["replicas"]["maximum"] == MAX_DEDICATED_REPLICAS
@@ -764,12 +764,14 @@ def test_dedicated_spec_is_parsed_once_and_invalid_thresholds_hold():
 
     assert parse_adapter(cr("a")).dedicated == DedicatedSpec()  # absent: Never
     spec = parse_adapter(cr("a", dedicated={"mode": "Auto", "replicas": 2,
-                                            "promoteAboveRps": 10, "demoteBelowRps": 2}))
+                                            "promoteAboveTokensPerSecond": 10,
+                                            "demoteBelowTokensPerSecond": 2}))
     assert spec.dedicated.mode == "Auto" and spec.dedicated.replicas == 2
-    assert spec.dedicated.thresholds == Thresholds(promote_above_rps=10, demote_below_rps=2)
+    assert spec.dedicated.thresholds == Thresholds(promote_above_tps=10, demote_below_tps=2)
     assert spec.dedicated.problem is None
-    flapping = parse_adapter(cr("b", dedicated={"mode": "Auto", "promoteAboveRps": 1,
-                                                "demoteBelowRps": 3}))
+    flapping = parse_adapter(cr("b", dedicated={"mode": "Auto",
+                                                "promoteAboveTokensPerSecond": 1,
+                                                "demoteBelowTokensPerSecond": 3}))
     assert flapping.error is None  # the adapter itself stays valid
     hot = HotTenants(kube=None, template=None)  # type: ignore[arg-type]
     decision = hot.decide(flapping, True, 0.0)
