@@ -7,7 +7,7 @@ method that reads alone:
 1. :meth:`~Reconciler.observe` (reads only): every LoraAdapter and pod, each pool pod's
    sidecar ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`, the one source of a
    pod's state, its server's own answer included), the credentials and API-key Secrets, hot
-   tenants' dedicated objects (and their access Secrets) and the pool's request counters;
+   tenants' dedicated objects (and the pool's key grants) and the pool's request counters;
 2. :meth:`~Reconciler.plan` (no I/O): validation, placement, each hot tenant's dedicated
    deployment, and every pool pod's desired set;
 3. :meth:`~Reconciler.deliver` (writes): dedicated access Secrets written, dedicated objects
@@ -73,7 +73,6 @@ from loramux.operator.credentials import (
 )
 from loramux.operator.dedicated import (
     VERSION_LABEL,
-    access_file_of,
     access_secret_name,
     build_access_secret,
     dedicated_name,
@@ -132,9 +131,8 @@ class Observed:
     credentials: dict[ObjectKey, EntryCredentials] = field(default_factory=dict)
     credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
     access: dict[ObjectKey, AccessOutcome] = field(default_factory=dict)  # spec.access
-    # dedicated deployments' access Secrets: (namespace, name) -> access.json as read (None:
-    # absent), and the pool-wide grants per namespace (None: could not be read this pass)
-    access_files: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    # the pool-wide grants copied into dedicated access files, per namespace (None: they
+    # could not be read this pass)
     pool_grants: dict[str, list[KeyGrant] | None] = field(default_factory=dict)
     dedicated: dict[ObjectKey, Existing] | None = None  # None: not listed (hot tenants off)
     dedicated_error: str | None = None  # they could not be listed
@@ -169,8 +167,8 @@ class PassPlan:
     credential_problems: dict[ObjectKey, str] = field(default_factory=dict)
     untrusted: dict[ObjectKey, dict[str, str]] = field(default_factory=dict)
     access: dict[ObjectKey, AccessOutcome] = field(default_factory=dict)
-    # dedicated access Secrets to write (bodies) and to delete ((namespace, name))
-    access_writes: list[dict[str, Any]] = field(default_factory=list)
+    # dedicated access Secrets to write ((body, create only)) and delete ((namespace, name))
+    access_writes: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
     access_deletes: list[tuple[str, str]] = field(default_factory=list)
     transient: bool = False  # something is known to change by itself: look again soon
 
@@ -233,12 +231,13 @@ def with_access(desired: Mapping[PodKey, list[DesiredAdapter]],
 
 def plan_dedicated_access(seen: Observed, hot: Mapping[ObjectKey, HotStep],
                           access: Mapping[ObjectKey, AccessOutcome]
-                          ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+                          ) -> tuple[list[tuple[dict[str, Any], bool]], list[tuple[str, str]]]:
     """The access Secrets of hot tenants' dedicated Deployments: one per Deployment that
-    exists or is created this pass, written when its ``access.json`` differs from the wanted
-    one; those of Deployments deleted this pass go too. While the tenant's keys or the
-    pool-wide grants are unknown (the API server failed), an existing file is left as is."""
-    writes: list[dict[str, Any]] = []
+    exists or is created this pass, written every pass (level-triggered: the operator may
+    write these Secrets but never reads them), and deleted with their Deployment. While the
+    tenant's keys or the pool-wide grants are unknown (the API server failed), a Secret is
+    only created if absent ("create only": an existing file is left as it is)."""
+    writes: list[tuple[dict[str, Any], bool]] = []
     deletes: list[tuple[str, str]] = []
     for key, step in hot.items():
         spec = step.spec
@@ -248,7 +247,6 @@ def plan_dedicated_access(seen: Observed, hot: Mapping[ObjectKey, HotStep],
                           tenants={spec.tenant: outcome.access} if outcome else {})
         unknown = (outcome is not None and outcome.ok is None) or (
             spec.namespace in seen.pool_grants and grants is None)
-        want = file.model_dump_json()
         deleted = {name for kind, _, name in step.todo.delete if kind == "Deployment"}
         existing = seen.dedicated.get(key) if seen.dedicated else None
         versions = {v: str(d["metadata"].get("name") or dedicated_name(spec.tenant, v))
@@ -258,16 +256,10 @@ def plan_dedicated_access(seen: Observed, hot: Mapping[ObjectKey, HotStep],
                 labels = obj["metadata"].get("labels") or {}
                 versions[str(labels.get(VERSION_LABEL, spec.version))] = obj["metadata"]["name"]
         for version, name in sorted(versions.items()):
-            secret_key = (spec.namespace, access_secret_name(name))
             if name in deleted:
-                deletes.append(secret_key)
-                continue
-            if secret_key not in seen.access_files:
-                continue  # could not be read this pass
-            current = seen.access_files[secret_key]
-            if current == want or (unknown and current is not None):
-                continue
-            writes.append(build_access_secret(step.obj, name, version, file))
+                deletes.append((spec.namespace, access_secret_name(name)))
+            else:
+                writes.append((build_access_secret(step.obj, name, version, file), unknown))
     return writes, deletes
 
 
@@ -527,7 +519,7 @@ class Reconciler:
                 log.warning("cannot list dedicated deployments: %s", exc)
                 seen.dedicated_error = str(exc)
             if seen.dedicated is not None:
-                await self._observe_dedicated_access(seen, live)
+                await self._observe_pool_grants(seen, live)
         return seen
 
     async def _access(self, specs: list[AdapterSpec]) -> dict[ObjectKey, AccessOutcome]:
@@ -558,31 +550,21 @@ class Reconciler:
             del self._last_access[key]
         return out
 
-    async def _observe_dedicated_access(self, seen: Observed,
-                                        live: Sequence[AdapterSpec]) -> None:
+    async def _observe_pool_grants(self, seen: Observed, live: Sequence[AdapterSpec]) -> None:
         """Hot tenants: the pool-wide grants (the Secret the pod template's annotation names)
-        of each namespace with dedicated deployments, and their access Secrets as they are."""
-        assert self.kube is not None and self.hot is not None and seen.dedicated is not None
+        of each namespace with dedicated deployments."""
+        assert self.hot is not None and seen.dedicated is not None
         pool_secret = pool_access_secret(self.hot.template)
+        if not pool_secret:
+            self._last_grants.clear()
+            return
         for spec in live:
             existing = seen.dedicated.get(spec.key, Existing())
             if spec.dedicated.mode == "Never" and existing.empty:
                 continue
-            names = {dedicated_name(spec.tenant, v) for v in existing.deployments}
-            names.add(dedicated_name(spec.tenant, spec.version))
-            for name in sorted(names):
-                secret_key = (spec.namespace, access_secret_name(name))
-                try:
-                    found = await self.kube.get_secret(*secret_key)
-                except KubeError as exc:
-                    log.warning("cannot read access Secret %s/%s: %s", *secret_key, exc)
-                    continue  # not in access_files: left as it is this pass
-                seen.access_files[secret_key] = access_file_of(found) if found else None
-            if pool_secret and spec.namespace not in seen.pool_grants:
+            if spec.namespace not in seen.pool_grants:
                 seen.pool_grants[spec.namespace] = await self._pool_grants(
                     spec.namespace, pool_secret)
-        if not pool_secret:
-            self._last_grants.clear()
 
     async def _pool_grants(self, namespace: str, name: str) -> list[KeyGrant] | None:
         """The pool-wide grants of ``namespace`` (a missing or bad Secret: none, logged; the
@@ -797,34 +779,40 @@ class Reconciler:
                                            f"{decision.reason}")
         return transient
 
-    async def _apply_access(self, writes: Sequence[dict[str, Any]],
+    async def _apply_access(self, writes: Sequence[tuple[dict[str, Any], bool]],
                             deletes: Sequence[tuple[str, str]]) -> bool:
-        """Write (create, else merge-patch) and delete dedicated access Secrets; True when
-        one failed."""
+        """Write dedicated access Secrets (merge-patch, else create; "create only": create,
+        an existing one is left alone) and delete them; True when one failed. The operator
+        never reads them (its RBAC has no get on them)."""
         from loramux.operator.kube import MERGE_PATCH
 
         kube = self.kube
         assert kube is not None
         failed = False
-        for body in writes:
+        for body, create_only in writes:
             meta = body["metadata"]
+            where = f"{meta['namespace']}/{meta['name']}"
             try:
+                if not create_only:
+                    patch = {"metadata": {"labels": meta["labels"],
+                                          "ownerReferences": meta["ownerReferences"]},
+                             "data": body["data"]}
+                    try:
+                        await kube._call(kube.core.patch_namespaced_secret, meta["name"],
+                                         meta["namespace"], patch, _content_type=MERGE_PATCH)
+                        log.debug("access Secret %s written", where)
+                        continue
+                    except KubeError as exc:
+                        if exc.status != 404:
+                            raise
                 try:
                     await kube.create_secret(body)
-                    log.info("created access Secret %s/%s", meta["namespace"], meta["name"])
-                    continue
+                    log.info("created access Secret %s", where)
                 except KubeError as exc:
-                    if exc.status != 409:
+                    if exc.status != 409 or not create_only:
                         raise
-                patch = {"metadata": {"labels": meta["labels"],
-                                      "ownerReferences": meta["ownerReferences"]},
-                         "data": body["data"]}
-                await kube._call(kube.core.patch_namespaced_secret, meta["name"],
-                                 meta["namespace"], patch, _content_type=MERGE_PATCH)
-                log.info("updated access Secret %s/%s", meta["namespace"], meta["name"])
             except KubeError as exc:
-                log.warning("cannot write access Secret %s/%s: %s", meta["namespace"],
-                            meta["name"], exc)
+                log.warning("cannot write access Secret %s: %s", where, exc)
                 failed = True
         for namespace, name in deletes:
             try:

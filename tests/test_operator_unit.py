@@ -1222,8 +1222,8 @@ async def test_access_reaches_every_entry_of_the_tenant_and_rotates_each_pass():
 
 def test_dedicated_access_secrets_follow_the_access_and_the_pool_grants():
     from loramux.contracts import AccessFile, KeyGrant, hash_key
-    from loramux.operator.credentials import access_from_secret
-    from loramux.operator.dedicated import access_file_of, build_access_secret
+    from loramux.operator.credentials import access_from_secret, access_unreadable
+    from loramux.operator.dedicated import access_file_of
     from loramux.operator.hot_policy import Decision
     from loramux.operator.hot_tenants import Existing, Plan
     from loramux.operator.reconcile import HotStep, Observed, plan_dedicated_access
@@ -1236,46 +1236,49 @@ def test_dedicated_access_secrets_follow_the_access_and_the_pool_grants():
     deployment = {"kind": "Deployment", "metadata": {
         "name": "lmx-legal-v1", "labels": {"loramux.io/version": "v1"}}}
 
-    def seen(files: dict, grants: Any = (grant,), existing: Existing | None = None) -> Observed:
+    def seen(grants: Any = (grant,), existing: Existing | None = None) -> Observed:
         return Observed(adapters={spec.key: (spec, obj)}, pods=[], pool_pods={},
-                        observations={}, access_files=files,
+                        observations={},
                         pool_grants={NS: list(grants) if grants is not None else None},
                         dedicated={spec.key: existing or Existing()})
+
+    def files(writes: list) -> list[tuple[str, AccessFile, bool]]:
+        return [(body["metadata"]["name"], AccessFile.model_validate_json(
+            access_file_of(body) or ""), create_only) for body, create_only in writes]
 
     step = HotStep(spec=spec, obj=obj, decision=Decision("promote", "Always"),
                    todo=Plan(create=[deployment]))
     want = AccessFile(grants=[grant], tenants={"legal": outcome.access})
-    # promotion: the Secret is written before the Deployment that mounts it
-    writes, deletes = plan_dedicated_access(seen({(NS, "lmx-legal-v1-access"): None}),
-                                            {spec.key: step}, {spec.key: outcome})
-    (body,) = writes
-    assert deletes == []
-    assert body["metadata"]["name"] == "lmx-legal-v1-access"
+    # promotion: the Secret is written (before the Deployment that mounts it is created)
+    writes, deletes = plan_dedicated_access(seen(), {spec.key: step}, {spec.key: outcome})
+    assert files(writes) == [("lmx-legal-v1-access", want, False)] and deletes == []
+    body = writes[0][0]
     assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-a"
-    assert AccessFile.model_validate_json(access_file_of(body)) == want
     assert KEY_A not in repr(body)
-    # unchanged: nothing to write
-    current = {(NS, "lmx-legal-v1-access"): access_file_of(body)}
-    assert plan_dedicated_access(seen(current), {spec.key: step}, {spec.key: outcome}) == (
-        [], [])
-    # the pool grants unknown this pass (API error): the existing file is kept as it is
-    assert plan_dedicated_access(seen(current, grants=None), {spec.key: step},
-                                 {spec.key: outcome}) == ([], [])
-    # rotated: rewritten
-    rotated = access_from_secret({"data": {"k": b64(KEY_B)}}, spec.access)
-    (body,) = plan_dedicated_access(seen(current), {spec.key: step},
-                                    {spec.key: rotated})[0]
-    assert AccessFile.model_validate_json(access_file_of(body)).tenants[
-        "legal"].key_sha256 == (hash_key(KEY_B),)
-    # without spec.access: the pool-wide grants only, as on the pool
-    (body,) = plan_dedicated_access(seen(current), {spec.key: step}, {})[0]
-    assert AccessFile.model_validate_json(access_file_of(body)) == AccessFile(grants=[grant])
-    # a deleted Deployment's Secret goes with it
+    # rotated: the next pass writes the new hash (every pass writes: level-triggered)
     existing = Existing(deployments={"v1": {"metadata": {"name": "lmx-legal-v1"}}})
+    held = HotStep(spec=spec, obj=obj, decision=Decision("hold", "Always"), todo=Plan())
+    rotated = access_from_secret({"data": {"k": b64(KEY_B)}}, spec.access)
+    ((name, file, create_only),) = files(plan_dedicated_access(
+        seen(existing=existing), {spec.key: held}, {spec.key: rotated})[0])
+    assert name == "lmx-legal-v1-access" and not create_only
+    assert file.tenants["legal"].key_sha256 == (hash_key(KEY_B),)
+    # the pool grants or the tenant's keys unknown this pass (API errors): create only, so
+    # an existing file is left as it is
+    ((_, _, create_only),) = files(plan_dedicated_access(
+        seen(grants=None, existing=existing), {spec.key: held}, {spec.key: rotated})[0])
+    assert create_only
+    unknown = access_unreadable(spec.access, "500", None)
+    ((_, file, create_only),) = files(plan_dedicated_access(
+        seen(existing=existing), {spec.key: held}, {spec.key: unknown})[0])
+    assert create_only and file.tenants["legal"].key_sha256 == ()
+    # without spec.access: the pool-wide grants only, as on the pool
+    ((_, file, _),) = files(plan_dedicated_access(seen(existing=existing), {spec.key: held},
+                                                  {})[0])
+    assert file == AccessFile(grants=[grant])
+    # a deleted Deployment's Secret goes with it
     demote = HotStep(spec=spec, obj=obj, decision=Decision("demote", "Never"),
                      todo=Plan(delete=[("Deployment", NS, "lmx-legal-v1"),
                                        ("Service", NS, "lmx-legal-v1")]))
-    assert plan_dedicated_access(seen(current, existing=existing), {spec.key: demote},
+    assert plan_dedicated_access(seen(existing=existing), {spec.key: demote},
                                  {spec.key: outcome}) == ([], [(NS, "lmx-legal-v1-access")])
-    assert build_access_secret(obj, "lmx-legal-v1", "v1", want)["data"] == \
-        build_access_secret(obj, "lmx-legal-v1", "v1", want)["data"]
