@@ -118,6 +118,10 @@ class Reconciler:
         # without per-tenant access); False once an older server said 404 (logged once).
         self.access_state: AccessList | None = None
         self.access_supported = True
+        # tenant -> fingerprint of its admin-pushed access on the server, as last seen or
+        # pushed (a load checks it, so access goes first even for a version that a pass
+        # started before the desired set changed fetches and loads)
+        self._access_fp: dict[str, str] = {}
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -362,10 +366,11 @@ class Reconciler:
         entry's (the operator sends the same on every entry of a tenant); None when no entry
         carries one (then the sidecar removes what it pushed before)."""
         wanted: dict[str, TenantAccess | None] = {}
-        for tenant in sorted({ref.tenant for ref in self.desired}):
-            entries = sorted((e for e in self.desired.values() if e.tenant == tenant),
-                             key=lambda e: (not e.active, e.version))
-            wanted[tenant] = next((e.access for e in entries if e.access is not None), None)
+        # One pass in order: active entries first, then by version; the first access wins.
+        for entry in sorted(self.desired.values(),
+                            key=lambda e: (e.tenant, not e.active, e.version)):
+            if wanted.get(entry.tenant) is None:
+                wanted[entry.tenant] = entry.access
         return wanted
 
     async def _sync_access(self) -> None:
@@ -393,31 +398,11 @@ class Reconciler:
         self.access_supported = True
         self.access_state = answer
         pushed = {view.tenant: view for view in answer.tenants if view.source == "admin"}
+        self._access_fp = {tenant: view.fingerprint for tenant, view in pushed.items()}
         wanted = self.desired_access()
         for tenant, access in wanted.items():
-            if access is None:
-                continue
-            have = pushed.get(tenant)
-            fingerprint = access.fingerprint()
-            if have is not None and have.fingerprint == fingerprint:
-                continue
-            try:
-                reply = await self._server("PUT", f"/admin/tenants/{tenant}/access", access)
-            except ServerError as exc:
-                self.metrics.server_errors.labels("access_push", exc.code).inc()
-                log.warning("pushing the access of %s failed: %s", tenant, exc.message,
-                            extra={"tenant": tenant, "code": exc.code})
-                continue
-            try:
-                view = AccessView.model_validate(reply)
-            except ValidationError:
-                view = AccessView(tenant=tenant, keys=len(access.key_sha256),
-                                  fingerprint=fingerprint, weight=access.weight,
-                                  limits=access.limits, source="admin")
-            self._record_access(tenant, view)
-            log.info("access of %s set on the server: %d key(s), weight %g, fingerprint %s",
-                     tenant, len(access.key_sha256), access.weight, fingerprint,
-                     extra={"tenant": tenant})
+            if access is not None and self._access_fp.get(tenant) != access.fingerprint():
+                await self._push_access(tenant, access)
         if not self.desired_received:
             return  # "not told yet" is not "no access": never remove before the first PUT
         for tenant in sorted(pushed):
@@ -434,8 +419,44 @@ class Reconciler:
             self._record_access(tenant, None)
             log.info("access of %s removed from the server", tenant, extra={"tenant": tenant})
 
+    async def _push_access(self, tenant: str, access: TenantAccess) -> bool:
+        """``PUT /admin/tenants/{tenant}/access``; False (counted, logged) when it failed."""
+        fingerprint = access.fingerprint()
+        try:
+            reply = await self._server("PUT", f"/admin/tenants/{tenant}/access", access)
+        except ServerError as exc:
+            self.metrics.server_errors.labels("access_push", exc.code).inc()
+            log.warning("pushing the access of %s failed: %s", tenant, exc.message,
+                        extra={"tenant": tenant, "code": exc.code})
+            return False
+        try:
+            view = AccessView.model_validate(reply)
+        except ValidationError:
+            view = AccessView(tenant=tenant, keys=len(access.key_sha256),
+                              fingerprint=fingerprint, weight=access.weight,
+                              limits=access.limits, source="admin")
+        self._record_access(tenant, view)
+        log.info("access of %s set on the server: %d key(s), weight %g, fingerprint %s",
+                 tenant, len(access.key_sha256), access.weight, fingerprint,
+                 extra={"tenant": tenant})
+        return True
+
+    async def _access_before_load(self, tenant: str) -> None:
+        """Pushes the tenant's desired access now if the server is not known to hold it: a
+        version must not become loadable before its keys are known (availability only:
+        with ``--auth keys`` a tenant without access answers no one)."""
+        if not self.access_supported:
+            return
+        access = self.desired_access().get(tenant)
+        if access is not None and self._access_fp.get(tenant) != access.fingerprint():
+            await self._push_access(tenant, access)
+
     def _record_access(self, tenant: str, view: AccessView | None) -> None:
         """Updates the reported access list after a successful PUT (``view``) or DELETE."""
+        if view is None:
+            self._access_fp.pop(tenant, None)
+        else:
+            self._access_fp[tenant] = view.fingerprint
         if self.access_state is None:
             return
         rows = [v for v in self.access_state.tenants
@@ -536,6 +557,7 @@ class Reconciler:
         if result is None or self.status.get(ref) is not status:
             return
         status.phase, status.reason = SyncPhase.LOADING, None
+        await self._access_before_load(ref.tenant)
         started = time.monotonic()
         try:
             await self._server("PUT", f"/admin/adapters/{ref.tenant}/{ref.version}",
