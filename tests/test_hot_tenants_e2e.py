@@ -1,10 +1,13 @@
 """Hot tenants end to end (issue 7): promotion to a dedicated merged deployment, routing,
 version rollout, traffic-driven (Auto) promotion and demotion, with real processes in the
-operator's harness.
+operator's harness. Auto counts tokens served (issue 16), read from the pool pod's
+per-tenant metrics port (its container port named ``metrics``): the public port's /metrics
+only shows sums over tenants.
 
 - Kubernetes API: the kmock emulator over HTTP (tests/k8s_harness.py); the CRD and the
   LoraAdapters go in with the real kubectl.
-- One pool "pod": a real `loramux serve` (tiny fp32 model) + `loramux sync`.
+- One pool "pod": a real `loramux serve` (tiny fp32 model, `--metrics-port`) +
+  `loramux sync`; the Pod object declares the metrics port, as the chart's does.
 - S3: moto, the adapters published with `loramux push`'s push().
 - The real `loramux operator` process with a dedicated pod template file.
 
@@ -18,6 +21,7 @@ process (what kube-proxy would).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -34,7 +38,17 @@ import pytest
 import yaml
 
 from factories import stage_adapter
-from k8s_harness import CRD_PATH, S3, InferencePod, K8s, OperatorProcess, inference_pod
+from k8s_harness import (
+    CRD_PATH,
+    S3,
+    InferencePod,
+    K8s,
+    OperatorProcess,
+    free_port,
+    inference_pod,
+    pod_manifest,
+)
+from loramux.operator.hot_tenants import scrape_token_totals
 from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -68,6 +82,7 @@ class Hot:
     tiny_model_dir: Path
     start_server: Any
     workdir: Path
+    metrics_url: str  # the pool pod's per-tenant /metrics (its "metrics" container port)
     merged: list[Any] = field(default_factory=list)
 
     def apply(self, version: str, dedicated: dict[str, Any]) -> None:
@@ -89,6 +104,16 @@ class Hot:
     def route(self) -> dict[str, Any] | None:
         routes = httpx.get(f"{self.pod.server_url}/admin/routes", timeout=5).json()["routes"]
         return routes[0] if routes else None
+
+    def tokens_served(self) -> float:
+        """The pool's tokens served to legal, read as the operator reads them."""
+        async def scrape() -> dict[tuple[str, str], float] | None:
+            async with httpx.AsyncClient() as http:
+                return await scrape_token_totals(http, [("default", self.metrics_url)])
+
+        totals = asyncio.run(scrape())
+        assert totals is not None, "the metrics port did not answer"
+        return totals.get(("default", "legal"), 0.0)
 
     def generate(self) -> httpx.Response:
         return httpx.post(f"{self.pod.server_url}/generate", timeout=60, json={
@@ -136,6 +161,7 @@ class ClientLoop:
     def __init__(self, hot: Hot) -> None:
         self.hot = hot
         self.results: list[tuple[int, str, str | None]] = []  # status, text, routed
+        self.tokens = 0  # prompt + generated tokens of the answers (their usage)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -146,6 +172,9 @@ class ClientLoop:
                     "tenant_id": "legal", "prompt": PROMPT, "max_new_tokens": 8,
                     "ignore_eos": True})
                 text = r.json().get("text", "") if r.status_code == 200 else r.text
+                if r.status_code == 200:
+                    usage = r.json()["usage"]
+                    self.tokens += usage["prompt_tokens"] + usage["completion_tokens"]
                 # Forwarded to a dedicated pod: "X-Loramux-Routed: dedicated" (the URL is
                 # internal and never shown), or the older "X-Loramux-Routed-To: <url>".
                 routed = (r.headers.get("x-loramux-routed")
@@ -178,9 +207,21 @@ def hot(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path, start
         uris[version] = f"s3://{bucket}/legal/{version}/"
         push(stage_adapter(adapter_root, workdir / "stage", "legal", version)[0],
              uris[version], client=s3_server.client, progress=False)
+    metrics_port = free_port()
     pod = inference_pod(k8s.api, "pool-a", workdir / "pods", sidecar_token=TOKEN,
                         server_args=["--model", str(tiny_model_dir), "--quantization", "none",
-                                     "--log-format", "text", "--route-retry-s", "1"])
+                                     "--log-format", "text", "--route-retry-s", "1",
+                                     "--metrics-port", str(metrics_port)], start=False)
+    assert pod.server is not None and pod.sidecar is not None
+    pod.server.start()
+    pod.sidecar.start()
+    # The Pod declares the server's per-tenant metrics port, named "metrics" as in the
+    # chart: the operator reads tokens served there. (start() then only sets its status.)
+    manifest = pod_manifest(pod.name, pod.server_port, pod.sync_port)
+    manifest["spec"]["containers"][0]["ports"].append(
+        {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"})
+    k8s.api.create(manifest)
+    pod.start()
     template = workdir / "pod-template.yaml"
     template.write_text(yaml.safe_dump({"metadata": {"labels": {"team": "ml"}}, "spec": {
         "containers": [{"name": "server", "image": "loramux/inference:test",
@@ -192,7 +233,8 @@ def hot(k8s: K8s, s3_server: S3, tiny_model_dir: Path, adapter_root: Path, start
     operator.start()
     try:
         operator.wait_for_log("loramux operator started", 60)
-        yield Hot(k8s, pod, uris, tiny_model_dir, start_server, workdir)
+        yield Hot(k8s, pod, uris, tiny_model_dir, start_server, workdir,
+                  f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         operator.stop()
         pod.stop()
@@ -204,6 +246,7 @@ def test_promotion_routing_and_demotion_without_failed_requests(hot: Hot) -> Non
     hot.apply("v1", {"mode": "Never"})
     wait(lambda: hot.status().get("phase") == "Ready", "legal Ready on the pool")
     local_text = hot.generate().json()["text"]
+    served_before = hot.tokens_served()
     try:
         with ClientLoop(hot) as loop:
             # --- promotion: mode Always creates the pair, owned by the LoraAdapter
@@ -235,7 +278,8 @@ def test_promotion_routing_and_demotion_without_failed_requests(hot: Hot) -> Non
                  "dedicatedEndpoint")
             assert hot.dedicated_condition()["status"] == "True"
             wait(lambda: sum(1 for r in loop.results if r[2]) >= 3, "requests served merged")
-            assert 'tenant="legal"' in httpx.get(f"{merged.url}/metrics").text
+            # a server without a metrics port has its per-tenant series at /admin/metrics
+            assert 'tenant="legal"' in httpx.get(f"{merged.url}/admin/metrics").text
 
             # --- demotion: the route goes first, then the pair
             hot.apply("v1", {"mode": "Never"})
@@ -264,6 +308,14 @@ def test_promotion_routing_and_demotion_without_failed_requests(hot: Hot) -> Non
     events = k8s.api.list("v1", "events")["items"]
     reasons = {e["reason"] for e in events if e["involvedObject"].get("name") == "legal"}
     assert {"Promoted", "Demoted"} <= reasons
+    # What Auto would have counted: every answer's tokens exactly once, whether the pool
+    # served it or forwarded it to the dedicated pod (forwarded tokens, from the usage).
+    wait(lambda: hot.tokens_served() - served_before == loop.tokens,
+         f"{loop.tokens} tokens counted on the metrics port", timeout=10)
+    public = httpx.get(f"{hot.pod.server_url}/metrics", timeout=5).text
+    assert 'tenant="legal"' not in public  # per-tenant series only on the metrics port
+    per_tenant = httpx.get(hot.metrics_url, timeout=5).text
+    assert 'loramux_forwarded_tokens_total{tenant="legal"}' in per_tenant
 
 
 def test_version_rollout_rolls_the_dedicated_deployment_and_switches_when_ready(
@@ -301,15 +353,18 @@ def test_version_rollout_rolls_the_dedicated_deployment_and_switches_when_ready(
         # two merged models answered (v1's, then v2's: a new merged model), one text each
         assert len(texts) == 2, texts
         for merged in (merged_v1, merged_v2):
-            assert 'tenant="legal"' in httpx.get(f"{merged.url}/metrics").text
+            assert 'tenant="legal"' in httpx.get(f"{merged.url}/admin/metrics").text
     finally:
         hot.delete_cr()
 
 
 def test_auto_mode_promotes_on_sustained_traffic_and_demotes_when_it_stops(hot: Hot) -> None:
+    """Auto on tokens/s: each request here is ~12 tokens (a short prompt, 8 generated),
+    so a client looping on them is well above 4 tokens/s, and silence below 1."""
     k8s = hot.k8s
-    thresholds = {"mode": "Auto", "promoteAboveRps": 0.5, "promoteAfterSeconds": 3,
-                  "demoteBelowRps": 0.1, "demoteAfterSeconds": 3, "minDwellSeconds": 5}
+    thresholds = {"mode": "Auto", "promoteAboveTokensPerSecond": 4, "promoteAfterSeconds": 3,
+                  "demoteBelowTokensPerSecond": 1, "demoteAfterSeconds": 3,
+                  "minDwellSeconds": 5}
     hot.apply("v1", thresholds)
     try:
         wait(lambda: hot.status().get("phase") == "Ready", "legal Ready")
@@ -326,6 +381,26 @@ def test_auto_mode_promotes_on_sustained_traffic_and_demotes_when_it_stops(hot: 
         events = k8s.api.list("v1", "events")["items"]
         messages = [e["message"] for e in events
                     if e["involvedObject"].get("name") == "legal" and e["reason"] == "Promoted"]
-        assert any("req/s" in m for m in messages), messages
+        assert any("tokens/s" in m for m in messages), messages
+    finally:
+        hot.delete_cr()
+
+
+def test_the_request_rate_thresholds_are_refused_naming_the_token_fields(hot: Hot) -> None:
+    """promoteAboveRps/demoteBelowRps were renamed (pre-1.0): a real API server refuses them
+    (the CRD's CEL rule); where none checks (this emulator, objects stored before the
+    upgrade), the operator holds the hot-tenant policy and says which field to use, while
+    the adapter itself keeps being served by the pool."""
+    hot.apply("v1", {"mode": "Auto", "promoteAboveRps": 5, "demoteBelowRps": 1,
+                     "promoteAfterSeconds": 3, "demoteAfterSeconds": 3, "minDwellSeconds": 5})
+    try:
+        wait(lambda: hot.status().get("phase") == "Ready", "legal Ready on the pool")
+        condition = wait(lambda: hot.dedicated_condition().get("reason") == "InvalidSpec"
+                         and hot.dedicated_condition(), "Dedicated InvalidSpec")
+        assert condition["status"] == "False"
+        assert "use promoteAboveTokensPerSecond" in condition["message"]
+        assert "use demoteBelowTokensPerSecond" in condition["message"]
+        assert hot.generate().status_code == 200
+        assert hot.k8s.api.find("apps/v1", "deployments", "lmx-legal-v1") is None
     finally:
         hot.delete_cr()
