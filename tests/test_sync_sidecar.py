@@ -716,7 +716,9 @@ def test_package_stays_out_of_torch_operator_and_training() -> None:
 class StubServer:
     """The server's admin API, in-process: loads are instant; ``adapters_answer`` and
     ``routes_answer`` (raw bytes) replace the good answers; ``token`` (a
-    :class:`loramux.tokens.Token`) is checked on every call."""
+    :class:`loramux.tokens.Token`) is checked on every call. Tenant access: ``access`` None
+    is a server from before issue 16 (``/admin/access`` is 404), else tenant -> the
+    TenantAccess JSON pushed; ``access_fail`` (method -> status code) fails those calls."""
 
     def __init__(self, token: Any = None) -> None:
         self.token = token
@@ -725,6 +727,8 @@ class StubServer:
         self.routes_answer: bytes | None = None
         self.calls: list[tuple[str, str, int]] = []  # method, path, status
         self.deleted: list[str] = []
+        self.access: dict[str, dict[str, Any]] | None = None
+        self.access_fail: dict[str, int] = {}
         app = FastAPI()
 
         @app.middleware("http")
@@ -766,6 +770,50 @@ class StubServer:
                 if t == tenant:
                     view["active"] = v == version
             return {"tenant": tenant, "version": version}
+
+        def access_problem(method: str) -> JSONResponse | None:
+            if self.access is None:
+                return JSONResponse(error_body(404, "not_found", "Not Found"), 404)
+            status = self.access_fail.get(method)
+            if status is not None:
+                return JSONResponse(error_body(status, "unavailable", "down"), status)
+            return None
+
+        def access_view(tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+            from loramux.contracts import TenantAccess
+
+            access = TenantAccess.model_validate(body)
+            return {"tenant": tenant, "keys": len(access.key_sha256),
+                    "fingerprint": access.fingerprint(), "weight": access.weight,
+                    "limits": access.limits.model_dump(), "source": "admin"}
+
+        @app.get("/admin/access")
+        async def access_list() -> Any:
+            problem = access_problem("GET")
+            if problem is not None:
+                return problem
+            assert self.access is not None
+            return {"auth": "keys", "tenants": [access_view(t, a)
+                                                for t, a in sorted(self.access.items())]}
+
+        @app.put("/admin/tenants/{tenant}/access")
+        async def set_access(tenant: str, request: Request) -> Any:
+            problem = access_problem("PUT")
+            if problem is not None:
+                return problem
+            assert self.access is not None
+            self.access[tenant] = await request.json()
+            return access_view(tenant, self.access[tenant])
+
+        @app.delete("/admin/tenants/{tenant}/access")
+        async def delete_access(tenant: str) -> Any:
+            problem = access_problem("DELETE")
+            if problem is not None:
+                return problem
+            assert self.access is not None
+            if self.access.pop(tenant, None) is None:
+                return JSONResponse(error_body(404, "not_found", "no access"), 404)
+            return {"tenant": tenant, "state": "removed"}
 
         @app.get("/admin/routes")
         async def routes() -> Any:
@@ -915,3 +963,80 @@ def test_malformed_server_answers_fail_only_their_pass(adapter_root: Path, tmp_p
         assert [(a["tenant"], a["phase"]) for a in state["adapters"]] == [("legal", "Ready")]
         stub.routes_answer = None
         assert client.get("/readyz").status_code == 200
+
+
+# --------------------------------------------------------------------------- tenant access
+# The happy paths against the real server: tests/test_sync_access.py. Here what the real
+# server cannot be made to do on demand: predate /admin/access, or fail its access calls.
+ACCESS = {"key_sha256": ["ab" * 32], "weight": 3.0, "limits": {"max_queued": 5}}
+
+
+def test_a_server_without_admin_access_is_logged_once_and_skipped(
+        adapter_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stub = StubServer()  # access None: GET /admin/access answers 404
+    source = {**_file_source(adapter_root, tmp_path / "pub", "legal"), "access": ACCESS}
+    caplog.set_level(logging.INFO, logger="loramux.sync")
+    with stub.running() as url, run_sidecar(tmp_path / "volume", url, None,
+                                            resync_seconds=0.1) as client:
+        put_desired(client, [source])
+        wait_phases(client, {"legal@v1": "Ready"})  # the adapter is served all the same
+
+        def passes() -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in
+                       client.get("/metrics").text.splitlines()
+                       if line.startswith("loramux_sync_reconcile_passes_total"))
+
+        start = passes()
+        wait_until(lambda: passes() >= start + 5, "more passes")
+        state = client.get("/v1/state").json()
+        assert state["access"] is None and state["server_reachable"] is True
+        asked = [c for c in stub.calls if c[1] == "/admin/access"]
+        assert len(asked) >= 5 and all(status == 404 for _, _, status in asked)
+        # no PUT tried (the load's own check knows the server has no such route)
+        assert not [c for c in stub.calls if c[1].endswith("/access") and c[0] != "GET"]
+        said = [r for r in caplog.records if "no GET /admin/access" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING
+        assert "call=\"access" not in client.get("/metrics").text  # not an error
+        # the server is upgraded in place: from the next pass on, access is pushed
+        stub.access = {}
+        wait_until(lambda: "legal" in (stub.access or {}), "legal's access pushed")
+        assert stub.access["legal"]["key_sha256"] == ACCESS["key_sha256"]
+
+
+def test_failed_access_calls_are_counted_and_retried(adapter_root: Path,
+                                                     tmp_path: Path) -> None:
+    from loramux.contracts import TenantAccess
+
+    stub = StubServer()
+    stub.access, stub.access_fail = {}, {"GET": 503, "PUT": 503}
+    source = _file_source(adapter_root, tmp_path / "pub", "legal")
+    with stub.running() as url, run_sidecar(tmp_path / "volume", url, None,
+                                            resync_seconds=0.1) as client:
+        put_desired(client, [{**source, "access": ACCESS}])
+        wait_phases(client, {"legal@v1": "Ready"})  # the server's other calls still work
+
+        def errors(call: str) -> float:
+            prefix = f'loramux_sync_server_errors_total{{call="{call}",code="unavailable"}}'
+            return sum(float(line.rsplit(" ", 1)[1]) for line in
+                       client.get("/metrics").text.splitlines() if line.startswith(prefix))
+
+        wait_until(lambda: errors("access") >= 2, "failed reads of the access list counted")
+        assert errors("access_push") >= 1  # the load's own push before loading legal@v1
+        assert client.get("/v1/state").json()["access"] is None
+        assert stub.access == {}
+        # it heals: the next pass pushes, and reports
+        stub.access_fail = {}
+        wait_until(lambda: "legal" in (stub.access or {}), "legal's access pushed")
+        wait_until(lambda: (client.get("/v1/state").json()["access"] or {}).get("tenants"),
+                   "reported")
+        (row,) = client.get("/v1/state").json()["access"]["tenants"]
+        assert row["fingerprint"] == TenantAccess.model_validate(ACCESS).fingerprint()
+        # a removal that fails is counted and tried again each pass until it works
+        stub.access_fail = {"DELETE": 500}
+        put_desired(client, [source])  # no access any more
+        wait_until(lambda: errors("access_remove") >= 2, "failed removals counted")
+        assert "legal" in stub.access
+        stub.access_fail = {}
+        wait_until(lambda: stub.access == {}, "legal's access removed once the server heals")
+        wait_until(lambda: client.get("/v1/state").json()["access"]["tenants"] == [],
+                   "the report follows")
