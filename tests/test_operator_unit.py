@@ -527,10 +527,7 @@ def _validator():
 
     def strip(node: Any) -> Any:  # OpenAPI extensions are not JSON Schema keywords
         if isinstance(node, dict):
-            out = {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-            if out.get("exclusiveMinimum") is True:  # OpenAPI 3.0's boolean form
-                out["exclusiveMinimum"] = out.pop("minimum")
-            return out
+            return {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
@@ -1087,7 +1084,10 @@ def test_crd_access_schema_matches_the_operator():
     assert access["required"] == ["secretName"]
     props = access["properties"]
     assert props["weight"]["default"] == 1 and props["weight"]["maximum"] == 1000
-    assert props["weight"]["exclusiveMinimum"] is True and props["weight"]["minimum"] == 0
+    # > 0: a CEL rule (a boolean exclusiveMinimum trips JSON Schema tools), and the operator
+    assert props["weight"]["minimum"] == 0
+    assert props["weight"]["x-kubernetes-validations"] == [
+        {"rule": "self > 0.0", "message": "spec.access.weight must be greater than 0"}]
     limits = props["limits"]["properties"]
     assert set(limits) == {"maxConcurrent", "tokensPerMinute", "maxQueued"}
     assert limits["maxConcurrent"]["minimum"] == 1 and limits["maxQueued"]["minimum"] == 0
@@ -1098,12 +1098,14 @@ def test_crd_access_schema_matches_the_operator():
     good = cr("a", access={"secretName": "legal-keys", "weight": 0.5,
                            "limits": {"maxConcurrent": 2, "maxQueued": 0}})
     assert not list(validator.iter_errors(good))
-    for bad in ({}, {"secretName": "k", "weight": 0}, {"secretName": "k", "weight": 1001},
+    for bad in ({}, {"secretName": "k", "weight": -1}, {"secretName": "k", "weight": 1001},
                 {"secretName": "k", "limits": {"maxConcurrent": 0}},
                 {"secretName": "Bad_Name"}):
         obj = cr("a", access=bad)
         assert list(validator.iter_errors(obj)), bad
         assert parse_adapter(obj).error is not None, bad
+    # weight 0 passes the schema's minimum (the CEL rule refuses it) and the operator
+    assert parse_adapter(cr("a", access={"secretName": "k", "weight": 0})).error is not None
 
 
 def test_access_from_secret_hashes_keys_and_names_refused_entries_only():
