@@ -115,8 +115,10 @@ class Reconciler:
         self.desired_received = False
         self.routes: dict[str, RouteView] = {}  # the server's, as of the last pass
         # The server's GET /admin/access as of the last pass (None: no answer, or a server
-        # without per-tenant access); False once an older server said 404 (logged once).
+        # without per-tenant access), reported in SyncState.access.
         self.access_state: AccessList | None = None
+        # False while the server answers GET /admin/access with 404 (an older server:
+        # logged once, nothing pushed).
         self.access_supported = True
         # tenant -> fingerprint of its admin-pushed access on the server, as last seen or
         # pushed (a load checks it, so access goes first even for a version that a pass
