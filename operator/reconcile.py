@@ -27,7 +27,8 @@ the resync timer; after a pass with transient failures the next one comes sooner
 Access (``spec.access``): every pass reads the Secret it names (every entry one API key)
 and puts only the keys' SHA-256 hashes, with the tenant's weight and limits, into each of
 the tenant's desired entries (:class:`~loramux.contracts.TenantAccess`) and into its
-dedicated deployments' access Secrets; ``AccessReady`` says whether every entry was used.
+dedicated deployments' access Secrets; ``AccessReady`` says whether every entry was used,
+and on how many of its pods the server holds the hashes as sent (the sidecars' reports).
 A rotated key therefore reaches the servers within one resync period (Secrets are not
 watched: that would need list/watch on every Secret of the namespace, where the operator
 now only gets the Secrets it is told about). A missing Secret means no key at all (fail
@@ -303,6 +304,9 @@ class Reconciler:
         # while the API server fails to return that Secret.
         self._last_access: dict[ObjectKey, tuple[str, TenantAccess]] = {}
         self._last_grants: dict[str, list[KeyGrant]] = {}
+        # Each pod's server's admin-pushed access (tenant -> fingerprint), from the last
+        # GET /v1/state that carried it (SyncState.access): whether the hashes arrived.
+        self._pod_access: dict[PodKey, dict[str, str]] = {}
 
     @staticmethod
     def _auth(token: str | None) -> dict[str, str]:
@@ -502,6 +506,8 @@ class Reconciler:
                 untrusted[spec.key] = selected
         pool_pods = {pod_key(pod): pod for spec in valid for pod in pods_in_pool(spec, pods)}
         keys = list(pool_pods)
+        for gone in [k for k in self._pod_access if k not in pool_pods]:
+            del self._pod_access[gone]
         states = await asyncio.gather(*(self._pod_state(pool_pods[k]) for k in keys))
         live = [s for s in valid if not s.deleting]
         credentials, problems = await self._credentials(live)
@@ -602,6 +608,11 @@ class Reconciler:
             return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {_short(exc)}")
         except Exception as exc:  # refused, timed out, HTTP error status
             return PodObservation(key=key, sidecar_error=_short(exc))
+        if state.access is not None:
+            self._pod_access[key] = {view.tenant: view.fingerprint
+                                     for view in state.access.tenants if view.source == "admin"}
+        else:
+            self._pod_access.pop(key, None)
         try:
             return PodObservation.from_state(key, state)
         except Exception as exc:  # a SyncState the operator cannot use
@@ -854,6 +865,9 @@ class Reconciler:
             if status["phase"] in (AdapterPhase.PROGRESSING, AdapterPhase.PENDING) or any(
                     r["state"] == PlacementState.UNKNOWN for r in status.get("placements", [])):
                 transient = True
+            applied, total = self.access_applied(spec, todo)
+            if spec.key in todo.access and applied < total:
+                transient = True  # the sidecars have not pushed the new hashes yet
             if status_differs(old, status) and not await self._write_status(spec, obj, status):
                 transient = True
         result.transient = transient
@@ -884,9 +898,10 @@ class Reconciler:
         if access is not None:
             prev = {c.get("type"): c for c in old.get("conditions") or []
                     if isinstance(c, Mapping)}
+            applied, total = self.access_applied(spec, todo)
+            message = f"{access.message}; applied on {applied}/{total} pod(s)"
             status.setdefault("conditions", []).append(_condition(
-                ACCESS_READY, access.ok, access.reason, access.message, spec.generation, prev,
-                now))
+                ACCESS_READY, access.ok, access.reason, message, spec.generation, prev, now))
         step = todo.hot.get(spec.key)
         if step is not None and step.todo.condition:
             prev = {c.get("type"): c for c in old.get("conditions") or []
@@ -900,6 +915,17 @@ class Reconciler:
         elif old.get("dedicatedEndpoint"):
             status["dedicatedEndpoint"] = None
         return status
+
+    def access_applied(self, spec: AdapterSpec, todo: PassPlan) -> tuple[int, int]:
+        """(pods whose server holds the tenant's access as sent, pods it is placed on), from
+        the sidecars' reports (``SyncState.access`` fingerprints)."""
+        access = todo.access.get(spec.key)
+        pods = todo.placements.get(spec.key, [])
+        if access is None:
+            return 0, len(pods)
+        want = access.access.fingerprint()
+        return sum(1 for pod in pods
+                   if self._pod_access.get(pod, {}).get(spec.tenant) == want), len(pods)
 
     async def _write_status(self, spec: AdapterSpec, obj: Mapping[str, Any],
                             status: dict[str, Any]) -> bool:

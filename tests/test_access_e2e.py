@@ -251,6 +251,9 @@ def test_keys_from_the_secret_401_403_and_rotation_without_restart(env: Env) -> 
         env.ready("medical")
         cond = env.access_is("legal", "True", "KeysLoaded")
         assert "1 key from Secret 'legal-keys'" in cond["message"]
+        # the sidecar reports the server's access: the hashes arrived as sent
+        wait(lambda: "applied on 1/1 pod(s)" in env.condition("legal", "AccessReady")[
+            "message"], "legal's access applied on the pod")
         env.access_is("medical", "True", "KeysLoaded")
         server_pid = env.pod.server.proc.pid if env.pod.server and env.pod.server.proc else 0
         sidecar_pid = env.pod.sidecar.proc.pid if env.pod.sidecar and env.pod.sidecar.proc \

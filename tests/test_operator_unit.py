@@ -645,6 +645,7 @@ class FakeSidecars:
         self.ready: set[tuple[int, str, str]] = set()
         self.headers: list[str | None] = []
         self.calls: set[tuple[str, str]] = set()
+        self.push_access = False
 
     def __call__(self, request):
         import httpx
@@ -664,8 +665,16 @@ class FakeSidecars:
             {"tenant": e["tenant"], "version": e["version"], "state": "ready",
              "active": e["active"]} for e in self.desired.get(port, [])
             if (port, e["tenant"], e["version"]) in self.ready]}
-        return httpx.Response(200, json={"adapters": adapters, "server_reachable": True,
-                                         "server": server})
+        body = {"adapters": adapters, "server_reachable": True, "server": server}
+        if self.push_access:  # the sidecar pushed each tenant's access (GET /admin/access)
+            from loramux.contracts import TenantAccess
+
+            body["access"] = {"auth": "keys", "tenants": [
+                {"tenant": e["tenant"], "keys": len(e["access"]["key_sha256"]),
+                 "fingerprint": TenantAccess.model_validate(e["access"]).fingerprint(),
+                 "source": "admin"}
+                for e in self.desired.get(port, []) if e.get("access") and e["active"]]}
+        return httpx.Response(200, json=body)
 
 
 async def test_one_pass_puts_desired_sets_and_patches_status():
@@ -1172,7 +1181,11 @@ async def test_access_reaches_every_entry_of_the_tenant_and_rotates_each_pass():
         status = [st for name, st in kube.patches if name == "a"][-1]
         return {c["type"]: c for c in status["conditions"]}["AccessReady"]
 
+    result = await rec.run_pass()
+    assert "applied on 0/1 pod(s)" in access_cond()["message"] and result.transient
+    fake.push_access = True  # the sidecar pushed it; the server reports its fingerprint
     await rec.run_pass()
+    assert "1 key from Secret 'legal-keys'; applied on 1/1 pod(s)" in access_cond()["message"]
     (sent,) = access_of("legal")
     assert sent == {"key_sha256": [hash_key(KEY_A)], "weight": 2.0,
                     "limits": {"max_concurrent": 3}}  # unset limits: the server's default
