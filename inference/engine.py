@@ -5,8 +5,11 @@ engine thread loops:
 
 1. run queued commands (adapter promotions, evictions) between forward passes;
 2. drop cancelled and timed-out sequences, freeing their rows;
-3. admit waiting sequences whose adapter is on the device, up to the batch limit. A sequence
-   whose adapter is still loading stays waiting and does not hold up anyone else;
+3. admit waiting sequences whose adapter is on the device, up to the batch limit, in the
+   order of the :class:`~.fairness.FairQueue`: the backlogged tenant with the least weighted
+   token service goes next (``admission="fair"``, VTC; see fairness.py for the bound it
+   keeps), or arrival order (``"fifo"``). A sequence whose adapter is still loading stays
+   waiting and does not hold up anyone else;
 4. prefill the admitted prompts in one forward pass and splice them into the running batch;
 5. decode one token for every running sequence, whatever its tenant, in one forward pass.
 
@@ -25,6 +28,12 @@ Liveness is progress: :attr:`Engine.last_progress` is the end of the last loop i
 and :meth:`Engine.stalled_for` says how long the engine has not advanced while work is
 waiting or running (the health routes turn that into 503s). If the thread dies, every row
 and queued request ends with a 503 at once.
+
+Per-tenant limits (:class:`~.fairness.TenantPolicy`: requests waiting or running, requests
+waiting, prompt+generated tokens per 60 s) are checked in :meth:`Engine.submit`, before the
+global queue bound; a refusal is :class:`~.fairness.TenantLimited`. Every way a sequence ends
+(finish, error, cancel, timeout, engine death) releases its counts, in ``_unqueue`` (it left
+the waiting queue) and ``_release`` (it ended).
 
 ``LORAMUX_TEST_FAULTS`` (tests only) injects faults for chosen tenants; see
 :func:`parse_faults`.
@@ -51,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter_cache import AdapterCache, AdapterEntry, Prepared
+from .fairness import FairQueue, TenantLimited, TenantPolicy
 from .lora_backend import LoraBackend
 from .metrics import BASE_LABEL, Metrics
 from .sampling import (
@@ -158,6 +168,7 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     done: bool = False
+    admitted: bool = False  # left the waiting queue for a row
     stalled: bool = False  # fault injection: stalled once already
     sampler: RowSampler = field(init=False)
     tracker: StopTextTracker = field(init=False)
@@ -190,6 +201,47 @@ class _Batch:
     last_tokens: torch.Tensor  # [rows] token to feed next
 
 
+TPM_WINDOW_S = 60.0
+
+
+class _Usage:
+    """One tenant's counts for its limits (guarded by the engine's tenant lock)."""
+
+    __slots__ = ("buckets", "in_flight", "tokens", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = 0  # submitted, not admitted
+        self.in_flight = 0  # submitted, not ended (waiting or running)
+        self.buckets: deque[list[int]] = deque()  # [whole second, tokens], oldest first
+        self.tokens = 0  # sum over buckets
+
+    def add(self, now: float, tokens: int) -> None:
+        second = int(now)
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += tokens
+        else:
+            self.buckets.append([second, tokens])
+        self.tokens += tokens
+
+    def expire(self, now: float) -> None:
+        # A bucket of second s holds tokens of [s, s+1): all older than the window at s+1+60.
+        while self.buckets and self.buckets[0][0] + 1 + TPM_WINDOW_S <= now:
+            self.tokens -= self.buckets.popleft()[1]
+
+    def below_after(self, now: float, limit: int) -> float:
+        """Seconds until fewer than ``limit`` tokens are left in the window."""
+        left = self.tokens
+        for second, tokens in self.buckets:
+            left -= tokens
+            if left < limit:
+                return second + 1 + TPM_WINDOW_S - now
+        return 0.0
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and not self.buckets
+
+
 def _pad_left(t: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
     if amount == 0:
         return t
@@ -212,6 +264,10 @@ class Engine:
         max_prefill_tokens: int = 4096,
         eos_token_ids: set[int] | None = None,
         torch_threads: int | None = None,
+        admission: str = "fair",
+        prompt_token_cost: float = 1.0,
+        output_token_cost: float = 2.0,
+        default_policy: TenantPolicy = TenantPolicy(),  # noqa: B008 - frozen, immutable
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -232,7 +288,16 @@ class Engine:
         self._stop = threading.Event()
         self._pending = 0  # submitted, not yet admitted
         self._pending_lock = threading.Lock()
-        self._waiting: deque[Sequence] = deque()
+        self.admission = admission
+        self.default_policy = default_policy
+        self._policies: dict[str, TenantPolicy] = {}
+        self._usage: dict[str, _Usage] = {}
+        self._usage_sweep_at = 64
+        self._tenant_lock = threading.Lock()  # policies and usage; taken before _pending_lock
+        self._waiting: FairQueue[Sequence] = FairQueue(
+            admission,  # type: ignore[arg-type] - FairQueue refuses an unknown mode
+            prompt_token_cost=prompt_token_cost, output_token_cost=output_token_cost,
+            weight=lambda tenant: self._policy(tenant).weight)
         self._batch: _Batch | None = None
         self._prefilling: list[Sequence] = []  # admitted, not yet in the batch
         self._thread: threading.Thread | None = None
@@ -273,16 +338,90 @@ class Engine:
         return future
 
     def submit(self, seq: Sequence) -> None:
+        """Queue ``seq``; raises EngineDown, TenantLimited (a per-tenant limit) or QueueFull
+        (the global queue bound, checked last)."""
         if not self.alive:
             raise EngineDown("the engine thread is not running")
-        with self._pending_lock:
-            if self._pending >= self.max_queue:
-                raise QueueFull(f"{self._pending} requests already wait (limit {self.max_queue})")
-            self._pending += 1
+        label = seq.tenant_label
+        now = time.monotonic()
+        with self._tenant_lock:
+            policy = self._policy(label)
+            usage = self._usage.get(label) or _Usage()
+            self._check_limits(label, policy, usage, now)
+            with self._pending_lock:
+                if self._pending >= self.max_queue:
+                    raise QueueFull(
+                        f"{self._pending} requests already wait (limit {self.max_queue})")
+                self._pending += 1
+            self._usage[label] = usage
+            usage.waiting += 1
+            usage.in_flight += 1
+            if len(self._usage) > self._usage_sweep_at:
+                self._sweep_usage(now)
         seq.attach(self.tokenizer)
         self.metrics.queue_depth.inc()
         self._inbox.put(seq)
         self._wake.set()
+
+    def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
+        """Set ``tenant``'s weight and limits (``None``: back to the default policy). Applies
+        to the next submissions and charges; requests already admitted are not touched."""
+        with self._tenant_lock:
+            if policy is None:
+                self._policies.pop(tenant, None)
+            else:
+                self._policies[tenant] = policy
+
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        return self._policy(tenant)
+
+    def fairness_view(self) -> dict[str, dict]:
+        """Per tenant with state: virtual counter, requests waiting and in flight (waiting or
+        running), weight and prompt+generated tokens of the last minute."""
+        now = time.monotonic()
+        with self._tenant_lock:
+            self._sweep_usage(now)
+            usage = {t: (u.waiting, u.in_flight, u.tokens) for t, u in self._usage.items()}
+        view: dict[str, dict] = {}
+        for tenant in sorted(set(usage) | self._waiting.known_tenants()):
+            waiting, in_flight, tokens = usage.get(tenant, (0, 0, 0))
+            view[tenant] = {"counter": self._waiting.counter(tenant), "waiting": waiting,
+                            "in_flight": in_flight, "weight": self._policy(tenant).weight,
+                            "tokens_last_minute": tokens}
+        return view
+
+    def _policy(self, tenant: str) -> TenantPolicy:
+        return self._policies.get(tenant, self.default_policy)
+
+    def _check_limits(self, label: str, policy: TenantPolicy, usage: _Usage,
+                      now: float) -> None:
+        """Raise TenantLimited if ``label`` may not queue one more request (tenant lock held)."""
+        if policy.max_concurrent is not None and usage.in_flight >= policy.max_concurrent:
+            # No honest clock for a request to end: retry soon.
+            raise TenantLimited(label, "max_concurrent", policy.max_concurrent, 1.0)
+        if policy.max_queued is not None and usage.waiting >= policy.max_queued:
+            raise TenantLimited(label, "max_queued", policy.max_queued, 1.0)
+        if policy.tokens_per_minute is not None:
+            usage.expire(now)
+            if usage.tokens >= policy.tokens_per_minute:
+                raise TenantLimited(label, "tokens_per_minute", policy.tokens_per_minute,
+                                    usage.below_after(now, policy.tokens_per_minute))
+
+    def _sweep_usage(self, now: float) -> None:
+        """Forget tenants with nothing in flight and no tokens in the window (lock held)."""
+        for tenant in list(self._usage):
+            usage = self._usage[tenant]
+            usage.expire(now)
+            if usage.idle:
+                del self._usage[tenant]
+        self._usage_sweep_at = 2 * len(self._usage) + 64
+
+    def _count_tokens(self, label: str, tokens: int, now: float) -> None:
+        with self._tenant_lock:
+            usage = self._usage.get(label)
+            if usage is not None:
+                usage.expire(now)
+                usage.add(now, tokens)
 
     @property
     def running(self) -> int:
@@ -321,13 +460,14 @@ class Engine:
                 self._finish_error(seq, 503, reason)
             while True:
                 try:
-                    self._waiting.append(self._inbox.get_nowait())
+                    seq = self._inbox.get_nowait()
                 except queue.Empty:
                     break
+                self._waiting.push(seq.tenant_label, seq)
             for seq in list(self._waiting):
-                self._unqueue()
+                self._waiting.remove(seq)
+                self._unqueue(seq)
                 self._finish_error(seq, 503, reason)
-            self._waiting.clear()
 
     def _loop(self) -> None:
         # The engine is the one thread that runs torch with all cores; the others stay at one
@@ -352,9 +492,10 @@ class Engine:
         worked = self._run_commands()
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                seq = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            self._waiting.push(seq.tenant_label, seq)
         self.cache.promote_pinned()
         self._reap()
         admitted = self._admit()
@@ -397,7 +538,7 @@ class Engine:
         for seq in list(self._waiting):
             if seq.cancelled or now - seq.submitted_at > seq.timeout_s:
                 self._waiting.remove(seq)
-                self._unqueue()
+                self._unqueue(seq)
                 self._end(seq, now)
         if self._batch is not None:
             gone = [s for s in self._batch.seqs
@@ -413,7 +554,12 @@ class Engine:
         else:
             self._finish_error(seq, 504, f"request exceeded its timeout of {seq.timeout_s:g}s")
 
-    def _unqueue(self) -> None:
+    def _unqueue(self, seq: Sequence) -> None:
+        """``seq`` left the waiting queue (admitted or ended)."""
+        with self._tenant_lock:
+            usage = self._usage.get(seq.tenant_label)
+            if usage is not None and usage.waiting > 0:
+                usage.waiting -= 1
         with self._pending_lock:
             self._pending -= 1
         self.metrics.queue_depth.dec()
@@ -422,20 +568,40 @@ class Engine:
         room = self.max_batch_size - self.running
         budget = self.max_prefill_tokens
         admitted: list[Sequence] = []
-        for seq in list(self._waiting):
-            if room <= 0:
+        # Adapter states seen in this round that are not READY (prepare once per entry).
+        states: dict[int, Prepared] = {}
+        failed: list[Sequence] = []
+
+        def ready(seq: Sequence) -> bool:
+            if seq.entry is None:
+                return True
+            state = states.get(id(seq.entry))
+            if state is None:
+                state = self.cache.prepare(seq.entry)
+                if state != Prepared.READY:
+                    states[id(seq.entry)] = state
+            if state == Prepared.FAILED:
+                failed.append(seq)
+            return state == Prepared.READY  # WAIT: its adapter is loading, others go ahead
+
+        while room > 0:
+            seq = self._waiting.pick(ready)
+            for bad in failed:
+                if self._waiting.remove(bad):
+                    self._unqueue(bad)
+                    reason = bad.entry.reason if bad.entry is not None else None
+                    self._finish_error(bad, 503, f"adapter failed to load: {reason}")
+            failed.clear()
+            if seq is None:
                 break
             if admitted and len(seq.prompt_ids) > budget:
                 break
-            state = Prepared.READY if seq.entry is None else self.cache.prepare(seq.entry)
-            if state == Prepared.WAIT:
-                continue  # its adapter is loading: others go ahead
-            self._waiting.remove(seq)
-            self._unqueue()
-            if state == Prepared.FAILED:
-                reason = seq.entry.reason if seq.entry is not None else None
-                self._finish_error(seq, 503, f"adapter failed to load: {reason}")
-                continue
+            label = self._waiting.take(seq)
+            seq.admitted = True
+            self._unqueue(seq)
+            now = time.monotonic()
+            self._waiting.charge(label, prompt_tokens=len(seq.prompt_ids))
+            self._count_tokens(label, len(seq.prompt_ids), now)
             admitted.append(seq)
             room -= 1
             budget -= len(seq.prompt_ids)
@@ -626,6 +792,8 @@ class Engine:
         assert batch is not None
         batch.last_tokens[row] = token
         seq.generated.append(token)
+        self._waiting.charge(seq.tenant_label, output_tokens=1)
+        self._count_tokens(seq.tenant_label, 1, now)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.metrics.ttft.labels(seq.tenant_label).observe(now - seq.submitted_at)
@@ -682,6 +850,13 @@ class Engine:
         seq.done = True
         if seq.entry is not None:
             self.cache.release(seq.entry)
+        label = seq.tenant_label
+        if seq.admitted:
+            self._waiting.release(label)
+        with self._tenant_lock:
+            usage = self._usage.get(label)
+            if usage is not None and usage.in_flight > 0:
+                usage.in_flight -= 1
 
     def _finish_ok(self, seq: Sequence, reason: str) -> None:
         if seq.done:

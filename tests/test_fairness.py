@@ -4,12 +4,18 @@ end to end through real ``loramux serve`` processes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import httpx
 import pytest
 
 from loramux.inference.fairness import FairQueue, TenantLimited, TenantPolicy, service_gap_bound
+from loramux.names import TenantRef
 
 PC, OC = 1.0, 2.0  # the default prompt / output token costs
 
@@ -294,3 +300,380 @@ def test_tenant_policy_and_limited_error():
         TenantPolicy(weight=0)
     exc = TenantLimited("acme", "tokens_per_minute", 100, 0.2)
     assert exc.retry_after_s == 1.0 and "tokens_per_minute" in str(exc)
+
+
+# ---------------------------------------------------------------------- the real engine
+HANG_GUARD_S = 300.0  # only against a hang; nothing asserts on time
+
+
+class EngineRig:
+    """A real runtime (tiny model, real engine thread) driven in-process: sequences are
+    submitted straight to the engine; the engine can be held between forward passes so that
+    what waits at one admission is exact."""
+
+    def __init__(self, tiny_model_dir: Path, adapter_root: Path, tenants: list[str],
+                 **settings: object) -> None:
+        from loramux.inference.server import build_runtime
+        from loramux.inference.settings import ServeSettings
+
+        flags = [f"{t}@v1={adapter_root / t / 'v1'}" for t in tenants]
+        self.runtime = build_runtime(ServeSettings(
+            model=tiny_model_dir, quantization="none", device="cpu", auth="none",
+            adapter=flags, **settings))
+        self.engine = self.runtime.engine
+        self.loop = asyncio.new_event_loop()  # never run: events are not read here
+        self.admitted: list = []
+        queue = self.engine._waiting
+        real_take = queue.take
+
+        def take(item):  # a spy on the real queue: records the admission order
+            self.admitted.append(item)
+            return real_take(item)
+
+        queue.take = take
+        self.engine.start()
+
+    def seq(self, tenant: str | None, tokens: int, prompt_len: int = 12,
+            timeout_s: float = 600.0):
+        from loramux.inference.engine import Sequence
+        from loramux.inference.sampling import SamplingParams
+
+        entry = (self.runtime.tenants.acquire(TenantRef.parse(tenant))
+                 if tenant is not None else None)
+        params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+        return Sequence(prompt_ids=list(range(5, 5 + prompt_len)), params=params, entry=entry,
+                        loop=self.loop, timeout_s=timeout_s)
+
+    def submit(self, seq) -> None:
+        try:
+            self.engine.submit(seq)
+        except Exception:
+            if seq.entry is not None:
+                self.runtime.cache.release(seq.entry)
+            raise
+
+    def hold(self) -> threading.Event:
+        """Hold the engine thread between forward passes until the returned event is set."""
+        gate, holding = threading.Event(), threading.Event()
+
+        def wait() -> None:
+            holding.set()
+            gate.wait(HANG_GUARD_S)
+
+        self.engine.call(wait)
+        assert holding.wait(HANG_GUARD_S)
+        return gate
+
+    def wait_until(self, condition) -> None:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not condition():
+            assert time.monotonic() < deadline, "the engine did not get there"
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def rigs(tiny_model_dir, adapter_root):
+    made: list[EngineRig] = []
+
+    def make(faults: str = "", **settings: object) -> EngineRig:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("LORAMUX_TEST_FAULTS", faults)  # read when the engine is made
+            rig = EngineRig(tiny_model_dir, adapter_root,
+                            ["legal", "medical", "retail", "finance"], **settings)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+HEAVY_REQUESTS, HEAVY_TOKENS, LIGHT_TOKENS, ROWS = 48, 24, 8, 4
+
+
+def _flood_then_light(rig: EngineRig) -> tuple[list, list, int]:
+    """Heavy (legal) queues 48 long requests; once 8 are admitted, light (medical) sends 3
+    short ones while the engine is held. Returns (heavy, light, admissions before light)."""
+    heavy = [rig.seq("legal", HEAVY_TOKENS, prompt_len=16) for _ in range(HEAVY_REQUESTS)]
+    for seq in heavy:
+        rig.submit(seq)
+    rig.wait_until(lambda: len(rig.admitted) >= 8)
+    gate = rig.hold()
+    light = [rig.seq("medical", LIGHT_TOKENS, prompt_len=8) for _ in range(3)]
+    for seq in light:
+        rig.submit(seq)
+    before = len(rig.admitted)
+    gate.set()
+    rig.wait_until(lambda: all(s.done for s in heavy + light))
+    return heavy, light, before
+
+
+@pytest.mark.parametrize("admission", ["fair", "fifo"])
+def test_a_flood_cannot_push_a_light_tenant_back_beyond_the_bound(rigs, admission):
+    """Counted in admissions and tokens: with fair admission each light request is admitted
+    after at most w_heavy * U_light / (cost of the cheapest heavy admission) + 1 heavy
+    admissions (fairness.py); FIFO makes it wait for the whole flood queued before it."""
+    rig = rigs(max_batch_size=ROWS, admission=admission)
+    heavy, light, before = _flood_then_light(rig)
+    assert all(len(s.generated) == HEAVY_TOKENS for s in heavy)
+    assert all(len(s.generated) == LIGHT_TOKENS for s in light)
+    u_light = service_gap_bound(prompt_token_cost=PC, output_token_cost=OC,
+                                max_prompt_tokens=16, max_new_tokens=HEAVY_TOKENS,
+                                max_batch_size=ROWS)
+    cheapest_heavy = 16 * PC  # its prompt, charged at admission
+    cap = u_light / cheapest_heavy + 1
+    after = rig.admitted[before:]
+    passed = [sum(1 for s in after[:after.index(seq)] if s.entry.ref.tenant == "legal")
+              for seq in light]
+    queued_ahead = HEAVY_REQUESTS - before
+    if admission == "fair":
+        assert max(passed) <= cap < queued_ahead, (passed, cap)
+    else:
+        assert min(passed) == queued_ahead > cap, (passed, cap)
+    # everything was released: nothing waits or runs, for either tenant
+    view = rig.engine.fairness_view()
+    assert all(v["waiting"] == 0 and v["in_flight"] == 0 for v in view.values()), view
+
+
+def _counts(rig: EngineRig, tenant: str) -> tuple[int, int]:
+    view = rig.engine.fairness_view().get(tenant, {"waiting": 0, "in_flight": 0})
+    return view["waiting"], view["in_flight"]
+
+
+def test_limits_refuse_and_every_way_of_ending_releases_the_counts(rigs):
+    rig = rigs(faults="prefill:retail,die:finance", max_batch_size=2)
+    engine = rig.engine
+
+    def refused(seq) -> TenantLimited:
+        with pytest.raises(TenantLimited) as info:
+            rig.submit(seq)
+        assert not seq.done
+        return info.value
+
+    # max_queued, and the cancel and timeout paths of waiting requests
+    engine.set_tenant_policy("legal", TenantPolicy(max_concurrent=3, max_queued=2))
+    gate = rig.hold()
+    cancelled, late = rig.seq("legal", 4), rig.seq("legal", 4, timeout_s=30.0)
+    late.submitted_at -= 60.0  # past its timeout at the engine's next look (no sleeping)
+    rig.submit(cancelled)
+    rig.submit(late)
+    assert _counts(rig, "legal") == (2, 2)
+    exc = refused(rig.seq("legal", 4))
+    assert (exc.tenant, exc.limit, exc.value, exc.retry_after_s) == ("legal", "max_queued", 2,
+                                                                     1.0)
+    other = rig.seq("medical", 4)
+    rig.submit(other)  # a limited tenant does not limit anyone else
+    cancelled.cancel()
+    gate.set()
+    rig.wait_until(lambda: cancelled.done and late.done and other.done)
+    assert len(other.generated) == 4 and not cancelled.generated and not late.generated
+    assert _counts(rig, "legal") == (0, 0)
+
+    # max_concurrent counts running rows too; finishing releases them
+    engine.set_tenant_policy("legal", TenantPolicy(max_concurrent=3))
+    gate = rig.hold()
+    three = [rig.seq("legal", 6) for _ in range(3)]
+    for seq in three:
+        rig.submit(seq)
+    assert refused(rig.seq("legal", 4)).limit == "max_concurrent"
+    gate.set()
+    rig.wait_until(lambda: all(s.done for s in three))
+    assert all(len(s.generated) == 6 for s in three)
+    assert _counts(rig, "legal") == (0, 0)
+    rig.submit(last := rig.seq("legal", 2))
+    rig.wait_until(lambda: last.done)
+    engine.set_tenant_policy("legal", None)  # back to the default: unlimited
+
+    # a request that fails in the engine releases its counts
+    engine.set_tenant_policy("retail", TenantPolicy(max_concurrent=1))
+    rig.submit(broken := rig.seq("retail", 4))
+    rig.wait_until(lambda: broken.done)
+    assert not broken.generated and _counts(rig, "retail") == (0, 0)
+    rig.submit(again := rig.seq("retail", 4))  # not refused: the count was released
+    rig.wait_until(lambda: again.done)
+
+    # tokens per minute: prompt tokens at admission plus generated tokens
+    engine.set_tenant_policy("medical", TenantPolicy(tokens_per_minute=30))
+    used = engine.fairness_view()["medical"]["tokens_last_minute"]
+    assert used == 12 + 4  # the earlier request: 12 prompt + 4 generated tokens
+    rig.submit(big := rig.seq("medical", 20, prompt_len=12))
+    rig.wait_until(lambda: big.done)
+    assert engine.fairness_view()["medical"]["tokens_last_minute"] == used + 32
+    exc = refused(rig.seq("medical", 4))
+    assert exc.limit == "tokens_per_minute" and exc.value == 30
+    assert 1.0 <= exc.retry_after_s <= 61.0  # when enough of the window has expired
+    rig.submit(fine := rig.seq("legal", 2))  # others are not limited
+    rig.wait_until(lambda: fine.done)
+    assert len(fine.generated) == 2
+
+    # engine death ends every row and queued request and releases all counts
+    gate = rig.hold()
+    waiting = [rig.seq("legal", 50) for _ in range(3)]
+    for seq in waiting:
+        rig.submit(seq)
+    rig.submit(doomed := rig.seq("finance", 4))
+    gate.set()
+    rig.wait_until(lambda: all(s.done for s in [*waiting, doomed]))
+    assert not rig.engine.alive
+    view = rig.engine.fairness_view()
+    assert all(v["waiting"] == 0 and v["in_flight"] == 0 for v in view.values()), view
+
+
+# ---------------------------------------------------------------------- through `loramux serve`
+STALL_S = 4  # the first forward pass of each "sleepy" request holds the engine this long
+
+
+@pytest.fixture(scope="module")
+def limit_root(tmp_path_factory, adapter_root: Path) -> Path:
+    from factories import copy_adapter
+
+    root = tmp_path_factory.mktemp("limit-adapters")
+    for tenant in ("legal", "medical", "retail"):
+        copy_adapter(adapter_root / tenant / "v1", root / tenant / "v1")
+    copy_adapter(adapter_root / "finance" / "v1", root / "sleepy" / "v1")
+    return root
+
+
+def _limited_server(start_server, tiny_model_dir: Path, root: Path, *flags: str,
+                    stall_s: float = STALL_S):
+    from conftest import preload_flags
+
+    return start_server("--model", str(tiny_model_dir), "--quantization", "none",
+                        "--log-format", "text", *flags,
+                        *preload_flags(root, ["legal", "medical", "retail", "sleepy"]),
+                        env={"LORAMUX_TEST_FAULTS": f"stall:sleepy:{stall_s}"})
+
+
+def _body(tenant: str, tokens: int = 4) -> dict:
+    return {"tenant_id": tenant, "prompt": "a fair share", "max_new_tokens": tokens,
+            "ignore_eos": True}
+
+
+async def _queue_depth(client) -> float:
+    from helpers import metric_value
+
+    text = (await client.get("/metrics")).text
+    return metric_value(text, "loramux_queue_depth")
+
+
+async def _stalled(client, tasks: list) -> None:
+    """Start a sleepy request and return once the engine is held in its stall: a probe
+    request (retail, 1 token) has been seen waiting, without a break, for longer than an
+    idle engine takes to admit it. (If the sleepy request and the probe were admitted
+    together, or the stall ended first, start over.)"""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        assert time.monotonic() < deadline, "never saw the engine held by the stall"
+        sleepy = asyncio.create_task(client.post("/generate", json=_body("sleepy", 2)))
+        tasks.append(sleepy)
+        await asyncio.sleep(0.2)
+        probe = asyncio.create_task(client.post("/generate", json=_body("retail", 1)))
+        tasks.append(probe)
+        since = None
+        while not (probe.done() or sleepy.done()):
+            await asyncio.sleep(0.02)
+            if await _queue_depth(client) >= 1:
+                since = since or time.monotonic()
+                if time.monotonic() - since > 0.5 and not probe.done():
+                    return
+            else:
+                since = None
+        if probe.done():
+            assert probe.result().status_code != 429, probe.result().text
+        await asyncio.gather(sleepy, probe)
+
+
+def _assert_limited(response, limit: str) -> None:
+    assert response.status_code == 429, response.text
+    body = response.json()["error"]
+    assert body["code"] == f"tenant_{limit}" and limit in body["message"], body
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_per_tenant_limits_answer_429_naming_the_limit_and_release_on_cancel(
+        start_server, tiny_model_dir, limit_root):
+    server = _limited_server(start_server, tiny_model_dir, limit_root,
+                             "--tenant-max-concurrent", "2", "--tenant-max-queued", "1")
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            tasks: list = []
+            await _stalled(client, tasks)
+            # legal: one waits; the next is beyond max_queued
+            waiting = asyncio.create_task(client.post("/generate", json=_body("legal")))
+            while await _queue_depth(client) < 2:
+                await asyncio.sleep(0.02)
+            _assert_limited(await client.post("/generate", json=_body("legal")), "max_queued")
+            # sleepy: one runs (stalled), one more waits; the third is beyond max_concurrent
+            second = asyncio.create_task(client.post("/generate", json=_body("sleepy", 2)))
+            while await _queue_depth(client) < 3:
+                await asyncio.sleep(0.02)
+            _assert_limited(await client.post("/generate", json=_body("sleepy")),
+                            "max_concurrent")
+            # a limited tenant does not limit another
+            other = asyncio.create_task(client.post("/generate", json=_body("medical")))
+            results = await asyncio.gather(waiting, second, other, *tasks)
+            assert all(r.status_code == 200 for r in results), [r.text for r in results]
+
+            # cancels: two legal requests wait in a stall and their clients go away
+            tasks = []
+            await _stalled(client, tasks)
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as quitter:
+                gone = asyncio.create_task(quitter.post("/generate", json=_body("legal")))
+                while await _queue_depth(client) < 2:
+                    await asyncio.sleep(0.02)
+                gone.cancel()  # the connection closes
+            await asyncio.gather(*tasks)
+            # the cancelled request's count is gone: one legal request may wait again, the
+            # next is refused (with a leaked count the first would already be refused)
+            tasks = []
+            await _stalled(client, tasks)
+            again = asyncio.create_task(client.post("/generate", json=_body("legal")))
+            while await _queue_depth(client) < 2:
+                await asyncio.sleep(0.02)
+            _assert_limited(await client.post("/generate", json=_body("legal")), "max_queued")
+            assert (await again).status_code == 200
+            await asyncio.gather(*tasks)
+            from helpers import metric_value, metrics
+
+            text = metrics(server.url)
+            assert metric_value(text, "loramux_tenant_limited_total", tenant="legal",
+                                limit="max_queued") == 2
+
+    asyncio.run(scenario())
+
+
+def test_tokens_per_minute_and_release_after_timeouts(start_server, tiny_model_dir,
+                                                      limit_root):
+    server = _limited_server(start_server, tiny_model_dir, limit_root,
+                             "--tenant-tokens-per-minute", "60", "--tenant-max-queued", "1",
+                             # a timeout that a loaded machine still meets, a stall it cannot
+                             "--request-timeout-s", "5", stall_s=9)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            first = await client.post("/generate", json=_body("legal", 64))
+            assert first.status_code == 200, first.text
+            response = await client.post("/generate", json=_body("legal"))
+            _assert_limited(response, "tokens_per_minute")
+            assert 1 <= int(response.headers["Retry-After"]) <= 61
+            assert (await client.post("/generate", json=_body("medical"))).status_code == 200
+
+            # timeouts: the retail probe waits through a stall longer than its timeout
+            tasks: list = []
+            await _stalled(client, tasks)
+            results = await asyncio.gather(*tasks)
+            assert results[-1].status_code == 504, results[-1].text
+            # its count was released: a retail probe may wait again (_stalled asserts it is
+            # not refused), and exactly one: the next is beyond max_queued
+            tasks = []
+            await _stalled(client, tasks)
+            _assert_limited(await client.post("/generate", json=_body("retail")),
+                            "max_queued")
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
