@@ -138,6 +138,15 @@ class KubeApi:
         await self._call(self.core.create_namespaced_secret,
                          body["metadata"]["namespace"], dict(body))
 
+    async def merge_patch_secret(self, namespace: str, name: str,
+                                 patch: Mapping[str, Any]) -> None:
+        await self._call(self.core.patch_namespaced_secret, name, namespace, dict(patch),
+                         _content_type=MERGE_PATCH)
+
+    async def delete_secret(self, namespace: str, name: str) -> bool:
+        """Delete; False when it was already gone."""
+        return await self._delete(self.core.delete_namespaced_secret, namespace, name)
+
     async def patch_adapter_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:

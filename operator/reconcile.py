@@ -303,6 +303,7 @@ class Reconciler:
         # The last access read per LoraAdapter (its Secret's name, the hashes): used only
         # while the API server fails to return that Secret.
         self._last_access: dict[ObjectKey, tuple[str, TenantAccess]] = {}
+        self._access_warned: dict[ObjectKey, str] = {}
         self._last_grants: dict[str, list[KeyGrant]] = {}
         # Each pod's server's admin-pushed access (tenant -> fingerprint), from the last
         # GET /v1/state that carried it (SyncState.access): whether the hashes arrived.
@@ -549,11 +550,19 @@ class Reconciler:
                 continue
             outcome = access_from_secret(secret, access)
             if outcome.ok is False and outcome.reason != SECRET_NOT_FOUND:
-                log.warning("%s/%s: access: %s", *spec.key, outcome.message)
+                # Once per problem, not every pass (the condition and its Event stay).
+                if self._access_warned.get(spec.key) != outcome.message:
+                    log.warning("%s/%s: access: %s", *spec.key, outcome.message)
+                self._access_warned[spec.key] = outcome.message
+            else:
+                self._access_warned.pop(spec.key, None)
             self._last_access[spec.key] = (access.secret_name, outcome.access)
             out[spec.key] = outcome
-        for key in [k for k in self._last_access if k not in {s.key for s in specs}]:
+        live = {s.key for s in specs}
+        for key in [k for k in self._last_access if k not in live]:
             del self._last_access[key]
+        for key in [k for k in self._access_warned if k not in live]:
+            del self._access_warned[key]
         return out
 
     async def _observe_pool_grants(self, seen: Observed, live: Sequence[AdapterSpec]) -> None:
@@ -795,8 +804,6 @@ class Reconciler:
         """Write dedicated access Secrets (merge-patch, else create; "create only": create,
         an existing one is left alone) and delete them; True when one failed. The operator
         never reads them (its RBAC has no get on them)."""
-        from loramux.operator.kube import MERGE_PATCH
-
         kube = self.kube
         assert kube is not None
         failed = False
@@ -809,8 +816,7 @@ class Reconciler:
                                           "ownerReferences": meta["ownerReferences"]},
                              "data": body["data"]}
                     try:
-                        await kube._call(kube.core.patch_namespaced_secret, meta["name"],
-                                         meta["namespace"], patch, _content_type=MERGE_PATCH)
+                        await kube.merge_patch_secret(meta["namespace"], meta["name"], patch)
                         log.debug("access Secret %s written", where)
                         continue
                     except KubeError as exc:
@@ -827,7 +833,7 @@ class Reconciler:
                 failed = True
         for namespace, name in deletes:
             try:
-                if await kube._delete(kube.core.delete_namespaced_secret, namespace, name):
+                if await kube.delete_secret(namespace, name):
                     log.info("deleted access Secret %s/%s", namespace, name)
             except KubeError as exc:
                 log.warning("cannot delete access Secret %s/%s: %s", namespace, name, exc)
