@@ -444,7 +444,9 @@ def _counts(rig: EngineRig, tenant: str) -> tuple[int, int]:
     return view["waiting"], view["in_flight"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_limits_refuse_and_every_way_of_ending_releases_the_counts(rigs):
+    """(The engine thread dies on purpose at the end: its exception is expected.)"""
     rig = rigs(faults="prefill:retail,die:finance", max_batch_size=2)
     engine = rig.engine
 
