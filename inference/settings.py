@@ -88,7 +88,7 @@ class ServeSettings(LogSettings, BaseSettings):
     tenant_tokens_per_minute: int | None = Field(
         None, ge=1, description="Default per-tenant cap on prompt+generated tokens per 60 s.")
     tenant_max_queued: int | None = Field(
-        None, ge=0, description="Default per-tenant cap on requests waiting for a row.")
+        None, ge=1, description="Default per-tenant cap on requests waiting for a row.")
 
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's forward passes (default: all)."

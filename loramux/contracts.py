@@ -388,7 +388,8 @@ class TenantLimits(BaseModel):
     tokens_per_minute: int | None = Field(
         None, ge=1, le=10**12, description="Prompt plus generated tokens over the last 60 s.")
     max_queued: int | None = Field(
-        None, ge=0, le=100_000, description="Requests of the tenant waiting for a row.")
+        None, ge=1, le=100_000, description="Requests of the tenant waiting for a row (every "
+        "request waits until the next engine step, so 0 would refuse them all).")
 
 
 class TenantAccess(BaseModel):

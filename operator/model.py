@@ -81,7 +81,7 @@ class DedicatedSpec:
 ACCESS_LIMITS: dict[str, tuple[str, int, int]] = {
     "maxConcurrent": ("max_concurrent", 1, 100_000),
     "tokensPerMinute": ("tokens_per_minute", 1, 10**12),
-    "maxQueued": ("max_queued", 0, 100_000),
+    "maxQueued": ("max_queued", 1, 100_000),  # every request waits a step: 0 refuses all
 }
 MAX_ACCESS_WEIGHT = 1000.0
 

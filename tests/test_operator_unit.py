@@ -1059,12 +1059,12 @@ def test_access_spec_is_parsed_and_bad_access_is_invalid():
     from loramux.contracts import TenantLimits
 
     spec = parse_adapter(cr("a", access={"secretName": "legal-keys", "weight": 2.5, "limits": {
-        "maxConcurrent": 4, "tokensPerMinute": 60000, "maxQueued": 0}}))
+        "maxConcurrent": 4, "tokensPerMinute": 60000, "maxQueued": 1}}))
     assert spec.error is None
     assert spec.access is not None and spec.access.secret_name == "legal-keys"
     assert spec.access.weight == 2.5
     assert spec.access.limits == TenantLimits(max_concurrent=4, tokens_per_minute=60000,
-                                              max_queued=0)
+                                              max_queued=1)
     plain = parse_adapter(cr("a", access={"secretName": "k"}))
     assert plain.access is not None and plain.access.weight == 1.0
     assert plain.access.limits == TenantLimits()
@@ -1076,7 +1076,7 @@ def test_access_spec_is_parsed_and_bad_access_is_invalid():
         ({"secretName": "k", "weight": True}, "weight"),
         ({"secretName": "k", "weight": float("nan")}, "weight"),
         ({"secretName": "k", "limits": {"maxConcurrent": 0}}, "maxConcurrent"),
-        ({"secretName": "k", "limits": {"maxQueued": -1}}, "maxQueued"),
+        ({"secretName": "k", "limits": {"maxQueued": 0}}, "maxQueued"),
         ({"secretName": "k", "limits": {"tokensPerMinute": 1.5}}, "tokensPerMinute"),
         ({"secretName": "k", "limits": {"rps": 3}}, "unknown"),
         ({"secretName": "k", "keys": ["inline"]}, "unknown"),
@@ -1099,13 +1099,13 @@ def test_crd_access_schema_matches_the_operator():
         {"rule": "self > 0.0", "message": "spec.access.weight must be greater than 0"}]
     limits = props["limits"]["properties"]
     assert set(limits) == {"maxConcurrent", "tokensPerMinute", "maxQueued"}
-    assert limits["maxConcurrent"]["minimum"] == 1 and limits["maxQueued"]["minimum"] == 0
+    assert limits["maxConcurrent"]["minimum"] == 1 and limits["maxQueued"]["minimum"] == 1
     # both copies of the CRD are one file
     chart_crd = ROOT / "charts" / "loramux" / "crds" / "loraadapter.yaml"
     assert chart_crd.read_bytes() == CRD.read_bytes()
     validator = _validator()
     good = cr("a", access={"secretName": "legal-keys", "weight": 0.5,
-                           "limits": {"maxConcurrent": 2, "maxQueued": 0}})
+                           "limits": {"maxConcurrent": 2, "maxQueued": 1}})
     assert not list(validator.iter_errors(good))
     for bad in ({}, {"secretName": "k", "weight": -1}, {"secretName": "k", "weight": 1001},
                 {"secretName": "k", "limits": {"maxConcurrent": 0}},
