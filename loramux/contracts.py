@@ -236,6 +236,9 @@ class DesiredState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapters: list[DesiredAdapter] = Field(default_factory=list, max_length=10_000)
+    peers: PeerTable | None = Field(
+        None, description="Scale-out routing: where the pool's other pods hold which "
+                          "tenants (None: leave the server's table as it is).")
 
     @model_validator(mode="after")
     def _check(self) -> DesiredState:
@@ -253,7 +256,10 @@ class DesiredState(BaseModel):
         return self
 
     def wire(self) -> dict[str, Any]:
-        return {"adapters": [entry.wire() for entry in self.adapters]}
+        body: dict[str, Any] = {"adapters": [entry.wire() for entry in self.adapters]}
+        if self.peers is not None:
+            body["peers"] = self.peers.model_dump(mode="json")
+        return body
 
 
 # --------------------------------------------------------------------------- sidecar ↔ server
@@ -325,6 +331,8 @@ class AdapterList(_Report):
     adapters: list[AdapterView] = Field(default_factory=list)
     base_model: str | None = None
     base_model_aliases: list[str] = Field(default_factory=list)
+    queue_depth: int = 0  # requests waiting for a row (the server's load, for routing)
+    running: int = 0  # rows decoding now
 
     @property
     def base_names(self) -> frozenset[str] | None:
@@ -481,6 +489,56 @@ class AccessList(_Report):
     auth: str = "keys"
     tenants: list[AccessView] = Field(default_factory=list)
 
+# --------------------------------------------------------------------------- scale-out routing
+
+
+class PeerHolder(BaseModel):
+    """A pool pod holding a tenant (some of its versions Ready), as the operator last saw it
+    in that pod's :class:`SyncState`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pod: str = Field(min_length=1, max_length=253)
+    url: str = Field(max_length=512, pattern=ROUTE_URL_PATTERN,
+                     description="the pod's public server URL (http://<pod IP>:<port>)")
+    versions: tuple[VersionName, ...] = Field(default=(), max_length=64)
+    residency: Residency = Residency.DISK  # the best tier among those versions
+    queue_depth: int = Field(0, ge=0)  # the pod's waiting requests, at its last report
+    running: int = Field(0, ge=0)  # the pod's running rows, at its last report
+
+
+class PeerTenant(BaseModel):
+    """Where one tenant is held in the pool. ``holders`` empty: no Ready placement, and
+    ``reason`` says why (the server answers 503 with it, never the base model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: TenantName
+    holders: tuple[PeerHolder, ...] = Field(default=(), max_length=256)
+    reason: str | None = Field(None, max_length=512)
+
+
+class PeerTable(BaseModel):
+    """``PUT /admin/peers`` (and ``DesiredState.peers``): the pool's placement table as one
+    pod should see it (the pod itself left out). A server forwards a request for a tenant
+    it does not hold to the best holder here: device before host before disk, then least
+    loaded; at most one extra hop (a forwarded request is never forwarded again)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenants: tuple[PeerTenant, ...] = Field(default=(), max_length=100_000)
+
+    def fingerprint(self) -> str:
+        return _fingerprint(self.model_dump(mode="json"))
+
+
+class PeerTableView(_Report):
+    """``GET /admin/peers``: the table the server holds, and its fingerprint."""
+
+    fingerprint: str = ""
+    tenants: list[dict[str, Any]] = Field(default_factory=list)
+
+
 
 # --------------------------------------------------------------------------- sidecar → operator
 
@@ -510,6 +568,7 @@ class SyncState(_Report):
     last_pass: float | None = None
     server: AdapterList | None = None
     access: AccessList | None = None
+    peers_fingerprint: str | None = None  # of the PeerTable the server holds
 
 
 __all__ = [
@@ -531,6 +590,10 @@ __all__ = [
     "EvictionState",
     "KeyGrant",
     "LoadAdapterRequest",
+    "PeerHolder",
+    "PeerTable",
+    "PeerTableView",
+    "PeerTenant",
     "PlacementState",
     "Residency",
     "RouteList",
