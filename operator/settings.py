@@ -50,9 +50,14 @@ class OperatorSettings(LogSettings, BaseSettings):
         300.0, gt=0,
         description="Give up waiting for sidecars to drop a deleted adapter after this long.",
     )
-    placement_policy: Literal["leastAdapters"] = Field(
-        "leastAdapters", description="How 'replicas: N' picks new pods."
+    placement_policy: Literal["leastAdapters", "leastLoaded"] = Field(
+        "leastAdapters", description="How 'replicas: N' picks new pods: leastAdapters (fewest "
+        "adapters) or leastLoaded (least measured tokens/s of the tenants placed there, pods "
+        "with a free device slot first)."
     )
+    placement_device_slots: int | None = Field(
+        None, ge=1, description="leastLoaded: each pool pod's device adapter slots (the "
+        "server's --device-adapter-slots); a pod whose adapters fill them comes last.")
     peering: str | None = Field(
         None, description="kopf peering name (default: standalone, no peering objects)."
     )
