@@ -144,7 +144,15 @@ class AdapterCache:
         self._lock = threading.RLock()
         self._entries: dict[AdapterRef, AdapterEntry] = {}
         self._device_lru: dict[AdapterRef, None] = {}  # insertion order = LRU order
-        self._host_lru: dict[AdapterRef, None] = {}
+        # ref -> bytes of its host copy, LRU order; _host_used is their sum, so a budget
+        # check is O(1) and the work of the per-request paths does not grow with tenants.
+        self._host_lru: dict[AdapterRef, int] = {}
+        self._host_used = 0
+        # Pinned registered refs, and each ref's place in registration order (the order
+        # promote_pinned walks them): the per-step pass looks at pinned entries only.
+        self._pinned: set[AdapterRef] = set()
+        self._order: dict[AdapterRef, int] = {}
+        self._order_ids = itertools.count()
         self._slot_ids = itertools.count(1)
         # Loader threads run small torch ops (validation) single-threaded: every thread that
         # opens its own OpenMP team slows the engine's forward passes ~2x on a small CPU
@@ -175,6 +183,7 @@ class AdapterCache:
                         "publish a new version instead"
                     )
                 entry.pinned = pinned  # a PUT states the version's pinning, both ways
+                self._track_pinned(entry)
                 if not pinned:
                     self._enforce_host_budget(keep=None)
                 if entry.loading is not None:
@@ -184,10 +193,10 @@ class AdapterCache:
                 return Registration(done, False)
             if entry is not None:  # a failed version read again: forget the old entry
                 entry.host = None
-                self._host_lru.pop(ref, None)
+                self._host_pop(ref)
                 self._device_lru.pop(ref, None)  # a failed entry holds no slot
             entry = AdapterEntry(ref=ref, path=Path(path), pinned=pinned)
-            self._entries[ref] = entry
+            self._add_entry(entry)
             return Registration(self._start_disk_load(entry), True)
 
     def register_merged(self, ref: AdapterRef, nbytes: int, rank: int) -> AdapterEntry:
@@ -195,8 +204,32 @@ class AdapterCache:
         with self._lock:
             entry = AdapterEntry(ref=ref, path=Path("."), pinned=True, state=AdapterState.READY,
                                  nbytes=nbytes, rank=rank, merged=True)
-            self._entries[ref] = entry
+            self._add_entry(entry)
             return entry
+
+    def _add_entry(self, entry: AdapterEntry) -> None:
+        """Register ``entry`` as its ref's entry (a ref already there keeps its place in
+        registration order, as a dict key does). Lock held."""
+        self._entries[entry.ref] = entry
+        self._order.setdefault(entry.ref, next(self._order_ids))
+        self._track_pinned(entry)
+
+    def _track_pinned(self, entry: AdapterEntry) -> None:
+        if entry.pinned:
+            self._pinned.add(entry.ref)
+        else:
+            self._pinned.discard(entry.ref)
+
+    def _host_put(self, entry: AdapterEntry) -> None:
+        """``entry``'s host copy is the most recently used one. Lock held."""
+        self._host_pop(entry.ref)
+        self._host_lru[entry.ref] = entry.nbytes
+        self._host_used += entry.nbytes
+
+    def _host_pop(self, ref: AdapterRef) -> None:
+        nbytes = self._host_lru.pop(ref, None)
+        if nbytes is not None:
+            self._host_used -= nbytes
 
     def _start_disk_load(self, entry: AdapterEntry) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -255,7 +288,7 @@ class AdapterCache:
                     if entry.state == AdapterState.LOADING:
                         entry.state = AdapterState.READY
                         entry.reason = entry.reason_code = None
-                    self._host_lru[entry.ref] = None
+                    self._host_put(entry)
                     self._enforce_host_budget(keep=entry.ref)
                     self._update_gauges()
             if gone is not None:
@@ -348,6 +381,17 @@ class AdapterCache:
             if sum(e.nbytes for e in device) > self.device_bytes:
                 problems.append("device byte budget exceeded")
             host = [self._entries[r] for r in self._host_lru if r in self._entries]
+            if self._host_used != sum(self._host_lru.values()):
+                problems.append(f"host bytes counted {self._host_used}, "
+                                f"held {sum(self._host_lru.values())}")
+            if any(self._host_lru[e.ref] != e.nbytes for e in host):
+                problems.append("a host copy's counted bytes differ from its entry's")
+            pinned = {ref for ref, e in self._entries.items() if e.pinned}
+            if pinned != self._pinned:
+                problems.append(f"pinned set {sorted(map(str, self._pinned))} vs entries "
+                                f"{sorted(map(str, pinned))}")
+            if set(self._order) != set(self._entries):
+                problems.append("registration order does not match the entries")
             # Only the newest host copy and copies that waiting requests need may exceed it.
             droppable = [e for e in host[:-1]
                          if not (e.slot is None and (e.refcount > 0 or e.pinned))]
@@ -404,9 +448,9 @@ class AdapterCache:
             entry.slot = slot
             entry.host_to_device_seconds = seconds
             self._device_lru[entry.ref] = None
-            self._host_lru.pop(entry.ref, None)
+            self._host_pop(entry.ref)
             if entry.host is not None:  # a loader may have dropped it meanwhile
-                self._host_lru[entry.ref] = None
+                self._host_put(entry)
             self._enforce_host_budget(keep=None)
             if entry.miss_counted:
                 entry.miss_counted = False
@@ -422,7 +466,8 @@ class AdapterCache:
         )
         return Prepared.READY
 
-    def _lru_entries(self, lru: dict[AdapterRef, None]) -> list[AdapterEntry]:
+    def _lru_entries(self, lru: dict[AdapterRef, None] | dict[AdapterRef, int]
+                     ) -> list[AdapterEntry]:
         """The entries of an LRU dict, least recently used first. Lock held. Every removal
         from ``_entries`` also removes the ref from both LRU dicts; a ref without an entry
         would be a bug, so it is dropped (and logged), never a KeyError."""
@@ -431,7 +476,10 @@ class AdapterCache:
             entry = self._entries.get(ref)
             if entry is None:
                 log.error("cache LRU held an unregistered adapter", extra={"adapter": str(ref)})
-                lru.pop(ref, None)
+                if lru is self._host_lru:
+                    self._host_pop(ref)
+                else:
+                    lru.pop(ref, None)
                 continue
             found.append(entry)
         return found
@@ -468,8 +516,10 @@ class AdapterCache:
 
     def _enforce_host_budget(self, keep: AdapterRef | None) -> None:
         """Drop host copies (LRU) that are not needed soon. Lock held."""
+        if self._host_used <= self.host_bytes:
+            return  # the common case, O(1): nothing to drop
         held = self._lru_entries(self._host_lru)
-        used = sum(e.nbytes for e in held)
+        used = self._host_used
         for entry in held:
             if used <= self.host_bytes:
                 break
@@ -478,15 +528,30 @@ class AdapterCache:
             if entry.ref == keep or needed:
                 continue
             entry.host = None
-            self._host_lru.pop(entry.ref, None)
-            used -= entry.nbytes
+            used -= self._host_lru.get(entry.ref, entry.nbytes)
+            self._host_pop(entry.ref)
             self._metrics.cache_evictions.labels("host").inc()
 
     def promote_pinned(self) -> None:
-        """Bring pinned adapters onto the device (engine thread, between steps)."""
-        for entry in self.entries():
-            if entry.pinned and entry.state == AdapterState.READY and entry.slot is None:
-                self.prepare(entry)
+        """Bring pinned adapters onto the device (engine thread, between steps), in
+        registration order. Runs every engine step: it looks at pinned entries only, never
+        at every registered one."""
+        with self._lock:
+            if not self._pinned:
+                return
+            waiting = [entry for ref in sorted(self._pinned, key=self._order.__getitem__)
+                       if (entry := self._entries.get(ref)) is not None
+                       and entry.pinned and entry.state == AdapterState.READY
+                       and entry.slot is None]
+        for entry in waiting:
+            self.prepare(entry)
+
+    def per_step_footprint(self) -> dict[str, int]:
+        """Sizes of what the engine's per-step pass (:meth:`promote_pinned`) walks, and of
+        what a request's end walks in the common case (nothing): for tests."""
+        with self._lock:
+            return {"registered": len(self._entries), "pinned": len(self._pinned),
+                    "device": len(self._device_lru), "host": len(self._host_lru)}
 
     # ------------------------------------------------------------------ eviction
     def begin_evict(self, ref: AdapterRef) -> concurrent.futures.Future:
@@ -518,21 +583,23 @@ class AdapterCache:
                 return
             self._drop_from_device(entry)
             entry.host = None
-            self._host_lru.pop(entry.ref, None)
+            self._host_pop(entry.ref)
             self._device_lru.pop(entry.ref, None)
             self._entries.pop(entry.ref, None)
+            self._order.pop(entry.ref, None)
+            self._pinned.discard(entry.ref)
             self._update_gauges()
         log.info("adapter evicted",
                  extra={"tenant": entry.ref.tenant, "version": entry.ref.version})
         entry.evicted.set_result(entry)
 
     def _update_gauges(self) -> None:
-        device = self._lru_entries(self._device_lru)
-        host = self._lru_entries(self._host_lru)
+        device = self._lru_entries(self._device_lru)  # at most device_slots
         self._metrics.resident_adapters.labels("device").set(len(device))
         self._metrics.resident_bytes.labels("device").set(sum(e.nbytes for e in device))
-        self._metrics.resident_adapters.labels("host").set(len(host))
-        self._metrics.resident_bytes.labels("host").set(sum(e.nbytes for e in host))
+        # The host tier may hold every registered adapter: counted, not walked.
+        self._metrics.resident_adapters.labels("host").set(len(self._host_lru))
+        self._metrics.resident_bytes.labels("host").set(self._host_used)
         self._metrics.resident_adapters.labels("disk").set(len(self._entries))
 
     def shutdown(self) -> None:
