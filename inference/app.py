@@ -36,6 +36,9 @@ from loramux.contracts import (
     EvictionState,
     EvictResult,
     LoadAdapterRequest,
+    PeerTable,
+    PeerTableView,
+    Residency,
     RouteList,
     RouteRequest,
     RouteView,
@@ -48,15 +51,15 @@ from loramux.http import (
     install_error_handlers,
     require_json_body,
 )
-from loramux.names import AdapterRef, InvalidName, validate_label
+from loramux.names import AdapterRef, InvalidName, TenantRef, validate_label
 
 from .access import Principal, Unauthenticated
 from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
 from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .fairness import TenantLimited
-from .metrics import summed_over_tenants
-from .routing import TenantRouter, UsageReader
+from .metrics import BASE_LABEL, summed_over_tenants
+from .routing import Forwarded, TenantRouter, UsageReader, was_forwarded
 from .sampling import SamplingParams
 from .schemas import (
     ChatCompletionRequest,
@@ -428,6 +431,18 @@ def _stream_response(runtime: Runtime, content: AsyncIterator[bytes],
 
 async def _maybe_forward(runtime: Runtime, request: Request, name: ModelName,
                          stream: bool) -> Response | None:
+    """The request answered by another server, or ``None`` (serve it here): a routed (hot)
+    tenant's by its dedicated deployment first, else a tenant held only by peers by one of
+    them (``_maybe_forward_peer``). Runs after ``_authorize``: nothing is forwarded for a
+    key that does not grant the tenant."""
+    hot = await _maybe_forward_hot(runtime, request, name, stream)
+    if hot is not None:
+        return hot
+    return await _maybe_forward_peer(runtime, request, name, stream)
+
+
+async def _maybe_forward_hot(runtime: Runtime, request: Request, name: ModelName,
+                             stream: bool) -> Response | None:
     """A routed (hot) tenant's request answered by its dedicated deployment, or ``None``.
 
     A dedicated (merged) server never forwards. Whether a request was forwarded already is
@@ -447,25 +462,82 @@ async def _maybe_forward(runtime: Runtime, request: Request, name: ModelName,
         return None
     runtime.metrics.forwarded_requests.labels(want.tenant, "forwarded").inc()
     runtime.metrics.requests.labels(want.tenant, "forwarded").inc()
+    return await _relay(runtime, result, stream,
+                        runtime.metrics.forwarded_tokens.labels(want.tenant).inc)
+
+
+async def _relay(runtime: Runtime, result: Forwarded, stream: bool,
+                 count_tokens: Callable[[int], object] | None) -> Response:
+    """Relay an accepted upstream answer; ``count_tokens`` gets the usage it reports."""
     usage = UsageReader()
-    tokens = runtime.metrics.forwarded_tokens.labels(want.tenant)
-    if stream:
+    if stream and 200 <= result.status < 300:
         async def relay() -> AsyncIterator[bytes]:
             try:
                 async for chunk in result.stream():
-                    usage.feed(chunk)
+                    if count_tokens is not None:
+                        usage.feed(chunk)
                     yield chunk
             finally:
-                if usage.tokens:
-                    tokens.inc(usage.tokens)
+                if usage.tokens and count_tokens is not None:
+                    count_tokens(usage.tokens)
 
         return _stream_response(runtime, relay(), None, status_code=result.status,
                                 headers=result.headers)
     body = await result.body()
-    usage.body(body)
-    if usage.tokens:
-        tokens.inc(usage.tokens)
+    if count_tokens is not None:
+        usage.body(body)
+        if usage.tokens:
+            count_tokens(usage.tokens)
     return Response(body, status_code=result.status, headers=result.headers)
+
+
+async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelName,
+                              stream: bool) -> Response | None:
+    """A request for a tenant this server does not hold, answered by a peer that does (the
+    pool's placement table, ``PUT /admin/peers``), or ``None`` (serve it here: held here,
+    or the table does not know the tenant, so the existing 404 / base fallback applies).
+
+    Raises 503 ``tenant_unavailable`` when the table knows the tenant but no holder could
+    answer: none Ready (the table's reason), all failed, or this request already came from
+    another server (never a second hop). Never the base model for a tenant the table knows.
+    Peer forwards are counted without a tenant label and not as the tenant's tokens: the
+    holder counts those as its own."""
+    router = runtime.router
+    want = name.ref
+    if router is None or want is None or name.base or runtime.tenants.merged is not None:
+        return None
+    row = router.peer_tenant(want.tenant)
+    if row is None or runtime.tenants.holds(want):
+        return None
+    counter = runtime.metrics.peer_forwarded_requests
+    if was_forwarded(request.headers):
+        counter.labels("not_held").inc()
+        raise _tenant_unavailable(want, "this server does not hold it (forwarded request, "
+                                        "not forwarded again)")
+    holders = router.peer_candidates(row, want.version)
+    if not holders:
+        counter.labels("no_holder").inc()
+        reason = row.reason or "no pod of the pool holds it Ready"
+        if want.version is not None and row.holders:
+            reason = f"no pod of the pool holds version {want.version}"
+        raise _tenant_unavailable(want, reason)
+    body = await request.body()
+    for holder in holders:
+        result = await router.forward_peer(holder, want.tenant, request.url.path, body,
+                                           request.headers, stream)
+        if isinstance(result, str):
+            counter.labels("holder_failed").inc()
+            continue
+        counter.labels("forwarded").inc()
+        return await _relay(runtime, result, stream, None)
+    counter.labels("all_failed").inc()
+    raise _tenant_unavailable(want, f"none of its {len(holders)} holder(s) could answer")
+
+
+def _tenant_unavailable(want: TenantRef, reason: str) -> ServiceError:
+    return ServiceError(503, f"tenant {str(want)[:80]!r} is not available: "
+                             f"{public_reason(reason)}", "tenant_unavailable",
+                        {"Retry-After": "2"})
 
 
 # ---------------------------------------------------------------------- routers
@@ -633,8 +705,13 @@ def _ref(tenant: str, version: str) -> AdapterRef:
 
 @admin.get("/adapters")
 async def list_adapters(runtime: RuntimeDep) -> AdapterList:
+    """Every version here, and the server's load (waiting requests, running rows), which
+    the operator puts in the pool's placement table to pick among holders."""
+    engine = runtime.engine
     return AdapterList(adapters=runtime.tenants.views(), base_model=runtime.base_name,
-                       base_model_aliases=list(runtime.base_names))
+                       base_model_aliases=list(runtime.base_names),
+                       queue_depth=max(0, int(getattr(engine, "queue_depth", 0))),
+                       running=max(0, int(getattr(engine, "running", 0))))
 
 
 @admin.put("/adapters/{tenant}/{version}")
@@ -737,6 +814,25 @@ async def delete_route(tenant: str, runtime: RuntimeDep) -> Any:
     return {"tenant": tenant, "state": "removed"}
 
 
+@admin.get("/peers")
+async def get_peers(runtime: RuntimeDep) -> PeerTableView:
+    """The pool's placement table this server forwards by, its fingerprint, and per holder
+    what this server saw (breaker, forwards in flight, last error)."""
+    if runtime.router is None:
+        raise ServiceError(503, "the server is starting", "not_ready", {"Retry-After": "1"})
+    return runtime.router.peers_view()
+
+
+@admin.put("/peers")
+async def put_peers(body: PeerTable, runtime: RuntimeDep) -> PeerTableView:
+    """Replace the pool's placement table (the sidecar, from ``DesiredState.peers``)."""
+    if runtime.tenants.merged is not None:
+        raise ServiceError(409, "a merged (dedicated) server does not forward", "conflict")
+    if runtime.router is None:
+        raise ServiceError(503, "the server is starting", "not_ready", {"Retry-After": "1"})
+    return runtime.router.set_peers(body)
+
+
 @admin.get("/access")
 async def list_access(runtime: RuntimeDep) -> AccessList:
     return runtime.access.views()
@@ -804,6 +900,30 @@ async def metrics(request: Request, runtime: RuntimeDep) -> Response:
 
 
 # ---------------------------------------------------------------------- app
+_TIERS = (Residency.DEVICE, Residency.HOST, Residency.DISK)
+
+
+def _tenant_load(runtime: Runtime) -> list[tuple[str, str, int]]:
+    """(tenant, best tier here, requests in flight) for ``loramux_tenant_in_flight``: only
+    tenants with requests in flight or a version on the device (bounded by the queue and
+    batch limits and the device slots). Read per scrape, never per decode step."""
+    view = getattr(runtime.engine, "fairness_view", None)
+    in_flight = {t: int(v.get("in_flight", 0)) for t, v in (view() if view else {}).items()}
+    best: dict[str, int] = {}
+    for entry in runtime.cache.entries():
+        rank = _TIERS.index(entry.residency) if entry.residency in _TIERS else len(_TIERS)
+        tenant = entry.ref.tenant
+        best[tenant] = min(rank, best.get(tenant, len(_TIERS)))
+    rows = []
+    for tenant in sorted({t for t, n in in_flight.items() if n > 0}
+                         | {t for t, rank in best.items() if rank == 0}):
+        rank = best.get(tenant)
+        tier = str(_TIERS[rank]) if rank is not None and rank < len(_TIERS) else (
+            "base" if tenant == BASE_LABEL else "none")
+        rows.append((tenant, tier, in_flight.get(tenant, 0)))
+    return rows
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -819,6 +939,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="loramux", version=runtime.version, lifespan=lifespan,
                   strict_content_type=False, dependencies=[Depends(require_json_body)])
     app.state.runtime = runtime
+    runtime.metrics.track_tenant_load(lambda: _tenant_load(runtime))
     app.include_router(public)
     app.include_router(admin)
     app.include_router(health)

@@ -429,6 +429,11 @@ class Engine:
         return len(batch.seqs) if batch is not None else 0
 
     @property
+    def queue_depth(self) -> int:
+        """Requests submitted and not yet admitted to a row (the server's load, for routing)."""
+        return self._pending
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

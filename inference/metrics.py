@@ -6,9 +6,10 @@ a client cannot blow up label cardinality with made-up names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 BASE_LABEL = "_base"
@@ -120,11 +121,61 @@ class Metrics:
             "does not grant the model asked for). No tenant label: it is not yet trusted.",
             ["status"], registry=r,
         )
+        self.peer_forwarded_requests = Counter(
+            "loramux_peer_forwarded_requests_total",
+            "Requests for a tenant this server does not hold, by outcome: forwarded to a peer "
+            "that holds it, holder_failed (one holder skipped, the next tried), all_failed, "
+            "no_holder (the table lists none Ready) or not_held (a forwarded request, not "
+            "forwarded again). No tenant label, and not the tenant's tokens: the holder "
+            "counts those.",
+            ["outcome"], registry=r,
+        )
+        for outcome in ("forwarded", "holder_failed", "all_failed", "no_holder", "not_held"):
+            self.peer_forwarded_requests.labels(outcome)
+        self._tenant_load: _TenantLoad | None = None
         self.fallback_requests = Counter(
             "loramux_base_fallback_requests_total",
             "Requests for an unknown tenant served by the base model (fallback mode).",
             registry=r,
         )
+
+
+    def track_tenant_load(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Publish ``loramux_tenant_in_flight{tenant,residency}`` from ``source`` (read at
+        scrape time, never per decode step): (tenant, best tier, requests in flight) for
+        the tenants with requests in flight or a version on the device only, so the series
+        are bounded by the queue and batch limits plus the device slots, not by the
+        number of registered tenants. Once per registry; a second call swaps the source."""
+        if self._tenant_load is None:
+            self._tenant_load = _TenantLoad(source)
+            self.registry.register(self._tenant_load)
+        else:
+            self._tenant_load.source = source
+
+
+class _TenantLoad:
+    """The collector behind :meth:`Metrics.track_tenant_load`."""
+
+    NAME = "loramux_tenant_in_flight"
+    HELP = ("Requests in flight (waiting or running) per tenant, with the tenant's best "
+            "residency tier here; only tenants with requests in flight or a version on the "
+            "device have a series.")
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["tenant", "residency"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["tenant", "residency"])
+        try:
+            rows = list(self.source())
+        except Exception:  # a scrape must not fail because the engine is going away
+            rows = []
+        for tenant, residency, in_flight in rows:
+            family.add_metric([tenant, residency], in_flight)
+        yield family
 
 
 class _SummedOverTenants:

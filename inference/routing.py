@@ -26,6 +26,16 @@ A stream that breaks after the upstream has started sending cannot be replayed l
 does one that runs longer than the router's ``timeout_s`` in all (a stalled upstream holds
 no connection forever; the app bounds a client that stops reading).
 
+Peers (scale-out, issue 17): the operator gives every pool pod the pool's placement table
+(``PUT /admin/peers``, the pod itself left out). A request for a tenant this server does not
+hold goes to a holder in the table: device before host before disk, then the load the pod
+last reported plus this server's own forwards to it in flight. A holder that fails (connect
+error, timeout before answering, a non-2xx other than a client error every holder would
+repeat) gets the same small circuit breaker as a route and the next holder is tried. A
+request that carries hop ids came from another server and is never forwarded to a peer
+again (one extra hop at most, so two wrong tables cannot loop). The app answers 503 when no
+holder could (``app._maybe_forward_peer``). Relayed answers say ``X-Loramux-Routed: peer``.
+
 Hand-written on purpose: it is a few dozen lines around ``httpx``'s streaming client, and a
 generic reverse proxy would not know when falling back to the local engine is safe.
 """
@@ -37,13 +47,21 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from loramux.contracts import RouteView, error_body
+from loramux.contracts import (
+    PeerHolder,
+    PeerTable,
+    PeerTableView,
+    PeerTenant,
+    Residency,
+    RouteView,
+    error_body,
+)
 
 log = logging.getLogger("loramux.routing")
 
@@ -70,11 +88,40 @@ class Route:
                          fallbacks=self.fallbacks, last_error=self.last_error)
 
 
-class Forwarded:
-    """An upstream response that has been accepted (2xx); the caller relays it."""
+@dataclass
+class PeerState:
+    """What this server knows of one peer (by URL) beyond the table: its circuit breaker
+    and this server's forwards to it still in flight."""
 
-    def __init__(self, response: httpx.Response, route: Route, max_stream_s: float) -> None:
+    url: str
+    down_until: float = 0.0  # monotonic
+    in_flight: int = 0
+    forwarded: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"healthy": time.monotonic() >= self.down_until, "in_flight": self.in_flight,
+                "forwarded": self.forwarded, "failures": self.failures,
+                "last_error": self.last_error}
+
+
+_TIER_RANK = {Residency.DEVICE: 0, Residency.HOST: 1, Residency.DISK: 2}
+# A peer's answer with one of these is the answer: every holder would say the same.
+_RELAYED_CLIENT_ERRORS = frozenset({400, 401, 403, 413, 415, 422})
+
+
+class Forwarded:
+    """An upstream response that has been accepted (2xx, or a peer's client error that any
+    holder would repeat); the caller relays it. ``on_close`` runs once the response is done
+    (a peer's in-flight count); ``route`` is the hot route, ``None`` for a peer."""
+
+    def __init__(self, response: httpx.Response, route: Route | None, max_stream_s: float,
+                 *, routed: str = "dedicated", on_close: Callable[[], None] | None = None,
+                 tenant: str = "") -> None:
         self.response, self.route, self.max_stream_s = response, route, max_stream_s
+        self.routed, self._on_close, self.tenant = routed, on_close, tenant or (
+            route.tenant if route is not None else "")
 
     @property
     def status(self) -> int:
@@ -82,16 +129,22 @@ class Forwarded:
 
     @property
     def headers(self) -> dict[str, str]:
-        keep = ("content-type", "x-loramux-adapter", "cache-control")
+        keep = ("content-type", "x-loramux-adapter", "cache-control", "retry-after")
         out = {k: v for k, v in self.response.headers.items() if k.lower() in keep}
-        out[ROUTED_HEADER] = "dedicated"  # never the URL: it is internal
+        out[ROUTED_HEADER] = self.routed  # never the URL: it is internal
         return out
+
+    def _closed(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     async def body(self) -> bytes:
         try:
             return await self.response.aread()
         finally:
             await self.response.aclose()
+            self._closed()
 
     async def stream(self) -> AsyncIterator[bytes]:
         deadline = time.monotonic() + self.max_stream_s
@@ -101,13 +154,16 @@ class Forwarded:
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout(f"stream ran longer than {self.max_stream_s:g}s")
         except httpx.HTTPError as exc:
-            self.route.last_error = f"stream broke: {exc!r}"[:300]
-            log.warning("forwarded stream broke", extra={"tenant": self.route.tenant})
+            if self.route is not None:
+                self.route.last_error = f"stream broke: {exc!r}"[:300]
+            log.warning("forwarded stream broke",
+                        extra={"tenant": self.tenant, "routed": self.routed})
             error = error_body(502, "upstream_stream_broken",
-                               "the dedicated deployment stopped mid-stream")
+                               "the server answering this tenant stopped mid-stream")
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:
             await self.response.aclose()
+            self._closed()
 
 
 class TenantRouter:
@@ -118,6 +174,10 @@ class TenantRouter:
         self.retry_s = retry_s
         self.timeout_s = timeout_s
         self.hop_id = secrets.token_hex(16)  # this process's; see the module docstring
+        self.peers = PeerTable()
+        self.peer_states: dict[str, PeerState] = {}
+        self._peer_index: dict[str, PeerTenant] = {}
+        self._peer_fingerprint = self.peers.fingerprint()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=2.0), follow_redirects=False)
 
@@ -147,33 +207,120 @@ class TenantRouter:
     async def forward(self, route: Route, path: str, body: bytes, headers: Any,
                       stream: bool) -> Forwarded | None:
         """Send the request upstream; ``None`` means "serve it locally"."""
+        response = await self._send(route.url, path, body, headers, stream)
+        if isinstance(response, str):
+            self._failed(route, response)
+            return None
+        route.forwarded += 1
+        route.down_until = 0.0
+        return Forwarded(response, route, self.timeout_s)
+
+    async def _send(self, url: str, path: str, body: bytes, headers: Any, stream: bool,
+                    accept: frozenset[int] = frozenset()) -> httpx.Response | str:
+        """POST the request to ``url`` with this server's hop id added: the accepted
+        response (2xx, or a status in ``accept``), or why not (a string)."""
         send_headers = {k: v for k, v in headers.items() if k.lower() in _PASS_HEADERS}
         hops = [*_hops(headers), self.hop_id][-_MAX_HOPS:]
         send_headers[FORWARDED_HEADER] = ",".join(hops)
-        request = self._client.build_request("POST", route.url + path, content=body,
+        request = self._client.build_request("POST", url + path, content=body,
                                              headers=send_headers)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            self._failed(route, f"{type(exc).__name__}: {exc}")
-            return None
-        if not 200 <= response.status_code < 300:
-            detail = (await response.aread())[:200].decode(errors="replace")
+            return f"{type(exc).__name__}: {exc}"
+        if not 200 <= response.status_code < 300 and response.status_code not in accept:
+            try:
+                detail = (await response.aread())[:200].decode(errors="replace")
+            except httpx.HTTPError:
+                detail = ""
             await response.aclose()
-            self._failed(route, f"HTTP {response.status_code}: {detail}")
-            return None
-        if not stream:
+            return f"HTTP {response.status_code}: {detail}"
+        if not stream or response.status_code in accept:
             # Read the whole answer here, so a connection that breaks mid-body still
-            # falls back to the local engine.
+            # falls back (to the local engine, or to the next peer).
             try:
                 await response.aread()
             except httpx.HTTPError as exc:
                 await response.aclose()
-                self._failed(route, f"{type(exc).__name__}: {exc}")
-                return None
-        route.forwarded += 1
-        route.down_until = 0.0
-        return Forwarded(response, route, self.timeout_s)
+                return f"{type(exc).__name__}: {exc}"
+        return response
+
+    # ------------------------------------------------------------------ peers
+    def set_peers(self, table: PeerTable) -> PeerTableView:
+        """Replace the pool's placement table (``PUT /admin/peers``). The state kept per
+        holder URL (circuit breaker, in-flight forwards) survives for URLs still listed."""
+        index = {t.tenant: t for t in table.tenants}
+        urls = {h.url.rstrip("/") for t in table.tenants for h in t.holders}
+        self.peer_states = {u: st for u, st in self.peer_states.items() if u in urls}
+        self.peers, self._peer_index = table, index
+        self._peer_fingerprint = table.fingerprint()
+        log.info("peer table set", extra={"tenants": len(index), "holders": len(urls),
+                                          "fingerprint": self._peer_fingerprint})
+        return self.peers_view()
+
+    def peers_view(self) -> PeerTableView:
+        tenants = []
+        for tenant in self.peers.tenants:
+            row = tenant.model_dump(mode="json")
+            for holder in row["holders"]:
+                state = self.peer_states.get(holder["url"].rstrip("/"))
+                if state is not None:
+                    holder.update(state.view())
+            tenants.append(row)
+        return PeerTableView(fingerprint=self._peer_fingerprint, tenants=tenants)
+
+    def peer_tenant(self, tenant: str) -> PeerTenant | None:
+        """The table's row for ``tenant``; ``None``: the table does not know it."""
+        return self._peer_index.get(tenant)
+
+    def peer_candidates(self, row: PeerTenant, version: str | None) -> list[PeerHolder]:
+        """The holders to try for ``row`` (``version`` if pinned), best first: device before
+        host before disk, then the load each pod last reported plus this server's own
+        forwards to it still in flight. Holders whose breaker is open go last, not away: a
+        request tries them rather than failing while a healthy holder may not exist."""
+        now = time.monotonic()
+
+        def key(item: tuple[int, PeerHolder]) -> tuple:
+            index, holder = item
+            state = self.peer_states.get(holder.url.rstrip("/"))
+            in_flight = state.in_flight if state is not None else 0
+            down = state is not None and now < state.down_until
+            return (down, _TIER_RANK.get(holder.residency, 3),
+                    holder.queue_depth + holder.running + in_flight, index)
+
+        holders = [h for h in row.holders if version is None or version in h.versions]
+        return [h for _, h in sorted(enumerate(holders), key=key)]
+
+    async def forward_peer(self, holder: PeerHolder, tenant: str, path: str, body: bytes,
+                           headers: Any, stream: bool) -> Forwarded | str:
+        """Send the request to a peer holding the tenant: the response to relay, or why this
+        holder could not answer (the caller tries the next). A client error any holder would
+        repeat (a bad body, a key the holder refuses) is relayed, not retried."""
+        url = holder.url.rstrip("/")
+        state = self.peer_states.setdefault(url, PeerState(url))
+        state.in_flight += 1
+        try:
+            response = await self._send(url, path, body, headers, stream,
+                                        accept=_RELAYED_CLIENT_ERRORS)
+        except BaseException:
+            state.in_flight -= 1
+            raise
+        if isinstance(response, str):
+            state.in_flight -= 1
+            state.failures += 1
+            state.last_error = response[:300]
+            state.down_until = time.monotonic() + self.retry_s
+            log.warning("peer could not answer, trying the next holder",
+                        extra={"tenant": tenant, "pod": holder.pod, "error": state.last_error})
+            return response
+        state.forwarded += 1
+        state.down_until = 0.0
+
+        def done() -> None:
+            state.in_flight -= 1
+
+        return Forwarded(response, None, self.timeout_s, routed="peer", on_close=done,
+                         tenant=tenant)
 
     def _failed(self, route: Route, error: str) -> None:
         route.fallbacks += 1
@@ -185,6 +332,14 @@ class TenantRouter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def was_forwarded(headers: Any) -> bool:
+    """Whether a request came from another server (well-formed hop ids in its forwarded
+    header). Such a request is never forwarded to a peer again: one extra hop at most. A
+    client that sends one only opts itself out of peer forwarding (it gets this server's
+    own answer); hot routes still go by the server's secret hop id (``match``)."""
+    return bool(_hops(headers))
 
 
 def _hops(headers: Any) -> list[str]:
@@ -234,5 +389,5 @@ class UsageReader:
             self.tokens = total
 
 
-__all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "Route", "TenantRouter",
-           "UsageReader"]
+__all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "PeerState", "Route",
+           "TenantRouter", "UsageReader", "was_forwarded"]

@@ -192,6 +192,17 @@ class TenantDirectory:
                 raise UnknownAdapter(f"no adapter for {want}")
             return entry
 
+    def holds(self, want: TenantRef) -> bool:
+        """Whether a request for ``want`` is served here: the version asked for (or the
+        tenant's active one, for a bare name) is registered and neither failed nor
+        draining. Otherwise a peer that holds it may answer (scale-out routing)."""
+        with self._lock:
+            try:
+                entry = self.resolve(want)
+            except UnknownAdapter:
+                return False
+            return entry.state not in (AdapterState.FAILED, AdapterState.DRAINING)
+
     def acquire(self, want: TenantRef) -> AdapterEntry:
         """Resolve ``want`` and take a reference for one request; ``release`` must follow."""
         with self._lock:
