@@ -477,6 +477,28 @@ def pods_in_pool(spec: AdapterSpec, pods: Sequence[Mapping[str, Any]]) -> list[M
     ]
 
 
+def pod_is_draining(pod: Mapping[str, Any]) -> bool:
+    """Terminating (deletionTimestamp set) but still with an IP and not finished: in its
+    grace period, out of the Service's endpoints, possibly still serving."""
+    meta = pod.get("metadata") or {}
+    phase = (pod.get("status") or {}).get("phase")
+    return (bool(meta.get("deletionTimestamp")) and pod_ip(pod) is not None
+            and phase not in ("Succeeded", "Failed"))
+
+
+def pods_draining_in_pool(spec: AdapterSpec, pods: Sequence[Mapping[str, Any]]
+                          ) -> list[Mapping[str, Any]]:
+    """Like :func:`pods_in_pool`, for the pool's pods in their grace period."""
+    if spec.error is not None:
+        return []
+    return [
+        pod for pod in pods
+        if pod_key(pod)[0] == spec.namespace and pod_is_draining(pod)
+        and selector_matches(spec.pool, labels := (pod.get("metadata") or {}).get("labels"))
+        and (labels or {}).get("app.kubernetes.io/name") != DEDICATED_APP
+    ]
+
+
 # --------------------------------------------------------------------------- trust
 
 

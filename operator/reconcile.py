@@ -100,9 +100,11 @@ from loramux.operator.model import (
     pod_ip,
     pod_is_live,
     pod_key,
+    pods_draining_in_pool,
     pods_in_pool,
     selector_matches,
 )
+from loramux.operator.peers import PoolTables, build_pool_tables
 from loramux.operator.placement import place
 from loramux.operator.rollout import PodObservation, build_desired_sets
 from loramux.operator.settings import OperatorSettings
@@ -141,6 +143,11 @@ class Observed:
     # pods an adapter's pool selects that this install does not own, with why (they get
     # nothing: no token, no credentials, no desired set)
     untrusted: dict[ObjectKey, dict[str, str]] = field(default_factory=dict)
+    # pods of some valid adapter's pool in their grace period (terminating, still with an
+    # IP): they get nothing, but what they still hold Ready stays in the peer tables until
+    # they are gone (see loramux.operator.peers)
+    draining: dict[PodKey, Mapping[str, Any]] = field(default_factory=dict)
+    draining_observations: dict[PodKey, PodObservation] = field(default_factory=dict)
 
     @property
     def specs(self) -> list[AdapterSpec]:
@@ -172,6 +179,9 @@ class PassPlan:
     access_writes: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
     access_deletes: list[tuple[str, str]] = field(default_factory=list)
     transient: bool = False  # something is known to change by itself: look again soon
+    # scale-out routing: the pool's placement tables (each pool pod gets its copy in
+    # DesiredState.peers; compared with the pods' state after delivery)
+    tables: PoolTables | None = None
 
 
 @dataclass
@@ -200,6 +210,7 @@ class PassResult:
 
 
 TOKEN_KEYS = ("admin-token", "sidecar-token")
+DRAINING_TIMEOUT_SECONDS = 2.0  # GET /v1/state of a terminating pod (it may be gone)
 UNTRUSTED_PODS = "UntrustedPods"  # a pool selects pods this install does not own
 ACCESS_READY = "AccessReady"  # condition: spec.access's keys are in use (reasons: credentials)
 
@@ -509,14 +520,22 @@ class Reconciler:
         keys = list(pool_pods)
         for gone in [k for k in self._pod_access if k not in pool_pods]:
             del self._pod_access[gone]
-        states = await asyncio.gather(*(self._pod_state(pool_pods[k]) for k in keys))
+        pools = {(s.namespace, s.pool_key): s for s in valid}  # one spec per distinct pool
+        draining = {pod_key(pod): pod for spec in pools.values()
+                    for pod in pods_draining_in_pool(spec, pods)}
+        drained = list(draining)
+        states = await asyncio.gather(
+            *(self._pod_state(pool_pods[k]) for k in keys),
+            *(self._pod_state(draining[k], draining=True) for k in drained))
         live = [s for s in valid if not s.deleting]
         credentials, problems = await self._credentials(live)
         seen = Observed(adapters=adapters, pods=pods, pool_pods=pool_pods,
-                        observations=dict(zip(keys, states, strict=True)),
+                        observations=dict(zip(keys, states[:len(keys)], strict=True)),
                         credentials=credentials, credential_problems=problems,
                         access=await self._access(live),
-                        clock=time.monotonic(), untrusted=untrusted)
+                        clock=time.monotonic(), untrusted=untrusted, draining=draining,
+                        draining_observations=dict(zip(drained, states[len(keys):],
+                                                       strict=True)))
         if self.hot is not None:
             await self._observe_traffic(seen, live)
             try:
@@ -602,22 +621,29 @@ class Reconciler:
         self._last_grants[namespace] = grants
         return grants
 
-    async def _pod_state(self, pod: Mapping[str, Any]) -> PodObservation:
+    async def _pod_state(self, pod: Mapping[str, Any], draining: bool = False
+                         ) -> PodObservation:
         """The pod's sidecar's ``GET /v1/state``, parsed (never raises). Whatever the pod
         answers (not JSON, wrong types, a body beyond ``max_state_bytes``, a trickle slower
         than the request timeout) counts against that pod alone: its observation carries the
-        error, and its placements are Unknown with it as the reason."""
+        error, and its placements are Unknown with it as the reason. A ``draining`` pod (in
+        its grace period: only asked what it still holds, for the peer tables) gets a short
+        timeout, as it may be gone already."""
         key = pod_key(pod)
+        timeout = self.settings.request_timeout_seconds * 2
+        if draining:
+            timeout = min(DRAINING_TIMEOUT_SECONDS, timeout)
         try:
-            state = await asyncio.wait_for(self._read_state(pod),
-                                           self.settings.request_timeout_seconds * 2)
+            state = await asyncio.wait_for(self._read_state(pod), timeout)
         except _BadState as exc:
             return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {exc}"[:300])
         except ValueError as exc:  # not JSON, or not a SyncState
             return PodObservation(key=key, sidecar_error=f"bad /v1/state body: {_short(exc)}")
         except Exception as exc:  # refused, timed out, HTTP error status
             return PodObservation(key=key, sidecar_error=_short(exc))
-        if state.access is not None:
+        if draining:
+            pass  # not a pool member any more: its access is not counted
+        elif state.access is not None:
             self._pod_access[key] = {view.tenant: view.fingerprint
                                      for view in state.access.tenants if view.source == "admin"}
         else:
@@ -710,10 +736,41 @@ class Reconciler:
         writes, deletes = plan_dedicated_access(seen, hot, access)
         access_transient = any(a.ok is None or a.reason == SECRET_NOT_FOUND
                                for a in access.values())
+        tables = self.peer_tables(seen, placeable, placements, seen.observations)
         return PassPlan(validation=validation, placements=placements, desired=desired, hot=hot,
                         credential_problems=problems, untrusted=seen.untrusted,
                         access=access, access_writes=writes, access_deletes=deletes,
-                        transient=hot_transient or bool(problems) or access_transient)
+                        transient=hot_transient or bool(problems) or access_transient,
+                        tables=tables)
+
+    def peer_tables(self, seen: Observed, placeable: Sequence[AdapterSpec],
+                    placements: Mapping[ObjectKey, Sequence[PodKey]],
+                    observations: Mapping[PodKey, PodObservation]) -> PoolTables:
+        """Scale-out routing: the pool's placement tables from ``observations`` (the pool
+        pods') and the draining pods' (see :mod:`loramux.operator.peers`)."""
+        every = {**seen.draining, **seen.pool_pods}
+        members: dict[ObjectKey, list[PodKey]] = {}
+        by_pool: dict[tuple[str, str], list[PodKey]] = {}
+        draining = list(seen.draining.values())
+        for spec in placeable:
+            pool = (spec.namespace, spec.pool_key)
+            if pool not in by_pool:
+                by_pool[pool] = [pod_key(p) for p in pods_in_pool(spec, seen.pods)
+                                 if pod_key(p) in seen.pool_pods] + [
+                    pod_key(p) for p in pods_draining_in_pool(spec, draining)]
+            members[spec.key] = by_pool[pool]
+        urls: dict[PodKey, str | None] = {}
+
+        def url_of(key: PodKey) -> str | None:
+            if key not in urls:
+                pod = every.get(key)
+                urls[key] = (_base_url(pod, container_port(pod, "http",
+                                                           self.settings.server_port))
+                             if pod is not None and pod_ip(pod) else None)
+            return urls[key]
+
+        return build_pool_tables(placeable, placements, members, seen.pool_pods,
+                                 {**seen.draining_observations, **observations}, url_of)
 
     def _plan_hot(
         self, seen: Observed, specs: Sequence[AdapterSpec],
@@ -762,8 +819,10 @@ class Reconciler:
         transient = await self._apply_hot(todo.hot, seen.clock) or transient
         transient = await self._apply_access((), todo.access_deletes) or transient
         keys = list(seen.pool_pods)
-        puts = await asyncio.gather(*(self._put_desired(seen.pool_pods[k], todo.desired[k])
-                                      for k in keys))
+        tables = todo.tables
+        puts = await asyncio.gather(*(self._put_desired(
+            seen.pool_pods[k], todo.desired[k],
+            tables.wire_for(k) if tables is not None else None) for k in keys))
         put_errors = {k: err for k, err in zip(keys, puts, strict=True) if err}
         for key, err in put_errors.items():
             log.warning("pod %s/%s: desired set not delivered: %s", key[0], key[1], err)
@@ -840,13 +899,17 @@ class Reconciler:
                 failed = True
         return failed
 
-    async def _put_desired(self, pod: Mapping[str, Any], entries: list[DesiredAdapter]
-                           ) -> str | None:
+    async def _put_desired(self, pod: Mapping[str, Any], entries: list[DesiredAdapter],
+                           peers: dict[str, Any] | None = None) -> str | None:
+        """``PUT /v1/desired``: the pod's desired set and its copy of the placement table
+        (``peers``, already JSON: see :meth:`PoolTables.wire_for`)."""
         assert self.http is not None
         url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
+        body = DesiredState(adapters=entries).wire()
+        if peers is not None:
+            body["peers"] = peers
         try:
-            response = await self.http.put(f"{url}/v1/desired",
-                                           json=DesiredState(adapters=entries).wire(),
+            response = await self.http.put(f"{url}/v1/desired", json=body,
                                            headers=self._sidecar_headers)
             response.raise_for_status()
         except httpx.HTTPError as exc:
@@ -861,6 +924,12 @@ class Reconciler:
                             observations=delivered.observations, desired=todo.desired,
                             put_errors=delivered.put_errors)
         transient = todo.transient or delivered.transient
+        if todo.tables is not None and not transient:
+            # A holder gained or lost since the tables were built: send them again soon.
+            placeable = [s for s in seen.specs if s.key in todo.placements]
+            after = self.peer_tables(seen, placeable, todo.placements, delivered.observations)
+            if after.signature() != todo.tables.signature():
+                transient = True
         now = _now()
         for spec, obj in seen.adapters.values():
             if spec.deleting:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loramux.contracts import AdapterPhase, DesiredAdapter, PlacementState
+from loramux.contracts import AdapterPhase, AdapterState, DesiredAdapter, PlacementState, Residency
 from loramux.operator.model import AdapterSpec, ObjectKey, PodKey, pod_key, pods_in_pool
 from loramux.operator.rollout import PodObservation
 
@@ -128,8 +128,49 @@ def placement_views(
                             and obs.server_reachable is False):
                         row["state"] = PlacementState.UNKNOWN
                         row["reason"] = "inference server unreachable"
+                _add_residency(row, spec.tenant, version, obs)
             rows.append(row)
     return rows
+
+
+def _add_residency(row: dict[str, Any], tenant: str, version: str,
+                   obs: PodObservation) -> None:
+    """The server's tier of a version it holds ready (device, host, disk) and its requests in
+    flight there, as of the sidecar's last pass."""
+    if obs.server is None or obs.server_reachable is False:
+        return
+    for view in obs.server.adapters:
+        if view.tenant == tenant and view.version == version:
+            if view.state == AdapterState.READY:
+                row["residency"] = str(view.residency)
+                row["inFlight"] = view.in_flight
+            return
+
+
+RESIDENCY_ORDER = {Residency.DEVICE: 0, Residency.HOST: 1, Residency.DISK: 2}
+RESIDENCY_LISTED = 3  # up to this many pods by name in status.residency, else counts
+
+
+def residency_summary(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """``status.residency`` (the ``Residency`` column of ``kubectl get lora -o wide``): where
+    the tenant is, each pod's best tier, e.g. ``pod-a:device,pod-b:host``; beyond
+    :data:`RESIDENCY_LISTED` pods, counts per tier (``device:5,host:12,disk:3``). None when
+    no pod holds it ready."""
+    best: dict[str, Residency] = {}
+    for row in rows:
+        tier = row.get("residency")
+        if tier is None:
+            continue
+        tier = Residency(tier)
+        pod = str(row["pod"])
+        if pod not in best or RESIDENCY_ORDER[tier] < RESIDENCY_ORDER[best[pod]]:
+            best[pod] = tier
+    if not best:
+        return None
+    if len(best) <= RESIDENCY_LISTED:
+        return ",".join(f"{pod}:{best[pod]}" for pod in sorted(best))
+    counts = Counter(best.values())
+    return ",".join(f"{tier}:{counts[tier]}" for tier in Residency if counts[tier])
 
 
 def _condition(ctype: str, ok: bool | None, reason: str, message: str, generation: int,
@@ -243,6 +284,10 @@ def compute_status(
         "placements": rows, "readyPods": f"{len(ready)}/{total}",
         "readyReplicas": len(ready), "targetReplicas": total,
     }
+    residency = residency_summary(rows)
+    if residency is not None:
+        status["residency"] = residency
+        status["inFlight"] = sum(int(r.get("inFlight") or 0) for r in rows)
     if active:
         status["activeVersion"] = active
     # The operator's memory of where the active version comes from (a later rollout re-sends
@@ -296,7 +341,7 @@ def status_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> boo
 
 
 # Status fields that disappear (``None`` in the merge patch) when a new status lacks them.
-FORGETTABLE = ("activeVersion", "activeSource")
+FORGETTABLE = ("activeVersion", "activeSource", "residency", "inFlight")
 
 
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:

@@ -476,7 +476,12 @@ def test_crd_schema_patterns_enums_status_and_columns():
     version = crd_version()
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Tenant", "Version", "Phase", "Ready", "Age"]
+    assert list(columns) == ["Tenant", "Version", "Phase", "Ready", "Age", "Residency",
+                             "InFlight"]
+    # scale-out routing: only `kubectl get lora -o wide` shows where a tenant is
+    assert [c.get("priority", 0) for c in columns.values()] == [0, 0, 0, 0, 0, 1, 1]
+    assert columns["Residency"]["jsonPath"] == ".status.residency"
+    assert columns["InFlight"]["jsonPath"] == ".status.inFlight"
     assert columns["Tenant"]["jsonPath"] == ".spec.tenant"
     assert columns["Ready"]["jsonPath"] == ".status.readyPods"
     assert columns["Age"]["type"] == "date"
@@ -646,6 +651,15 @@ class FakeSidecars:
         self.headers: list[str | None] = []
         self.calls: set[tuple[str, str]] = set()
         self.push_access = False
+        # scale-out routing: the placement table each pod got (DesiredState.peers), how
+        # many PUTs each port got, versions that become Ready when their pod gets a PUT,
+        # each version's residency on its server ((port, tenant, version) -> tier) and each
+        # server's load (port -> (queue_depth, running))
+        self.peers: dict[int, dict | None] = {}
+        self.puts: dict[int, int] = {}
+        self.ready_on_put: set[tuple[int, str, str]] = set()
+        self.residency: dict[tuple[int, str, str], str] = {}
+        self.load: dict[int, tuple[int, int]] = {}
 
     def __call__(self, request):
         import httpx
@@ -656,15 +670,24 @@ class FakeSidecars:
         if request.method == "PUT":
             import json
 
-            self.desired[port] = json.loads(request.content)["adapters"]
+            body = json.loads(request.content)
+            self.desired[port] = body["adapters"]
+            self.peers[port] = body.get("peers")
+            self.puts[port] = self.puts.get(port, 0) + 1
+            self.ready |= {r for r in self.ready_on_put if r[0] == port}
             return httpx.Response(202, json={})
         adapters = [{"tenant": e["tenant"], "version": e["version"],
                      "phase": "Ready" if (port, e["tenant"], e["version"]) in self.ready
                      else "Downloading"} for e in self.desired.get(port, [])]
-        server = {"base_model": "smollm2", "adapters": [
-            {"tenant": e["tenant"], "version": e["version"], "state": "ready",
-             "active": e["active"]} for e in self.desired.get(port, [])
-            if (port, e["tenant"], e["version"]) in self.ready]}
+        queue_depth, running = self.load.get(port, (0, 0))
+        server = {"base_model": "smollm2", "queue_depth": queue_depth, "running": running,
+                  "adapters": [
+                      {"tenant": e["tenant"], "version": e["version"], "state": "ready",
+                       "active": e["active"],
+                       "residency": self.residency.get((port, e["tenant"], e["version"]),
+                                                       "disk")}
+                      for e in self.desired.get(port, [])
+                      if (port, e["tenant"], e["version"]) in self.ready]}
         body = {"adapters": adapters, "server_reachable": True, "server": server}
         if self.push_access:  # the sidecar pushed each tenant's access (GET /admin/access)
             from loramux.contracts import TenantAccess
@@ -1297,3 +1320,227 @@ def test_dedicated_access_secrets_follow_the_access_and_the_pool_grants():
                                        ("Service", NS, "lmx-legal-v1")]))
     assert plan_dedicated_access(seen(existing=existing), {spec.key: demote},
                                  {spec.key: outcome}) == ([], [(NS, "lmx-legal-v1-access")])
+
+
+# --------------------------------------------------------------------------- scale-out routing
+
+
+def served_view(tenant: str, version: str = "v1", *, state: str = "ready",
+                residency: str = "disk", in_flight: int = 0) -> dict[str, Any]:
+    """One version as the server's GET /admin/adapters lists it."""
+    return {"tenant": tenant, "version": version, "state": state, "active": True,
+            "residency": residency, "in_flight": in_flight}
+
+
+def pool_obs(name: str, states: dict[tuple[str, str], str], served: list[dict], *,
+             queue_depth: int = 0, running: int = 0) -> PodObservation:
+    o = obs(name, states, served=served)
+    assert o.server is not None
+    o.server = o.server.model_copy(update={"queue_depth": queue_depth, "running": running})
+    return o
+
+
+def url(pod_key: tuple[str, str]) -> str:
+    return f"http://127.0.0.1:{9000 + int(pod_key[1][1:])}"
+
+
+def test_peer_tables_list_ready_holders_with_tier_and_load_and_say_why_not():
+    from loramux.contracts import PeerTable
+    from loramux.operator.peers import build_pool_tables
+
+    specs = [parse_adapter(cr(t, t, replicas=1)) for t in
+             ("legal", "medical", "finance", "retail", "travel")]
+    pods = [k("p1"), k("p2"), k("p3")]
+    placements = {k("legal"): [k("p1")], k("medical"): [k("p2")], k("finance"): [k("p3")],
+                  k("retail"): [k("p1"), k("p2")], k("travel"): [k("p3")]}
+    observations = {
+        k("p1"): pool_obs("p1", {("legal", "v1"): "Ready", ("retail", "v1"): "Ready"},
+                          [served_view("legal", residency="device"),
+                           served_view("retail", residency="host")],
+                          queue_depth=2, running=5),
+        k("p2"): pool_obs("p2", {("medical", "v1"): "Ready", ("retail", "v1"): "Ready",
+                                 ("retail", "v0"): "Ready"},
+                          [served_view("medical", residency="host"),
+                           served_view("retail", residency="disk"),
+                           served_view("retail", "v0", residency="device")], running=1),
+        # finance still downloading; travel Ready in the sidecar but loading on the server
+        k("p3"): pool_obs("p3", {("finance", "v1"): "Downloading", ("travel", "v1"): "Ready"},
+                          [served_view("travel", state="loading")]),
+    }
+    members = {s.key: pods for s in specs}
+    tables = build_pool_tables(specs, placements, members, pods, observations, url)
+
+    def view(pod: str) -> dict[str, dict[str, Any]]:
+        table = tables.for_pod(k(pod))
+        return {t.tenant: t.model_dump(mode="json") for t in table.tenants}
+
+    p3 = view("p3")
+    assert list(p3) == ["finance", "legal", "medical", "retail", "travel"]  # sorted
+    assert p3["legal"] == {"tenant": "legal", "reason": None, "holders": [
+        {"pod": "p1", "url": "http://127.0.0.1:9001", "versions": ["v1"],
+         "residency": "device", "queue_depth": 2, "running": 5}]}
+    # retail on two pods: each with its best tier among the versions it holds
+    assert [(h["pod"], h["versions"], h["residency"]) for h in p3["retail"]["holders"]] == [
+        ("p1", ["v1"], "host"), ("p2", ["v0", "v1"], "device")]
+    # no Ready placement: the reason names the version, its phase and its pod
+    assert p3["finance"]["holders"] == []
+    assert p3["finance"]["reason"] == "no Ready placement: finance@v1 is Downloading on p3"
+    assert p3["travel"]["reason"] == ("no Ready placement: travel@v1 is not ready on the "
+                                      "server of p3")
+    # each pod is left out of its own copy
+    p1 = view("p1")
+    assert p1["legal"]["holders"] == []
+    assert p1["legal"]["reason"] == "no Ready placement on another pod: legal is held only by p1"
+    assert [h["pod"] for h in p1["retail"]["holders"]] == ["p2"]
+    assert [h["pod"] for h in view("p2")["retail"]["holders"]] == ["p1"]
+    # what the sidecar receives is that same table, and the fingerprint is stable: the same
+    # observations in another order give the same table
+    for pod in pods:
+        assert PeerTable.model_validate(tables.wire_for(pod)) == tables.for_pod(pod)
+    again = build_pool_tables(list(reversed(specs)), placements,
+                              {s.key: list(reversed(pods)) for s in specs}, pods,
+                              dict(reversed(list(observations.items()))), url)
+    for pod in pods:
+        assert again.for_pod(pod).fingerprint() == tables.for_pod(pod).fingerprint()
+    # a pod that does not answer, or whose server is gone, holds nothing
+    silent = dict(observations)
+    silent[k("p1")] = PodObservation(key=k("p1"), sidecar_error="refused")
+    gone = pool_obs("p2", {("medical", "v1"): "Ready"}, [served_view("medical")])
+    gone.server_reachable = False
+    silent[k("p2")] = gone
+    quiet = build_pool_tables(specs, placements, members, pods, silent, url).for_pod(k("p3"))
+    rows = {t.tenant: t for t in quiet.tenants}
+    assert rows["legal"].holders == () and "unknown on p1 (its sidecar did not answer)" in (
+        rows["legal"].reason or "")
+    assert rows["medical"].holders == () and "unknown on p2 (its server is unreachable)" in (
+        rows["medical"].reason or "")
+    # not placed anywhere
+    nowhere = build_pool_tables(specs[:1], {}, members, pods, {}, url).for_pod(k("p2"))
+    assert nowhere.tenants[0].reason == ("no Ready placement: legal@v1 is not placed on any "
+                                         "pod (no Ready pod in its pool, or none that serves "
+                                         "smollm2)")
+
+
+def test_peer_tables_only_for_the_pools_that_select_the_pod():
+    from loramux.operator.peers import build_pool_tables
+
+    gpu = {"matchLabels": {"app": "infer", "tier": "gpu"}}
+    legal = parse_adapter(cr("legal", "legal", replicas=1))
+    medical = parse_adapter(cr("medical", "medical", replicas=1, pool=gpu))
+    observations = {k("p1"): pool_obs("p1", {("legal", "v1"): "Ready"}, [served_view("legal")]),
+                    k("p2"): pool_obs("p2", {("medical", "v1"): "Ready"},
+                                      [served_view("medical")])}
+    members = {legal.key: [k("p1"), k("p2"), k("p3")], medical.key: [k("p2"), k("p3")]}
+    tables = build_pool_tables([legal, medical], {legal.key: [k("p1")],
+                                                  medical.key: [k("p2")]},
+                               members, [k("p1"), k("p2"), k("p3")], observations, url)
+    assert [t.tenant for t in tables.for_pod(k("p1")).tenants] == ["legal"]
+    assert [t.tenant for t in tables.for_pod(k("p3")).tenants] == ["legal", "medical"]
+    assert tables.for_pod(k("p9")).tenants == ()  # a pod no pool selects
+
+
+async def test_each_pod_gets_the_table_in_its_one_put_and_a_draining_pod_stays_a_holder():
+    import httpx
+
+    from loramux.contracts import PeerTable
+    from loramux.operator.reconcile import Reconciler
+    from loramux.operator.settings import OperatorSettings
+
+    legal, medical = cr("legal", "legal", replicas=1), cr("medical", "medical", replicas=1)
+    pods = [pod("p1", ports={"sync": 9101, "http": 9100}),
+            pod("p2", ports={"sync": 9201, "http": 9200})]
+    kube = FakeKube([legal, medical], pods)
+    fake = FakeSidecars()
+    fake.residency[(9201, "medical", "v1")] = "device"
+    fake.load[9201] = (3, 4)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    rec = Reconciler(OperatorSettings(sidecar_token="tok"), kube=kube, http=http)
+
+    def table(port: int) -> dict[str, Any]:
+        got = fake.peers[port]
+        assert got is not None
+        return {t.tenant: t for t in PeerTable.model_validate(got).tenants}
+
+    await rec.run_pass()  # legal -> p1, medical -> p2 (leastAdapters, ties by name)
+    assert fake.puts == {9101: 1, 9201: 1}
+    # built from what the pods said before this pass's PUT: not even reported yet
+    assert table(9101)["medical"].reason == "no Ready placement: medical@v1 is Pending on p2"
+    await rec.run_pass()
+    assert table(9101)["medical"].reason == ("no Ready placement: medical@v1 is Downloading "
+                                             "on p2")
+    fake.ready |= {(9101, "legal", "v1"), (9201, "medical", "v1")}
+    await rec.run_pass()
+    assert fake.puts == {9101: 3, 9201: 3}  # one PUT per pod per pass, the table in it
+    (holder,) = table(9101)["medical"].holders
+    assert holder.model_dump(mode="json") == {
+        "pod": "p2", "url": "http://127.0.0.1:9200", "versions": ["v1"],
+        "residency": "device", "queue_depth": 3, "running": 4}
+    assert [h.pod for h in table(9201)["legal"].holders] == ["p1"]
+    assert table(9101)["legal"].holders == ()  # itself left out
+    statuses = {name: st for name, st in kube.patches}
+    assert statuses["medical"]["placements"][0]["residency"] == "device"
+    assert statuses["medical"]["residency"] == "p2:device"
+
+    # p2 is deleted: in its grace period it gets nothing more, but it still serves medical,
+    # so it stays medical's holder while medical is placed (and loads) on p1
+    pods[1]["metadata"]["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    await rec.run_pass()
+    assert fake.puts == {9101: 4, 9201: 3}
+    assert {e["tenant"] for e in fake.desired[9101]} == {"legal", "medical"}
+    assert [h.pod for h in table(9101)["medical"].holders] == ["p2"]
+    # medical becomes Ready on p1 during the pass: the pods must hear of it soon, even
+    # though every LoraAdapter is Ready (nothing else would make the next pass come early)
+    fake.ready_on_put.add((9101, "medical", "v1"))
+    result = await rec.run_pass()
+    assert result.transient
+    assert all(st["phase"] == "Ready" for st in result.statuses.values())
+    # p2 is gone: p1 holds medical alone
+    pods.pop()
+    result = await rec.run_pass()
+    assert table(9101)["medical"].holders == ()
+    assert not result.transient
+    assert fake.puts == {9101: 6, 9201: 3}
+    await http.aclose()
+
+
+def test_status_shows_each_pods_residency_and_in_flight():
+    from k8s_harness import prune
+
+    spec = parse_adapter(cr("a"))
+    pods = [k("p1"), k("p2")]
+    observations = {
+        k("p1"): obs("p1", {("legal", "v1"): "Ready"},
+                     served=[served_view("legal", residency="device", in_flight=3)]),
+        k("p2"): obs("p2", {("legal", "v1"): "Ready"},
+                     served=[served_view("legal", residency="host", in_flight=1)])}
+    st = _status(spec, pods, observations)
+    assert [(r["pod"], r["residency"], r["inFlight"]) for r in st["placements"]] == [
+        ("p1", "device", 3), ("p2", "host", 1)]
+    assert st["residency"] == "p1:device,p2:host" and st["inFlight"] == 4
+    # the CRD's status schema keeps them (an API server prunes unknown fields)
+    schema = crd_version()["schema"]["openAPIV3Schema"]
+    obj = {**cr("a"), "status": st}
+    kept = prune(obj, schema, root=True)["status"]
+    assert kept["residency"] == "p1:device,p2:host" and kept["inFlight"] == 4
+    assert kept["placements"][0]["residency"] == "device"
+    assert kept["placements"][0]["inFlight"] == 3
+    assert not list(_validator().iter_errors(obj))
+    # a version not ready on the server has no tier; none at all: no summary, and the
+    # merge patch removes the old one
+    loading = {k("p1"): obs("p1", {("legal", "v1"): "Loading"},
+                            served=[served_view("legal", state="loading")])}
+    st2 = _status(spec, [k("p1")], loading)
+    assert "residency" not in st2["placements"][0] and "residency" not in st2
+    from loramux.operator.status import status_differs, status_patch
+
+    assert status_differs(st, st2)
+    patch = status_patch(st, st2)
+    assert patch["residency"] is None and patch["inFlight"] is None
+    # beyond three pods: counts per tier, short
+    many = [k(f"p{i}") for i in range(1, 6)]
+    tiers = ["device", "host", "host", "disk", "device"]
+    observations = {p: obs(p[1], {("legal", "v1"): "Ready"},
+                           served=[served_view("legal", residency=t)])
+                    for p, t in zip(many, tiers, strict=True)}
+    st = _status(spec, many, observations)
+    assert st["residency"] == "device:2,host:2,disk:1"
