@@ -1,12 +1,14 @@
 """The sidecar's HTTP API.
 
 - ``PUT /v1/desired`` (:class:`~loramux.contracts.DesiredState`): the versions this pod
-  should hold; 202, then the reconcile loop works towards it.
+  should hold, and the pool's placement table (``peers``, pushed to the server's
+  ``PUT /admin/peers``); 202, then the reconcile loop works towards it.
 - ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`): each desired version's phase,
   the routes, and the server's own last ``GET /admin/adapters`` and ``GET /admin/access``
   answers (``access``: key counts and fingerprints, never hashes). The operator reads a
   pod's state from here only.
-- ``GET /v1/desired``: the desired set as told, credentials masked (for humans).
+- ``GET /v1/desired``: the desired set as told, credentials masked, and the placement
+  table's size and fingerprints (told, and held by the server) (for humans).
 - ``GET /healthz``, ``GET /readyz`` (unauthenticated probes), ``GET /metrics``.
 
 ``/v1`` needs ``Authorization: Bearer <token>`` when a token is set; a token file is
@@ -79,7 +81,14 @@ def create_app(settings: SyncSettings, *, s3_client: Any = None) -> FastAPI:
     @app.get("/v1/desired", dependencies=auth)
     async def get_desired() -> Any:
         # Credentials are masked: this endpoint is for looking, not for copying secrets.
-        return {"adapters": [e.public_view() for e in reconciler.desired.values()]}
+        body: dict[str, Any] = {
+            "adapters": [e.public_view() for e in reconciler.desired.values()]}
+        peers = reconciler.desired_peers
+        if peers is not None:  # the placement table: its size and fingerprint, not its rows
+            body["peers"] = {"tenants": len(peers.tenants),
+                             "fingerprint": reconciler.desired_peers_fingerprint,
+                             "server_fingerprint": reconciler.peers_fingerprint}
+        return body
 
     @app.get("/v1/state", dependencies=auth)
     async def get_state() -> Any:

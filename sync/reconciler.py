@@ -28,6 +28,8 @@ from loramux.contracts import (
     EvictionState,
     EvictResult,
     LoadAdapterRequest,
+    PeerTable,
+    PeerTableView,
     RouteList,
     RouteRequest,
     RouteView,
@@ -124,6 +126,14 @@ class Reconciler:
         # pushed (a load checks it, so access goes first even for a version that a pass
         # started before the desired set changed fetches and loads)
         self._access_fp: dict[str, str] = {}
+        # Scale-out routing: the placement table the operator sent (None: leave the server's
+        # as it is) and its fingerprint (computed once per PUT /v1/desired), the fingerprint
+        # of the table the server holds (GET /admin/peers, or the answer to our PUT; None:
+        # unknown), and whether the server has the peers API at all (404: an older one).
+        self.desired_peers: PeerTable | None = None
+        self.desired_peers_fingerprint: str | None = None
+        self.peers_fingerprint: str | None = None
+        self.peers_supported = True
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -152,6 +162,9 @@ class Reconciler:
     def set_desired(self, state: DesiredState) -> None:
         self.desired = {entry.ref: entry for entry in state.adapters}
         self.desired_received = True
+        if state.peers is not None:
+            self.desired_peers = state.peers
+            self.desired_peers_fingerprint = state.peers.fingerprint()
         for ref, entry in self.desired.items():
             status = self.status.get(ref)
             if status is None or not entry.same_spec(status.spec):
@@ -249,7 +262,7 @@ class Reconciler:
             # answer (nothing that needs it happens, Ready versions stay Ready); the next
             # pass asks again.
             self.server_reachable, self.server_state, server = False, None, None
-            self.access_state = None
+            self.access_state, self.peers_fingerprint = None, None
             self.metrics.server_errors.labels("adapters", exc.code).inc()
             log.warning("inference server unavailable: %s", exc.message)
         else:
@@ -263,6 +276,8 @@ class Reconciler:
             # 0. tenant access (key hashes, weight, limits) before anything is loaded or
             # activated: a tenant becomes callable with its keys already known.
             await self._sync_access()
+            # 0b. the pool's placement table (scale-out routing)
+            await self._sync_peers()
         local = await asyncio.to_thread(list_local, self.root)
         now = time.monotonic()
 
@@ -362,6 +377,53 @@ class Reconciler:
             except ServerError as exc:
                 if exc.status != 404:
                     log.warning("removing the route of %s failed: %s", tenant, exc.message)
+
+    async def _sync_peers(self) -> None:
+        """Scale-out routing: when the operator sent a placement table
+        (``DesiredState.peers``) and the server holds another one (compared by fingerprint,
+        ``GET /admin/peers``), ``PUT /admin/peers``. A server answering 404 predates the
+        peers API: logged once, skipped (asked again next pass). Failures count in
+        ``loramux_sync_server_errors_total`` and are retried next pass. The server's table is
+        read every pass (not only after a push): a restarted server starts with none."""
+        table, want = self.desired_peers, self.desired_peers_fingerprint
+        if table is None or want is None:
+            return
+        try:
+            view: PeerTableView = await self._server_report("/admin/peers", PeerTableView)
+        except ServerError as exc:
+            self.peers_fingerprint = None
+            if exc.status == 404:
+                if self.peers_supported:
+                    log.warning("the inference server has no GET /admin/peers (an older "
+                                "server): the pool's placement table is not pushed")
+                self.peers_supported = False
+                return
+            self.metrics.server_errors.labels("peers", exc.code).inc()
+            log.warning("cannot read the server's placement table: %s", exc.message)
+            return
+        if not self.peers_supported:
+            log.info("the inference server now answers GET /admin/peers")
+        self.peers_supported = True
+        self.peers_fingerprint = view.fingerprint
+        if view.fingerprint == want:
+            return
+        try:
+            reply = await self._server("PUT", "/admin/peers", table)
+        except ServerError as exc:
+            self.metrics.server_errors.labels("peers_push", exc.code).inc()
+            log.warning("pushing the placement table failed: %s", exc.message,
+                        extra={"code": exc.code})
+            return
+        try:
+            self.peers_fingerprint = PeerTableView.model_validate(reply).fingerprint or want
+        except ValidationError:
+            self.peers_fingerprint = want
+        if self.peers_fingerprint != want:
+            log.warning("the server holds placement table %s after a push of %s",
+                        self.peers_fingerprint, want)
+        else:
+            log.info("placement table set on the server: %d tenant(s), fingerprint %s",
+                     len(table.tenants), want)
 
     def desired_access(self) -> dict[str, TenantAccess | None]:
         """tenant -> the access its desired entries carry: the active entry's, else any
@@ -689,7 +751,8 @@ class Reconciler:
         return SyncState(adapters=[status.view(ref) for ref, status in items],
                          routes=[self.routes[t] for t in sorted(self.routes)],
                          server_reachable=self.server_reachable, last_pass=self.last_pass,
-                         server=self.server_state, access=self.access_state)
+                         server=self.server_state, access=self.access_state,
+                         peers_fingerprint=self.peers_fingerprint)
 
 
 def _eviction_state(answer: Any) -> EvictionState | None:

@@ -729,6 +729,11 @@ class StubServer:
         self.deleted: list[str] = []
         self.access: dict[str, dict[str, Any]] | None = None
         self.access_fail: dict[str, int] = {}
+        # Scale-out routing: ``peers`` None is a server from before issue 17
+        # (``/admin/peers`` is 404), else the PeerTable JSON it holds; ``peers_fail``
+        # (method -> status code) fails those calls.
+        self.peers: dict[str, Any] | None = None
+        self.peers_fail: dict[str, int] = {}
         app = FastAPI()
 
         @app.middleware("http")
@@ -814,6 +819,33 @@ class StubServer:
             if self.access.pop(tenant, None) is None:
                 return JSONResponse(error_body(404, "not_found", "no access"), 404)
             return {"tenant": tenant, "state": "removed"}
+
+        def peers_problem(method: str) -> JSONResponse | None:
+            if self.peers is None:
+                return JSONResponse(error_body(404, "not_found", "Not Found"), 404)
+            status = self.peers_fail.get(method)
+            if status is not None:
+                return JSONResponse(error_body(status, "unavailable", "down"), status)
+            return None
+
+        def peers_view() -> dict[str, Any]:
+            from loramux.contracts import PeerTable
+
+            table = PeerTable.model_validate(self.peers)
+            return {"fingerprint": table.fingerprint(),
+                    "tenants": table.model_dump(mode="json")["tenants"]}
+
+        @app.get("/admin/peers")
+        async def get_peers() -> Any:
+            return peers_problem("GET") or peers_view()
+
+        @app.put("/admin/peers")
+        async def put_peers(request: Request) -> Any:
+            problem = peers_problem("PUT")
+            if problem is not None:
+                return problem
+            self.peers = await request.json()
+            return peers_view()
 
         @app.get("/admin/routes")
         async def routes() -> Any:
@@ -1040,3 +1072,144 @@ def test_failed_access_calls_are_counted_and_retried(adapter_root: Path,
         wait_until(lambda: stub.access == {}, "legal's access removed once the server heals")
         wait_until(lambda: client.get("/v1/state").json()["access"]["tenants"] == [],
                    "the report follows")
+
+
+# --------------------------------------------------------------------------- scale-out routing
+# The pool's placement table (DesiredState.peers) goes to the server's PUT /admin/peers when
+# the server holds another one (by fingerprint). Against the real server at the end; here
+# what the real server cannot be made to do on demand: forget its table, predate the API,
+# or fail.
+
+
+def peer_table(*tenants: str, url: str = "http://127.0.0.1:9") -> dict[str, Any]:
+    """A PeerTable's JSON: each tenant held by one other pod (or none, with a reason)."""
+    rows = []
+    for tenant in tenants:
+        if tenant.startswith("nowhere"):
+            rows.append({"tenant": tenant, "holders": [],
+                         "reason": f"no Ready placement: {tenant}@v1 is Downloading on p2"})
+        else:
+            rows.append({"tenant": tenant, "holders": [
+                {"pod": "p2", "url": url, "versions": ["v1"], "residency": "device",
+                 "queue_depth": 1, "running": 2}]})
+    return {"tenants": rows}
+
+
+def fingerprint_of(table: dict[str, Any]) -> str:
+    from loramux.contracts import PeerTable
+
+    return PeerTable.model_validate(table).fingerprint()
+
+
+def peer_puts(stub: StubServer) -> list[tuple[str, str, int]]:
+    return [c for c in stub.calls if c[:2] == ("PUT", "/admin/peers")]
+
+
+def test_the_placement_table_is_pushed_once_and_again_when_the_server_forgot_it(
+        adapter_root: Path, tmp_path: Path) -> None:
+    stub = StubServer()
+    stub.peers = {"tenants": []}
+    source = _file_source(adapter_root, tmp_path / "pub", "legal")
+    table = peer_table("medical", "nowhere")
+    want = fingerprint_of(table)
+    with stub.running() as url, run_sidecar(tmp_path / "volume", url, None,
+                                            resync_seconds=0.1) as client:
+        state = client.get("/v1/state").json()
+        assert state["peers_fingerprint"] is None  # nothing told: nothing asked
+        assert not [c for c in stub.calls if c[1] == "/admin/peers"]
+        r = client.put("/v1/desired", json={"adapters": [source], "peers": table})
+        assert r.status_code == 202, r.text
+        wait_until(lambda: client.get("/v1/state").json()["peers_fingerprint"] == want,
+                   "the table's fingerprint reported")
+        assert stub.peers == table
+        assert client.get("/v1/desired").json()["peers"] == {
+            "tenants": 2, "fingerprint": want, "server_fingerprint": want}
+        # passes go on; the server holds it: no second push
+        mark = len(stub.calls)
+        wait_until(lambda: len([c for c in stub.calls[mark:]
+                                if c[:2] == ("GET", "/admin/peers")]) >= 5, "more passes")
+        assert len(peer_puts(stub)) == 1
+        # a desired set without a table leaves the server's as it is
+        put_desired(client, [source])
+        mark = len(stub.calls)
+        wait_until(lambda: len([c for c in stub.calls[mark:]
+                                if c[:2] == ("GET", "/admin/peers")]) >= 3, "more passes")
+        assert len(peer_puts(stub)) == 1 and stub.peers == table
+        # the server restarted (its table is empty): pushed again
+        stub.peers = {"tenants": []}
+        wait_until(lambda: stub.peers == table, "the table pushed again")
+        assert len(peer_puts(stub)) == 2
+        # a new table replaces it
+        newer = peer_table("medical", "finance")
+        r = client.put("/v1/desired", json={"adapters": [source], "peers": newer})
+        assert r.status_code == 202
+        wait_until(lambda: client.get("/v1/state").json()["peers_fingerprint"]
+                   == fingerprint_of(newer), "the new table reported")
+        assert stub.peers == newer
+        assert 'call="peers' not in client.get("/metrics").text  # no error on the way
+
+
+def test_a_server_without_the_peers_api_is_logged_once_and_failures_are_retried(
+        adapter_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stub = StubServer()  # peers None: GET /admin/peers answers 404
+    source = _file_source(adapter_root, tmp_path / "pub", "legal")
+    table = peer_table("medical")
+    caplog.set_level(logging.INFO, logger="loramux.sync")
+    with stub.running() as url, run_sidecar(tmp_path / "volume", url, None,
+                                            resync_seconds=0.1) as client:
+        r = client.put("/v1/desired", json={"adapters": [source], "peers": table})
+        assert r.status_code == 202
+        wait_phases(client, {"legal@v1": "Ready"})  # served all the same
+        wait_until(lambda: len([c for c in stub.calls if c[1] == "/admin/peers"]) >= 5,
+                   "more passes")
+        assert not peer_puts(stub)
+        said = [r for r in caplog.records if "no GET /admin/peers" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING
+        assert 'call="peers' not in client.get("/metrics").text  # not an error
+        assert client.get("/v1/state").json()["peers_fingerprint"] is None
+
+        def errors(call: str) -> float:
+            prefix = f'loramux_sync_server_errors_total{{call="{call}",code="unavailable"}}'
+            return sum(float(line.rsplit(" ", 1)[1]) for line in
+                       client.get("/metrics").text.splitlines() if line.startswith(prefix))
+
+        # upgraded in place, but its peers API fails for a while: counted, retried
+        stub.peers_fail = {"GET": 503}
+        stub.peers = {"tenants": []}
+        wait_until(lambda: errors("peers") >= 2, "failed reads counted")
+        stub.peers_fail = {"PUT": 503}
+        wait_until(lambda: errors("peers_push") >= 2, "failed pushes counted")
+        assert stub.peers == {"tenants": []}
+        assert client.get("/v1/state").json()["peers_fingerprint"] == fingerprint_of(
+            {"tenants": []})  # what the server holds, not what was sent
+        stub.peers_fail = {}
+        wait_until(lambda: stub.peers == table, "pushed once the server heals")
+        wait_until(lambda: client.get("/v1/state").json()["peers_fingerprint"]
+                   == fingerprint_of(table), "reported")
+        assert any("now answers GET /admin/peers" in r.getMessage() for r in caplog.records)
+
+
+def test_the_placement_table_reaches_the_real_server(sidecar: Any, server) -> None:
+    """The real ``loramux serve``: after the push its GET /admin/peers has the fingerprint
+    the sidecar reports, and a request for a tenant only a peer holds is forwarded there
+    (here the peer is gone: 503 naming the tenant, never the base model)."""
+    table = peer_table("peer-only", "nowhere-else")
+    want = fingerprint_of(table)
+    r = sidecar.put("/v1/desired", json={"adapters": [], "peers": table})
+    assert r.status_code == 202, r.text
+    try:
+        wait_until(lambda: sidecar.get("/v1/state").json()["peers_fingerprint"] == want,
+                   "the table on the server")
+        held = httpx.get(f"{server.url}/admin/peers", timeout=10).json()
+        assert held["fingerprint"] == want
+        assert [t["tenant"] for t in held["tenants"]] == ["peer-only", "nowhere-else"]
+        for tenant in ("peer-only", "nowhere-else"):
+            r = httpx.post(f"{server.url}/generate", json={
+                "tenant_id": tenant, "prompt": PROMPT, "max_new_tokens": 4}, timeout=30)
+            assert r.status_code == 503, r.text
+            assert tenant in r.json()["error"]["message"]
+    finally:
+        empty = {"tenants": []}
+        sidecar.put("/v1/desired", json={"adapters": [], "peers": empty})
+        wait_until(lambda: sidecar.get("/v1/state").json()["peers_fingerprint"]
+                   == fingerprint_of(empty), "the table emptied")
