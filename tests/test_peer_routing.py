@@ -140,6 +140,13 @@ def test_a_tenant_held_elsewhere_is_answered_by_its_holder(pods) -> None:
     # A tenant held here is served here.
     local = _gen(a.url, "legal")
     assert local.status_code == 200 and "x-loramux-routed" not in local.headers
+    # A client error the holder finds (every holder would) is relayed, not retried or
+    # turned into a 503, streaming or not.
+    for stream in (False, True):
+        r = _gen(a.url, "finance", "/v1/completions", stream=stream, tokens=10**6)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "max_tokens_too_large"
+        assert r.headers["x-loramux-routed"] == "peer"
     # A pinned version no holder has is a 503, never another version or the base.
     r = _gen(a.url, "finance@v9")
     assert r.status_code == 503 and r.json()["error"]["code"] == "tenant_unavailable"
