@@ -515,20 +515,35 @@ class AdapterCache:
         self._update_gauges()
 
     def _enforce_host_budget(self, keep: AdapterRef | None) -> None:
-        """Drop host copies (LRU) that are not needed soon. Lock held."""
+        """Drop host copies (LRU) that are not needed soon. Lock held.
+
+        Walks the host LRU from its least recently used end only as far as it must: O(1)
+        when under budget, else the copies dropped plus the ones kept on the way (needed by
+        a waiting request, pinned, or ``keep``), never every copy held."""
         if self._host_used <= self.host_bytes:
-            return  # the common case, O(1): nothing to drop
-        held = self._lru_entries(self._host_lru)
+            return  # the common case: nothing to drop
         used = self._host_used
-        for entry in held:
+        victims: list[AdapterEntry] = []
+        stale: list[AdapterRef] = []
+        for ref, nbytes in self._host_lru.items():
             if used <= self.host_bytes:
                 break
+            entry = self._entries.get(ref)
+            if entry is None:  # a bug (see _lru_entries): dropped, its bytes uncounted
+                stale.append(ref)
+                used -= nbytes
+                continue
             # A host copy that a waiting request is about to promote stays.
             needed = entry.slot is None and (entry.refcount > 0 or entry.pinned)
             if entry.ref == keep or needed:
                 continue
+            victims.append(entry)
+            used -= nbytes
+        for ref in stale:
+            log.error("cache LRU held an unregistered adapter", extra={"adapter": str(ref)})
+            self._host_pop(ref)
+        for entry in victims:
             entry.host = None
-            used -= self._host_lru.get(entry.ref, entry.nbytes)
             self._host_pop(entry.ref)
             self._metrics.cache_evictions.labels("host").inc()
 
