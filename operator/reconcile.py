@@ -6,13 +6,19 @@ method that reads alone:
 
 1. :meth:`~Reconciler.observe` (reads only): every LoraAdapter and pod, each pool pod's
    sidecar ``GET /v1/state`` (:class:`~loramux.contracts.SyncState`, the one source of a
-   pod's state, its server's own answer included), the credentials and API-key Secrets, hot
-   tenants' dedicated objects (and the pool's key grants) and the pool's request counters;
+   pod's state, its server's own answer included; terminating pool pods' too, with a short
+   timeout: what they still hold), the credentials and API-key Secrets, hot tenants'
+   dedicated objects (and the pool's key grants) and the pool's request counters;
 2. :meth:`~Reconciler.plan` (no I/O): validation, placement, each hot tenant's dedicated
-   deployment, and every pool pod's desired set;
+   deployment, every pool pod's desired set, and the pool's placement table for
+   scale-out routing (:mod:`loramux.operator.peers`);
 3. :meth:`~Reconciler.deliver` (writes): dedicated access Secrets written, dedicated objects
-   created or deleted, ``PUT /v1/desired`` to every pool pod, its state read back;
-4. :meth:`~Reconciler.report`: each LoraAdapter's status (merge-patched) and its Events.
+   created or deleted, ``PUT /v1/desired`` to every pool pod (its desired set and its copy
+   of the placement table, ``DesiredState.peers``: one PUT per pod per pass), its state
+   read back;
+4. :meth:`~Reconciler.report`: each LoraAdapter's status (merge-patched: placements with
+   each pod's residency and requests in flight) and its Events; when the holders changed
+   during the pass, the next pass comes soon, so the pods hear of it.
 
 Passes are serialized (one at a time), debounced (a burst of events is one pass) and
 level-triggered: nothing is remembered between passes but what the API server (the

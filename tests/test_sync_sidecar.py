@@ -1189,27 +1189,29 @@ def test_a_server_without_the_peers_api_is_logged_once_and_failures_are_retried(
         assert any("now answers GET /admin/peers" in r.getMessage() for r in caplog.records)
 
 
-def test_the_placement_table_reaches_the_real_server(sidecar: Any, server) -> None:
+def test_the_placement_table_reaches_the_real_server(server, tmp_path: Path) -> None:
     """The real ``loramux serve``: after the push its GET /admin/peers has the fingerprint
     the sidecar reports, and a request for a tenant only a peer holds is forwarded there
-    (here the peer is gone: 503 naming the tenant, never the base model)."""
+    (here the peer is gone: 503 naming the tenant, never the base model). A sidecar of its
+    own (the module's is stopped by then), on an empty volume: it owns nothing loaded."""
     table = peer_table("peer-only", "nowhere-else")
     want = fingerprint_of(table)
-    r = sidecar.put("/v1/desired", json={"adapters": [], "peers": table})
-    assert r.status_code == 202, r.text
-    try:
-        wait_until(lambda: sidecar.get("/v1/state").json()["peers_fingerprint"] == want,
-                   "the table on the server")
-        held = httpx.get(f"{server.url}/admin/peers", timeout=10).json()
-        assert held["fingerprint"] == want
-        assert [t["tenant"] for t in held["tenants"]] == ["peer-only", "nowhere-else"]
-        for tenant in ("peer-only", "nowhere-else"):
-            r = httpx.post(f"{server.url}/generate", json={
-                "tenant_id": tenant, "prompt": PROMPT, "max_new_tokens": 4}, timeout=30)
-            assert r.status_code == 503, r.text
-            assert tenant in r.json()["error"]["message"]
-    finally:
-        empty = {"tenants": []}
-        sidecar.put("/v1/desired", json={"adapters": [], "peers": empty})
-        wait_until(lambda: sidecar.get("/v1/state").json()["peers_fingerprint"]
-                   == fingerprint_of(empty), "the table emptied")
+    empty = {"tenants": []}
+    with run_sidecar(tmp_path / "volume", server.url, None) as sidecar:
+        r = sidecar.put("/v1/desired", json={"adapters": [], "peers": table})
+        assert r.status_code == 202, r.text
+        try:
+            wait_until(lambda: sidecar.get("/v1/state").json()["peers_fingerprint"] == want,
+                       "the table on the server")
+            held = httpx.get(f"{server.url}/admin/peers", timeout=10).json()
+            assert held["fingerprint"] == want
+            assert [t["tenant"] for t in held["tenants"]] == ["peer-only", "nowhere-else"]
+            for tenant in ("peer-only", "nowhere-else"):
+                r = httpx.post(f"{server.url}/generate", json={
+                    "tenant_id": tenant, "prompt": PROMPT, "max_new_tokens": 4}, timeout=30)
+                assert r.status_code == 503, r.text
+                assert tenant in r.json()["error"]["message"]
+        finally:
+            sidecar.put("/v1/desired", json={"adapters": [], "peers": empty})
+            wait_until(lambda: sidecar.get("/v1/state").json()["peers_fingerprint"]
+                       == fingerprint_of(empty), "the table emptied")
