@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from loramux.contracts import (
     AdapterState,
     PeerHolder,
@@ -188,9 +190,12 @@ def _holder(pod: PodKey, found: tuple[tuple[str, ...], Residency],
     url = url_of(pod)
     if url is None or observation.server is None:
         return None
-    return PeerHolder(pod=pod[1], url=url, versions=versions[-MAX_VERSIONS:], residency=tier,
-                      queue_depth=max(0, observation.server.queue_depth),
-                      running=max(0, observation.server.running))
+    try:
+        return PeerHolder(pod=pod[1], url=url, versions=versions[-MAX_VERSIONS:],
+                          residency=tier, queue_depth=max(0, observation.server.queue_depth),
+                          running=max(0, observation.server.running))
+    except ValidationError:  # e.g. a pod IP no URL can hold: never a holder, never a crash
+        return None
 
 
 def no_holder_reason(spec: AdapterSpec, pods: Sequence[PodKey],
@@ -216,7 +221,10 @@ def no_holder_reason(spec: AdapterSpec, pods: Sequence[PodKey],
             why = f" ({item.reason[:120]})" if item.reason else ""
             parts.append(f"Failed on {pod[1]}{why}")
         elif item.phase == SyncPhase.READY:
-            parts.append(f"not ready on the server of {pod[1]}")
+            loaded = any(a.tenant == spec.tenant and a.version == spec.version
+                         and a.state == AdapterState.READY for a in obs.server.adapters)
+            parts.append(f"Ready on {pod[1]}, which has no usable address" if loaded
+                         else f"not ready on the server of {pod[1]}")
         else:
             parts.append(f"{item.phase} on {pod[1]}")
     return f"no Ready placement: {ref} is {', '.join(parts)}"[:MAX_REASON]

@@ -1414,6 +1414,13 @@ def test_peer_tables_list_ready_holders_with_tier_and_load_and_say_why_not():
         rows["legal"].reason or "")
     assert rows["medical"].holders == () and "unknown on p2 (its server is unreachable)" in (
         rows["medical"].reason or "")
+    # a pod whose address no URL can hold is never a holder (and the pass goes on)
+    odd = build_pool_tables(specs, placements, members, pods, observations,
+                            lambda p: "http://bad host:1" if p == k("p1") else url(p))
+    rows = {t.tenant: t for t in odd.for_pod(k("p3")).tenants}
+    assert rows["legal"].holders == () and [h.pod for h in rows["retail"].holders] == ["p2"]
+    assert rows["legal"].reason == ("no Ready placement: legal@v1 is Ready on p1, which has "
+                                    "no usable address")
     # not placed anywhere
     nowhere = build_pool_tables(specs[:1], {}, members, pods, {}, url).for_pod(k("p2"))
     assert nowhere.tenants[0].reason == ("no Ready placement: legal@v1 is not placed on any "
