@@ -395,7 +395,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     scale = report["pass_time"]
     ns = [row["adapters"] for row in scale]
-    ax1.plot(ns, [row["cold_pass_s"] for row in scale], "o-", label="first pass (writes status)")
+    ax1.plot(ns, [row["cold_pass_s"] for row in scale], "o-",
+             label="first pass after adding (writes the new adapters' status)")
     ax1.plot(ns, [row["steady_pass_s"] for row in scale], "s-",
              label="steady pass (nothing changed)")
     for row in scale:
@@ -466,6 +467,11 @@ def main() -> None:
         "benchmark": "bench_control_plane",
         "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "git": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip(),
+        "operator_dirty": bool(subprocess.run(["git", "status", "--porcelain", "--",
+                                               "operator", "loramux"], cwd=REPO,
+                                              capture_output=True, text=True).stdout),
         "machine": {**cpu_facts(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "settings": {"adapters": args.adapters, "pods": args.pods, "replicas": 1,
