@@ -239,6 +239,12 @@ class DesiredState(BaseModel):
     peers: PeerTable | None = Field(
         None, description="Scale-out routing: where the pool's other pods hold which "
                           "tenants (None: leave the server's table as it is).")
+    access: dict[TenantName, TenantAccess] = Field(
+        default_factory=dict, max_length=100_000,
+        description="Access of every tenant of the pod's pool, held here or not: with "
+                    "scale-out routing a request is authenticated by the first pod it "
+                    "reaches, before it is forwarded to a holder. An entry's own access "
+                    "(DesiredAdapter.access) wins for the tenants held here.")
 
     @model_validator(mode="after")
     def _check(self) -> DesiredState:
@@ -259,6 +265,8 @@ class DesiredState(BaseModel):
         body: dict[str, Any] = {"adapters": [entry.wire() for entry in self.adapters]}
         if self.peers is not None:
             body["peers"] = self.peers.model_dump(mode="json")
+        if self.access:
+            body["access"] = {t: a.model_dump(mode="json") for t, a in self.access.items()}
         return body
 
 

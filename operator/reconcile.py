@@ -188,6 +188,9 @@ class PassPlan:
     # scale-out routing: the pool's placement tables (each pool pod gets its copy in
     # DesiredState.peers; compared with the pods' state after delivery)
     tables: PoolTables | None = None
+    # every pool pod: the access of each tenant its pool holds (DesiredState.access), since
+    # a request is authenticated by the first pod it reaches, holder or not
+    pool_access: dict[PodKey, dict[str, TenantAccess]] = field(default_factory=dict)
 
 
 @dataclass
@@ -245,6 +248,26 @@ def with_access(desired: Mapping[PodKey, list[DesiredAdapter]],
     return {pod: [entry.model_copy(update={"access": access.get((pod[0], entry.tenant))})
                   for entry in entries]
             for pod, entries in desired.items()}
+
+
+def pool_access(seen: Observed, placeable: Sequence[AdapterSpec],
+                access: Mapping[ObjectKey, AccessOutcome]
+                ) -> dict[PodKey, dict[str, TenantAccess]]:
+    """Each pool pod: the access of every tenant with ``spec.access`` whose pool selects the
+    pod, placed there or not (scale-out routing authenticates at the first pod)."""
+    out: dict[PodKey, dict[str, TenantAccess]] = {}
+    pools: dict[tuple[str, str], list[PodKey]] = {}
+    for spec in placeable:
+        outcome = access.get(spec.key)
+        if outcome is None or outcome.access is None:
+            continue
+        pool = (spec.namespace, spec.pool_key)
+        if pool not in pools:
+            pools[pool] = [pod_key(p) for p in pods_in_pool(spec, seen.pods)
+                           if pod_key(p) in seen.pool_pods]
+        for pod in pools[pool]:
+            out.setdefault(pod, {})[spec.tenant] = outcome.access
+    return out
 
 
 def plan_dedicated_access(seen: Observed, hot: Mapping[ObjectKey, HotStep],
@@ -747,7 +770,7 @@ class Reconciler:
                         credential_problems=problems, untrusted=seen.untrusted,
                         access=access, access_writes=writes, access_deletes=deletes,
                         transient=hot_transient or bool(problems) or access_transient,
-                        tables=tables)
+                        tables=tables, pool_access=pool_access(seen, placeable, access))
 
     def peer_tables(self, seen: Observed, placeable: Sequence[AdapterSpec],
                     placements: Mapping[ObjectKey, Sequence[PodKey]],
@@ -828,7 +851,8 @@ class Reconciler:
         tables = todo.tables
         puts = await asyncio.gather(*(self._put_desired(
             seen.pool_pods[k], todo.desired[k],
-            tables.wire_for(k) if tables is not None else None) for k in keys))
+            tables.wire_for(k) if tables is not None else None,
+            todo.pool_access.get(k)) for k in keys))
         put_errors = {k: err for k, err in zip(keys, puts, strict=True) if err}
         for key, err in put_errors.items():
             log.warning("pod %s/%s: desired set not delivered: %s", key[0], key[1], err)
@@ -906,12 +930,14 @@ class Reconciler:
         return failed
 
     async def _put_desired(self, pod: Mapping[str, Any], entries: list[DesiredAdapter],
-                           peers: dict[str, Any] | None = None) -> str | None:
-        """``PUT /v1/desired``: the pod's desired set and its copy of the placement table
-        (``peers``, already JSON: see :meth:`PoolTables.wire_for`)."""
+                           peers: dict[str, Any] | None = None,
+                           access: Mapping[str, TenantAccess] | None = None) -> str | None:
+        """``PUT /v1/desired``: the pod's desired set, its copy of the placement table
+        (``peers``, already JSON: see :meth:`PoolTables.wire_for`) and its pool's tenant
+        access."""
         assert self.http is not None
         url = _base_url(pod, container_port(pod, "sync", self.settings.sidecar_port))
-        body = DesiredState(adapters=entries).wire()
+        body = DesiredState(adapters=entries, access=dict(access or {})).wire()
         if peers is not None:
             body["peers"] = peers
         try:

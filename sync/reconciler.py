@@ -96,6 +96,9 @@ class Reconciler:
         # Absolute: the server is told this path and refuses relative ones.
         self.root = Path(settings.root).absolute()
         self.desired: dict[AdapterRef, DesiredAdapter] = {}
+        # Access of the pool's tenants this pod may be asked for but need not hold
+        # (DesiredState.access: scale-out routing authenticates at the first pod).
+        self.pool_access: dict[str, TenantAccess] = {}
         self.status: dict[AdapterRef, Status] = {}
         self.metrics = SyncMetrics()
         self.credentials = CredentialResolver(settings.s3_credentials_dir, s3_client=s3_client)
@@ -161,6 +164,7 @@ class Reconciler:
 
     def set_desired(self, state: DesiredState) -> None:
         self.desired = {entry.ref: entry for entry in state.adapters}
+        self.pool_access = dict(state.access)
         self.desired_received = True
         if state.peers is not None:
             self.desired_peers = state.peers
@@ -427,14 +431,18 @@ class Reconciler:
 
     def desired_access(self) -> dict[str, TenantAccess | None]:
         """tenant -> the access its desired entries carry: the active entry's, else any
-        entry's (the operator sends the same on every entry of a tenant); None when no entry
-        carries one (then the sidecar removes what it pushed before)."""
-        wanted: dict[str, TenantAccess | None] = {}
+        entry's (the operator sends the same on every entry of a tenant), else the pool's
+        (``DesiredState.access``: tenants held elsewhere in the pool, reached through this
+        pod); None when none carries one (then the sidecar removes what it pushed before)."""
+        wanted: dict[str, TenantAccess | None] = dict(self.pool_access)
         # One pass in order: active entries first, then by version; the first access wins.
+        seen: set[str] = set()
         for entry in sorted(self.desired.values(),
                             key=lambda e: (e.tenant, not e.active, e.version)):
-            if wanted.get(entry.tenant) is None:
+            if entry.access is not None and entry.tenant not in seen:
                 wanted[entry.tenant] = entry.access
+                seen.add(entry.tenant)
+            wanted.setdefault(entry.tenant, None)
         return wanted
 
     async def _sync_access(self) -> None:

@@ -15,6 +15,11 @@ deletionTimestamp is set), while the pod goes on serving in its grace period; it
 are placed on the other pods (the existing placement logic), and once they are Ready there
 the pod's processes stop and its object goes. The loop runs through all of it.
 
+The pods run with ``--auth keys`` and every tenant has its own key (``spec.access``): a
+request is authenticated by the pod it reaches, which may not hold the tenant, so every pool
+pod must know every pool tenant's key hashes (``DesiredState.access``); the holder checks
+the key again. A tenant's key is refused for another tenant.
+
 What is asserted: zero failed requests (no retry anywhere in the client), every answer's
 ``adapter`` is the tenant asked for, some answers came through a peer (the pod asked did
 not hold the tenant), and ``kubectl get lora -o wide`` shows where each tenant is.
@@ -22,6 +27,7 @@ not hold the tenant), and ``kubectl get lora -o wide`` shows where each tenant i
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -102,7 +108,7 @@ def pods(k8s: K8s, s3_server: S3, tiny_model_dir: Path,
     workdir = tmp_path_factory.mktemp("pods")
     args = ["--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text"]
     made = {name: inference_pod(k8s.api, name, workdir, server_args=args,
-                                sidecar_token=TOKEN, start=False,
+                                sidecar_token=TOKEN, start=False, auth="keys",
                                 labels={**INFERENCE_LABELS, **OWNER_LABELS})
             for name in POD_NAMES}
     errors = start_pods(made.values())
@@ -133,12 +139,23 @@ def operator(k8s: K8s, pods: dict[str, InferencePod],
 # --------------------------------------------------------------------------- helpers
 
 
+def key_of(tenant: str) -> str:
+    return f"{tenant}-key-0123456789abcdef0123456789abcdef"
+
+
+def key_secret(tenant: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": f"{tenant}-keys", "namespace": "default"},
+            "data": {"app": base64.b64encode(key_of(tenant).encode()).decode()}}
+
+
 def lora(tenant: str, uri: str) -> str:
     return json.dumps({
         "apiVersion": "loramux.io/v1alpha1", "kind": "LoraAdapter",
         "metadata": {"name": tenant, "namespace": "default"},
         "spec": {"tenant": tenant, "version": "v1", "source": {"uri": uri},
                  "baseModel": "tiny-llama", "replicas": 1,
+                 "access": {"secretName": f"{tenant}-keys"},
                  "pool": {"matchLabels": {"app.kubernetes.io/name": "loramux-inference"}}}})
 
 
@@ -230,6 +247,7 @@ class ServiceLoop:
 
     @staticmethod
     def _call(client: httpx.Client, url: str, tenant: str, kind: str) -> dict[str, Any]:
+        client.headers["Authorization"] = f"Bearer {key_of(tenant)}"
         if kind == "generate":
             r = client.post(f"{url}/generate", json={
                 "tenant_id": tenant, "prompt": PROMPT, "max_new_tokens": 6, "temperature": 0})
@@ -268,11 +286,24 @@ def test_any_pod_answers_any_tenant_through_a_pod_deletion(
         published: dict[str, str]) -> None:
     assert k8s.kubectl is not None
     for tenant in TENANTS:
+        k8s.api.create(key_secret(tenant))
         k8s.kubectl.apply(lora(tenant, published[tenant]))
     every = set(POD_NAMES)
     where = wait(lambda: placements(k8s, every), "six tenants Ready, one pod each", 180)
     assert Counter(where.values()) == dict.fromkeys(POD_NAMES, 2), where  # leastAdapters
     wait(lambda: routable(pods, every), "every pod's placement table", 60)
+
+    # Every pod knows every tenant's key (held there or not); a key grants its tenant only.
+    for name in POD_NAMES:
+        url = pods[name].server_url
+        access = httpx.get(f"{url}/admin/access", timeout=10).json()
+        assert {row["tenant"] for row in access["tenants"]} == set(TENANTS), (name, access)
+        other = httpx.post(f"{url}/generate", headers={
+            "Authorization": f"Bearer {key_of('legal')}"}, json={
+            "tenant_id": "medical", "prompt": PROMPT, "max_new_tokens": 2})
+        assert other.status_code == 403, other.text
+        assert httpx.post(f"{url}/generate", json={
+            "tenant_id": "medical", "prompt": PROMPT, "max_new_tokens": 2}).status_code == 401
 
     # kubectl get lora -o wide: where each tenant is (each pod's best tier) and how hot
     def wide() -> dict[str, dict[str, str]] | None:
