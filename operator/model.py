@@ -464,17 +464,31 @@ def container_port(pod: Mapping[str, Any], name: str, default: int) -> int:
 DEDICATED_APP = "loramux-dedicated"  # hot tenants' merged pods: never part of a pool
 
 
+# pods_in_pool's answers for the pod list it was last asked about: a pass asks for every
+# adapter several times, and most adapters share a selector (1,000 adapters x 20 pods took
+# ~80,000 selector checks, half of a pass). Keyed by the list object itself (held here, so
+# its id cannot be reused), by namespace and by the selector's canonical text.
+_POOL_MEMO: dict[str, Any] = {"pods": None, "answers": {}}
+
+
 def pods_in_pool(spec: AdapterSpec, pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Live pods of the spec's namespace that its pool selects (none if the spec is invalid).
     A hot tenant's dedicated pod never counts, even if a broad selector matches it."""
     if spec.error is not None:
         return []
-    return [
-        pod for pod in pods
-        if pod_key(pod)[0] == spec.namespace and pod_is_live(pod)
-        and selector_matches(spec.pool, labels := (pod.get("metadata") or {}).get("labels"))
-        and (labels or {}).get("app.kubernetes.io/name") != DEDICATED_APP
-    ]
+    if _POOL_MEMO["pods"] is not pods:
+        _POOL_MEMO["pods"], _POOL_MEMO["answers"] = pods, {}
+    key = (spec.namespace, spec.pool_key, len(pods))
+    answers: dict[tuple[str, str, int], list[Mapping[str, Any]]] = _POOL_MEMO["answers"]
+    found = answers.get(key)
+    if found is None:
+        found = answers[key] = [
+            pod for pod in pods
+            if pod_key(pod)[0] == spec.namespace and pod_is_live(pod)
+            and selector_matches(spec.pool, labels := (pod.get("metadata") or {}).get("labels"))
+            and (labels or {}).get("app.kubernetes.io/name") != DEDICATED_APP
+        ]
+    return list(found)
 
 
 def pod_is_draining(pod: Mapping[str, Any]) -> bool:
