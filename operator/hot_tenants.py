@@ -48,7 +48,13 @@ from loramux.operator.dedicated import (
     selector_labels,
     service_url,
 )
-from loramux.operator.hot_policy import Decision, RateHistory, Sample, decide
+from loramux.operator.hot_policy import (
+    Decision,
+    RateHistory,
+    Sample,
+    decide,
+    interval_rates,
+)
 from loramux.operator.kube import KubeApi
 from loramux.operator.model import AdapterSpec, PodKey, container_port, pod_ip
 
@@ -285,6 +291,19 @@ class HotTenants:
         """One sample of tokens served per (namespace, tenant), taken at ``now``."""
         for key, total in totals.items():
             self.history.add(_history_key(key), Sample(now, total))
+
+    def rates(self, now: float, window_s: float = 120.0) -> dict[tuple[str, str], float]:
+        """Mean tokens/s per (namespace, tenant) over the last ``window_s`` (the
+        ``leastLoaded`` placement policy's measure); tenants without samples are absent."""
+        out: dict[tuple[str, str], float] = {}
+        for name in self.history.tenants():
+            spans = [(max(a, now - window_s), b, r)
+                     for a, b, r in interval_rates(self.history.get(name)) if b > now - window_s]
+            total = sum(b - a for a, b, _ in spans)
+            if total > 0:
+                namespace, _, tenant = name.partition("/")
+                out[(namespace, tenant)] = sum((b - a) * r for a, b, r in spans) / total
+        return out
 
     def prune(self, specs: Iterable[AdapterSpec]) -> None:
         """Forget the token history of tenants whose LoraAdapter is gone (or going) or

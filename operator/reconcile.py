@@ -749,8 +749,11 @@ class Reconciler:
         specs = seen.specs
         validation = validate(specs, seen.pods, seen.observations)
         placeable = [s for s in specs if s.key not in validation.rejected and not s.deleting]
+        rates = (self.hot.rates(seen.clock) if self.hot is not None
+                 and self.settings.placement_policy == "leastLoaded" else None)
         placements = place(placeable, seen.pods, excluded=validation.excluded,
-                           policy=self.settings.placement_policy)
+                           policy=self.settings.placement_policy, rates=rates,
+                           device_slots=self.settings.placement_device_slots)
         keys = {spec.key for spec in placeable}
         credentials = {k: c for k, c in seen.credentials.items() if k in keys}
         problems = {k: p for k, p in seen.credential_problems.items() if k in keys}

@@ -69,3 +69,19 @@ def test_least_loaded_order_is_stable_and_ignores_negative_rates():
     got = place([a], [pod("p1"), pod("p2")], policy="leastLoaded",
                 rates={("default", "a"): -5.0})
     assert got[a.key] == [k("p1")]
+
+
+def test_measured_rates_for_least_loaded_come_from_the_token_history():
+    from loramux.operator.hot_tenants import HotTenants
+
+    hot = HotTenants(None, None)  # type: ignore[arg-type]  # no I/O: history only
+    for at, legal, retail in [(0, 0, 0), (60, 6000, 60), (120, 18000, 120), (180, 18000, 180)]:
+        hot.record({("default", "legal"): legal, ("default", "retail"): retail}, at)
+    rates = hot.rates(180.0, window_s=120.0)
+    # legal: 200 tokens/s then 0 over the last 120 s; retail: 1 token/s throughout.
+    assert rates[("default", "legal")] == 100.0
+    assert rates[("default", "retail")] == 1.0
+    assert hot.rates(180.0, window_s=30.0)[("default", "legal")] == 0.0
+    # a counter reset (a pod restarted) is a restart from zero, never a negative rate
+    hot.record({("default", "legal"): 50}, 240)
+    assert hot.rates(240.0, window_s=60.0)[("default", "legal")] == 50 / 60
