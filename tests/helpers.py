@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
+
+T = TypeVar("T")
+
+
+def wait(fn: Callable[[], T], what: str, timeout: float = 60, interval: float = 0.2,
+         tolerate: tuple[type[BaseException], ...] = (httpx.HTTPError, AssertionError)) -> T:
+    """Poll ``fn`` until it returns something truthy (an exception in ``tolerate`` counts as
+    not yet); fail with ``what`` and the last value or exception."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = fn()
+        except tolerate as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
 
 
 def generate(url: str, tenant: str, prompt: str, tokens: int = 24, **extra) -> dict:

@@ -27,18 +27,18 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from factories import stage_adapter
+from helpers import wait
 from k8s_harness import (
     CRD_PATH,
     S3,
@@ -56,7 +56,6 @@ LORA = ("loramux.io/v1alpha1", "loraadapters")
 TOKEN = "access-e2e-sidecar-token"
 PROMPT = "Who may call me"
 TENANTS = ("legal", "medical", "finance")
-T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -76,22 +75,6 @@ KEYS = {
     "gateway": new_key("gateway"),
     "short": "short-" + secrets.token_hex(8),  # 22 characters: refused
 }
-
-
-def wait(fn: Callable[[], T], what: str, timeout: float = 60, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except (httpx.HTTPError, AssertionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 def b64(value: str) -> str:

@@ -24,12 +24,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from factories import stage_adapter
+from helpers import wait
 from k8s_harness import (
     CRD_PATH,
     INFERENCE_LABELS,
@@ -52,29 +53,11 @@ POD_NAMES = ("infer-a", "infer-b")
 # credentialsSecret values: moto accepts any keys, so these are distinctive on purpose.
 SECRET_KEY_ID = "AKIAE2EOPERATOR0001"
 SECRET_VALUE = "e2e-secret-Vq93-never-print-me"
-T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(600)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait(fn: Callable[[], T], what: str, timeout: float = 60, interval: float = 0.2) -> T:
-    """Poll ``fn`` until it returns something truthy; fail with ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except (httpx.HTTPError, AssertionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 def lora_yaml(name: str, tenant: str, version: str, uri: str, *, sha256: str | None = None,

@@ -32,7 +32,6 @@ import json
 import random
 import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+import helpers
 from factories import stage_adapter
 from k8s_harness import (
     CRD_PATH,
@@ -66,20 +66,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def wait(fn: Callable[[], T], what: str, timeout: float = 90, interval: float = 0.2) -> T:
-    """Poll ``fn`` until it returns something truthy; fail with ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except (httpx.HTTPError, AssertionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
+    return helpers.wait(fn, what, timeout, interval)
 
 
 # --------------------------------------------------------------------------- fixtures
