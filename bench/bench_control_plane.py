@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import pstats
-import re
 import signal
 import subprocess
 import sys
@@ -59,19 +58,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
+from procs import cpu_facts  # noqa: E402
+
 LORA = ("loramux.io/v1alpha1", "loraadapters")
 LABELS = {"app.kubernetes.io/name": "loramux-inference"}
 BASE = "tiny-llama"
 TARGET_S = 60.0
-
-
-def cpu_facts() -> dict[str, str]:
-    text = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return {"model": model.group(1).strip() if model else "?",
-            "flags": flags.group(1).strip() if flags else "?",
-            "cpus": str(text.count("processor\t:"))}
 
 
 # ------------------------------------------------------------------------------ stand-ins

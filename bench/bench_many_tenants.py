@@ -59,7 +59,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
-from procs import LoramuxProc  # noqa: E402
+from procs import LoramuxProc, cpu_facts  # noqa: E402
 
 CACHE = HERE / ".cache" / "many_tenants"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -71,15 +71,6 @@ PROMPTS = [
     "Write a short note to a colleague about tomorrow's meeting.",
     "List three ways to reduce memory use when serving a language model.",
 ]
-
-
-def cpu_facts() -> dict[str, str]:
-    text = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return {"model": model.group(1).strip() if model else "?",
-            "flags": flags.group(1).strip() if flags else "?",
-            "cpus": str(text.count("processor\t:"))}
 
 
 def pct(values: list[float], p: int) -> float | None:

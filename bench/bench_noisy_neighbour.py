@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -49,20 +48,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
-from procs import LoramuxProc  # noqa: E402
+from procs import LoramuxProc, cpu_facts  # noqa: E402
 
 CACHE = HERE / ".cache" / "noisy"
 PROMPT_A = "Write a very long report on every clause of the lease, one after the other."
 PROMPT_B = "Answer briefly: what is due today?"
-
-
-def cpu_facts() -> dict[str, str]:
-    text = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return {"model": model.group(1).strip() if model else "?",
-            "flags": flags.group(1).strip() if flags else "?",
-            "cpus": str(text.count("processor\t:"))}
 
 
 def build_models() -> tuple[Path, Path, Path]:

@@ -1,5 +1,5 @@
 """``loramux`` subprocesses for the benchmarks: a kernel-picked port read from uvicorn's log
-line, optional CPU pinning, stopped by PID (never by name)."""
+line, optional CPU pinning, stopped by PID (never by name); and the machine a run was on."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 _URL = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
+
+
+def cpu_facts() -> dict[str, str]:
+    """The CPU model, its flags and the CPU count (every report names its machine)."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    return {"model": model.group(1).strip() if model else "?",
+            "flags": flags.group(1).strip() if flags else "?",
+            "cpus": str(text.count("processor\t:"))}
 
 
 class LoramuxProc:
