@@ -13,6 +13,10 @@ Every handler funnels into one serialized, debounced "reconcile everything" pass
 - pod events in a known pool: a pass, so a new or restarted pod gets its set re-sent;
 - the resync timer inside the reconcile loop: drift is corrected every ``resync_seconds``.
 
+Every LoraAdapter and pod event also feeds the reconciler's index (operator/index.py), so a
+pass reads what the watches delivered instead of listing the world again; a full list runs
+only at start and every ``relist_seconds``.
+
 Permanent problems (bad spec, duplicate tenant, base model mismatch) end as a condition and
 an Event, and are not retried; transient ones (API or pods unreachable) are retried.
 """
@@ -91,11 +95,23 @@ def last_reconcile(**_: Any) -> Any:
     return round(time.time() - rec.last_ok, 1)
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def adapter_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Every LoraAdapter event keeps the reconciler's index current (no pass by itself:
+    the change handlers below ask for one when the spec changed)."""
+    rec = _reconciler
+    if rec is not None:
+        rec.index.apply("adapter", type, body)
+        rec.index.watching = True
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def adapter_changed(body: kopf.Body, **_: Any) -> None:
-    result = await reconciler().reconcile_now()
+    rec = reconciler()
+    rec.index.apply("adapter", "MODIFIED", body)
+    result = await rec.reconcile_now()
     if not result.ok:
         raise kopf.TemporaryError(f"reconcile pass failed: {result.error}", delay=5)
     # Permanent problems are in the status (Validated=False) and an Event: no retry.
@@ -126,7 +142,11 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 @kopf.on.event("", "v1", "pods")
-async def pod_event(body: kopf.Body, **_: Any) -> None:
+async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     rec = _reconciler
-    if rec is not None and rec.pod_is_relevant(body):
+    if rec is None:
+        return
+    rec.index.apply("pod", type, body)
+    rec.index.watching = True
+    if rec.pod_is_relevant(body):
         rec.trigger()

@@ -149,15 +149,18 @@ class KubeApi:
 
     async def patch_adapter_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
-        """Merge-patch ``status`` through the status subresource (404: the object is gone)."""
+    ) -> dict[str, Any] | None:
+        """Merge-patch ``status`` through the status subresource: the object as written, or
+        ``None`` when it is gone (404)."""
         try:
-            await self._call(self.custom.patch_namespaced_custom_object_status,
-                             GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
-                             _content_type=MERGE_PATCH)
+            body = await self._call(self.custom.patch_namespaced_custom_object_status,
+                                    GROUP, VERSION, namespace, PLURAL, name,
+                                    {"status": dict(status)}, _content_type=MERGE_PATCH)
         except KubeError as exc:
             if exc.status != 404:
                 raise
+            return None
+        return body if isinstance(body, dict) else None
 
     async def post_event(self, obj: Mapping[str, Any], type_: str, reason: str,
                          message: str) -> None:

@@ -93,6 +93,7 @@ from loramux.operator.hot_tenants import (
     plan,
     scrape_token_totals,
 )
+from loramux.operator.index import WatchIndex
 from loramux.operator.kube import KubeApi, KubeError
 from loramux.operator.model import (
     API_VERSION,
@@ -340,6 +341,8 @@ class Reconciler:
         self.last_ok: float | None = None
         self.passes = 0
         self.hot: HotTenants | None = None
+        # LoraAdapters and pods as kopf's watches deliver them (operator/index.py).
+        self.index = WatchIndex(settings.relist_seconds)
         # The last access read per LoraAdapter (its Secret's name, the hashes): used only
         # while the API server fails to return that Secret.
         self._last_access: dict[ObjectKey, tuple[str, TenantAccess]] = {}
@@ -526,8 +529,7 @@ class Reconciler:
         """Read everything a pass decides from; raises :class:`KubeError` only when the
         LoraAdapters or pods cannot be listed."""
         assert self.kube is not None
-        objects = await self.kube.list_adapters(self.settings.namespace)
-        listed = await self.kube.list_pods(self.settings.namespace)
+        objects, listed = await self._objects()
         adapters: dict[ObjectKey, tuple[AdapterSpec, dict[str, Any]]] = {}
         for obj in objects:
             spec = parse_adapter(obj,
@@ -576,6 +578,23 @@ class Reconciler:
             if seen.dedicated is not None:
                 await self._observe_pool_grants(seen, live)
         return seen
+
+    async def _objects(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every LoraAdapter and pod: from the watch-fed index while it is fresh, else one
+        full list of each (which refreshes the index)."""
+        assert self.kube is not None
+        if self.index.fresh():
+            return self.index.adapters(), self.index.pods()
+        self.index.begin_list()
+        try:
+            objects = await self.kube.list_adapters(self.settings.namespace)
+            listed = await self.kube.list_pods(self.settings.namespace)
+        except BaseException:
+            self.index.abort_list()
+            raise
+        self.index.replace(objects, listed)
+        log.debug("listed %d LoraAdapters and %d pods", len(objects), len(listed))
+        return objects, listed
 
     async def _access(self, specs: list[AdapterSpec]) -> dict[ObjectKey, AccessOutcome]:
         """Each ``spec.access``: its Secret's keys, hashed (see the module docstring)."""
@@ -1043,11 +1062,14 @@ class Reconciler:
         assert self.kube is not None
         old = obj.get("status") or {}
         try:
-            await self.kube.patch_adapter_status(spec.namespace, spec.name,
-                                                 status_patch(old, status))
+            written = await self.kube.patch_adapter_status(spec.namespace, spec.name,
+                                                           status_patch(old, status))
         except KubeError as exc:
             log.warning("cannot patch status of %s/%s: %s", *spec.key, exc)
             return False
+        if written is not None:
+            # The next pass must see the placements just written, watch event or not.
+            self.index.apply("adapter", "MODIFIED", written)
         if old.get("phase") != status["phase"]:
             log.info("%s/%s (%s@%s): %s -> %s", spec.namespace, spec.name, spec.tenant,
                      spec.version, old.get("phase"), status["phase"])

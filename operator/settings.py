@@ -42,6 +42,11 @@ class OperatorSettings(LogSettings, BaseSettings):
     resync_seconds: float = Field(
         30.0, gt=0, description="Full reconcile at least this often (drift, new pods)."
     )
+    relist_seconds: float = Field(
+        300.0, gt=0, description="With kopf's watches feeding the operator's index, list "
+        "every LoraAdapter and pod from the API server only this often (a safety net); a pass "
+        "in between reads the index.",
+    )
     debounce_seconds: float = Field(
         0.2, ge=0, description="Coalesce bursts of events into one reconcile pass."
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import datetime
@@ -259,6 +260,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     events: list[_Event] = attrs.field(factory=list)
     revision: int = 0
     _watchers: set[asyncio.Queue[_Event | None]] = attrs.field(factory=set)
+    # Full collection reads (not watches), by (plural, client): "kopf" for kopf's own
+    # watch-and-list machinery, else the first word of the User-Agent.
+    list_requests: collections.Counter[tuple[str, str]] = attrs.field(
+        factory=collections.Counter)
     _closing: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -439,6 +444,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if method == "GET" and params.get("watch") in ("true", "1"):
             return await self._watch(request, rtype, namespace, kpath.name, params)
         if method == "GET" and kpath.name is None:
+            agent = request.headers.get("User-Agent", "")
+            client = "kopf" if "kopf" in agent.lower() else (agent.split("/")[0] or "?")
+            self.list_requests[(rtype.plural, client)] += 1
             return self._list(rtype, namespace, params, request.headers)
         if method == "GET":
             obj = self._get(rtype, namespace, kpath.name)

@@ -560,6 +560,32 @@ def test_operator_restart_converges(env: Env, k8s: K8s) -> None:
         assert generate(pod, "retail")["version"] == "v1"
 
 
+def test_passes_read_the_watches_not_a_list_of_the_world(env: Env, k8s: K8s) -> None:
+    """Issue 17: a change to one resource does not make the operator list every LoraAdapter
+    and pod again. kopf's watches feed the operator's index (operator/index.py); the
+    operator's own client (the kubernetes package, User-Agent ``OpenAPI-Generator``) lists
+    only at start and every ``--relist-seconds`` (default 300 s, longer than this test)."""
+    env.apply("legal", "legal@v1")
+    env.ready("legal", "v1")
+
+    def operator_lists() -> dict[str, int]:
+        counts = k8s.emulator.list_requests
+        return {plural: counts[(plural, "OpenAPI-Generator")]
+                for plural in ("loraadapters", "pods")}
+
+    before = operator_lists()
+    assert before["loraadapters"] >= 1 and before["pods"] >= 1, before  # the first pass
+    env.apply("retail", "retail@v1")  # a new resource: a pass from the watch event
+    env.ready("retail", "v1")
+    env.apply("legal", "legal@v1", replicas=1)  # a spec change of another one
+    env.ready("legal", "v1", ("infer-a",))
+    wait(lambda: "legal@v1" not in served(env.pods["infer-b"]), "legal gone from infer-b", 30)
+    time.sleep(5)  # and a few 2 s resync passes on top
+    assert operator_lists() == before
+    # kopf's watches are what delivered the changes: they listed once and kept streaming.
+    assert k8s.emulator.list_requests[("loraadapters", "kopf")] >= 1
+
+
 def test_replicas_one_least_adapters_and_moves_when_pod_goes(env: Env) -> None:
     env.apply("support", "support@v1", replicas=1)
     env.ready("support", "v1", ("infer-a",))  # a tie (0 adapters each): by name
