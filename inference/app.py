@@ -59,7 +59,7 @@ from .adapters import AdapterRejected
 from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .fairness import TenantLimited
 from .metrics import BASE_LABEL, summed_over_tenants
-from .routing import Forwarded, TenantRouter, UsageReader, was_forwarded
+from .routing import Forwarded, TenantRouter, UsageReader, permanent_reason, was_forwarded
 from .sampling import SamplingParams
 from .schemas import (
     ChatCompletionRequest,
@@ -497,11 +497,20 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
     pool's placement table, ``PUT /admin/peers``), or ``None`` (serve it here: held here,
     or the table does not know the tenant, so the existing 404 / base fallback applies).
 
-    Raises 503 ``tenant_unavailable`` when the table knows the tenant but no holder could
-    answer: none Ready (the table's reason), all failed, or this request already came from
-    another server (never a second hop). Never the base model for a tenant the table knows.
-    Peer forwards are counted without a tenant label and not as the tenant's tokens: the
-    holder counts those as its own."""
+    Failover (``--peer-failover-s``): when the table knows the tenant but no holder could
+    answer (all failed or hung, none Ready yet, its only pod died and it is being
+    re-placed), the request waits for a new table or a holder's breaker to expire
+    (``TenantRouter.wait_for_peers``), then tries again, until the deadline; a tenant that
+    is loaded here meanwhile is served here. So with ``replicas: 1`` a holder killed
+    abruptly costs its tenant's requests a wait, not a failure. No wait (503 at once) when
+    every placement Failed (``routing.permanent_reason``), for a pinned version no holder
+    has, and with ``--peer-failover-s 0``. A client that disconnects ends the wait.
+
+    Raises 503 ``tenant_unavailable`` with the reason when no holder answered in the end,
+    or when this request already came from another server (never a second hop: the first
+    server sees the 503, skips this holder and waits or tries another). Never the base
+    model for a tenant the table knows. Peer forwards are counted without a tenant label
+    and not as the tenant's tokens: the holder counts those as its own."""
     router = runtime.router
     want = name.ref
     if router is None or want is None or name.base or runtime.tenants.merged is not None:
@@ -514,24 +523,61 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
         counter.labels("not_held").inc()
         raise _tenant_unavailable(want, "this server does not hold it (forwarded request, "
                                         "not forwarded again)")
-    holders = router.peer_candidates(row, want.version)
-    if not holders:
-        counter.labels("no_holder").inc()
+    body = await request.body()  # before any wait: is_disconnected() reads the stream
+    failover_s = runtime.settings.peer_failover_s
+    deadline: float | None = None  # set when the request starts waiting
+    while True:
+        changed = router.peers_changed  # taken before the try: a table set during it counts
+        candidates = router.peer_candidates(row, want.version)
+        holders = candidates if deadline is None else [  # after a wait: only holders
+            h for h in candidates if router.peer_usable(h)]  # not known to be failing
+        outcome, wait = "no_holder", True
         reason = row.reason or "no pod of the pool holds it Ready"
-        if want.version is not None and row.holders:
-            reason = f"no pod of the pool holds version {want.version}"
-        raise _tenant_unavailable(want, reason)
-    body = await request.body()
-    for holder in holders:
-        result = await router.forward_peer(holder, want.tenant, request.url.path, body,
-                                           request.headers, stream)
-        if isinstance(result, str):
-            counter.labels("holder_failed").inc()
-            continue
-        counter.labels("forwarded").inc()
-        return await _relay(runtime, result, stream, None)
-    counter.labels("all_failed").inc()
-    raise _tenant_unavailable(want, f"none of its {len(holders)} holder(s) could answer")
+        if holders:
+            for holder in holders:
+                result = await router.forward_peer(holder, want.tenant, request.url.path,
+                                                   body, request.headers, stream)
+                if isinstance(result, str):
+                    counter.labels("holder_failed").inc()
+                    continue
+                counter.labels("forwarded").inc()
+                return await _relay(runtime, result, stream, None)
+            outcome = "all_failed"
+            reason = f"none of its {len(holders)} holder(s) could answer"
+        elif candidates:  # every holder's breaker is open: wait for one to close
+            outcome, reason = "all_failed", (
+                f"none of its {len(candidates)} holder(s) could answer")
+        elif want.version is not None and (
+                row.holders or runtime.tenants.holds(TenantRef(want.tenant))):
+            reason, wait = f"no pod of the pool holds version {want.version}", False
+        else:
+            wait = not permanent_reason(row.reason)
+        now = time.monotonic()
+        if not wait or failover_s <= 0:
+            counter.labels(outcome).inc()
+            raise _tenant_unavailable(want, reason)
+        if deadline is None:
+            deadline = now + failover_s
+            counter.labels("failover_wait").inc()
+            log.info("no holder could answer; waiting for a new placement",
+                     extra={"tenant": want.tenant, "reason": reason[:200],
+                            "wait_s": failover_s})
+        elif now >= deadline:
+            counter.labels("failover_expired").inc()
+            log.warning("no holder answered within the failover wait",
+                        extra={"tenant": want.tenant, "reason": reason[:200],
+                               "wait_s": failover_s})
+            raise _tenant_unavailable(want, f"{reason} (waited {failover_s:g}s)")
+        if not await router.wait_for_peers(want.tenant, changed, deadline,
+                                           request.is_disconnected):
+            counter.labels("client_gone").inc()
+            raise ServiceError(499, "client disconnected", "client_closed")
+        if runtime.tenants.holds(want):
+            return None  # loaded here meanwhile
+        fresh = router.peer_tenant(want.tenant)
+        if fresh is None:
+            return None  # the table no longer knows it: the answer for an unknown tenant
+        row = fresh
 
 
 def _tenant_unavailable(want: TenantRef, reason: str) -> ServiceError:
@@ -929,7 +975,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.engine.start()
         runtime.router = TenantRouter(timeout_s=runtime.settings.request_timeout_s + 30,
-                                      retry_s=runtime.settings.route_retry_s)
+                                      retry_s=runtime.settings.route_retry_s,
+                                      peer_connect_s=runtime.settings.peer_connect_timeout_s,
+                                      peer_hang_s=runtime.settings.peer_hang_timeout_s)
         yield
         await runtime.router.aclose()
         runtime.engine.stop()

@@ -33,8 +33,31 @@ last reported plus this server's own forwards to it in flight. A holder that fai
 error, timeout before answering, a non-2xx other than a client error every holder would
 repeat) gets the same small circuit breaker as a route and the next holder is tried. A
 request that carries hop ids came from another server and is never forwarded to a peer
-again (one extra hop at most, so two wrong tables cannot loop). The app answers 503 when no
-holder could (``app._maybe_forward_peer``). Relayed answers say ``X-Loramux-Routed: peer``.
+again (one extra hop at most, so two wrong tables cannot loop). Relayed answers say
+``X-Loramux-Routed: peer``.
+
+Failover (a holder that dies or hangs; ``app._maybe_forward_peer`` drives it):
+
+* Connecting to a peer has its own short timeout (``peer_connect_s``): a pod IP in a cluster
+  answers a connect (or refuses it) in milliseconds, a lost node never does.
+* A hung holder (its socket accepts, its process never answers: a stopped or wedged process)
+  is found by a probe, not by a header timeout. A non-streaming answer legitimately starts
+  only once the whole generation is done, so no bound on the wait for response headers
+  could tell a long generation from a hang (and a streaming answer's headers, though they
+  come at once from a healthy holder, would need a second setting that says the same).
+  Instead, once a holder has sent no headers for ``peer_hang_s``, this server asks it
+  ``GET /healthz``, and again every ``peer_hang_s`` while the headers do not come; any
+  HTTP answer (even a 503 of a draining pod) means the process is alive and the request
+  stays, no answer within ``peer_hang_s`` means it is hung: the request is withdrawn from
+  it (its breaker opens) and the next holder is tried. A hung holder costs a request at
+  most about ``2 * peer_hang_s`` plus the connect timeout.
+* When no holder could answer but the table knows the tenant for a reason that can pass
+  (every holder failed, the tenant is being re-placed after its pod died, still
+  downloading), the app holds the request up to ``peer_failover_s`` for a new table
+  (:attr:`TenantRouter.peers_changed`, set by every ``PUT /admin/peers``) or a holder's
+  breaker to expire (:meth:`TenantRouter.wait_for_peers`), then tries again; only then
+  503. A tenant whose every placement Failed (:func:`permanent_reason`) gets its 503 at
+  once: waiting would only hold the client.
 
 Hand-written on purpose: it is a few dozen lines around ``httpx``'s streaming client, and a
 generic reverse proxy would not know when falling back to the local engine is safe.
@@ -42,12 +65,14 @@ generic reverse proxy would not know when falling back to the local engine is sa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,10 +194,16 @@ class Forwarded:
 class TenantRouter:
     """The routes of one server; used from the event loop only."""
 
-    def __init__(self, *, timeout_s: float, retry_s: float = 5.0) -> None:
+    def __init__(self, *, timeout_s: float, retry_s: float = 5.0, peer_connect_s: float = 1.0,
+                 peer_hang_s: float = 5.0) -> None:
         self.routes: dict[str, Route] = {}
         self.retry_s = retry_s
         self.timeout_s = timeout_s
+        self.peer_hang_s = peer_hang_s
+        self._peer_timeout = httpx.Timeout(timeout_s, connect=peer_connect_s)
+        # Set (and replaced by a fresh one) by every set_peers: requests waiting for a
+        # holder (failover) wake up on it.
+        self.peers_changed = asyncio.Event()
         self.hop_id = secrets.token_hex(16)  # this process's; see the module docstring
         self.peers = PeerTable()
         self.peer_states: dict[str, PeerState] = {}
@@ -216,16 +247,25 @@ class TenantRouter:
         return Forwarded(response, route, self.timeout_s)
 
     async def _send(self, url: str, path: str, body: bytes, headers: Any, stream: bool,
-                    accept: frozenset[int] = frozenset()) -> httpx.Response | str:
+                    accept: frozenset[int] = frozenset(), *, peer: bool = False
+                    ) -> httpx.Response | str:
         """POST the request to ``url`` with this server's hop id added: the accepted
-        response (2xx, or a status in ``accept``), or why not (a string)."""
+        response (2xx, or a status in ``accept``), or why not (a string). ``peer``: the
+        peers' connect timeout, and a holder that sends no headers is probed
+        (:meth:`_headers_or_hung`)."""
         send_headers = {k: v for k, v in headers.items() if k.lower() in _PASS_HEADERS}
         hops = [*_hops(headers), self.hop_id][-_MAX_HOPS:]
         send_headers[FORWARDED_HEADER] = ",".join(hops)
-        request = self._client.build_request("POST", url + path, content=body,
-                                             headers=send_headers)
+        request = self._client.build_request(
+            "POST", url + path, content=body, headers=send_headers,
+            timeout=self._peer_timeout if peer else httpx.USE_CLIENT_DEFAULT)
         try:
-            response = await self._client.send(request, stream=True)
+            if peer:
+                response = await self._headers_or_hung(url, request)
+                if isinstance(response, str):
+                    return response
+            else:
+                response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"
         if not 200 <= response.status_code < 300 and response.status_code not in accept:
@@ -245,6 +285,42 @@ class TenantRouter:
                 return f"{type(exc).__name__}: {exc}"
         return response
 
+    async def _headers_or_hung(self, url: str, request: httpx.Request) -> httpx.Response | str:
+        """Send ``request`` to a peer and wait for its response headers; while they do not
+        come, probe the peer every ``peer_hang_s`` (module docstring): a string when it is
+        hung. Errors of the send itself propagate (``httpx.HTTPError``)."""
+        send = asyncio.ensure_future(self._client.send(request, stream=True))
+        handed_over = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({send}, timeout=self.peer_hang_s)
+                if done:
+                    response = send.result()
+                    handed_over = True
+                    return response
+                if not await self._alive(url):
+                    return (f"hung: no response headers after {self.peer_hang_s:g}s and no "
+                            f"answer to GET /healthz within {self.peer_hang_s:g}s")
+        finally:
+            if not handed_over:
+                if not send.done():
+                    send.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        await send
+                elif not send.cancelled() and send.exception() is None:
+                    await send.result().aclose()
+
+    async def _alive(self, url: str) -> bool:
+        """Whether the peer's process answers at all (any status: a draining pod's 503 is
+        an answer) within ``peer_hang_s``."""
+        try:
+            async with asyncio.timeout(self.peer_hang_s):
+                response = await self._client.get(url + "/healthz", timeout=self.peer_hang_s)
+        except (httpx.HTTPError, TimeoutError):
+            return False
+        await response.aclose()
+        return True
+
     # ------------------------------------------------------------------ peers
     def set_peers(self, table: PeerTable) -> PeerTableView:
         """Replace the pool's placement table (``PUT /admin/peers``). The state kept per
@@ -254,6 +330,8 @@ class TenantRouter:
         self.peer_states = {u: st for u, st in self.peer_states.items() if u in urls}
         self.peers, self._peer_index = table, index
         self._peer_fingerprint = table.fingerprint()
+        changed, self.peers_changed = self.peers_changed, asyncio.Event()
+        changed.set()  # wakes the requests waiting for a holder (failover)
         log.info("peer table set", extra={"tenants": len(index), "holders": len(urls),
                                           "fingerprint": self._peer_fingerprint})
         return self.peers_view()
@@ -291,6 +369,34 @@ class TenantRouter:
         holders = [h for h in row.holders if version is None or version in h.versions]
         return [h for _, h in sorted(enumerate(holders), key=key)]
 
+    def peer_usable(self, holder: PeerHolder) -> bool:
+        """Whether ``holder``'s breaker is closed (or it was never tried)."""
+        state = self.peer_states.get(holder.url.rstrip("/"))
+        return state is None or time.monotonic() >= state.down_until
+
+    async def wait_for_peers(self, tenant: str, changed: asyncio.Event, deadline: float,
+                             disconnected: Callable[[], Awaitable[bool]]) -> bool:
+        """Failover: wait until the table changes (``changed``, taken from
+        :attr:`peers_changed` before the last try), a breaker of one of ``tenant``'s
+        holders expires, or ``deadline`` (monotonic). Never a busy loop: the only polling
+        is ``disconnected`` twice a second. ``False``: the client went away."""
+        row = self.peer_tenant(tenant)
+        wake = deadline
+        for holder in row.holders if row is not None else ():
+            state = self.peer_states.get(holder.url.rstrip("/"))
+            if state is not None and state.down_until > time.monotonic():
+                wake = min(wake, state.down_until)
+        while not changed.is_set():
+            left = wake - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=min(0.5, left))
+            except TimeoutError:
+                if await disconnected():
+                    return False
+        return True
+
     async def forward_peer(self, holder: PeerHolder, tenant: str, path: str, body: bytes,
                            headers: Any, stream: bool) -> Forwarded | str:
         """Send the request to a peer holding the tenant: the response to relay, or why this
@@ -301,7 +407,7 @@ class TenantRouter:
         state.in_flight += 1
         try:
             response = await self._send(url, path, body, headers, stream,
-                                        accept=_RELAYED_CLIENT_ERRORS)
+                                        accept=_RELAYED_CLIENT_ERRORS, peer=True)
         except BaseException:
             state.in_flight -= 1
             raise
@@ -332,6 +438,25 @@ class TenantRouter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+_TRANSIENT_PARTS = re.compile(
+    r"\b(?:Pending|Downloading|Verifying|Loading|Ready|unknown|not ready) on ")
+
+
+def permanent_reason(reason: str | None) -> bool:
+    """Whether a table's no-holder ``reason`` (``operator/peers.py:no_holder_reason``) says
+    every placement of the tenant Failed: waiting for a new table would not help, so the
+    503 comes at once. Anything else (not placed yet, Pending, Downloading, a sidecar that
+    did not answer, a reason this server does not recognize) may pass and is waited for.
+
+    The table carries the reason as text only, so this reads the operator's wording. It
+    cannot tell a Failed load the sidecar will retry (a transient fetch error, after its
+    resync period) from a terminal one (an invalid adapter): both count as permanent, and
+    the client's retry after ``Retry-After`` finds the tenant once it loads."""
+    if not reason or not reason.startswith("no Ready placement: "):
+        return False
+    return " is Failed on " in reason and not _TRANSIENT_PARTS.search(reason)
 
 
 def was_forwarded(headers: Any) -> bool:
@@ -390,4 +515,4 @@ class UsageReader:
 
 
 __all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "PeerState", "Route",
-           "TenantRouter", "UsageReader", "was_forwarded"]
+           "TenantRouter", "UsageReader", "permanent_reason", "was_forwarded"]

@@ -106,6 +106,20 @@ class ServeSettings(LogSettings, BaseSettings):
     route_retry_s: float = Field(
         5.0, gt=0, description="After a routed (hot) tenant's dedicated deployment fails, "
                                "serve it locally for this long before trying it again.")
+    peer_failover_s: float = Field(
+        30.0, ge=0, description="Scale-out: when the placement table knows a tenant but no "
+        "holder can answer (all failed, none Ready yet, being re-placed), hold the request "
+        "up to this long for a new table (or a holder's breaker to expire) and retry, "
+        "instead of a 503 at once. 0 = no wait. Not for a tenant whose every placement "
+        "Failed: that 503 is immediate.")
+    peer_connect_timeout_s: float = Field(
+        1.0, gt=0, description="Scale-out: connect timeout to a peer holder (a pod IP in the "
+        "cluster answers a connect in milliseconds; a lost node never does).")
+    peer_hang_timeout_s: float = Field(
+        5.0, gt=0, description="Scale-out: a peer holder that has sent no response headers "
+        "for this long is asked GET /healthz; no answer to that within this long either and "
+        "it is deemed hung and skipped. A holder that answers the probe keeps the request "
+        "(a non-streaming answer legitimately comes only after the whole generation).")
     engine_stall_timeout_s: float = Field(
         60.0, gt=0, description="Liveness: if the engine completes no step for this long while "
         "requests run or wait, /healthz and /readyz fail and new requests get 503 at once.")

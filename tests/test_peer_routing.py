@@ -8,6 +8,12 @@ Three servers, each holding different tenants, all with ``--auth keys`` and one 
 - ``a``: legal
 - ``b``: finance, retail
 - ``c``: retail, medical (stopped by the last test: a holder that dies)
+
+``a``, ``b`` and ``c`` run with ``--peer-failover-s 0`` (no failover wait: a 503 as soon as
+no holder answers). ``d`` holds nothing and waits up to ``FAILOVER_S`` for a holder
+(``--peer-failover-s``), with a short hang probe (``--peer-hang-timeout-s``): the failover
+tests send their requests to it. A holder that is killed is a server of its own (``finance``
+again), started and SIGKILLed by its test.
 """
 
 from __future__ import annotations
@@ -15,11 +21,17 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+import helpers
 from conftest import ServerProcess, preload_flags
 from helpers import metric_value, metrics
 from loramux.contracts import AccessFile, KeyGrant, PeerTable, TenantAccess, hash_key
@@ -28,6 +40,8 @@ OPS_KEY = "ops-" + secrets.token_hex(20)
 LEGAL_KEY = "legal-" + secrets.token_hex(20)
 FINANCE_KEY = "fin-" + secrets.token_hex(20)
 PROMPT = "Peer routing"
+FAILOVER_S = 8.0
+HANG_S = 0.5
 
 
 def _bearer(key: str = OPS_KEY) -> dict[str, str]:
@@ -48,14 +62,17 @@ def access_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pods(start_server, tiny_model_dir: Path, adapter_root: Path,
          access_path: Path) -> dict[str, ServerProcess]:
-    def start(tenants: list[str]) -> ServerProcess:
+    def start(tenants: list[str], *flags: str) -> ServerProcess:
         return start_server("--model", str(tiny_model_dir), "--quantization", "none",
                             "--log-format", "text", "--auth", "keys",
                             "--access-file", str(access_path), "--route-retry-s", "30",
-                            *preload_flags(adapter_root, tenants))
+                            *flags, *preload_flags(adapter_root, tenants))
 
-    return {"a": start(["legal"]), "b": start(["finance", "retail"]),
-            "c": start(["retail", "medical"])}
+    no_wait = ("--peer-failover-s", "0")
+    return {"a": start(["legal"], *no_wait), "b": start(["finance", "retail"], *no_wait),
+            "c": start(["retail", "medical"], *no_wait),
+            "d": start([], "--peer-failover-s", str(FAILOVER_S),
+                       "--peer-hang-timeout-s", str(HANG_S))}
 
 
 def _holder(pod: str, server: ServerProcess | str, residency: str = "device",
@@ -180,16 +197,26 @@ def test_the_best_residency_then_the_least_loaded_holder_is_picked(pods) -> None
 
 
 def test_no_holder_is_a_503_with_the_reason_and_unknown_tenants_stay_404(pods) -> None:
-    a = pods["a"]
-    _put_table(a, {"travel": []},
-               reasons={"travel": "no Ready placement: pod-2 failed to load travel@v1"})
-    for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
-        r = _gen(a.url, "travel", route)
-        assert r.status_code == 503, r.text
-        error = r.json()["error"]
-        assert error["code"] == "tenant_unavailable"
-        assert "travel" in error["message"] and "failed to load" in error["message"]
-        assert r.headers["retry-after"]
+    """``a`` does not wait (``--peer-failover-s 0``): a 503 at once, whatever the reason.
+    ``d`` waits for a reason that may pass, but not when every placement Failed."""
+    a, d = pods["a"], pods["d"]
+    passing = "no Ready placement: travel@v1 is Downloading on pod-2"
+    failed = ("no Ready placement: travel@v1 is Failed on pod-2 (invalid_adapter: rank 512 "
+              "exceeds 64), Failed on pod-3 (invalid_adapter: rank 512 exceeds 64)")
+    _put_table(a, {"travel": []}, reasons={"travel": passing})
+    _put_table(d, {"travel": []}, reasons={"travel": failed})
+    for server, words in ((a, "Downloading on pod-2"), (d, "Failed on pod-2")):
+        waits = _peer(server, "failover_wait")
+        for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            started = time.monotonic()
+            r = _gen(server.url, "travel", route)
+            assert time.monotonic() - started < FAILOVER_S / 2, "waited for a new placement"
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "tenant_unavailable"
+            assert "travel" in error["message"] and words in error["message"]
+            assert r.headers["retry-after"]
+        assert _peer(server, "failover_wait") == waits
     # Not in the table and not here: the existing answer (404), not a 503.
     r = _gen(a.url, "support")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
@@ -277,6 +304,146 @@ def test_admin_peers_validation_and_published_load(pods) -> None:
     assert 'loramux_tenant_in_flight{residency="device",tenant="legal"} 0.0' in text
     assert 'tenant="finance"' not in "\n".join(
         x for x in text.splitlines() if x.startswith("loramux_tenant_in_flight"))
+
+
+def _call(url: str, model: str, stream: bool, timeout: float = 60) -> tuple[int, str, float]:
+    """(status, the adapter that answered or the error body, seconds) of one completion."""
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", headers=_bearer(), timeout=timeout, json={
+        "model": model, "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True,
+        "temperature": 0, "stream": stream})
+    took = time.monotonic() - started
+    if r.status_code != 200:
+        return r.status_code, r.text, took
+    if stream:
+        adapters = {e.get("adapter") for e in _events(r)}
+        return 200, ",".join(sorted(map(str, adapters))), took
+    return 200, r.json()["adapter"], took
+
+
+def test_the_only_holder_killed_requests_wait_for_the_new_table(
+        pods, start_server, tiny_model_dir: Path, adapter_root: Path,
+        access_path: Path) -> None:
+    """``finance``'s only holder in ``d``'s table is SIGKILLed. Requests to ``d`` wait (no
+    503) until the table names a live holder (``b``, PUT while they wait, as the operator
+    does once it re-placed the tenant), then get ``finance@v1`` from it, streaming or not."""
+    b, d = pods["b"], pods["d"]
+    victim = start_server("--model", str(tiny_model_dir), "--quantization", "none",
+                          "--log-format", "text", "--auth", "keys",
+                          "--access-file", str(access_path),
+                          *preload_flags(adapter_root, ["finance"]))
+    _put_table(d, {"finance": [_holder("victim", victim)]})
+    assert _call(d.url, "finance", False)[:2] == (200, "finance@v1")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    waits, before = _peer(d, "failover_wait"), _generated(b, "finance")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        calls = [pool.submit(_call, d.url, "finance", stream) for stream in (False, True)]
+        helpers.wait(lambda: _peer(d, "failover_wait") == waits + 2, "both requests waiting",
+                     FAILOVER_S / 2, 0.05)
+        assert not any(c.done() for c in calls)
+        _put_table(d, {"finance": [_holder("victim", victim.url, "device"),  # still listed
+                                   _holder("b", b, "disk")]})
+        results = [c.result(30) for c in calls]
+    assert [r[:2] for r in results] == [(200, "finance@v1")] * 2, results
+    assert all(took < FAILOVER_S for *_, took in results), results
+    assert _generated(b, "finance") == before + 2 * 4  # b answered them
+    assert _peer(d, "failover_expired") == 0
+    # The dead holder's breaker is open: the next request goes to b at once.
+    assert _call(d.url, "finance", False)[:2] == (200, "finance@v1")
+    view = httpx.get(f"{d.url}/admin/peers", timeout=10).json()["tenants"][0]["holders"]
+    assert next(h for h in view if h["pod"] == "victim")["healthy"] is False
+
+
+def test_the_failover_wait_ends_with_a_503_or_when_the_client_leaves(pods) -> None:
+    """No live holder comes: after ``FAILOVER_S`` the answer is a 503 naming the reason (a
+    holder that failed, or the table's reason that may pass), never a hang. A client that
+    disconnects meanwhile ends its wait."""
+    d = pods["d"]
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens: like a killed process
+    _put_table(d, {"finance": [_holder("gone", dead)], "travel": []},
+               reasons={"travel": "no Ready placement: travel@v1 is Pending on pod-9"})
+    expired, gone = _peer(d, "failover_expired"), _peer(d, "client_gone")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        calls = [pool.submit(_call, d.url, model, stream)
+                 for model, stream in (("finance", False), ("finance", True), ("travel", True))]
+        # a client that gives up after 1 s (its read timeout)
+        with pytest.raises(httpx.ReadTimeout):
+            _call(d.url, "travel", False, timeout=1)
+        helpers.wait(lambda: _peer(d, "client_gone") == gone + 1, "the wait of a client "
+                     "that left ended", 5, 0.1)
+        results = [c.result(FAILOVER_S + 30) for c in calls]
+    for (status, text, took), words in zip(results, ("none of its 1 holder(s) could answer",
+                                                     "none of its 1 holder(s) could answer",
+                                                     "Pending on pod-9"), strict=True):
+        assert status == 503, text
+        error = json.loads(text)["error"]
+        assert error["code"] == "tenant_unavailable"
+        assert words in error["message"] and f"waited {FAILOVER_S:g}s" in error["message"]
+        assert FAILOVER_S - 0.5 <= took < FAILOVER_S + 5, took
+    assert _peer(d, "failover_expired") == expired + 3
+
+
+def test_a_hanging_holder_is_skipped_within_the_probe_bound(pods) -> None:
+    """A holder whose socket accepts but never answers (a wedged process) and is ranked
+    first (device): after ``HANG_S`` without headers it is probed, does not answer that
+    either, and the request goes to the next holder; a busy holder that answers the probe
+    keeps a request that takes longer than the probe interval."""
+    b, d = pods["b"], pods["d"]
+    with SilentServer() as hung:
+        _put_table(d, {"retail": [_holder("hung", hung, "device"), _holder("b", b, "disk")]})
+        failed = _peer(d, "holder_failed")
+        for stream in (False, True):
+            status, adapter, took = _call(d.url, "retail", stream)
+            assert (status, adapter) == (200, "retail@v1")
+            if not stream:  # the first one met the hung holder; its breaker is open now
+                assert 2 * HANG_S - 0.2 < took < 2 * HANG_S + 5, took
+        assert _peer(d, "holder_failed") == failed + 1
+        view = httpx.get(f"{d.url}/admin/peers", timeout=10).json()["tenants"][0]["holders"]
+        row = next(h for h in view if h["pod"] == "hung")
+        assert row["healthy"] is False and "hung" in row["last_error"], row
+    # A long non-streaming generation on a live holder outlasts several probe intervals.
+    _put_table(d, {"retail": [_holder("b", b)]})
+    started = time.monotonic()
+    r = _gen(d.url, "retail", "/v1/completions", tokens=200)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200, r.text
+    assert time.monotonic() - started > 2 * HANG_S  # else the check below proves nothing
+    assert _peer(d, "holder_failed") == failed + 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SilentServer:
+    """A TCP server on loopback that accepts connections and never answers (a hung
+    process: the kernel accepts for it). Its URL while the block runs."""
+
+    def __enter__(self) -> str:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.conns: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
 
 
 def test_a_dead_holder_is_skipped_without_failed_requests(pods) -> None:
