@@ -58,7 +58,7 @@ from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
 from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .fairness import TenantLimited
-from .metrics import BASE_LABEL, summed_over_tenants
+from .metrics import BASE_LABEL
 from .routing import Forwarded, TenantRouter, UsageReader, permanent_reason, was_forwarded
 from .sampling import SamplingParams
 from .schemas import (
@@ -937,11 +937,12 @@ async def readyz(runtime: RuntimeDep) -> Any:
 @health.get("/metrics")
 async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     """On the metrics port: every series, per tenant. Elsewhere (the public port): the same
-    series summed over tenants, so a client learns nothing about other tenants' traffic."""
+    series summed over tenants, so a client learns nothing about other tenants' traffic
+    (kept as sums when observed: a scrape does not grow with the number of tenants)."""
     port = runtime.metrics_port if runtime.metrics_port is not None \
         else runtime.settings.metrics_port
     registry = (runtime.metrics.registry if _on_port(request.scope, port)
-                else summed_over_tenants(runtime.metrics.registry))
+                else runtime.metrics.public_registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -1,43 +1,66 @@
-"""Prometheus metrics of one server process, on its own registry.
+"""Prometheus metrics of one server process: two registries, both written on observation.
 
-Tenant labels only ever carry validated DNS-1123 names (or ``_base`` for the base model), so
-a client cannot blow up label cardinality with made-up names.
+* ``registry`` (``/admin/metrics`` and the ``--metrics-port`` listener): every series, per
+  tenant. Counters keep one series per tenant that had traffic (the operator reads the token
+  counters per tenant to find hot tenants). Latency histograms are the bulk of a scrape
+  (16 buckets each), so they keep a series for at most ``tenant_histograms`` tenants, the
+  most recently observed; when a tenant drops out of that set, its buckets are added to the
+  ``tenant="_other"`` series, so the per-tenant series plus ``_other`` still add up to the
+  totals.
+* ``public_registry`` (the public port's ``/metrics``): the same families without the
+  ``tenant`` label. Tenant-free sums are updated at observation time, not summed at scrape
+  time, so a scrape costs the number of tenant-free series whatever the number of tenants.
+
+Tenant labels only ever carry validated DNS-1123 names (or ``_base`` for the base model,
+``_other`` for the histogram overflow; neither is a valid tenant name), so a client cannot
+blow up label cardinality with made-up names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 BASE_LABEL = "_base"
+OTHER_LABEL = "_other"
+DEFAULT_TENANT_HISTOGRAMS = 64
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_PUBLIC_SUFFIX = " Summed over tenants on this port; per tenant on the metrics port."
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_histograms: int = DEFAULT_TENANT_HISTOGRAMS) -> None:
+        """``tenant_histograms``: how many tenants keep their own latency histograms (the
+        most recently observed); the others' observations are in ``tenant="_other"``."""
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
+        self.public_registry = CollectorRegistry()
+        r = _BothRegistries(self.registry, self.public_registry)
+        self.requests = TenantCounter(
             "loramux_requests_total", "Requests finished, by tenant and outcome.",
             ["tenant", "outcome"], registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = TenantCounter(
             "loramux_prompt_tokens_total", "Prompt tokens processed.", ["tenant"], registry=r
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = TenantCounter(
             "loramux_completion_tokens_total", "Tokens generated.", ["tenant"], registry=r
         )
-        self.ttft = Histogram(
+        self.ttft = TenantHistogram(
             "loramux_time_to_first_token_seconds", "Submission to first generated token.",
-            ["tenant"], buckets=_LATENCY_BUCKETS, registry=r,
+            _LATENCY_BUCKETS, tenant_histograms, registry=r,
         )
-        self.e2e = Histogram(
+        self.e2e = TenantHistogram(
             "loramux_request_latency_seconds", "Submission to last token.",
-            ["tenant"], buckets=_LATENCY_BUCKETS, registry=r,
+            _LATENCY_BUCKETS, tenant_histograms, registry=r,
         )
         self.batch_size = Histogram(
             "loramux_batch_size", "Sequences in each decode step.",
@@ -91,25 +114,25 @@ class Metrics:
             self.cache_evictions.labels(tier)
             self.resident_adapters.labels(tier)
             self.resident_bytes.labels(tier)
-        self.forwarded_requests = Counter(
+        self.forwarded_requests = TenantCounter(
             "loramux_forwarded_requests_total",
             "Requests of a routed (hot) tenant: forwarded to its dedicated deployment "
             "(outcome=forwarded) or served here because it could not answer (fallback).",
             ["tenant", "outcome"], registry=r,
         )
-        self.row_failures = Counter(
+        self.row_failures = TenantCounter(
             "loramux_row_failures_total",
             "Rows ended alone by a fault of their own (stage: prefill, decode or sample); "
             "the rest of the batch went on.",
             ["tenant", "stage"], registry=r,
         )
-        self.forwarded_tokens = Counter(
+        self.forwarded_tokens = TenantCounter(
             "loramux_forwarded_tokens_total",
             "Prompt plus generated tokens of a routed (hot) tenant's requests answered by its "
             "dedicated deployment, read from the usage of the forwarded answer.",
             ["tenant"], registry=r,
         )
-        self.tenant_limited = Counter(
+        self.tenant_limited = TenantCounter(
             "loramux_tenant_limited_total",
             "Requests refused with 429 by a per-tenant limit (max_concurrent, "
             "tokens_per_minute, max_queued).",
@@ -149,8 +172,249 @@ class Metrics:
         if self._tenant_load is None:
             self._tenant_load = _TenantLoad(source)
             self.registry.register(self._tenant_load)
+            self.public_registry.register(_SummedTenantLoad(self._tenant_load))
         else:
             self._tenant_load.source = source
+
+
+class _BothRegistries(CollectorRegistry):
+    """Where :class:`Metrics` registers: a metric without a tenant label goes into both the
+    per-tenant and the public registry (it is the same on both); :class:`TenantCounter`
+    and :class:`TenantHistogram` register a view in each. A plain prometheus metric with a
+    ``tenant`` label is refused, since it would show tenants on the public port."""
+
+    def __init__(self, per_tenant: CollectorRegistry, public: CollectorRegistry) -> None:
+        super().__init__()
+        self.per_tenant = per_tenant
+        self.public = public
+
+    def register(self, collector: Collector) -> None:
+        if "tenant" in getattr(collector, "_labelnames", ()):
+            raise ValueError(f"{getattr(collector, '_name', collector)!r} has a tenant label: "
+                             "use TenantCounter or TenantHistogram")
+        self.per_tenant.register(collector)
+        self.public.register(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        self.per_tenant.unregister(collector)
+        self.public.unregister(collector)
+
+
+class _View(Collector):
+    """One registry's view of a tenant metric (``describe`` lets the registry refuse a
+    second metric of the same name)."""
+
+    def __init__(self, collect: Callable[[], Metric], describe: Callable[[], Metric]) -> None:
+        self._collect = collect
+        self._describe = describe
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._collect()
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._describe()
+
+
+class TenantCounter:
+    """A counter whose first label is ``tenant``, kept twice on each ``inc``: per (tenant,
+    other labels) for the per-tenant registry and per (other labels) for the public one, so
+    the public scrape reads its sums instead of adding up every tenant's series.
+
+    No ``_created`` series: they would double the per-tenant lines, and a sum over tenants
+    has no one creation time (the public port never showed them). Per-tenant counters are
+    not bounded: one series per tenant that had traffic (the operator reads the token
+    counters per tenant to find hot tenants), cheap next to histograms."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: _BothRegistries) -> None:
+        if not labelnames or labelnames[0] != "tenant":
+            raise ValueError(f"{name}: the first label must be 'tenant'")
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._lock = threading.Lock()
+        self._per_tenant: dict[tuple[str, ...], float] = {}
+        self._summed: dict[tuple[str, ...], float] = {}
+        registry.per_tenant.register(_View(self._collect_per_tenant,
+                                           lambda: self._family(self.labelnames, "")))
+        registry.public.register(_View(self._collect_summed,
+                                       lambda: self._family(self.labelnames[1:],
+                                                            _PUBLIC_SUFFIX)))
+
+    def labels(self, *values: str) -> _CounterChild:
+        """The series of these label values (created at 0, like prometheus_client's)."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            self._per_tenant.setdefault(key, 0.0)
+            self._summed.setdefault(key[1:], 0.0)
+        return _CounterChild(self, key)
+
+    def _inc(self, key: tuple[str, ...], amount: float) -> None:
+        if amount < 0:
+            raise ValueError("counters can only go up")
+        with self._lock:
+            self._per_tenant[key] = self._per_tenant.get(key, 0.0) + amount
+            self._summed[key[1:]] = self._summed.get(key[1:], 0.0) + amount
+
+    def value(self, *values: str) -> float:
+        """One per-tenant series' value (0 if it has none)."""
+        with self._lock:
+            return self._per_tenant.get(tuple(values), 0.0)
+
+    def _family(self, labelnames: Sequence[str], suffix: str) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation + suffix, labels=labelnames)
+
+    def _collect_per_tenant(self) -> Metric:
+        family = self._family(self.labelnames, "")
+        with self._lock:
+            rows = list(self._per_tenant.items())
+        for key, value in rows:
+            family.add_metric(key, value)
+        return family
+
+    def _collect_summed(self) -> Metric:
+        family = self._family(self.labelnames[1:], _PUBLIC_SUFFIX)
+        with self._lock:
+            rows = list(self._summed.items())
+        for key, value in rows:
+            family.add_metric(key, value)
+        return family
+
+
+class _CounterChild:
+    __slots__ = ("_key", "_parent")
+
+    def __init__(self, parent: TenantCounter, key: tuple[str, ...]) -> None:
+        self._parent = parent
+        self._key = key
+
+    def inc(self, amount: float = 1) -> None:
+        self._parent._inc(self._key, amount)
+
+
+class _Buckets:
+    """One histogram series: observations per bucket (not cumulative; the last is +Inf)
+    and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size
+        self.total = 0.0
+
+    def add(self, other: _Buckets) -> None:
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.total += other.total
+
+    def cumulative(self, les: Sequence[str]) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for le, n in zip(les, self.counts, strict=True):
+            running += n
+            out.append((le, float(running)))
+        return out
+
+
+class TenantHistogram:
+    """A histogram with one label, ``tenant``, with a bounded number of per-tenant series.
+
+    At most ``max_tenants`` tenants, the most recently observed, have their own series;
+    observing a tenant outside that set admits it and drops the least recently observed
+    one, whose buckets and sum are added to the ``tenant="_other"`` series (and its later
+    observations, once readmitted, start a new series from 0: Prometheus reads that as a
+    counter reset, which ``rate()`` handles). So the per-tenant series plus ``_other``
+    always add up to the sum over tenants, which is kept as its own series for the public
+    registry. ``max_tenants=0``: only ``_other``. Every observation is O(buckets), never
+    O(tenants)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 max_tenants: int, registry: _BothRegistries) -> None:
+        if max_tenants < 0:
+            raise ValueError("max_tenants must be >= 0")
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError(f"{name}: buckets must increase")
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self.max_tenants = max_tenants
+        self._lock = threading.Lock()
+        self._tenants: OrderedDict[str, _Buckets] = OrderedDict()  # least recent first
+        self._other: _Buckets | None = None
+        self._summed = _Buckets(len(self._les))
+        self.dropped_out = 0  # tenants whose series went into _other, ever
+        registry.per_tenant.register(_View(self._collect_per_tenant,
+                                           lambda: self._family(["tenant"], "")))
+        registry.public.register(_View(self._collect_summed,
+                                       lambda: self._family([], _PUBLIC_SUFFIX)))
+
+    def labels(self, tenant: str) -> _HistogramChild:
+        if tenant == OTHER_LABEL:
+            raise ValueError(f"{OTHER_LABEL!r} is reserved for the tenants that dropped out")
+        return _HistogramChild(self, str(tenant))
+
+    def tenants(self) -> list[str]:
+        """The tenants with their own series, least recently observed first."""
+        with self._lock:
+            return list(self._tenants)
+
+    def _observe(self, tenant: str, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)  # the first bound >= value, else +Inf
+        with self._lock:
+            self._summed.counts[i] += 1
+            self._summed.total += value
+            own = self._tenants.get(tenant)
+            if own is not None:
+                self._tenants.move_to_end(tenant)
+            elif self.max_tenants > 0:
+                if len(self._tenants) >= self.max_tenants:
+                    _, dropped = self._tenants.popitem(last=False)
+                    self._overflow().add(dropped)
+                    self.dropped_out += 1
+                own = self._tenants[tenant] = _Buckets(len(self._les))
+            else:
+                own = self._overflow()
+            own.counts[i] += 1
+            own.total += value
+
+    def _overflow(self) -> _Buckets:
+        if self._other is None:
+            self._other = _Buckets(len(self._les))
+        return self._other
+
+    def _family(self, labelnames: Sequence[str], suffix: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation + suffix,
+                                     labels=labelnames)
+
+    def _collect_per_tenant(self) -> Metric:
+        family = self._family(["tenant"], "")
+        with self._lock:
+            rows = [(t, b.cumulative(self._les), b.total) for t, b in self._tenants.items()]
+            if self._other is not None:
+                rows.append((OTHER_LABEL, self._other.cumulative(self._les), self._other.total))
+        for tenant, buckets, total in sorted(rows):
+            family.add_metric([tenant], buckets, total)
+        return family
+
+    def _collect_summed(self) -> Metric:
+        family = self._family([], _PUBLIC_SUFFIX)
+        with self._lock:
+            if sum(self._summed.counts):
+                family.add_metric([], self._summed.cumulative(self._les), self._summed.total)
+        return family
+
+
+class _HistogramChild:
+    __slots__ = ("_parent", "_tenant")
+
+    def __init__(self, parent: TenantHistogram, tenant: str) -> None:
+        self._parent = parent
+        self._tenant = tenant
+
+    def observe(self, amount: float) -> None:
+        self._parent._observe(self._tenant, amount)
 
 
 class _TenantLoad:
@@ -164,47 +428,40 @@ class _TenantLoad:
     def __init__(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self.source = source
 
+    def rows(self) -> list[tuple[str, str, int]]:
+        try:
+            return list(self.source())
+        except Exception:  # a scrape must not fail because the engine is going away
+            return []
+
     def describe(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(self.NAME, self.HELP, labels=["tenant", "residency"])
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(self.NAME, self.HELP, labels=["tenant", "residency"])
-        try:
-            rows = list(self.source())
-        except Exception:  # a scrape must not fail because the engine is going away
-            rows = []
-        for tenant, residency, in_flight in rows:
+        for tenant, residency, in_flight in self.rows():
             family.add_metric([tenant, residency], in_flight)
         yield family
 
 
-class _SummedOverTenants:
-    """A registry view: every family with a ``tenant`` label, summed over it (counters,
-    gauges and histogram buckets add up); ``_created`` timestamps are dropped, since they do
-    not. For the public port, where one tenant must not see another's traffic."""
+class _SummedTenantLoad:
+    """The public view of :class:`_TenantLoad`: requests in flight per residency tier.
+    Summed at scrape time, which is fine here: its rows are bounded by the queue and batch
+    limits and the device slots, not by the number of tenants."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+    HELP = _TenantLoad.HELP + _PUBLIC_SUFFIX
+
+    def __init__(self, load: _TenantLoad) -> None:
+        self.load = load
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(_TenantLoad.NAME, self.HELP, labels=["residency"])
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.registry.collect():
-            if not any("tenant" in sample.labels for sample in family.samples):
-                yield family
-                continue
-            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-            for sample in family.samples:
-                if sample.name.endswith("_created"):
-                    continue
-                labels = tuple(sorted((k, v) for k, v in sample.labels.items()
-                                      if k != "tenant"))
-                key = (sample.name, labels)
-                sums[key] = sums.get(key, 0.0) + sample.value
-            out = Metric(family.name, f"{family.documentation} Summed over tenants on this "
-                         "port; per tenant on the metrics port.", family.type, family.unit)
-            for (name, labels), value in sums.items():
-                out.add_sample(name, dict(labels), value)
-            yield out
-
-
-def summed_over_tenants(registry: CollectorRegistry) -> _SummedOverTenants:
-    return _SummedOverTenants(registry)
+        sums: dict[str, float] = {}
+        for _, residency, in_flight in self.load.rows():
+            sums[residency] = sums.get(residency, 0.0) + in_flight
+        family = GaugeMetricFamily(_TenantLoad.NAME, self.HELP, labels=["residency"])
+        for residency, value in sums.items():
+            family.add_metric([residency], value)
+        yield family

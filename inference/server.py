@@ -115,7 +115,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     base = load_base_model(settings.model, quantization, settings.device, settings.cache_dir,
                            settings.served_model_name, settings.compute_dtype)
     facts = BaseFacts.from_model(base.model, base.aliases)
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_tenant_histograms)
     metrics.precision.info(base.precision_view(flat=True))
     merged_ref: AdapterRef | None = None
     merged_bytes = merged_rank = 0

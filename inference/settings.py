@@ -63,6 +63,11 @@ class ServeSettings(LogSettings, BaseSettings):
         "metrics_host:metrics_port; the public port's /metrics then shows them summed over "
         "tenants. Unset: per-tenant metrics are at /admin/metrics.")
     metrics_host: str = Field("127.0.0.1", description="Interface of the metrics port.")
+    metrics_tenant_histograms: int = Field(
+        64, ge=0, description="Per-tenant latency histograms (time to first token, request "
+        "latency) are kept for at most this many tenants, the most recently active; the "
+        "others' observations are in tenant=\"_other\", so totals stay whole. Per-tenant "
+        "counters are not bounded. 0 = only _other.")
 
     # --- access (issue 16)
     auth: Literal["keys", "none"] = Field(
