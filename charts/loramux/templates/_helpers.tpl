@@ -394,6 +394,12 @@ capabilities:
   value: {{ $inf.limits.maxPrefillTokens | quote }}
 - name: LORAMUX_REQUEST_TIMEOUT_S
   value: {{ $inf.limits.requestTimeoutSeconds | quote }}
+- name: LORAMUX_PEER_FAILOVER_S
+  value: {{ $inf.peers.failoverSeconds | quote }}
+- name: LORAMUX_PEER_CONNECT_TIMEOUT_S
+  value: {{ $inf.peers.connectTimeoutSeconds | quote }}
+- name: LORAMUX_PEER_HANG_TIMEOUT_S
+  value: {{ $inf.peers.hangTimeoutSeconds | quote }}
 - name: LORAMUX_MAX_BODY_BYTES
   value: {{ $inf.limits.maxBodyBytes | int64 | quote }}
 - name: LORAMUX_DRAIN_TIMEOUT_S
