@@ -17,12 +17,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_chart as chart
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import TENANTS, preload_flags
 from loramux.inference.metrics import OTHER_LABEL, Metrics
+from loramux.inference.settings import ServeSettings
 
+helm_env = chart.helm_env  # the fixture, for the chart test
 TTFT = "loramux_time_to_first_token_seconds"
 E2E = "loramux_request_latency_seconds"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -240,3 +243,17 @@ def test_a_real_server_bounds_histograms_and_its_public_metrics_are_the_sums(
     assert totals[(f"{E2E}_count", ())] == requests
     # Each of the six was pushed out once (t0 and t1 before they came back): six in _other.
     assert _samples(admin)[(f"{E2E}_count", (("tenant", OTHER_LABEL),))] == requests - 2
+
+
+def test_the_chart_sets_the_bound_and_its_schema_refuses_a_negative_one(helm_env) -> None:
+    def server_env(*args: str) -> dict[str, str]:
+        return chart.env_of(chart.container(chart.inference_pod(chart.render(helm_env, *args)),
+                                            "server"))
+
+    assert server_env()["LORAMUX_METRICS_TENANT_HISTOGRAMS"] == "64"
+    env = server_env("--set", "inference.metricsTenantHistograms=8")
+    assert ServeSettings(metrics_tenant_histograms=env["LORAMUX_METRICS_TENANT_HISTOGRAMS"]
+                         ).metrics_tenant_histograms == 8
+    bad = chart._helm(helm_env, "template", chart.RELEASE, str(chart.CHART), "--set",
+                "inference.metricsTenantHistograms=-1", check=False)
+    assert bad.returncode != 0 and "metricsTenantHistograms" in bad.stderr

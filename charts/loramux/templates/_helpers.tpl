@@ -324,6 +324,9 @@ capabilities:
 - name: LORAMUX_METRICS_HOST
   value: 0.0.0.0
 {{- end }}
+# Per-tenant latency histograms: for at most this many tenants (the rest in tenant="_other").
+- name: LORAMUX_METRICS_TENANT_HISTOGRAMS
+  value: {{ $inf.metricsTenantHistograms | int64 | quote }}
 # Fair shares: admission order and each tenant's default limits (inference.tenantLimits).
 - name: LORAMUX_ADMISSION
   value: {{ $inf.admission | quote }}
