@@ -305,12 +305,13 @@ class HotTenants:
                 out[(namespace, tenant)] = sum((b - a) * r for a, b, r in spans) / total
         return out
 
-    def prune(self, specs: Iterable[AdapterSpec]) -> None:
+    def prune(self, specs: Iterable[AdapterSpec], keep_all: bool = False) -> None:
         """Forget the token history of tenants whose LoraAdapter is gone (or going) or
-        whose mode is Never, and the last change of tenants without a LoraAdapter."""
+        whose mode is Never (unless ``keep_all``: the ``leastLoaded`` placement policy
+        weighs every tenant), and the last change of tenants without a LoraAdapter."""
         specs = [s for s in specs if s.tenant and not s.deleting]
         watched = {_history_key((s.namespace, s.tenant)) for s in specs
-                   if s.dedicated.mode != "Never"}
+                   if keep_all or s.dedicated.mode != "Never"}
         for name in self.history.tenants():
             if name not in watched:
                 self.history.forget(name)

@@ -7,6 +7,7 @@ must end as a clear condition, never as a crash loop).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
@@ -166,6 +167,97 @@ class ActiveSource:
                 **({"sha256": self.sha256} if self.sha256 else {})}
 
 
+MOVE_LOADING = "Loading"  # the target loads the adapter; the source serves, both are placed
+MOVE_DRAINING = "Draining"  # the target is the holder in the tables; the source drains
+MOVE_PHASES = (MOVE_LOADING, MOVE_DRAINING)
+MOVED = "Moved"
+MOVE_ABANDONED = "Abandoned"
+MAX_MOVE_REASON = 500
+
+
+def _iso(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(raw: Any) -> float | None:
+    if not isinstance(raw, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _pod_name(raw: Any) -> str | None:
+    return raw if isinstance(raw, str) and 0 < len(raw) <= 253 else None
+
+
+@dataclass(frozen=True)
+class Move:
+    """``status.move``: one placement of the adapter moving from pod ``source`` to pod
+    ``target`` (same namespace), kept in the status so an operator restart resumes it.
+    ``started``: when the move began; ``since``: when its current ``phase`` began (epoch
+    seconds, written as RFC 3339)."""
+
+    source: str
+    target: str
+    phase: str = MOVE_LOADING
+    started: float = 0.0
+    since: float = 0.0
+    reason: str = ""
+
+    def view(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "phase": self.phase,
+                "started": _iso(self.started), "since": _iso(self.since),
+                "reason": self.reason[:MAX_MOVE_REASON]}
+
+    @classmethod
+    def from_status(cls, raw: Any) -> Move | None:
+        """None unless ``raw`` is a usable move (a hand-edited status is not trusted)."""
+        if not isinstance(raw, Mapping):
+            return None
+        source, target = _pod_name(raw.get("from")), _pod_name(raw.get("to"))
+        started, since = _epoch(raw.get("started")), _epoch(raw.get("since"))
+        if (source is None or target is None or source == target
+                or raw.get("phase") not in MOVE_PHASES or started is None or since is None):
+            return None
+        reason = raw.get("reason") if isinstance(raw.get("reason"), str) else ""
+        return cls(source=source, target=target, phase=str(raw["phase"]), started=started,
+                   since=since, reason=reason)
+
+
+@dataclass(frozen=True)
+class LastMove:
+    """``status.lastMove``: how the adapter's last move ended (``Moved`` or ``Abandoned``)
+    and when: the per-tenant cool-down of rebalancing counts from ``finished``."""
+
+    source: str
+    target: str
+    outcome: str
+    finished: float
+    reason: str = ""
+
+    def view(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "outcome": self.outcome,
+                "finished": _iso(self.finished), "reason": self.reason[:MAX_MOVE_REASON]}
+
+    @classmethod
+    def from_status(cls, raw: Any) -> LastMove | None:
+        if not isinstance(raw, Mapping):
+            return None
+        source, target = _pod_name(raw.get("from")), _pod_name(raw.get("to"))
+        finished = _epoch(raw.get("finished"))
+        if (source is None or target is None or finished is None
+                or raw.get("outcome") not in (MOVED, MOVE_ABANDONED)):
+            return None
+        reason = raw.get("reason") if isinstance(raw.get("reason"), str) else ""
+        return cls(source=source, target=target, outcome=str(raw["outcome"]),
+                   finished=finished, reason=reason)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One LoraAdapter, parsed. ``error`` is set (and the rest may be partial) when invalid."""
@@ -188,6 +280,8 @@ class AdapterSpec:
     previous_pods: tuple[str, ...] = ()  # pods in status.placements (placement memory)
     previous_active: str | None = None  # status.activeVersion
     previous_source: ActiveSource | None = None  # status.activeSource
+    move: Move | None = None  # status.move: a placement moving between pods
+    last_move: LastMove | None = None  # status.lastMove: the cool-down of rebalancing
     dedicated: DedicatedSpec = field(default_factory=DedicatedSpec)
     access: AccessSpec | None = None  # spec.access (None: no keys of its own)
     error: str | None = None
@@ -314,6 +408,8 @@ def parse_adapter(obj: Mapping[str, Any], *,
         "previous_pods": previous,
         "previous_active": status.get("activeVersion") or None,
         "previous_source": ActiveSource.from_status(status.get("activeSource")),
+        "move": Move.from_status(status.get("move")),
+        "last_move": LastMove.from_status(status.get("lastMove")),
     }
     if not isinstance(spec, Mapping):
         return AdapterSpec(**base, error="spec must be an object")

@@ -16,6 +16,11 @@ server (``PUT /admin/peers``).
 - A tenant with no holder gets a ``reason`` (e.g. ``no Ready placement: legal@v1 is
   Downloading on pod-a``); the server answers 503 with it, never the base model.
 - Each pod's copy leaves the pod itself out of the holders.
+- A live pool pod is a holder only of the tenants *placed* on it: a pod whose placement
+  ended (a move's source, a lowered ``replicas``) still reports the tenant Ready while its
+  sidecar evicts it, and must not be sent requests it is about to stop taking. A pod
+  ``hidden`` for a tenant (a move's source while it drains: see
+  :mod:`loramux.operator.placement`) is left out although it is placed and holds it.
 
 Deterministic (tenants by name, holders by pod name), so a table that did not change has
 the same fingerprint, and cheap: one :class:`PeerTenant` per tenant per pass, shared by every
@@ -24,7 +29,7 @@ pod that does not hold it (1,000 tenants x 20 pods is 1,000 tenants built, not 2
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +136,9 @@ def build_pool_tables(
     recipients: Iterable[PodKey],
     observations: Mapping[PodKey, PodObservation],
     url_of: Callable[[PodKey], str | None],
+    *,
+    live: Collection[PodKey] = (),
+    hidden: Mapping[ObjectKey, Collection[str]] | None = None,
 ) -> PoolTables:
     """The placement tables of one pass.
 
@@ -138,7 +146,11 @@ def build_pool_tables(
     ``members``: the pods each one's pool selects (live ones, and terminating ones that
     still answer), the candidate holders; ``recipients``: the pool pods that get a table;
     ``observations``: every pod's report; ``url_of``: a pod's public server URL (None: it
-    cannot be reached, never a holder)."""
+    cannot be reached, never a holder); ``live``: the live pool pods (a holder only where
+    placed; the others, terminating ones, wherever they hold); ``hidden``: pod names never
+    listed as holders of an adapter (a move's source while it drains)."""
+    hidden = hidden or {}
+    live = set(live)
     full: dict[ObjectKey, PeerTenant] = {}
     holder_pods: dict[ObjectKey, frozenset[str]] = {}
     index: dict[PodKey, dict[str, tuple[tuple[str, ...], Residency]]] = {}
@@ -150,7 +162,11 @@ def build_pool_tables(
         if id(pool) not in sorted_members:
             sorted_members[id(pool)] = sorted(set(pool), key=lambda p: p[1])
         holders: list[PeerHolder] = []
+        placed = set(placements.get(key, ()))
+        hide = hidden.get(key, ())
         for pod in sorted_members[id(pool)]:
+            if (pod in live and pod not in placed) or pod[1] in hide:
+                continue
             if pod not in index:
                 index[pod] = held(observations.get(pod))
             found = index[pod].get(spec.tenant)
@@ -181,6 +197,12 @@ def build_pool_tables(
                 tenants_of[pod].append(key)
     return PoolTables(full=full, holder_pods=holder_pods,
                       tenants_of={pod: tuple(keys) for pod, keys in tenants_of.items()})
+
+
+def table_fingerprint(wire: Mapping[str, Any]) -> str:
+    """The fingerprint a pod's sidecar reports once its server holds ``wire`` (one pod's
+    table as :meth:`PoolTables.wire_for` sends it): the same computation as the sidecar's."""
+    return PeerTable.model_validate(wire).fingerprint()
 
 
 def _holder(pod: PodKey, found: tuple[tuple[str, ...], Residency],
@@ -236,4 +258,5 @@ __all__ = [
     "build_pool_tables",
     "held",
     "no_holder_reason",
+    "table_fingerprint",
 ]

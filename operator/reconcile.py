@@ -66,6 +66,7 @@ from loramux.contracts import (
     EntryCredentials,
     KeyGrant,
     PlacementState,
+    SyncPhase,
     SyncState,
     TenantAccess,
 )
@@ -98,7 +99,11 @@ from loramux.operator.kube import KubeApi, KubeError
 from loramux.operator.model import (
     API_VERSION,
     KIND,
+    MOVE_DRAINING,
+    MOVE_LOADING,
     AdapterSpec,
+    LastMove,
+    Move,
     ObjectKey,
     PodKey,
     PoolOwner,
@@ -106,13 +111,20 @@ from loramux.operator.model import (
     parse_adapter,
     pod_ip,
     pod_is_live,
+    pod_is_ready,
     pod_key,
     pods_draining_in_pool,
     pods_in_pool,
     selector_matches,
 )
-from loramux.operator.peers import PoolTables, build_pool_tables
-from loramux.operator.placement import place
+from loramux.operator.peers import PoolTables, build_pool_tables, held, table_fingerprint
+from loramux.operator.placement import (
+    MoveFacts,
+    Rebalance,
+    advance_move,
+    choose_moves,
+    place,
+)
 from loramux.operator.rollout import PodObservation, build_desired_sets
 from loramux.operator.settings import OperatorSettings
 from loramux.operator.status import (
@@ -172,6 +184,26 @@ class HotStep:
 
 
 @dataclass
+class MovePlan:
+    """Moves of placed tenants between pods this pass (see :mod:`placement`)."""
+
+    moves: dict[ObjectKey, Move] = field(default_factory=dict)  # in progress: status.move
+    done: dict[ObjectKey, LastMove] = field(default_factory=dict)  # ended: status.lastMove
+    started: set[ObjectKey] = field(default_factory=set)  # begun this pass
+
+    def hidden(self) -> dict[ObjectKey, set[str]]:
+        """Sources left out of the placement tables: those of draining moves."""
+        return {k: {m.source} for k, m in self.moves.items() if m.phase == MOVE_DRAINING}
+
+    def extra(self, key: ObjectKey) -> set[PodKey]:
+        """The adapter's pod beyond its replicas while it moves (not counted as Ready)."""
+        move = self.moves.get(key)
+        if move is None:
+            return set()
+        return {(key[0], move.target if move.phase == MOVE_LOADING else move.source)}
+
+
+@dataclass
 class PassPlan:
     """Step 2, plan: everything decided, nothing done yet."""
 
@@ -192,6 +224,11 @@ class PassPlan:
     # every pool pod: the access of each tenant its pool holds (DesiredState.access), since
     # a request is authenticated by the first pod it reaches, holder or not
     pool_access: dict[PodKey, dict[str, TenantAccess]] = field(default_factory=dict)
+    moves: MovePlan = field(default_factory=MovePlan)
+    # the fingerprint of the table each pod of a pool with a draining move is sent, and the
+    # (tenant, source pod) pairs that table leaves out (remembered once delivered)
+    peer_prints: dict[PodKey, tuple[str, frozenset[tuple[str, str]]]] = field(
+        default_factory=dict)
 
 
 @dataclass
@@ -220,6 +257,7 @@ class PassResult:
 
 
 TOKEN_KEYS = ("admin-token", "sidecar-token")
+SENT_TABLES_KEPT = 8  # per pod: the fingerprints of the last tables sent during moves
 DRAINING_TIMEOUT_SECONDS = 2.0  # GET /v1/state of a terminating pod (it may be gone)
 UNTRUSTED_PODS = "UntrustedPods"  # a pool selects pods this install does not own
 ACCESS_READY = "AccessReady"  # condition: spec.access's keys are in use (reasons: credentials)
@@ -351,6 +389,11 @@ class Reconciler:
         # Each pod's server's admin-pushed access (tenant -> fingerprint), from the last
         # GET /v1/state that carried it (SyncState.access): whether the hashes arrived.
         self._pod_access: dict[PodKey, dict[str, str]] = {}
+        # Moves: per pod, the fingerprints of the tables sent while a move drained, each
+        # with the (tenant, source pod) pairs it leaves out. A pod whose reported
+        # SyncState.peers_fingerprint is one of them no longer routes to that source. Lost
+        # on a restart: the next tables are remembered, a drain waits one pass more.
+        self._sent_peers: dict[PodKey, dict[str, frozenset[tuple[str, str]]]] = {}
 
     @staticmethod
     def _auth(token: str | None) -> dict[str, str]:
@@ -752,14 +795,15 @@ class Reconciler:
         needs any more."""
         hot = self.hot
         assert hot is not None
-        if any(spec.dedicated.mode == "Auto" for spec in live):
+        by_load = self.settings.placement_policy == "leastLoaded"
+        if by_load or any(spec.dedicated.mode == "Auto" for spec in live):
             targets = hot.scrape_targets(seen.pool_pods, self.settings.server_port)
             totals = await scrape_token_totals(self.http, targets,
                                                timeout=self.settings.request_timeout_seconds,
                                                headers=self._server_headers)
             if totals is not None:
                 hot.record(totals, seen.clock)
-        hot.prune(seen.specs)
+        hot.prune(seen.specs, keep_all=by_load)
 
     # ----------------------------------------------------------------- 2. plan
     def plan(self, seen: Observed) -> PassPlan:
@@ -772,7 +816,10 @@ class Reconciler:
                  and self.settings.placement_policy == "leastLoaded" else None)
         placements = place(placeable, seen.pods, excluded=validation.excluded,
                            policy=self.settings.placement_policy, rates=rates,
-                           device_slots=self.settings.placement_device_slots)
+                           device_slots=self.settings.placement_device_slots,
+                           moves={s.key: s.move for s in placeable if s.move is not None})
+        moves = self._plan_moves(seen, validation.excluded, placeable, placements, rates,
+                                 time.time())
         keys = {spec.key for spec in placeable}
         credentials = {k: c for k, c in seen.credentials.items() if k in keys}
         problems = {k: p for k, p in seen.credential_problems.items() if k in keys}
@@ -787,18 +834,139 @@ class Reconciler:
         writes, deletes = plan_dedicated_access(seen, hot, access)
         access_transient = any(a.ok is None or a.reason == SECRET_NOT_FOUND
                                for a in access.values())
-        tables = self.peer_tables(seen, placeable, placements, seen.observations)
+        hidden = moves.hidden()
+        tables = self.peer_tables(seen, placeable, placements, seen.observations, hidden)
         return PassPlan(validation=validation, placements=placements, desired=desired, hot=hot,
                         credential_problems=problems, untrusted=seen.untrusted,
                         access=access, access_writes=writes, access_deletes=deletes,
-                        transient=hot_transient or bool(problems) or access_transient,
-                        tables=tables, pool_access=pool_access(seen, placeable, access))
+                        transient=(hot_transient or bool(problems) or access_transient
+                                   or bool(moves.moves) or bool(moves.done)),
+                        tables=tables, pool_access=pool_access(seen, placeable, access),
+                        moves=moves,
+                        peer_prints=self._peer_prints(seen, placeable, moves, tables))
+
+    def _plan_moves(self, seen: Observed, excluded: Mapping[ObjectKey, set[PodKey]],
+                    placeable: Sequence[AdapterSpec],
+                    placements: dict[ObjectKey, list[PodKey]],
+                    rates: Mapping[tuple[str, str], float] | None, now: float) -> MovePlan:
+        """Advance every move in progress one step, then (``--rebalance`` with
+        ``leastLoaded``) start at most one per pool; ``placements`` is updated in place."""
+        out = MovePlan()
+        members: dict[ObjectKey, list[PodKey]] = {}
+        by_pool: dict[tuple[str, str], list[PodKey]] = {}
+        for spec in placeable:
+            pool = (spec.namespace, spec.pool_key)
+            if pool not in by_pool:
+                by_pool[pool] = [pod_key(p) for p in pods_in_pool(spec, seen.pods)
+                                 if pod_key(p) in seen.pool_pods]
+            skip = excluded.get(spec.key, set())
+            members[spec.key] = [p for p in by_pool[pool] if p not in skip]
+        holding: dict[PodKey, dict[str, tuple[tuple[str, ...], Any]]] = {}
+
+        def holds(pod: PodKey, spec: AdapterSpec) -> bool:
+            if pod not in holding:
+                holding[pod] = held(seen.observations.get(pod))
+            found = holding[pod].get(spec.tenant)
+            return found is not None and spec.version in found[0]
+
+        settings = self.settings
+        for spec in placeable:
+            move = spec.move
+            if move is None:
+                continue
+            step = advance_move(spec, move, placements.get(spec.key, []),
+                                self._move_facts(spec, move, members[spec.key], holds, seen),
+                                now=now, drain_timeout_s=settings.move_drain_timeout_seconds,
+                                load_timeout_s=settings.move_load_timeout_seconds)
+            placements[spec.key] = step.placements
+            if step.move is not None:
+                out.moves[spec.key] = step.move
+                if step.move.phase != move.phase:
+                    log.info("%s/%s: move %s -> %s routed: %s drains", *spec.key,
+                             move.source, move.target, move.source)
+            if step.done is not None:
+                out.done[spec.key] = step.done
+                log.info("%s/%s: move ended (%s): %s", *spec.key, step.done.outcome,
+                         step.done.reason)
+        if not (settings.rebalance and settings.placement_policy == "leastLoaded"
+                and rates is not None):
+            return out
+        changed = set(out.moves) | set(out.done)
+        busy = {(s.namespace, s.pool_key) for s in placeable if s.key in changed}
+        pinned = set(changed)
+        for spec in placeable:
+            existing = seen.dedicated.get(spec.key) if seen.dedicated else None
+            if spec.dedicated.mode == "Always" or (existing is not None and not existing.empty):
+                pinned.add(spec.key)  # a hot tenant: its dedicated deployment serves it
+        ready_pods = {k for k, p in seen.pool_pods.items() if pod_is_ready(p)}
+        candidates = {s.key: [p for p in members[s.key] if p in ready_pods] for s in placeable}
+        ready_on = {s.key: {p for p in placements.get(s.key, ()) if holds(p, s)}
+                    for s in placeable}
+        started = choose_moves(
+            placeable, placements, candidates, rates, now=now,
+            settings=Rebalance(ratio=settings.rebalance_ratio,
+                               floor=settings.rebalance_floor_tokens_per_s,
+                               cooldown_s=settings.rebalance_cooldown_seconds),
+            ready_on=ready_on, busy_pools=busy, pinned_keys=pinned,
+            device_slots=settings.placement_device_slots)
+        for key, move in started.items():
+            out.moves[key] = move
+            out.started.add(key)
+            placements[key] = sorted([*placements.get(key, []), (key[0], move.target)],
+                                     key=lambda p: p[1])
+            log.info("%s/%s: moving %s -> %s: %s", *key, move.source, move.target,
+                     move.reason)
+        return out
+
+    def _move_facts(self, spec: AdapterSpec, move: Move, members: Sequence[PodKey],
+                    holds: Any, seen: Observed) -> MoveFacts:
+        """What the pool's pods say about ``move`` (see :class:`MoveFacts`)."""
+        ns = spec.namespace
+        source, target = (ns, move.source), (ns, move.target)
+        target_obs = seen.observations.get(target)
+        failed = None
+        if target_obs is not None and target_obs.sidecar_ok:
+            item = target_obs.adapters.get((spec.tenant, spec.version))
+            if item is not None and item.phase == SyncPhase.FAILED:
+                failed = item.reason or "failed"
+        updated = all(
+            (spec.tenant, move.source) in self._sent_peers.get(pod, {}).get(
+                (obs.peers_fingerprint or ""), frozenset())
+            for pod in members if pod != source
+            for obs in [seen.observations.get(pod) or PodObservation(key=pod)])
+        source_obs = seen.observations.get(source)
+        in_flight = (source_obs.in_flight(spec.tenant)
+                     if source_obs is not None and source_obs.sidecar_ok else None)
+        return MoveFacts(live=frozenset(members), target_ready=holds(target, spec),
+                         target_failed=failed, tables_updated=updated,
+                         source_in_flight=in_flight)
+
+    def _peer_prints(self, seen: Observed, placeable: Sequence[AdapterSpec], moves: MovePlan,
+                     tables: PoolTables) -> dict[PodKey, tuple[str, frozenset[tuple[str, str]]]]:
+        """The fingerprints of the tables sent to the pods of pools with a draining move
+        (only those pools: a fingerprint costs a serialisation of the pod's table)."""
+        draining = {k: m for k, m in moves.moves.items() if m.phase == MOVE_DRAINING}
+        if not draining:
+            return {}
+        pairs: dict[PodKey, set[tuple[str, str]]] = {}
+        for spec in placeable:
+            move = draining.get(spec.key)
+            if move is None:
+                continue
+            for pod in pods_in_pool(spec, seen.pods):
+                key = pod_key(pod)
+                if key in seen.pool_pods:
+                    pairs.setdefault(key, set()).add((spec.tenant, move.source))
+        return {pod: (table_fingerprint(tables.wire_for(pod)), frozenset(found))
+                for pod, found in pairs.items()}
 
     def peer_tables(self, seen: Observed, placeable: Sequence[AdapterSpec],
                     placements: Mapping[ObjectKey, Sequence[PodKey]],
-                    observations: Mapping[PodKey, PodObservation]) -> PoolTables:
+                    observations: Mapping[PodKey, PodObservation],
+                    hidden: Mapping[ObjectKey, set[str]] | None = None) -> PoolTables:
         """Scale-out routing: the pool's placement tables from ``observations`` (the pool
-        pods') and the draining pods' (see :mod:`loramux.operator.peers`)."""
+        pods') and the draining pods' (see :mod:`loramux.operator.peers`); a live pod is a
+        holder only where placed, and ``hidden`` (moves' sources) never."""
         every = {**seen.draining, **seen.pool_pods}
         members: dict[ObjectKey, list[PodKey]] = {}
         by_pool: dict[tuple[str, str], list[PodKey]] = {}
@@ -821,7 +989,8 @@ class Reconciler:
             return urls[key]
 
         return build_pool_tables(placeable, placements, members, seen.pool_pods,
-                                 {**seen.draining_observations, **observations}, url_of)
+                                 {**seen.draining_observations, **observations}, url_of,
+                                 live=seen.pool_pods, hidden=hidden)
 
     def _plan_hot(
         self, seen: Observed, specs: Sequence[AdapterSpec],
@@ -981,9 +1150,11 @@ class Reconciler:
         if todo.tables is not None and not transient:
             # A holder gained or lost since the tables were built: send them again soon.
             placeable = [s for s in seen.specs if s.key in todo.placements]
-            after = self.peer_tables(seen, placeable, todo.placements, delivered.observations)
+            after = self.peer_tables(seen, placeable, todo.placements, delivered.observations,
+                                     todo.moves.hidden())
             if after.signature() != todo.tables.signature():
                 transient = True
+        self._remember_tables(seen, todo, delivered)
         now = _now()
         for spec, obj in seen.adapters.values():
             if spec.deleting:
@@ -1002,6 +1173,20 @@ class Reconciler:
         result.transient = transient
         return result
 
+    def _remember_tables(self, seen: Observed, todo: PassPlan, delivered: Delivery) -> None:
+        """Remember the fingerprints of the tables delivered during moves (and forget the
+        pods that are gone)."""
+        for pod, (fingerprint, pairs) in todo.peer_prints.items():
+            if pod in delivered.put_errors:
+                continue
+            sent = self._sent_peers.setdefault(pod, {})
+            sent.pop(fingerprint, None)
+            sent[fingerprint] = pairs
+            while len(sent) > SENT_TABLES_KEPT:
+                del sent[next(iter(sent))]
+        for gone in [k for k in self._sent_peers if k not in seen.pool_pods]:
+            del self._sent_peers[gone]
+
     def _status(self, spec: AdapterSpec, old: Mapping[str, Any], todo: PassPlan,
                 delivered: Delivery, now: str) -> dict[str, Any]:
         status = compute_status(
@@ -1009,7 +1194,14 @@ class Reconciler:
             pods=todo.placements.get(spec.key, []), desired=todo.desired,
             observations=delivered.observations, put_errors=delivered.put_errors,
             credentials_problem=todo.credential_problems.get(spec.key), previous=old, now=now,
+            extra=todo.moves.extra(spec.key),
         )
+        move = todo.moves.moves.get(spec.key)
+        if move is not None:
+            status["move"] = move.view()
+        last = todo.moves.done.get(spec.key) or spec.last_move
+        if last is not None:
+            status["lastMove"] = last.view()
         untrusted = todo.untrusted.get(spec.key)
         if untrusted:
             # Pods the pool selects that this install does not own: they get nothing.

@@ -51,6 +51,7 @@ class PodObservation:
     adapters: dict[tuple[str, str], VersionStatus] = field(default_factory=dict)
     routes: dict[str, str] = field(default_factory=dict)  # tenant -> version routed elsewhere
     server: AdapterList | None = None  # the server's GET /admin/adapters, via the sidecar
+    peers_fingerprint: str | None = None  # of the placement table the server holds
 
     @classmethod
     def from_state(cls, key: PodKey, state: SyncState) -> PodObservation:
@@ -59,7 +60,7 @@ class PodObservation:
             key=key, sidecar_ok=True, server_reachable=state.server_reachable,
             adapters={(a.tenant, a.version): a for a in state.adapters},
             routes={r.tenant: r.version or "" for r in state.routes},
-            server=state.server,
+            server=state.server, peers_fingerprint=state.peers_fingerprint,
         )
 
     @property
@@ -87,6 +88,12 @@ class PodObservation:
             return {}
         return {a.tenant: a.version for a in self.server.adapters
                 if a.state == AdapterState.READY and a.active}
+
+    def in_flight(self, tenant: str) -> int | None:
+        """The tenant's requests in flight on the server (every version), None: unknown."""
+        if self.server is None or self.server_reachable is False:
+            return None
+        return sum(max(0, a.in_flight) for a in self.server.adapters if a.tenant == tenant)
 
     def phase(self, tenant: str, version: str) -> SyncPhase | None:
         item = self.adapters.get((tenant, version))

@@ -63,6 +63,26 @@ class OperatorSettings(LogSettings, BaseSettings):
     placement_device_slots: int | None = Field(
         None, ge=1, description="leastLoaded: each pool pod's device adapter slots (the "
         "server's --device-adapter-slots); a pod whose adapters fill them comes last.")
+    rebalance: bool = Field(
+        False, description="leastLoaded: move placed tenants ('replicas: N') from the "
+        "pool's most loaded pod to its least loaded one (load, route, drain, evict), one "
+        "move per pool at a time.")
+    rebalance_ratio: float = Field(
+        1.5, gt=1, le=100, description="Rebalance when the most loaded pod's tokens/s is "
+        "above this ratio times the least loaded one's, plus --rebalance-floor-tokens-per-s.")
+    rebalance_floor_tokens_per_s: float = Field(
+        10.0, ge=0, description="Rebalancing: the tokens/s a move must be worth (above the "
+        "ratio, and the narrowing of the pool's spread it must bring).")
+    rebalance_cooldown_seconds: float = Field(
+        600.0, ge=0, description="Rebalancing: a tenant moved (or whose move was abandoned) "
+        "is not moved again for this long.")
+    move_drain_timeout_seconds: float = Field(
+        60.0, gt=0, description="A move evicts its source at the latest this long after "
+        "the target took its requests, even if a pod has not confirmed its new table or "
+        "requests are still in flight (the server still drains them).")
+    move_load_timeout_seconds: float = Field(
+        600.0, gt=0, description="A move whose target has not loaded the adapter after "
+        "this long is abandoned (the source keeps it).")
     peering: str | None = Field(
         None, description="kopf peering name (default: standalone, no peering objects)."
     )

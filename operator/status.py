@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from loramux.contracts import AdapterPhase, AdapterState, DesiredAdapter, PlacementState, Residency
-from loramux.operator.model import AdapterSpec, ObjectKey, PodKey, pod_key, pods_in_pool
+from loramux.operator.model import (
+    MOVE_DRAINING,
+    MOVED,
+    AdapterSpec,
+    ObjectKey,
+    PodKey,
+    pod_key,
+    pods_in_pool,
+)
 from loramux.operator.rollout import PodObservation
 
 CONDITION_TYPES = ("Validated", "Synced", "Ready")
@@ -193,8 +201,11 @@ def compute_status(
     credentials_problem: str | None = None,
     previous: Mapping[str, Any] | None = None,
     now: str,
+    extra: Collection[PodKey] = (),
 ) -> dict[str, Any]:
-    """The whole ``status`` of one adapter (minus kopf's bookkeeping)."""
+    """The whole ``status`` of one adapter (minus kopf's bookkeeping). ``extra``: pods of a
+    move in progress beyond ``replicas`` (the target while it loads, the source while it
+    drains): listed in ``placements`` but not counted in ``readyPods`` or the phase."""
     put_errors = put_errors or {}
     previous = previous or {}
     prev_conditions = {c.get("type"): c for c in previous.get("conditions") or []
@@ -216,10 +227,13 @@ def compute_status(
         }
 
     rows = placement_views(spec, pods, desired, observations, put_errors)
-    current = {row["pod"]: row for row in rows if row["version"] == spec.version}
+    skip = {p[1] for p in extra}
+    counted = [p for p in pods if p[1] not in skip]
+    current = {row["pod"]: row for row in rows
+               if row["version"] == spec.version and row["pod"] not in skip}
     ready = sorted(p for p, row in current.items() if row["state"] == PlacementState.READY)
     failed = {p: row for p, row in current.items() if row["state"] == PlacementState.FAILED}
-    total = len(pods)
+    total = len(counted)
 
     if not pods:
         synced = cond("Synced", False, "NoPods",
@@ -237,7 +251,7 @@ def compute_status(
     # Which version do clients get? The active Ready one on every pod, when they agree.
     active_versions = Counter(r["version"] for r in rows
                               if r["active"] and r["state"] == PlacementState.READY)
-    if pods and len(ready) == total:
+    if counted and len(ready) == total:
         active: str | None = spec.version
     elif len(active_versions) == 1:
         active = next(iter(active_versions))
@@ -274,7 +288,7 @@ def compute_status(
                           f"{spec.tenant}@{spec.version} is Ready on {total}/{total} pod(s)")
     else:
         phase = AdapterPhase.PROGRESSING
-        waiting = sorted(set(current) - set(ready)) or sorted(p[1] for p in pods)
+        waiting = sorted(set(current) - set(ready)) or sorted(p[1] for p in counted)
         ready_cond = cond("Ready", False, "Progressing",
                           f"{len(ready)}/{total} pod(s) Ready; waiting for {', '.join(waiting)}")
 
@@ -330,6 +344,32 @@ def status_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]
             and old["activeVersion"] != new["activeVersion"]):
         events.append(("Normal", "Activated",
                        f"active version {old['activeVersion']} -> {new['activeVersion']}"))
+    events.extend(move_events(old, new))
+    return events
+
+
+def move_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``Moving`` when a move starts (from, to and why: the load figures), ``MoveRouted``
+    when the target takes the traffic, ``Moved`` when the source is evicted and
+    ``MoveAbandoned`` (Warning) when the target failed, each once."""
+    events: list[tuple[str, str, str]] = []
+    before = old.get("move") if isinstance(old.get("move"), Mapping) else {}
+    after = new.get("move") if isinstance(new.get("move"), Mapping) else {}
+    same = (before.get("from"), before.get("to"), before.get("started")) == (
+        after.get("from"), after.get("to"), after.get("started"))
+    if after and not same:
+        events.append(("Normal", "Moving", f"{after.get('from')} -> {after.get('to')}: "
+                       f"{after.get('reason', '')}"))
+    if after.get("phase") == MOVE_DRAINING and (not same or before.get("phase") != MOVE_DRAINING):
+        events.append(("Normal", "MoveRouted",
+                       f"{after.get('to')} holds it Ready and takes its requests; "
+                       f"{after.get('from')} drains"))
+    last = new.get("lastMove") if isinstance(new.get("lastMove"), Mapping) else None
+    if last and last != old.get("lastMove"):
+        if last.get("outcome") == MOVED:
+            events.append(("Normal", "Moved", str(last.get("reason", ""))))
+        else:
+            events.append(("Warning", "MoveAbandoned", str(last.get("reason", ""))))
     return events
 
 
@@ -341,7 +381,7 @@ def status_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> boo
 
 
 # Status fields that disappear (``None`` in the merge patch) when a new status lacks them.
-FORGETTABLE = ("activeVersion", "activeSource", "residency", "inFlight")
+FORGETTABLE = ("activeVersion", "activeSource", "residency", "inFlight", "move")
 
 
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
