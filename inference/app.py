@@ -529,8 +529,11 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
     while True:
         changed = router.peers_changed  # taken before the try: a table set during it counts
         candidates = router.peer_candidates(row, want.version)
-        holders = candidates if deadline is None else [  # after a wait: only holders
-            h for h in candidates if router.peer_usable(h)]  # not known to be failing
+        # With a failover wait, a holder whose breaker is open is not tried but waited for
+        # (its breaker's expiry wakes the wait): a hung one would cost every request its
+        # probe time. Without one, it is tried last rather than failing the request.
+        holders = candidates if failover_s <= 0 else [
+            h for h in candidates if router.peer_usable(h)]
         outcome, wait = "no_holder", True
         reason = row.reason or "no pod of the pool holds it Ready"
         if holders:

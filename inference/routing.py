@@ -56,7 +56,8 @@ Failover (a holder that dies or hangs; ``app._maybe_forward_peer`` drives it):
   downloading), the app holds the request up to ``peer_failover_s`` for a new table
   (:attr:`TenantRouter.peers_changed`, set by every ``PUT /admin/peers``) or a holder's
   breaker to expire (:meth:`TenantRouter.wait_for_peers`), then tries again; only then
-  503. A tenant whose every placement Failed (:func:`permanent_reason`) gets its 503 at
+  503. With a wait configured, a holder whose breaker is open is waited for rather than
+  tried (without one, it is tried last rather than failing the request). A tenant whose every placement Failed (:func:`permanent_reason`) gets its 503 at
   once: waiting would only hold the client.
 
 Hand-written on purpose: it is a few dozen lines around ``httpx``'s streaming client, and a
@@ -298,7 +299,7 @@ class TenantRouter:
                     response = send.result()
                     handed_over = True
                     return response
-                if not await self._alive(url):
+                if not await self._alive(url) and not send.done():
                     return (f"hung: no response headers after {self.peer_hang_s:g}s and no "
                             f"answer to GET /healthz within {self.peer_hang_s:g}s")
         finally:

@@ -23,6 +23,10 @@ the key again. A tenant's key is refused for another tenant.
 What is asserted: zero failed requests (no retry anywhere in the client), every answer's
 ``adapter`` is the tenant asked for, some answers came through a peer (the pod asked did
 not hold the tenant), and ``kubectl get lora -o wide`` shows where each tenant is.
+
+A second test does the same through a hard kill (SIGKILL of a pod's processes, then its Pod
+object deleted as a node controller would): the surviving pods hold the requests for the
+dead pod's tenants (``--peer-failover-s``) until the operator has re-placed them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import base64
 import json
 import random
 import re
+import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +67,8 @@ POD_NAMES = ("infer-a", "infer-b", "infer-c")
 TENANTS = ("legal", "medical", "finance", "retail", "support", "travel")
 PROMPT = "The quick brown fox"
 T = TypeVar("T")
+
+FAILOVER_S = 60  # the pods' --peer-failover-s: generous for a loaded CI machine
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -93,11 +101,7 @@ def pods(k8s: K8s, s3_server: S3, tiny_model_dir: Path,
     assert k8s.kubectl is not None
     assert "loraadapters.loramux.io" in k8s.kubectl.apply(CRD_PATH)
     workdir = tmp_path_factory.mktemp("pods")
-    args = ["--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text"]
-    made = {name: inference_pod(k8s.api, name, workdir, server_args=args,
-                                sidecar_token=TOKEN, start=False, auth="keys",
-                                labels={**INFERENCE_LABELS, **OWNER_LABELS})
-            for name in POD_NAMES}
+    made = {name: new_pod(k8s, name, workdir, tiny_model_dir) for name in POD_NAMES}
     errors = start_pods(made.values())
     try:
         assert not errors, errors
@@ -121,6 +125,14 @@ def operator(k8s: K8s, pods: dict[str, InferencePod],
         yield proc
     finally:
         proc.stop()
+
+
+def new_pod(k8s: K8s, name: str, workdir: Path, model_dir: Path) -> InferencePod:
+    """An inference pod of the pool, not started."""
+    args = ["--model", str(model_dir), "--quantization", "none", "--log-format", "text",
+            "--peer-failover-s", str(FAILOVER_S)]
+    return inference_pod(k8s.api, name, workdir, server_args=args, sidecar_token=TOKEN,
+                         start=False, auth="keys", labels={**INFERENCE_LABELS, **OWNER_LABELS})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,6 +203,7 @@ class ServiceLoop:
         self.endpoints = set(endpoints)
         self.lock = threading.Lock()
         self.results: list[dict[str, Any]] = []
+        self.in_flight: Counter[str] = Counter()  # requests sent to each pod, not answered
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
                         for i in range(clients)]
@@ -208,6 +221,10 @@ class ServiceLoop:
         with self.lock:
             return len(self.results)
 
+    def in_flight_to(self, name: str) -> int:
+        with self.lock:
+            return self.in_flight[name]
+
     def stop(self) -> list[dict[str, Any]]:
         self.stop_event.set()
         for thread in self.threads:
@@ -217,19 +234,24 @@ class ServiceLoop:
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
         n = 0
-        with httpx.Client(timeout=60) as client:
+        # A request may wait up to the pods' failover time for a holder: a longer timeout.
+        with httpx.Client(timeout=FAILOVER_S + 60) as client:
             while not self.stop_event.is_set():
                 tenant = TENANTS[(n + seed) % len(TENANTS)]  # every tenant, in turn
                 kind = self.KINDS[(n // len(TENANTS)) % len(self.KINDS)]
                 n += 1
                 with self.lock:
                     pod = rng.choice(sorted(self.endpoints))
-                result = {"tenant": tenant, "pod": pod, "kind": kind}
+                    self.in_flight[pod] += 1
+                result = {"tenant": tenant, "pod": pod, "kind": kind,
+                          "start": time.monotonic()}
                 try:
                     result.update(self._call(client, self.pods[pod].server_url, tenant, kind))
                 except httpx.HTTPError as exc:
                     result.update(status=0, error=repr(exc))
+                result["end"] = time.monotonic()
                 with self.lock:
+                    self.in_flight[pod] -= 1
                     self.results.append(result)
 
     @staticmethod
@@ -344,3 +366,97 @@ def test_any_pod_answers_any_tenant_through_a_pod_deletion(
     assert peer, "no answer came through a peer"
     print(f"\nscale-out e2e: {len(results)} requests, 0 failed, {len(peer)} through a peer, "
           f"by pod {dict(Counter(r['pod'] for r in results))}")
+
+
+def test_any_pod_answers_any_tenant_through_a_hard_kill(
+        k8s: K8s, pods: dict[str, InferencePod], operator: OperatorProcess,
+        published: dict[str, str], tiny_model_dir: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A pod dies abruptly (node lost, kill -9) under the client loop; ``replicas: 1``.
+
+    Three pool pods (after the test above deleted ``infer-c``, a new ``infer-d`` joins; it
+    holds nothing until the operator places the dead pod's tenants). The pod holding the
+    most tenants is the victim. What is real and what is mocked:
+
+    - the stand-in Service drops the victim's endpoint first, and the test waits until no
+      request of the loop that *entered* the victim is still in flight: a request being
+      served by a process that is killed is lost in any system (and the endpoint of a dead
+      node goes anyway);
+    - the victim's server and sidecar are SIGKILLed (real processes, no drain, no goodbye);
+    - its Pod object is then deleted by the test, as the node controller would once the
+      node is gone (this is the mocked kubelet / node part); the operator, real, re-places
+      the tenants, and the surviving pods get the new tables through their sidecars.
+
+    Until then, the surviving pods hold the requests for the victim's tenants (the failover
+    wait, ``--peer-failover-s``) instead of answering 503. Every request succeeds with the
+    right adapter, except that a stream the victim was relaying *for another pod* at the
+    instant of the kill breaks (its answer had begun: nothing can replay it): such a request
+    is told apart exactly (relayed through a peer, ``upstream_stream_broken``, the kill
+    inside its lifetime, a tenant of the victim) and at most one per client can exist.
+    """
+    assert k8s.kubectl is not None
+    for tenant in TENANTS:  # (already there after the test above)
+        if k8s.api.find("v1", "secrets", f"{tenant}-keys", "default") is None:
+            k8s.api.create(key_secret(tenant))
+        k8s.kubectl.apply(lora(tenant, published[tenant]))
+    live = {name for name, pod in pods.items() if pod.get() is not None}
+    if len(live) < 3:
+        extra = new_pod(k8s, "infer-d", tmp_path_factory.mktemp("pod-d"), tiny_model_dir)
+        pods["infer-d"] = extra  # the pods fixture stops it at the end
+        extra.start()
+        live.add("infer-d")
+    where = wait(lambda: placements(k8s, live), "six tenants Ready", 180)
+    wait(lambda: routable(pods, live), "every pod's placement table", 60)
+    victim = Counter(where.values()).most_common(1)[0][0]
+    moved = sorted(t for t, pod in where.items() if pod == victim)
+    rest = live - {victim}
+    waits_before = sum(_peer_outcome(pods[p], "failover_wait") for p in rest)
+
+    loop = ServiceLoop(pods, live).start()
+    try:
+        wait(lambda: loop.count() >= 36, "requests through every pod before the kill", 120)
+        loop.remove_endpoint(victim)
+        wait(lambda: loop.in_flight_to(victim) == 0, "the victim's own requests answered", 60,
+             0.01)
+        killed_at = time.monotonic()
+        for proc in (pods[victim].server, pods[victim].sidecar):
+            assert proc is not None
+            proc.proc.send_signal(signal.SIGKILL)
+        for proc in (pods[victim].server, pods[victim].sidecar):
+            proc.proc.wait(10)
+        mark = loop.count()
+        time.sleep(3)  # the node controller is not instant: the tables still name the pod
+        pods[victim].delete(stop=False)  # as the node controller would
+        after = wait(lambda: placements(k8s, rest), f"{moved} Ready on the other pods", 180)
+        assert all(after[t] in rest for t in moved), after
+        wait(lambda: routable(pods, rest), "the tables without the killed pod", 60)
+        wait(lambda: loop.count() >= mark + 36, "requests after the re-placement", 120)
+    finally:
+        results = loop.stop()
+        pods[victim].stop()  # closes the logs of the killed processes
+
+    def lost_with_the_victim(r: dict[str, Any]) -> bool:
+        return (r["kind"] == "chat-stream" and r.get("routed") == "peer"
+                and r["tenant"] in moved and r["start"] <= killed_at <= r["end"]
+                and "upstream_stream_broken" in (r.get("error") or ""))
+
+    lost = [r for r in results if lost_with_the_victim(r)]
+    assert len(lost) <= len(loop.threads), lost
+    failed = [r for r in results if r.get("status") != 200 and r not in lost]
+    assert not failed, (len(failed), failed[:5])
+    wrong = [r for r in results if r.get("adapter") != f"{r['tenant']}@v1" and r not in lost]
+    assert not wrong, wrong[:5]
+    during = [r for r in results if r["tenant"] in moved and r["end"] > killed_at]
+    assert during, "no request for a moved tenant after the kill"
+    waited = sum(_peer_outcome(pods[p], "failover_wait") for p in rest) - waits_before
+    assert waited > 0, "no request had to wait for the re-placement"
+    slowest = max(r["end"] - r["start"] for r in during)
+    print(f"\nscale-out hard kill of {victim} ({moved}): {len(results)} requests, "
+          f"0 failed, {len(lost)} relayed stream(s) lost with the victim, {waited:g} "
+          f"waited for the re-placement, the slowest {slowest:.1f}s")
+
+
+def _peer_outcome(pod: InferencePod, outcome: str) -> float:
+    text = httpx.get(f"{pod.server_url}/admin/metrics", timeout=10).text
+    return helpers.metric_value(text, "loramux_peer_forwarded_requests_total",
+                                outcome=outcome)
