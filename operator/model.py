@@ -548,6 +548,19 @@ def pod_is_ready(pod: Mapping[str, Any]) -> bool:
     return False
 
 
+def pod_unready_since(pod: Mapping[str, Any]) -> float | None:
+    """When a live pod's Ready condition last turned False (or Unknown), in epoch seconds;
+    None while it is Ready, or when the pod does not say (then no grace can be counted)."""
+    if not pod_is_live(pod):
+        return None
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+            if cond.get("status") == "True":
+                return None
+            return _epoch(cond.get("lastTransitionTime"))
+    return None
+
+
 def container_port(pod: Mapping[str, Any], name: str, default: int) -> int:
     """The containerPort named ``name`` in any container of the pod, else ``default``."""
     for container in (pod.get("spec") or {}).get("containers") or []:

@@ -173,6 +173,21 @@ def place(
     return chosen
 
 
+def pod_loads(specs: Sequence[AdapterSpec], placements: Mapping[ObjectKey, Sequence[PodKey]],
+              rates: Mapping[tuple[str, str], float] | None = None) -> dict[PodKey, PodLoad]:
+    """What each pod holds, as the policies count it (every placement at the tenant's full
+    measured rate, as :func:`place` counts a new one)."""
+    rates = rates or {}
+    load: dict[PodKey, PodLoad] = {}
+    for spec in specs:
+        rate = max(0.0, rates.get((spec.namespace, spec.tenant), 0.0))
+        for pod in placements.get(spec.key, ()):
+            held = load.setdefault(pod, PodLoad())
+            held.adapters += 1
+            held.tokens_per_s += rate
+    return load
+
+
 # --------------------------------------------------------------------------- moves
 
 
@@ -352,3 +367,53 @@ def _best_move(members: Sequence[AdapterSpec], pods: Sequence[PodKey],
               f"spread {spread:.1f} -> {new_spread:.1f} tokens/s")
     return spec.key, Move(source=hi[1], target=lo[1], phase=MOVE_LOADING, started=now,
                           since=now, reason=reason)
+
+
+def choose_unready_moves(
+    specs: Sequence[AdapterSpec],
+    placements: Mapping[ObjectKey, Sequence[PodKey]],
+    candidates: Mapping[ObjectKey, Sequence[PodKey]],
+    unready_since: Mapping[PodKey, float],
+    *,
+    now: float,
+    grace_s: float,
+    moving: Collection[ObjectKey] = (),
+    policy: str | Policy = "leastAdapters",
+    rates: Mapping[tuple[str, str], float] | None = None,
+    device_slots: int | None = None,
+) -> dict[ObjectKey, Move]:
+    """Moves off pods that have been NotReady longer than ``grace_s`` (``unready_since``:
+    when each such pod's Ready condition turned False). A pod briefly not Ready keeps its
+    placements (a restarting server must not make the sidecars re-download); one that
+    stays so loses them through the same protocol as a rebalance: the target loads while the
+    source (still live, perhaps still serving) is kept, then routes, drains, evicts.
+
+    Each adapter (``replicas: N``, not already ``moving``) moves one placement at a time, to
+    the pod its placement ``policy`` picks among ``candidates`` (its Ready pool pods) that
+    do not hold it. Not limited to one move per pool: this is failover, not tuning."""
+    if policy == "leastLoaded":
+        choose: Policy = partial(least_loaded, device_slots=device_slots)
+    else:
+        choose = POLICIES[policy] if isinstance(policy, str) else policy
+    load = pod_loads(specs, placements, rates)
+    out: dict[ObjectKey, Move] = {}
+    for spec in sorted(specs, key=lambda s: s.order):
+        if spec.replicas is None or spec.key in moving:
+            continue
+        placed = placements.get(spec.key, ())
+        stale = sorted((p for p in placed if p in unready_since
+                        and now - unready_since[p] >= grace_s), key=lambda p: p[1])
+        if not stale:
+            continue
+        free = [p for p in candidates.get(spec.key, ()) if p not in placed]
+        if not free:
+            continue
+        source, target = stale[0], choose(free, load)[0]
+        held = load.setdefault(target, PodLoad())
+        held.adapters += 1
+        held.tokens_per_s += max(0.0, (rates or {}).get((spec.namespace, spec.tenant), 0.0))
+        reason = (f"{source[1]} has been NotReady for {now - unready_since[source]:.0f} s "
+                  f"(grace {grace_s:g} s); {target[1]} is Ready")
+        out[spec.key] = Move(source=source[1], target=target[1], phase=MOVE_LOADING,
+                             started=now, since=now, reason=reason)
+    return out

@@ -99,6 +99,7 @@ from loramux.operator.kube import KubeApi, KubeError
 from loramux.operator.model import (
     API_VERSION,
     KIND,
+    MOVE_ABANDONED,
     MOVE_DRAINING,
     MOVE_LOADING,
     AdapterSpec,
@@ -113,6 +114,7 @@ from loramux.operator.model import (
     pod_is_live,
     pod_is_ready,
     pod_key,
+    pod_unready_since,
     pods_draining_in_pool,
     pods_in_pool,
     selector_matches,
@@ -123,6 +125,7 @@ from loramux.operator.placement import (
     Rebalance,
     advance_move,
     choose_moves,
+    choose_unready_moves,
     place,
 )
 from loramux.operator.rollout import PodObservation, build_desired_sets
@@ -888,6 +891,10 @@ class Reconciler:
                 out.done[spec.key] = step.done
                 log.info("%s/%s: move ended (%s): %s", *spec.key, step.done.outcome,
                          step.done.reason)
+        ready_pods = {k for k, p in seen.pool_pods.items() if pod_is_ready(p)}
+        candidates = {s.key: [p for p in members[s.key] if p in ready_pods] for s in placeable}
+        if settings.unready_grace_seconds > 0:
+            self._plan_unready(seen, placeable, placements, candidates, rates, now, out)
         if not (settings.rebalance and settings.placement_policy == "leastLoaded"
                 and rates is not None):
             return out
@@ -898,8 +905,6 @@ class Reconciler:
             existing = seen.dedicated.get(spec.key) if seen.dedicated else None
             if spec.dedicated.mode == "Always" or (existing is not None and not existing.empty):
                 pinned.add(spec.key)  # a hot tenant: its dedicated deployment serves it
-        ready_pods = {k for k, p in seen.pool_pods.items() if pod_is_ready(p)}
-        candidates = {s.key: [p for p in members[s.key] if p in ready_pods] for s in placeable}
         ready_on = {s.key: {p for p in placements.get(s.key, ()) if holds(p, s)}
                     for s in placeable}
         started = choose_moves(
@@ -917,6 +922,34 @@ class Reconciler:
             log.info("%s/%s: moving %s -> %s: %s", *key, move.source, move.target,
                      move.reason)
         return out
+
+    def _plan_unready(self, seen: Observed, placeable: Sequence[AdapterSpec],
+                      placements: dict[ObjectKey, list[PodKey]],
+                      candidates: Mapping[ObjectKey, Sequence[PodKey]],
+                      rates: Mapping[tuple[str, str], float] | None, now: float,
+                      out: MovePlan) -> None:
+        """Moves off pods NotReady beyond ``--unready-grace-seconds`` (see
+        :func:`choose_unready_moves`); an adapter whose move was abandoned within the grace
+        (its target failed) waits, so a failing target is not retried every pass."""
+        grace = self.settings.unready_grace_seconds
+        unready = {k: since for k, p in seen.pool_pods.items()
+                   if (since := pod_unready_since(p)) is not None}
+        if not unready:
+            return
+        waiting = set(out.moves) | set(out.done) | {
+            s.key for s in placeable if s.last_move is not None
+            and s.last_move.outcome == MOVE_ABANDONED and now - s.last_move.finished < grace}
+        started = choose_unready_moves(
+            placeable, placements, candidates, unready, now=now, grace_s=grace,
+            moving=waiting, policy=self.settings.placement_policy, rates=rates,
+            device_slots=self.settings.placement_device_slots)
+        for key, move in started.items():
+            out.moves[key] = move
+            out.started.add(key)
+            placements[key] = sorted([*placements.get(key, []), (key[0], move.target)],
+                                     key=lambda p: p[1])
+            log.info("%s/%s: moving %s -> %s: %s", *key, move.source, move.target,
+                     move.reason)
 
     def _move_facts(self, spec: AdapterSpec, move: Move, members: Sequence[PodKey],
                     holds: Any, seen: Observed) -> MoveFacts:

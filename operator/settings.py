@@ -83,6 +83,10 @@ class OperatorSettings(LogSettings, BaseSettings):
     move_load_timeout_seconds: float = Field(
         600.0, gt=0, description="A move whose target has not loaded the adapter after "
         "this long is abandoned (the source keeps it).")
+    unready_grace_seconds: float = Field(
+        300.0, ge=0, description="A placement ('replicas: N') on a pod NotReady for longer "
+        "than this moves to a Ready pod (load, route, drain, evict); a pod briefly not Ready "
+        "keeps its placements. 0: never.")
     peering: str | None = Field(
         None, description="kopf peering name (default: standalone, no peering objects)."
     )

@@ -523,3 +523,70 @@ def test_a_target_that_fails_is_dropped_and_a_warning_says_why():
     assert warning and warning[0][0] == "Warning" and "boom" in warning[0][2]
     # the cool-down: the same pass does not start it again
     assert not todo.moves.moves
+
+
+# --------------------------------------------------------------------------- NotReady pods
+
+
+def _unready_pod(name: str, since: str) -> dict[str, Any]:
+    p = pod(name, ready=False)
+    p["status"]["conditions"][0]["lastTransitionTime"] = since
+    return p
+
+
+def test_a_pod_not_ready_says_since_when_and_a_ready_or_silent_one_does_not():
+    from loramux.operator.model import pod_unready_since
+
+    assert pod_unready_since(_unready_pod("p1", "2027-01-15T08:00:00Z")) == T0
+    assert pod_unready_since(pod("p1")) is None  # Ready
+    assert pod_unready_since(pod("p1", ready=False)) is None  # no time: no grace counted
+    assert pod_unready_since(pod("p1", ready=False, deleting=True)) is None  # terminating
+
+
+def test_placements_on_a_pod_not_ready_beyond_the_grace_move_through_the_protocol():
+    from loramux.operator.placement import choose_unready_moves
+
+    specs = [parse_adapter(cr(t, t, replicas=1, created=f"2026-01-01T00:00:0{i}Z"))
+             for i, t in enumerate("abc")]
+    every = [parse_adapter(cr("e", "e", created="2026-01-01T00:00:09Z"))]
+    placements = {k("a"): [k("p1")], k("b"): [k("p1")], k("c"): [k("p2")],
+                  k("e"): [k("p1"), k("p2"), k("p3")]}
+    candidates = {s.key: [k("p2"), k("p3")] for s in [*specs, *every]}
+    unready = {k("p1"): T0}
+
+    def run(now: float, **kw: Any) -> dict:
+        return choose_unready_moves([*specs, *every], placements, candidates, unready,
+                                    now=now, grace_s=120, **kw)
+
+    assert run(T0 + 119) == {}  # within the grace: a restarting server keeps its tenants
+    got = run(T0 + 120)
+    assert set(got) == {k("a"), k("b")}  # every adapter at once (failover), not e (every pod)
+    # spread by the placement policy: a to p3 (p2 holds c), then b to p2
+    assert (got[k("a")].source, got[k("a")].target) == ("p1", "p3")
+    assert got[k("b")].target == "p2"
+    assert got[k("a")].phase == MOVE_LOADING
+    assert "p1 has been NotReady for 120 s (grace 120 s)" in got[k("a")].reason
+    # an adapter already moving, or with no Ready pod free, waits
+    assert set(run(T0 + 120, moving={k("a")})) == {k("b")}
+    assert choose_unready_moves(specs, placements, {s.key: [] for s in specs}, unready,
+                                now=T0 + 999, grace_s=120) == {}
+
+
+def test_the_operator_moves_tenants_off_a_pod_that_stays_not_ready():
+    pods = [_unready_pod("p1", "2026-01-01T00:00:00Z"),
+            pod("p2", ports={"sync": 9102, "http": 9002})]
+    objs = [cr("a", "a", replicas=1, status={
+        "placements": [{"pod": "p1", "version": "v1", "state": "Ready"}]})]
+    p1 = pool_obs("p1", {("a", "v1"): "Ready"}, [served_view("a")])
+    observations = {k("p1"): p1, k("p2"): pool_obs("p2", {}, [])}
+    r = _reconciler()
+    todo, st, events = _pass(r, objs, pods, observations)
+    assert todo.placements[k("a")] == [k("p1"), k("p2")]
+    assert st["a"]["move"]["from"] == "p1" and "NotReady" in st["a"]["move"]["reason"]
+    assert ("Normal", "Moving") in [e[:2] for e in events]
+    # a failed target: abandoned, and not retried within the grace
+    observations[k("p2")] = pool_obs("p2", {("a", "v1"): "Failed"}, [])
+    todo, st, events = _pass(r, objs, pods, observations)
+    assert "move" not in st["a"] and st["a"]["lastMove"]["outcome"] == MOVE_ABANDONED
+    todo, st, events = _pass(r, objs, pods, observations)
+    assert "move" not in st["a"] and todo.placements[k("a")] == [k("p1")]

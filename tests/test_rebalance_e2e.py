@@ -23,6 +23,10 @@ ends on ``infer-b`` alone and ``infer-a``'s server no longer holds it, the Event
 ``Moving`` (with the load figures), ``MoveRouted`` and ``Moved``, ``kubectl get lora -o
 wide`` showing both pods in RESIDENCY while the source drains, and the other tenant never
 moved.
+
+Then the same protocol as failover: ``infer-a`` turns NotReady (out of the Service's
+endpoints, its processes still up) and stays so beyond ``--unready-grace-seconds``: what it
+holds moves to ``infer-b``, under the same client loop, with zero failed requests.
 """
 
 from __future__ import annotations
@@ -143,7 +147,8 @@ def operator(k8s: K8s, pods: dict[str, InferencePod],
          "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in OWNER_LABELS.items()),
          "--placement-policy", "leastLoaded", "--rebalance",
          "--rebalance-ratio", "1.5", "--rebalance-floor-tokens-per-s", "1",
-         "--rebalance-cooldown-seconds", "600", "--move-drain-timeout-seconds", "30"])
+         "--rebalance-cooldown-seconds", "600", "--move-drain-timeout-seconds", "30",
+         "--unready-grace-seconds", "4"])
     proc.start()
     proc.wait_for_log("loramux operator started", 60)
     try:
@@ -379,3 +384,36 @@ def test_a_tenant_moves_to_a_pod_that_joined_under_load_without_a_failed_request
     assert not [r for r in others if "Move" in r], others
     print(f"\nrebalance e2e: {len(results)} requests, 0 failed, {moved} moved "
           f"infer-a -> infer-b, by pod {dict(by_pod)}, move: {move['reason']}")
+
+
+def test_a_pod_not_ready_beyond_the_grace_hands_its_tenants_over_the_same_way(
+        k8s: K8s, pods: dict[str, InferencePod], operator: OperatorProcess) -> None:
+    on_a = [t for t in TENANTS if on_one_pod(k8s, t, "infer-a")]
+    assert on_a and all(on_one_pod(k8s, t, "infer-b") for t in TENANTS if t not in on_a)
+    loop = ServiceLoop(pods, {"infer-a", "infer-b"}).start()
+    try:
+        wait(lambda: loop.count() >= 10, "requests through both pods", 60)
+        # NotReady: out of the Service's endpoints at once; its processes keep running
+        loop.endpoints.discard("infer-a")
+        pods["infer-a"].set_ready(False)
+        for tenant in on_a:
+            wait(lambda t=tenant: on_one_pod(k8s, t, "infer-b"), f"{tenant} on infer-b", 90)
+        wait(lambda: not set(on_a) & held_by(pods["infer-a"]), f"{on_a} evicted from infer-a",
+             60)
+        mark = loop.count()
+        wait(lambda: loop.count() >= mark + 10, "requests after the handover", 60)
+    finally:
+        results = loop.stop()
+        pods["infer-a"].set_ready(True)
+    failed = [r for r in results if r.get("status") != 200]
+    assert not failed, (len(failed), failed[:5])
+    wrong = [r for r in results if r.get("adapter") != f"{r['tenant']}@v1"]
+    assert not wrong, wrong[:5]
+    for tenant in on_a:
+        last = statuses(k8s)[tenant]["lastMove"]
+        assert (last["from"], last["to"], last["outcome"]) == ("infer-a", "infer-b", "Moved")
+        events = [e for e in k8s.api.list("v1", "events")["items"]
+                  if (e.get("involvedObject") or {}).get("name") == tenant
+                  and e["reason"] == "Moving"]
+        assert any("infer-a has been NotReady" in e["message"] for e in events), events
+    print(f"\nunready e2e: {len(results)} requests, 0 failed, {on_a} moved infer-a -> infer-b")
