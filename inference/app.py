@@ -537,12 +537,17 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
         outcome, wait = "no_holder", True
         reason = row.reason or "no pod of the pool holds it Ready"
         if holders:
-            for holder in holders:
+            for n, holder in enumerate(holders, start=1):
                 result = await router.forward_peer(holder, want.tenant, request.url.path,
                                                    body, request.headers, stream)
                 if isinstance(result, str):
                     counter.labels("holder_failed").inc()
                     continue
+                if result.busy and n < len(holders):  # another holder may have room
+                    await result.body()  # (read already: this only closes it)
+                    counter.labels("holder_busy").inc()
+                    continue
+                # The last holder's 429 is the answer: busy is not gone, no failover wait.
                 counter.labels("forwarded").inc()
                 return await _relay(runtime, result, stream, None)
             outcome = "all_failed"

@@ -57,8 +57,12 @@ Failover (a holder that dies or hangs; ``app._maybe_forward_peer`` drives it):
   (:attr:`TenantRouter.peers_changed`, set by every ``PUT /admin/peers``) or a holder's
   breaker to expire (:meth:`TenantRouter.wait_for_peers`), then tries again; only then
   503. With a wait configured, a holder whose breaker is open is waited for rather than
-  tried (without one, it is tried last rather than failing the request). A tenant whose every placement Failed (:func:`permanent_reason`) gets its 503 at
-  once: waiting would only hold the client.
+  tried (without one, it is tried last rather than failing the request). A tenant whose
+  every placement Failed (:func:`permanent_reason`) gets its 503 at once: waiting would
+  only hold the client.
+* A busy holder (429: its queue is full, or the tenant is at its limits there) is alive:
+  no breaker, the next holder is tried, and the last holder's 429 is relayed with its
+  ``Retry-After`` (no failover wait: the client is told to come back, not held).
 
 Hand-written on purpose: it is a few dozen lines around ``httpx``'s streaming client, and a
 generic reverse proxy would not know when falling back to the local engine is safe.
@@ -135,6 +139,9 @@ class PeerState:
 _TIER_RANK = {Residency.DEVICE: 0, Residency.HOST: 1, Residency.DISK: 2}
 # A peer's answer with one of these is the answer: every holder would say the same.
 _RELAYED_CLIENT_ERRORS = frozenset({400, 401, 403, 413, 415, 422})
+# A busy holder (queue full, the tenant's limits): alive, so no breaker; the caller tries
+# the next holder and relays the last one's 429 (``Forwarded.busy``).
+BUSY = 429
 
 
 class Forwarded:
@@ -152,6 +159,11 @@ class Forwarded:
     @property
     def status(self) -> int:
         return self.response.status_code
+
+    @property
+    def busy(self) -> bool:
+        """A peer's 429: another holder may have room; the last one's is relayed."""
+        return self.routed == "peer" and self.status == BUSY
 
     @property
     def headers(self) -> dict[str, str]:
@@ -402,13 +414,15 @@ class TenantRouter:
                            headers: Any, stream: bool) -> Forwarded | str:
         """Send the request to a peer holding the tenant: the response to relay, or why this
         holder could not answer (the caller tries the next). A client error any holder would
-        repeat (a bad body, a key the holder refuses) is relayed, not retried."""
+        repeat (a bad body, a key the holder refuses) is relayed, not retried. A 429 (the
+        holder is busy, or the tenant at its limits there) comes back too, without opening
+        the breaker: the holder is alive (``Forwarded.busy``)."""
         url = holder.url.rstrip("/")
         state = self.peer_states.setdefault(url, PeerState(url))
         state.in_flight += 1
         try:
             response = await self._send(url, path, body, headers, stream,
-                                        accept=_RELAYED_CLIENT_ERRORS, peer=True)
+                                        accept=_RELAYED_CLIENT_ERRORS | {BUSY}, peer=True)
         except BaseException:
             state.in_flight -= 1
             raise

@@ -6,8 +6,11 @@ Three servers, each holding different tenants, all with ``--auth keys`` and one 
 (an every-tenant key, a key for ``legal`` only, a key for ``finance`` only):
 
 - ``a``: legal
-- ``b``: finance, retail
+- ``b``: finance, retail, medical
 - ``c``: retail, medical (stopped by the last test: a holder that dies)
+
+``medical`` may use 20 tokens per minute on each server (the access file): a holder over it
+answers 429, a busy holder that is alive.
 
 ``a``, ``b`` and ``c`` run with ``--peer-failover-s 0`` (no failover wait: a 503 as soon as
 no holder answers). ``d`` holds nothing and waits up to ``FAILOVER_S`` for a holder
@@ -34,7 +37,14 @@ import pytest
 import helpers
 from conftest import ServerProcess, preload_flags
 from helpers import metric_value, metrics
-from loramux.contracts import AccessFile, KeyGrant, PeerTable, TenantAccess, hash_key
+from loramux.contracts import (
+    AccessFile,
+    KeyGrant,
+    PeerTable,
+    TenantAccess,
+    TenantLimits,
+    hash_key,
+)
 
 OPS_KEY = "ops-" + secrets.token_hex(20)
 LEGAL_KEY = "legal-" + secrets.token_hex(20)
@@ -54,7 +64,8 @@ def access_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     access = AccessFile(
         grants=[KeyGrant(sha256=hash_key(OPS_KEY), tenants=("*",), base=True, name="ops")],
         tenants={"legal": TenantAccess(key_sha256=(hash_key(LEGAL_KEY),)),
-                 "finance": TenantAccess(key_sha256=(hash_key(FINANCE_KEY),))})
+                 "finance": TenantAccess(key_sha256=(hash_key(FINANCE_KEY),)),
+                 "medical": TenantAccess(limits=TenantLimits(tokens_per_minute=20))})
     path.write_text(access.model_dump_json())
     return path
 
@@ -69,7 +80,7 @@ def pods(start_server, tiny_model_dir: Path, adapter_root: Path,
                             *flags, *preload_flags(adapter_root, tenants))
 
     no_wait = ("--peer-failover-s", "0")
-    return {"a": start(["legal"], *no_wait), "b": start(["finance", "retail"], *no_wait),
+    return {"a": start(["legal"], *no_wait), "b": start(["finance", "retail", "medical"], *no_wait),
             "c": start(["retail", "medical"], *no_wait),
             "d": start([], "--peer-failover-s", str(FAILOVER_S),
                        "--peer-hang-timeout-s", str(HANG_S))}
@@ -416,6 +427,30 @@ def test_a_hanging_holder_is_skipped_within_the_probe_bound(pods) -> None:
             break
     else:
         raise AssertionError("no generation outlasted the probe bound")
+
+
+def test_a_busy_holder_is_passed_over_and_the_last_ones_429_relayed(pods) -> None:
+    """``c`` has spent ``medical``'s tokens per minute: its 429 says busy, not gone. ``d``
+    tries the next holder (no breaker for ``c``); with ``c`` the only holder, its 429 (and
+    ``Retry-After``) is the answer at once, not a failover wait."""
+    b, c, d = pods["b"], pods["c"], pods["d"]
+    spend = _gen(c.url, "medical", "/v1/completions", tokens=24)  # served by c itself
+    assert spend.status_code == 200 and "x-loramux-routed" not in spend.headers, spend.text
+    assert _gen(c.url, "medical").status_code == 429
+    _put_table(d, {"medical": [_holder("c", c, "device"), _holder("b", b, "disk")]})
+    busy, waits, before = _peer(d, "holder_busy"), _peer(d, "failover_wait"), \
+        _generated(b, "medical")
+    for stream in (False, True):
+        assert _call(d.url, "medical", stream)[:2] == (200, "medical@v1")
+    assert _peer(d, "holder_busy") == busy + 2  # c was tried each time: no breaker
+    assert _generated(b, "medical") == before + 2 * 4
+    _put_table(d, {"medical": [_holder("c", c)]})
+    for stream in (False, True):
+        status, text, took = _call(d.url, "medical", stream)
+        assert status == 429, text
+        assert json.loads(text)["error"]["code"] == "tenant_tokens_per_minute"
+        assert took < FAILOVER_S / 2
+    assert _peer(d, "failover_wait") == waits
 
 
 def _free_port() -> int:
