@@ -412,7 +412,8 @@ def choose_unready_moves(
         held = load.setdefault(target, PodLoad())
         held.adapters += 1
         held.tokens_per_s += max(0.0, (rates or {}).get((spec.namespace, spec.tenant), 0.0))
-        reason = (f"{source[1]} has been NotReady for {now - unready_since[source]:.0f} s "
+        waited = now - unready_since[source]
+        reason = (f"{spec.tenant}: {source[1]} has been NotReady for {waited:.0f} s "
                   f"(grace {grace_s:g} s); {target[1]} is Ready")
         out[spec.key] = Move(source=source[1], target=target[1], phase=MOVE_LOADING,
                              started=now, since=now, reason=reason)

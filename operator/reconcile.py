@@ -22,9 +22,16 @@ method that reads alone:
 
 Passes are serialized (one at a time), debounced (a burst of events is one pass) and
 level-triggered: nothing is remembered between passes but what the API server (the
-LoraAdapters' status: placements, ``activeVersion`` and its ``activeSource``) and the pods
-say, so an operator restart converges from the current state. The only memory in the
-process is the request-rate history of hot tenants.
+LoraAdapters' status: placements, ``activeVersion`` and its ``activeSource``, a move in
+progress ``move`` and the last one ``lastMove``) and the pods say, so an operator restart
+converges from the current state. The only memory in the process is the token history
+(hot tenants, ``leastLoaded``) and the fingerprints of the placement tables sent while a
+move drains (lost on a restart: that drain waits one table more).
+
+Moves (:mod:`loramux.operator.placement`): a placed tenant changes pods only by loading on
+the new pod first, then routing to it, then draining and evicting the old one; they come
+from rebalancing by measured load (``leastLoaded`` with ``--rebalance``) and from pods
+NotReady beyond ``--unready-grace-seconds``.
 
 Triggers: the kopf handlers (create/update/resume/delete of LoraAdapters), pod events, and
 the resync timer; after a pass with transient failures the next one comes sooner
