@@ -114,17 +114,37 @@ class PeftMixedBatchBackend:
 
 
 class _RowContext:
-    """The per-step adapter index the engine prepares; wrapped layers only read it."""
+    """The per-step adapter index the engine prepares; wrapped layers only read it.
+
+    The index tensor is built once per forward pass, on the layers' device, and every layer
+    reads the same one: one host-to-device copy per step (into a reused buffer on CUDA), not
+    one per layer. That works because every layer stacks an adapter at the same position,
+    its global id (see :class:`BatchedLoraLinear`).
+    """
 
     def __init__(self) -> None:
         self.row_ids: list[int] = []  # one global adapter id per row, 0 = base
         self.present: set[int] = set()
         self.uniform: int | None = None  # set when every row uses the same adapter
+        self.index: torch.Tensor | None = None  # [rows] int64 ids, when rows differ
+        self._device_buffer: torch.Tensor | None = None
 
-    def set(self, row_ids: list[int]) -> None:
+    def set(self, row_ids: list[int], device: torch.device | None = None) -> None:
         self.row_ids = row_ids
         self.present = set(row_ids) - {0}
         self.uniform = row_ids[0] if row_ids and len(set(row_ids)) == 1 else None
+        self.index = None
+        if self.present and self.uniform is None:
+            host = torch.tensor(row_ids, dtype=torch.long)
+            if device is None or device.type == "cpu":
+                self.index = host
+            else:  # GPU-only path: never run on these machines
+                buf = self._device_buffer
+                if buf is None or buf.device != device or buf.numel() < len(row_ids):
+                    buf = torch.empty(max(64, len(row_ids)), dtype=torch.long, device=device)
+                    self._device_buffer = buf
+                self.index = buf[: len(row_ids)]
+                self.index.copy_(host, non_blocking=True)
 
     def clear(self) -> None:
         self.set([])
@@ -135,13 +155,16 @@ class BatchedLoraLinear(torch.nn.Module):
 
     Adapter weights live in preallocated stacks ``A [capacity, r_max, in]`` and
     ``B [capacity, out, r_max]`` (scaling folded into B, ranks zero-padded to the largest
-    rank on this layer; local index 0 is all zeros for rows without an adapter here). A
-    forward pass gathers each row's pair and applies it with two batched matmuls, so its
-    cost does not grow with the number of distinct tenants in the batch (Punica's BGMV idea,
-    in plain torch). Adding an adapter writes its rows in place: O(adapter size).
+    rank on this layer). An adapter sits at its *global* id in every layer's stack; position
+    0, and the position of any adapter that does not target this layer, is all zeros. So one
+    index tensor per step serves every layer. A forward pass gathers each row's pair and
+    applies it with two batched matmuls, so its cost does not grow with the number of
+    distinct tenants in the batch (Punica's BGMV idea, in plain torch). Adding an adapter
+    writes its rows in place: O(adapter size).
     """
 
-    def __init__(self, base_layer: torch.nn.Module, ctx: _RowContext, dtype: torch.dtype) -> None:
+    def __init__(self, base_layer: torch.nn.Module, ctx: _RowContext, dtype: torch.dtype,
+                 capacity: int = 2) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.ctx = ctx
@@ -149,69 +172,66 @@ class BatchedLoraLinear(torch.nn.Module):
         self.out_features = int(base_layer.out_features)
         self.lora_dtype = dtype
         device = _module_device(base_layer)
-        self.register_buffer("A", torch.zeros(2, 1, self.in_features, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("B", torch.zeros(2, self.out_features, 1, dtype=dtype, device=device),
-                             persistent=False)
-        self.local_of: dict[int, int] = {}
-        self.rank_of: dict[int, int] = {}
-        self._free: list[int] = [1]
+        self.register_buffer(
+            "A", torch.zeros(capacity, 1, self.in_features, dtype=dtype, device=device),
+            persistent=False)
+        self.register_buffer(
+            "B", torch.zeros(capacity, self.out_features, 1, dtype=dtype, device=device),
+            persistent=False)
+        self.rank_of: dict[int, int] = {}  # global adapter id -> its rank on this layer
 
     @property
     def r_max(self) -> int:
         return int(self.A.shape[1])
 
-    def _resize(self, capacity: int, r_max: int) -> None:
+    @property
+    def capacity(self) -> int:
+        return int(self.A.shape[0])
+
+    def resize(self, capacity: int, r_max: int) -> None:
+        """Reallocate the stacks (rare: a wider rank, or more adapters than ever before)."""
         old_a, old_b = self.A, self.B
         keep = min(r_max, old_a.shape[1])
+        rows = min(capacity, old_a.shape[0])
         a = old_a.new_zeros(capacity, r_max, self.in_features)
         b = old_b.new_zeros(capacity, self.out_features, r_max)
-        a[: old_a.shape[0], :keep] = old_a[:, :keep]
-        b[: old_b.shape[0], :, :keep] = old_b[:, :, :keep]
-        self._free.extend(range(old_a.shape[0], capacity))
+        a[:rows, :keep] = old_a[:rows, :keep]
+        b[:rows, :, :keep] = old_b[:rows, :, :keep]
         self.A, self.B = a, b
 
     def add(self, adapter_id: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         rank = int(lora_a.shape[0])
-        if rank > self.r_max:
-            self._resize(int(self.A.shape[0]), rank)
-        if not self._free:
-            self._resize(int(self.A.shape[0]) * 2, self.r_max)
-        self._free.sort()
-        local = self._free.pop(0)
-        self.A[local].zero_()
-        self.B[local].zero_()
-        self.A[local, :rank] = lora_a.to(self.A)
-        self.B[local, :, :rank] = lora_b.to(self.B)
-        self.local_of[adapter_id] = local
+        if rank > self.r_max or adapter_id >= self.capacity:
+            self.resize(max(self.capacity, adapter_id + 1), max(self.r_max, rank))
+        self.A[adapter_id].zero_()
+        self.B[adapter_id].zero_()
+        self.A[adapter_id, :rank] = lora_a.to(self.A)
+        self.B[adapter_id, :, :rank] = lora_b.to(self.B)
         self.rank_of[adapter_id] = rank
 
     def remove(self, adapter_id: int) -> None:
-        local = self.local_of.pop(adapter_id, None)
-        rank = self.rank_of.pop(adapter_id, 0)
-        if local is None:
+        rank = self.rank_of.pop(adapter_id, None)
+        if rank is None:
             return
-        self.A[local].zero_()
-        self.B[local].zero_()
-        self._free.append(local)
+        self.A[adapter_id].zero_()
+        self.B[adapter_id].zero_()
         # Every row pays the padded rank: once the widest adapter leaves, narrow the stack
         # so one high-rank tenant does not slow the others on this layer until a restart.
         widest = max(self.rank_of.values(), default=1)
         if rank == self.r_max and widest < self.r_max:
-            self._resize(int(self.A.shape[0]), widest)
+            self.resize(self.capacity, widest)
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         ctx = self.ctx
-        if not self.local_of or not (ctx.present & self.local_of.keys()):
+        if not self.rank_of or ctx.present.isdisjoint(self.rank_of):
             return result
         xf = x.to(self.lora_dtype)
         if ctx.uniform is not None:
-            local = self.local_of[ctx.uniform]
-            delta = (xf @ self.A[local].T) @ self.B[local].T
+            delta = (xf @ self.A[ctx.uniform].T) @ self.B[ctx.uniform].T
         else:
-            index = torch.tensor([self.local_of.get(i, 0) for i in ctx.row_ids],
-                                 device=self.A.device)
+            assert ctx.index is not None
+            index = ctx.index.to(self.A.device)  # a no-op unless the model spans devices
             a = self.A.index_select(0, index)  # [rows, r, in]
             b = self.B.index_select(0, index)  # [rows, out, r]
             flat = xf.reshape(xf.shape[0], -1, xf.shape[-1])
@@ -254,13 +274,18 @@ class BatchedLoraBackend:
         self._next_id = 1
         self._layers: dict[str, BatchedLoraLinear] = {}
         self._slot_layers: dict[str, list[BatchedLoraLinear]] = {}
+        # Every layer's stacks have this many positions (ids 0..capacity-1; doubled when an
+        # id does not fit), so any row's id indexes every layer.
+        self._capacity = 8
+        self._device = _module_device(model)
 
     def _layer(self, path: str) -> BatchedLoraLinear:
         layer = self._layers.get(path)
         if layer is None:
             parent_path, _, child = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            layer = BatchedLoraLinear(getattr(parent, child), self._ctx, self.lora_dtype)
+            layer = BatchedLoraLinear(getattr(parent, child), self._ctx, self.lora_dtype,
+                                      capacity=self._capacity)
             setattr(parent, child, layer)
             self._layers[path] = layer
         return layer
@@ -272,9 +297,15 @@ class BatchedLoraBackend:
             module, _, _weight = stripped.rpartition(".")
             module, _, which = module.rpartition(".")
             pairs.setdefault(module, {})[which] = tensor
+        self._free_ids.sort(reverse=True)  # reuse the lowest free id: stacks stay small
         adapter_id = self._free_ids.pop() if self._free_ids else self._next_id
         if adapter_id == self._next_id:
             self._next_id += 1
+        if adapter_id >= self._capacity:
+            while adapter_id >= self._capacity:
+                self._capacity *= 2
+            for layer in self._layers.values():
+                layer.resize(self._capacity, layer.r_max)
         touched: list[BatchedLoraLinear] = []
         try:
             for module, pair in pairs.items():
@@ -308,7 +339,7 @@ class BatchedLoraBackend:
         cache: object,
         slots: list[str | None],
     ) -> torch.Tensor:
-        self._ctx.set([self._ids[s] if s is not None else 0 for s in slots])
+        self._ctx.set([self._ids[s] if s is not None else 0 for s in slots], self._device)
         try:
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

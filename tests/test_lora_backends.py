@@ -44,10 +44,10 @@ def _stacked_weights(backend: BatchedLoraBackend, tenants: tuple[str, ...]
     for tenant in tenants:
         adapter_id = backend._ids[tenant]
         for path, layer in backend._layers.items():
-            if adapter_id in layer.local_of:
-                local, rank = layer.local_of[adapter_id], layer.rank_of[adapter_id]
-                out[(tenant, path)] = (layer.A[local, :rank].clone(),
-                                       layer.B[local, :, :rank].clone())
+            if adapter_id in layer.rank_of:
+                rank = layer.rank_of[adapter_id]
+                out[(tenant, path)] = (layer.A[adapter_id, :rank].clone(),
+                                       layer.B[adapter_id, :, :rank].clone())
     return out
 
 
@@ -114,3 +114,39 @@ def test_a_higher_rank_adapter_widens_a_layer_without_changing_others(tiny_model
     assert layer.r_max == 2
     torch.testing.assert_close(_logits(backend, model.config, ["small", None]), before,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_more_adapters_than_the_initial_stacks_hold_and_one_index_for_every_layer(backends):
+    """Stacks grow past their first 8 positions; every adapter sits at its global id in every
+    layer, so a mixed batch of 12 distinct adapters (built once into one index per step)
+    gives each row what that row alone gives."""
+    reference, batched, adapters = backends
+    config = reference.model.config
+    names = sorted(adapters)
+    slots = [f"many-{i}" for i in range(12)]
+    for i, slot in enumerate(slots):
+        batched.add(slot, adapters[names[i % len(names)]])
+    try:
+        assert all(layer.capacity >= 16 for layer in batched._layers.values())
+        ids = {batched._ids[s] for s in slots}
+        assert len(ids) == 12 and max(ids) >= 8
+        from transformers import DynamicCache
+
+        torch.manual_seed(1)
+        ids = torch.randint(10, 1000, (len(slots), 7))  # no padding: rows are independent
+        mask = torch.ones_like(ids)
+        positions = mask.cumsum(1) - 1
+
+        def run(backend, rows, row_slots):
+            return backend.forward(ids[rows], mask[rows], positions[rows],
+                                   DynamicCache(config=config), row_slots)
+
+        mixed = run(batched, slice(None), slots)
+        for row, slot in enumerate(slots):
+            alone = run(batched, slice(row, row + 1), [slot])  # the uniform path
+            torch.testing.assert_close(mixed[row], alone[0], rtol=1e-4, atol=1e-4)
+            peft = run(reference, slice(row, row + 1), [names[row % len(names)]])
+            torch.testing.assert_close(alone[0], peft[0], rtol=1e-4, atol=1e-4)
+    finally:
+        for slot in slots:
+            batched.remove(slot)
