@@ -504,7 +504,8 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
     is loaded here meanwhile is served here. So with ``replicas: 1`` a holder killed
     abruptly costs its tenant's requests a wait, not a failure. No wait (503 at once) when
     every placement Failed (``routing.permanent_reason``), for a pinned version no holder
-    has, and with ``--peer-failover-s 0``. A client that disconnects ends the wait.
+    has, when ``--max-queue`` requests already wait, and with ``--peer-failover-s 0``. A
+    client that disconnects ends the wait.
 
     Raises 503 ``tenant_unavailable`` with the reason when no holder answered in the end,
     or when this request already came from another server (never a second hop: the first
@@ -549,6 +550,11 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
                     continue
                 # The last holder's 429 is the answer: busy is not gone, no failover wait.
                 counter.labels("forwarded").inc()
+                if deadline is not None:
+                    waited = time.monotonic() - (deadline - failover_s)
+                    log.info("a holder answered after the failover wait",
+                             extra={"tenant": want.tenant, "pod": holder.pod,
+                                    "waited_s": round(waited, 3)})
                 return await _relay(runtime, result, stream, None)
             outcome = "all_failed"
             reason = f"none of its {len(holders)} holder(s) could answer"
@@ -561,6 +567,10 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
         else:
             wait = not permanent_reason(row.reason)
         now = time.monotonic()
+        if deadline is None and wait and router.waiting >= runtime.settings.max_queue:
+            # A flood for a tenant that is gone holds no more than a full queue's worth of
+            # connections; the rest get the 503 (with Retry-After) at once.
+            wait, reason = False, f"{reason}; too many requests already wait for a holder"
         if not wait or failover_s <= 0:
             counter.labels(outcome).inc()
             raise _tenant_unavailable(want, reason)

@@ -217,6 +217,7 @@ class TenantRouter:
         # Set (and replaced by a fresh one) by every set_peers: requests waiting for a
         # holder (failover) wake up on it.
         self.peers_changed = asyncio.Event()
+        self.waiting = 0  # requests in wait_for_peers now
         self.hop_id = secrets.token_hex(16)  # this process's; see the module docstring
         self.peers = PeerTable()
         self.peer_states: dict[str, PeerState] = {}
@@ -399,16 +400,20 @@ class TenantRouter:
             state = self.peer_states.get(holder.url.rstrip("/"))
             if state is not None and state.down_until > time.monotonic():
                 wake = min(wake, state.down_until)
-        while not changed.is_set():
-            left = wake - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=min(0.5, left))
-            except TimeoutError:
-                if await disconnected():
-                    return False
-        return True
+        self.waiting += 1
+        try:
+            while not changed.is_set():
+                left = wake - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=min(0.5, left))
+                except TimeoutError:
+                    if await disconnected():
+                        return False
+            return True
+        finally:
+            self.waiting -= 1
 
     async def forward_peer(self, holder: PeerHolder, tenant: str, path: str, body: bytes,
                            headers: Any, stream: bool) -> Forwarded | str:

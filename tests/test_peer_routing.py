@@ -52,6 +52,7 @@ FINANCE_KEY = "fin-" + secrets.token_hex(20)
 PROMPT = "Peer routing"
 FAILOVER_S = 8.0
 HANG_S = 0.5
+MAX_WAITING = 3  # d's --max-queue, which bounds the requests waiting for a holder too
 
 
 def _bearer(key: str = OPS_KEY) -> dict[str, str]:
@@ -83,7 +84,7 @@ def pods(start_server, tiny_model_dir: Path, adapter_root: Path,
     return {"a": start(["legal"], *no_wait), "b": start(["finance", "retail", "medical"], *no_wait),
             "c": start(["retail", "medical"], *no_wait),
             "d": start([], "--peer-failover-s", str(FAILOVER_S),
-                       "--peer-hang-timeout-s", str(HANG_S))}
+                       "--peer-hang-timeout-s", str(HANG_S), "--max-queue", str(MAX_WAITING))}
 
 
 def _holder(pod: str, server: ServerProcess | str, residency: str = "device",
@@ -370,20 +371,27 @@ def test_the_only_holder_killed_requests_wait_for_the_new_table(
 def test_the_failover_wait_ends_with_a_503_or_when_the_client_leaves(pods) -> None:
     """No live holder comes: after ``FAILOVER_S`` the answer is a 503 naming the reason (a
     holder that failed, or the table's reason that may pass), never a hang. A client that
-    disconnects meanwhile ends its wait."""
+    disconnects meanwhile ends its wait. No more than ``MAX_WAITING`` requests wait: the
+    next one gets its 503 at once."""
     d = pods["d"]
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens: like a killed process
     _put_table(d, {"finance": [_holder("gone", dead)], "travel": []},
                reasons={"travel": "no Ready placement: travel@v1 is Pending on pod-9"})
     expired, gone = _peer(d, "failover_expired"), _peer(d, "client_gone")
+    # a client that gives up after 1 s (its read timeout)
+    with pytest.raises(httpx.ReadTimeout):
+        _call(d.url, "travel", False, timeout=1)
+    helpers.wait(lambda: _peer(d, "client_gone") == gone + 1, "the wait of a client that "
+                 "left ended", 5, 0.1)
+    waits = _peer(d, "failover_wait")
     with ThreadPoolExecutor(max_workers=4) as pool:
         calls = [pool.submit(_call, d.url, model, stream)
                  for model, stream in (("finance", False), ("finance", True), ("travel", True))]
-        # a client that gives up after 1 s (its read timeout)
-        with pytest.raises(httpx.ReadTimeout):
-            _call(d.url, "travel", False, timeout=1)
-        helpers.wait(lambda: _peer(d, "client_gone") == gone + 1, "the wait of a client "
-                     "that left ended", 5, 0.1)
+        helpers.wait(lambda: _peer(d, "failover_wait") == waits + MAX_WAITING,
+                     "the requests waiting", FAILOVER_S / 2, 0.05)
+        status, text, took = _call(d.url, "travel", False)
+        assert status == 503 and "too many requests already wait" in text, text
+        assert took < FAILOVER_S / 2
         results = [c.result(FAILOVER_S + 30) for c in calls]
     for (status, text, took), words in zip(results, ("none of its 1 holder(s) could answer",
                                                      "none of its 1 holder(s) could answer",
