@@ -116,7 +116,7 @@ class ServeSettings(LogSettings, BaseSettings):
         "holder can answer (all failed, none Ready yet, being re-placed), hold the request "
         "up to this long for a new table (or a holder's breaker to expire) and retry, "
         "instead of a 503 at once. 0 = no wait. Not for a tenant whose every placement "
-        "Failed: that 503 is immediate.")
+        "Failed: that 503 is immediate. At most max_queue requests wait at once.")
     peer_connect_timeout_s: float = Field(
         1.0, gt=0, description="Scale-out: connect timeout to a peer holder (a pod IP in the "
         "cluster answers a connect in milliseconds; a lost node never does).")
