@@ -34,8 +34,10 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -274,6 +276,24 @@ class ServiceLoop:
                 "error": None if ok else text[:300]}
 
 
+LONG_TOKENS = 400
+
+
+def long_generation(pod: InferencePod, tenant: str, out: dict[str, Any]) -> None:
+    """One long generation straight to ``pod`` (which holds ``tenant``)."""
+    try:
+        r = httpx.post(f"{pod.server_url}/generate", timeout=120, json={
+            "tenant_id": tenant, "prompt": PROMPT, "max_new_tokens": LONG_TOKENS,
+            "ignore_eos": True, "temperature": 0})
+        body = r.json() if r.status_code == 200 else {}
+        out.update(status=r.status_code, adapter=body.get("adapter"),
+                   tokens=(body.get("usage") or {}).get("completion_tokens"),
+                   error=None if r.status_code == 200 else r.text[:300])
+    except httpx.HTTPError as exc:
+        out.update(status=0, error=repr(exc))
+    out["ended"] = time.time()
+
+
 class WideWatcher:
     """``kubectl get lora -o wide`` in a loop: every RESIDENCY value seen per tenant."""
 
@@ -319,6 +339,8 @@ def test_a_tenant_moves_to_a_pod_that_joined_under_load_without_a_failed_request
 
     loop = ServiceLoop(pods, {"infer-a"}).start()
     watcher: WideWatcher | None = None
+    long_request: dict[str, Any] = {}
+    long_thread: threading.Thread | None = None
     try:
         # the load is measured: both tenants' tokens/s from infer-a's counters
         wait(lambda: loop.count() >= 30, "requests on infer-a", 60)
@@ -339,6 +361,12 @@ def test_a_tenant_moves_to_a_pod_that_joined_under_load_without_a_failed_request
         stays = next(t for t in TENANTS if t != moved)
         assert (move["from"], move["to"]) == ("infer-a", "infer-b"), move
         assert "infer-a serves" in move["reason"] and "tokens/s" in move["reason"], move
+        # A long request on the source while the target loads: the drain waits for it
+        # (the pod reports it in flight), and it is answered in full.
+        long_request.update(tenant=moved, started=time.time())
+        long_thread = threading.Thread(target=long_generation,
+                                       args=(pods["infer-a"], moved, long_request))
+        long_thread.start()
 
         wait(lambda: on_one_pod(k8s, moved, "infer-b"), f"{moved} on infer-b alone", 90)
         wait(lambda: moved not in held_by(pods["infer-a"]), f"{moved} evicted from infer-a",
@@ -352,7 +380,17 @@ def test_a_tenant_moves_to_a_pod_that_joined_under_load_without_a_failed_request
     finally:
         results = loop.stop()
         seen = watcher.stop() if watcher is not None else {}
+        if long_thread is not None:
+            long_thread.join(120)
     assert watcher is not None and not watcher.errors, watcher.errors if watcher else None
+    # the long request on the source: answered in full, and the source was evicted only
+    # after it ended (the drain waited for it, not for the timeout)
+    assert long_request.get("status") == 200, long_request
+    assert long_request["adapter"] == f"{moved}@v1"
+    assert long_request["tokens"] == LONG_TOKENS
+    finished = datetime.fromisoformat(last["finished"].replace("Z", "+00:00")).timestamp()
+    assert finished >= int(long_request["ended"]), (long_request, last)
+    assert "nothing is in flight on the source" in last["reason"], last
 
     failed = [r for r in results if r.get("status") != 200]
     assert not failed, (len(failed), failed[:5])
@@ -383,7 +421,10 @@ def test_a_tenant_moves_to_a_pod_that_joined_under_load_without_a_failed_request
               if (e.get("involvedObject") or {}).get("name") == stays]
     assert not [r for r in others if "Move" in r], others
     print(f"\nrebalance e2e: {len(results)} requests, 0 failed, {moved} moved "
-          f"infer-a -> infer-b, by pod {dict(by_pod)}, move: {move['reason']}")
+          f"infer-a -> infer-b, by pod {dict(by_pod)}, move: {move['reason']}; a "
+          f"{LONG_TOKENS}-token request on the source took "
+          f"{long_request['ended'] - long_request['started']:.1f} s, evicted at "
+          f"{last['finished']}")
 
 
 def test_a_pod_not_ready_beyond_the_grace_hands_its_tenants_over_the_same_way(
