@@ -35,7 +35,9 @@ source kept. Moves come from rebalancing by load (:func:`choose_moves`, ``leastL
 with ``--rebalance``): at most one move in progress per pool, only when the pool's most
 loaded pod is worth a download and a drain over its least loaded one, only when it
 strictly narrows the pool's spread without making the target the new hot spot (the
-hysteresis that keeps it from flapping), and a tenant moved recently stays put.
+hysteresis that keeps it from flapping), and a tenant moved recently stays put; and from
+pods NotReady beyond a grace (:func:`choose_unready_moves`, ``--unready-grace-seconds``):
+a pod briefly not Ready keeps its tenants, one that stays so hands them over the same way.
 """
 
 from __future__ import annotations
