@@ -612,6 +612,7 @@ class AdapterCache:
         device = self._lru_entries(self._device_lru)  # at most device_slots
         self._metrics.resident_adapters.labels("device").set(len(device))
         self._metrics.resident_bytes.labels("device").set(sum(e.nbytes for e in device))
+        self._metrics.set_device_tenants(e.ref.tenant for e in device)
         # The host tier may hold every registered adapter: counted, not walked.
         self._metrics.resident_adapters.labels("host").set(len(self._host_lru))
         self._metrics.resident_bytes.labels("host").set(self._host_used)

@@ -970,21 +970,26 @@ _TIERS = (Residency.DEVICE, Residency.HOST, Residency.DISK)
 
 def _tenant_load(runtime: Runtime) -> list[tuple[str, str, int]]:
     """(tenant, best tier here, requests in flight) for ``loramux_tenant_in_flight``: only
-    tenants with requests in flight or a version on the device (bounded by the queue and
-    batch limits and the device slots). Read per scrape, never per decode step."""
-    view = getattr(runtime.engine, "fairness_view", None)
-    in_flight = {t: int(v.get("in_flight", 0)) for t, v in (view() if view else {}).items()}
-    best: dict[str, int] = {}
-    for entry in runtime.cache.entries():
-        rank = _TIERS.index(entry.residency) if entry.residency in _TIERS else len(_TIERS)
-        tenant = entry.ref.tenant
-        best[tenant] = min(rank, best.get(tenant, len(_TIERS)))
+    tenants with requests in flight or a version on the device. Read per scrape from what
+    the engine and the cache keep as it changes (requests in flight per tenant, the
+    tenants on the device), so a scrape costs those rows (bounded by the queue and batch
+    limits and the device slots), never a walk over every registered or recently active
+    tenant, and nothing per decode step. A tenant in flight but not on the device shows
+    its active version's tier."""
+    in_flight = runtime.metrics.in_flight_by_tenant()
+    device = runtime.metrics.device_tenants()
     rows = []
-    for tenant in sorted({t for t, n in in_flight.items() if n > 0}
-                         | {t for t, rank in best.items() if rank == 0}):
-        rank = best.get(tenant)
-        tier = str(_TIERS[rank]) if rank is not None and rank < len(_TIERS) else (
-            "base" if tenant == BASE_LABEL else "none")
+    for tenant in sorted(set(in_flight) | device):
+        if tenant in device:
+            tier = str(Residency.DEVICE)
+        elif tenant == BASE_LABEL:
+            tier = "base"
+        else:
+            try:
+                residency = runtime.tenants.resolve(TenantRef(tenant)).residency
+            except (UnknownAdapter, InvalidName):
+                residency = None
+            tier = str(residency) if residency in _TIERS else "none"
         rows.append((tenant, tier, in_flight.get(tenant, 0)))
     return rows
 

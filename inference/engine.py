@@ -356,6 +356,7 @@ class Engine:
             self._usage[label] = usage
             usage.waiting += 1
             usage.in_flight += 1
+            self.metrics.request_started(label)  # loramux_tenant_in_flight, without a walk
             if len(self._usage) > self._usage_sweep_at:
                 self._sweep_usage(now)
         seq.attach(self.tokenizer)
@@ -862,6 +863,7 @@ class Engine:
             usage = self._usage.get(label)
             if usage is not None and usage.in_flight > 0:
                 usage.in_flight -= 1
+                self.metrics.request_ended(label)
 
     def _finish_ok(self, seq: Sequence, reason: str) -> None:
         if seq.done:

@@ -156,12 +156,48 @@ class Metrics:
         for outcome in ("forwarded", "holder_failed", "all_failed", "no_holder", "not_held"):
             self.peer_forwarded_requests.labels(outcome)
         self._tenant_load: _TenantLoad | None = None
+        # What loramux_tenant_in_flight reads, kept as it changes instead of walked per
+        # scrape: requests in flight per tenant (counted by the engine where it counts them
+        # for fair shares) and the tenants with a version on the device (set by the adapter
+        # cache with its gauges). Bounded by the queue and batch limits and the device slots.
+        self._residents_lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._device_tenants: frozenset[str] = frozenset()
         self.fallback_requests = Counter(
             "loramux_base_fallback_requests_total",
             "Requests for an unknown tenant served by the base model (fallback mode).",
             registry=r,
         )
 
+
+    def request_started(self, tenant: str) -> None:
+        """One more request of ``tenant`` in flight (waiting or running)."""
+        with self._residents_lock:
+            self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
+
+    def request_ended(self, tenant: str) -> None:
+        with self._residents_lock:
+            left = self._in_flight.get(tenant, 0) - 1
+            if left > 0:
+                self._in_flight[tenant] = left
+            else:
+                self._in_flight.pop(tenant, None)
+
+    def in_flight_by_tenant(self) -> dict[str, int]:
+        """Tenants with requests in flight, and how many: O(tenants in flight)."""
+        with self._residents_lock:
+            return dict(self._in_flight)
+
+    def set_device_tenants(self, tenants: Iterable[str]) -> None:
+        """The tenants with a version on the device now (the adapter cache, on every change
+        of the device tier)."""
+        device = frozenset(tenants)
+        with self._residents_lock:
+            self._device_tenants = device
+
+    def device_tenants(self) -> frozenset[str]:
+        with self._residents_lock:
+            return self._device_tenants
 
     def track_tenant_load(self, source: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """Publish ``loramux_tenant_in_flight{tenant,residency}`` from ``source`` (read at

@@ -257,3 +257,60 @@ def test_the_chart_sets_the_bound_and_its_schema_refuses_a_negative_one(helm_env
     bad = chart._helm(helm_env, "template", chart.RELEASE, str(chart.CHART), "--set",
                 "inference.metricsTenantHistograms=-1", check=False)
     assert bad.returncode != 0 and "metricsTenantHistograms" in bad.stderr
+
+
+def test_in_flight_per_tenant_is_kept_by_the_engine_and_matches_its_fair_share_counts(
+        tiny_model_dir: Path, adapter_root: Path) -> None:
+    """``loramux_tenant_in_flight`` reads what the engine counts as requests start and end
+    (not a walk over every tenant): while requests run and wait, it equals the engine's own
+    per-tenant count (both read under the engine's tenant lock), and it empties after."""
+    import asyncio
+
+    from loramux.inference.app import _tenant_load, create_app
+    from loramux.inference.engine import FinishEvent, Sequence
+    from loramux.inference.sampling import SamplingParams
+    from loramux.inference.server import build_runtime
+    from loramux.names import AdapterRef, TenantRef
+
+    tenants = ["legal", "finance", "travel"]
+    rt = build_runtime(ServeSettings(model=tiny_model_dir, quantization="none", device="cpu",
+                                     auth="none", max_batch_size=2, device_adapter_slots=2))
+    create_app(rt)  # wires the loramux_tenant_in_flight source
+    rt.engine.start()
+    try:
+        for t in tenants:
+            rt.tenants.register(AdapterRef(t, "v1"), adapter_root / t / "v1").result(60)
+        seen: list[dict[str, int]] = []
+
+        def compare() -> None:
+            with rt.engine._tenant_lock:
+                engine = {t: u.in_flight for t, u in rt.engine._usage.items() if u.in_flight}
+                ours = rt.metrics.in_flight_by_tenant()
+            assert ours == engine
+            seen.append(ours)
+
+        async def one(tenant: str) -> None:
+            seq = Sequence(prompt_ids=rt.tokenizer.encode("hello there"),
+                           params=SamplingParams(max_new_tokens=6, ignore_eos=True),
+                           entry=rt.tenants.acquire(TenantRef(tenant)),
+                           loop=asyncio.get_running_loop(), timeout_s=120)
+            rt.engine.submit(seq)
+            while not isinstance(await seq.events.get(), FinishEvent):
+                pass
+
+        async def go() -> None:
+            requests = asyncio.gather(*(one(tenants[i % 3]) for i in range(12)))
+            while not requests.done():
+                compare()
+                await asyncio.sleep(0.001)
+            await requests
+
+        asyncio.run(go())
+        assert max(sum(s.values()) for s in seen) > 2  # some ran while others waited
+        assert rt.metrics.in_flight_by_tenant() == {}
+        rows = _tenant_load(rt)
+        on_device = {a.tenant for a in rt.tenants.views() if a.residency == "device"}
+        assert rows == [(t, "device", 0) for t in sorted(on_device)] and len(on_device) == 2
+    finally:
+        rt.engine.stop()
+        rt.cache.shutdown()
