@@ -155,6 +155,25 @@ def _add_residency(row: dict[str, Any], tenant: str, version: str,
             return
 
 
+def damp_in_flight(rows: Sequence[dict[str, Any]],
+                   previous: Mapping[str, Any] | None) -> None:
+    """Keep each pod's last written ``inFlight`` while the new count stays near it.
+
+    A busy tenant's in-flight count changes on nearly every pass; writing each change would
+    patch its status (an API write, and a watch event to every watcher) once per pass for
+    every busy tenant. The column says how hot a tenant is, not an exact count: a pod's figure
+    is rewritten when it moves by more than max(2, 25 %) of the last written one, and always
+    when it becomes 0 (idle is exact) or leaves 0."""
+    old_rows = (previous or {}).get("placements") or []
+    before = {r.get("pod"): r.get("inFlight") for r in old_rows if isinstance(r, Mapping)}
+    for row in rows:
+        new, old = row.get("inFlight"), before.get(row.get("pod"))
+        if not isinstance(new, int) or not isinstance(old, int) or new == 0 or old == 0:
+            continue
+        if abs(new - old) <= max(2, old // 4):
+            row["inFlight"] = old
+
+
 RESIDENCY_ORDER = {Residency.DEVICE: 0, Residency.HOST: 1, Residency.DISK: 2}
 RESIDENCY_LISTED = 3  # up to this many pods by name in status.residency, else counts
 
@@ -227,6 +246,7 @@ def compute_status(
         }
 
     rows = placement_views(spec, pods, desired, observations, put_errors)
+    damp_in_flight(rows, previous)
     skip = {p[1] for p in extra}
     counted = [p for p in pods if p[1] not in skip]
     current = {row["pod"]: row for row in rows

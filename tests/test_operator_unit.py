@@ -1551,3 +1551,24 @@ def test_status_shows_each_pods_residency_and_in_flight():
                     for p, t in zip(many, tiers, strict=True)}
     st = _status(spec, many, observations)
     assert st["residency"] == "device:2,host:2,disk:1"
+
+
+def test_in_flight_in_status_is_damped_so_busy_tenants_are_not_rewritten_every_pass():
+    from loramux.operator.status import damp_in_flight
+
+    previous = {"placements": [{"pod": "a", "inFlight": 10}, {"pod": "b", "inFlight": 0},
+                               {"pod": "c", "inFlight": 3}, {"pod": "d", "inFlight": 40}]}
+    rows = [{"pod": "a", "inFlight": 12}, {"pod": "b", "inFlight": 1},
+            {"pod": "c", "inFlight": 0}, {"pod": "d", "inFlight": 51},
+            {"pod": "e", "inFlight": 5}, {"pod": "f"}]
+    damp_in_flight(rows, previous)
+    assert [r.get("inFlight") for r in rows] == [
+        10,  # within max(2, 25 %) of the last written 10: kept, no status write
+        1,  # leaving idle is always written
+        0,  # becoming idle is always written
+        51,  # 11 away from 40 (> 10): written
+        5,  # a new pod's row: as observed
+        None,  # no count reported: nothing invented
+    ]
+    damp_in_flight(rows, None)  # a first status: as observed
+    assert rows[0]["inFlight"] == 10
