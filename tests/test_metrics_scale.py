@@ -6,6 +6,9 @@ with nothing lost: per-tenant series plus ``_other`` add up to the public totals
 - In process: :class:`Metrics` driven directly with traffic over 1,000 tenants.
 - A real ``loramux serve`` (``--metrics-tenant-histograms 2``, ``--metrics-port``) with six
   tenants: the same invariants over HTTP, on all three views.
+- ``loramux_tenant_in_flight`` reads per-tenant in-flight counts the engine keeps as requests
+  start and end (no walk per scrape): equal to the engine's own counts under load.
+- The chart value ``inference.metricsTenantHistograms`` reaches the server's settings.
 """
 
 from __future__ import annotations
