@@ -59,7 +59,7 @@ from .adapters import AdapterRejected
 from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
 from .fairness import TenantLimited
 from .metrics import BASE_LABEL
-from .routing import Forwarded, TenantRouter, UsageReader, permanent_reason, was_forwarded
+from .routing import Forwarded, TenantRouter, UsageReader, was_forwarded
 from .sampling import SamplingParams
 from .schemas import (
     ChatCompletionRequest,
@@ -503,7 +503,7 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
     (``TenantRouter.wait_for_peers``), then tries again, until the deadline; a tenant that
     is loaded here meanwhile is served here. So with ``replicas: 1`` a holder killed
     abruptly costs its tenant's requests a wait, not a failure. No wait (503 at once) when
-    every placement Failed (``routing.permanent_reason``), for a pinned version no holder
+    every placement Failed (the table's ``failed``), for a pinned version no holder
     has, when ``--max-queue`` requests already wait, and with ``--peer-failover-s 0``. A
     client that disconnects ends the wait.
 
@@ -565,7 +565,7 @@ async def _maybe_forward_peer(runtime: Runtime, request: Request, name: ModelNam
                 row.holders or runtime.tenants.holds(TenantRef(want.tenant))):
             reason, wait = f"no pod of the pool holds version {want.version}", False
         else:
-            wait = not permanent_reason(row.reason)
+            wait = not row.failed
         now = time.monotonic()
         if deadline is None and wait and router.waiting >= runtime.settings.max_queue:
             # A flood for a tenant that is gone holds no more than a full queue's worth of

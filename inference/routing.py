@@ -58,7 +58,7 @@ Failover (a holder that dies or hangs; ``app._maybe_forward_peer`` drives it):
   breaker to expire (:meth:`TenantRouter.wait_for_peers`), then tries again; only then
   503. With a wait configured, a holder whose breaker is open is waited for rather than
   tried (without one, it is tried last rather than failing the request). A tenant whose
-  every placement Failed (:func:`permanent_reason`) gets its 503 at once: waiting would
+  every placement Failed (the table's ``failed``) gets its 503 at once: waiting would
   only hold the client.
 * A busy holder (429: its queue is full, or the tenant is at its limits there) is alive:
   no breaker, the next holder is tried, and the last holder's 429 is relayed with its
@@ -460,25 +460,6 @@ class TenantRouter:
         await self._client.aclose()
 
 
-_TRANSIENT_PARTS = re.compile(
-    r"\b(?:Pending|Downloading|Verifying|Loading|Ready|unknown|not ready) on ")
-
-
-def permanent_reason(reason: str | None) -> bool:
-    """Whether a table's no-holder ``reason`` (``operator/peers.py:no_holder_reason``) says
-    every placement of the tenant Failed: waiting for a new table would not help, so the
-    503 comes at once. Anything else (not placed yet, Pending, Downloading, a sidecar that
-    did not answer, a reason this server does not recognize) may pass and is waited for.
-
-    The table carries the reason as text only, so this reads the operator's wording. It
-    cannot tell a Failed load the sidecar will retry (a transient fetch error, after its
-    resync period) from a terminal one (an invalid adapter): both count as permanent, and
-    the client's retry after ``Retry-After`` finds the tenant once it loads."""
-    if not reason or not reason.startswith("no Ready placement: "):
-        return False
-    return " is Failed on " in reason and not _TRANSIENT_PARTS.search(reason)
-
-
 def was_forwarded(headers: Any) -> bool:
     """Whether a request came from another server (well-formed hop ids in its forwarded
     header). Such a request is never forwarded to a peer again: one extra hop at most. A
@@ -535,4 +516,4 @@ class UsageReader:
 
 
 __all__ = ["FORWARDED_HEADER", "ROUTED_HEADER", "Forwarded", "PeerState", "Route",
-           "TenantRouter", "UsageReader", "permanent_reason", "was_forwarded"]
+           "TenantRouter", "UsageReader", "was_forwarded"]

@@ -524,6 +524,9 @@ class PeerTenant(BaseModel):
     tenant: TenantName
     holders: tuple[PeerHolder, ...] = Field(default=(), max_length=256)
     reason: str | None = Field(None, max_length=512)
+    # No holder because every placement Failed: a new table will not come by itself, so a
+    # server answers 503 at once instead of waiting for one (--peer-failover-s).
+    failed: bool = False
 
 
 class PeerTable(BaseModel):

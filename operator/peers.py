@@ -182,7 +182,10 @@ def build_pool_tables(
             holders.sort(key=lambda h: h.pod)
         reason = None if holders else no_holder_reason(
             spec, placements.get(key, ()), observations)
-        full[key] = PeerTenant(tenant=spec.tenant, holders=tuple(holders), reason=reason)
+        failed = not holders and every_placement_failed(spec, placements.get(key, ()),
+                                                        observations)
+        full[key] = PeerTenant(tenant=spec.tenant, holders=tuple(holders), reason=reason,
+                               failed=failed)
         if holders:
             holder_pods[key] = frozenset(h.pod for h in holders)
 
@@ -218,6 +221,20 @@ def _holder(pod: PodKey, found: tuple[tuple[str, ...], Residency],
                           running=max(0, observation.server.running))
     except ValidationError:  # e.g. a pod IP no URL can hold: never a holder, never a crash
         return None
+
+
+def every_placement_failed(spec: AdapterSpec, pods: Sequence[PodKey],
+                           observations: Mapping[PodKey, PodObservation]) -> bool:
+    """Whether the tenant is placed and its version is Failed on every placement (the
+    table's ``failed``: servers then answer 503 at once instead of waiting for a holder)."""
+    if not pods:
+        return False
+    for pod in pods:
+        obs = observations.get(pod)
+        item = obs.adapters.get((spec.tenant, spec.version)) if obs is not None else None
+        if obs is None or not obs.sidecar_ok or item is None or item.phase != SyncPhase.FAILED:
+            return False
+    return True
 
 
 def no_holder_reason(spec: AdapterSpec, pods: Sequence[PodKey],
@@ -256,6 +273,7 @@ __all__ = [
     "PoolTables",
     "best_residency",
     "build_pool_tables",
+    "every_placement_failed",
     "held",
     "no_holder_reason",
     "table_fingerprint",

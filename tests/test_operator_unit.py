@@ -1376,7 +1376,7 @@ def test_peer_tables_list_ready_holders_with_tier_and_load_and_say_why_not():
 
     p3 = view("p3")
     assert list(p3) == ["finance", "legal", "medical", "retail", "travel"]  # sorted
-    assert p3["legal"] == {"tenant": "legal", "reason": None, "holders": [
+    assert p3["legal"] == {"tenant": "legal", "reason": None, "failed": False, "holders": [
         {"pod": "p1", "url": "http://127.0.0.1:9001", "versions": ["v1"],
          "residency": "device", "queue_depth": 2, "running": 5}]}
     # retail on two pods: each with its best tier among the versions it holds
@@ -1421,8 +1421,23 @@ def test_peer_tables_list_ready_holders_with_tier_and_load_and_say_why_not():
     assert rows["legal"].holders == () and [h.pod for h in rows["retail"].holders] == ["p2"]
     assert rows["legal"].reason == ("no Ready placement: legal@v1 is Ready on p1, which has "
                                     "no usable address")
+    assert not any(t.failed for t in quiet.tenants)  # unknown may pass: servers wait
+    # Failed on every placement: "failed", so servers answer 503 at once; Failed on one
+    # of two placements while the other downloads is not
+    broken = dict(observations)
+    broken[k("p3")] = pool_obs("p3", {("finance", "v1"): "Failed", ("travel", "v1"): "Ready"},
+                               [served_view("travel", state="loading")])
+    rows = {t.tenant: t for t in build_pool_tables(specs, placements, members, pods, broken,
+                                                   url).for_pod(k("p1")).tenants}
+    assert rows["finance"].failed and "Failed on p3" in (rows["finance"].reason or "")
+    assert not rows["travel"].failed
+    two = {**placements, k("finance"): [k("p2"), k("p3")]}
+    rows = {t.tenant: t for t in build_pool_tables(specs, two, members, pods, broken,
+                                                   url).for_pod(k("p1")).tenants}
+    assert rows["finance"].holders == () and not rows["finance"].failed  # Pending on p2
     # not placed anywhere
     nowhere = build_pool_tables(specs[:1], {}, members, pods, {}, url).for_pod(k("p2"))
+    assert not nowhere.tenants[0].failed
     assert nowhere.tenants[0].reason == ("no Ready placement: legal@v1 is not placed on any "
                                          "pod (no Ready pod in its pool, or none that serves "
                                          "smollm2)")

@@ -95,8 +95,10 @@ def _holder(pod: str, server: ServerProcess | str, residency: str = "device",
 
 
 def _put_table(server: ServerProcess, tenants: dict[str, list[dict]],
-               reasons: dict[str, str] | None = None) -> dict:
-    table = {"tenants": [{"tenant": t, "holders": h, "reason": (reasons or {}).get(t)}
+               reasons: dict[str, str] | None = None, failed: frozenset[str] = frozenset()
+               ) -> dict:
+    table = {"tenants": [{"tenant": t, "holders": h, "reason": (reasons or {}).get(t),
+                          "failed": t in failed}
                          for t, h in tenants.items()]}
     r = httpx.put(f"{server.url}/admin/peers", json=table, timeout=10)
     assert r.status_code == 200, r.text
@@ -216,7 +218,7 @@ def test_no_holder_is_a_503_with_the_reason_and_unknown_tenants_stay_404(pods) -
     failed = ("no Ready placement: travel@v1 is Failed on pod-2 (invalid_adapter: rank 512 "
               "exceeds 64), Failed on pod-3 (invalid_adapter: rank 512 exceeds 64)")
     _put_table(a, {"travel": []}, reasons={"travel": passing})
-    _put_table(d, {"travel": []}, reasons={"travel": failed})
+    _put_table(d, {"travel": []}, reasons={"travel": failed}, failed=frozenset({"travel"}))
     for server, words in ((a, "Downloading on pod-2"), (d, "Failed on pod-2")):
         waits = _peer(server, "failover_wait")
         for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
