@@ -147,13 +147,16 @@ class Metrics:
         self.peer_forwarded_requests = Counter(
             "loramux_peer_forwarded_requests_total",
             "Requests for a tenant this server does not hold, by outcome: forwarded to a peer "
-            "that holds it, holder_failed (one holder skipped, the next tried), all_failed, "
-            "no_holder (the table lists none Ready) or not_held (a forwarded request, not "
-            "forwarded again). No tenant label, and not the tenant's tokens: the holder "
-            "counts those.",
+            "that holds it, holder_failed (one holder skipped, the next tried), holder_busy "
+            "(a holder answered 429: the next tried), all_failed, no_holder (the table lists "
+            "none Ready), not_held (a forwarded request, not forwarded again), failover_wait "
+            "(a request began waiting for a holder), failover_expired (it waited in vain) or "
+            "client_gone (its client left while it waited). No tenant label, and not the "
+            "tenant's tokens: the holder counts those.",
             ["outcome"], registry=r,
         )
-        for outcome in ("forwarded", "holder_failed", "all_failed", "no_holder", "not_held"):
+        for outcome in ("forwarded", "holder_failed", "holder_busy", "all_failed", "no_holder",
+                        "not_held", "failover_wait", "failover_expired", "client_gone"):
             self.peer_forwarded_requests.labels(outcome)
         self._tenant_load: _TenantLoad | None = None
         # What loramux_tenant_in_flight reads, kept as it changes instead of walked per
