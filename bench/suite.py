@@ -49,6 +49,7 @@ import datetime as dt
 import importlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -245,6 +246,7 @@ class System:
     command: list[str] = field(default_factory=list)
     pid: int | None = None
     notes: list[str] = field(default_factory=list)
+    seed_probe_tenant: str = "s0"
 
     def model_for(self, tenant: str | None) -> str:
         if self.base_model is not None:
@@ -409,21 +411,27 @@ def base_model_name(url: str) -> str:
 
 
 def abbreviated(argv: list[str]) -> str:
-    """The command line with its adapter flags counted, not listed."""
+    """The command line with its adapters counted, not listed (``--adapter X`` repeated;
+    vLLM's ``--lora-modules X Y ...``)."""
     out: list[str] = []
     adapters = 0
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
+    flag = None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--adapter" and i + 1 < len(argv):
+            flag, adapters, i = a, adapters + 1, i + 2
             continue
-        if a in ("--adapter", "--lora-modules"):
-            adapters += 1
-            skip = True
+        if a == "--lora-modules":
+            flag = a
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                adapters, i = adapters + 1, i + 1
             continue
         out.append(a)
+        i += 1
     text = shlex.join(out).replace(str(REPO) + "/", "")
-    return text + (f" --adapter ... ({adapters} adapters)" if adapters else "")
+    return text + (f" {flag} ... ({adapters} adapters)" if adapters else "")
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -434,35 +442,6 @@ def vllm_peer() -> tuple[Any | None, str | None]:
         return importlib.import_module("vllm_peer"), None
     except Exception as exc:  # any failure is a reason to record
         return None, f"bench/vllm_peer.py could not be imported: {type(exc).__name__}: {exc}"
-
-
-def _call_first(mod: Any, names: tuple[str, ...], *a: Any, **kw: Any) -> Any:
-    for name in names:
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn(*a, **kw)
-    raise AttributeError(f"vllm_peer has none of {names}")
-
-
-def vllm_can_run(mod: Any, venv: Path) -> tuple[bool, str]:
-    """Ask the peer module whether vLLM can run here, whatever shape its answer takes."""
-    try:
-        ans = _call_first(mod, ("vllm_can_run", "can_run", "vllm_available", "check_vllm",
-                                "vllm_unavailable_reason", "why_not"), venv)
-    except TypeError:
-        ans = _call_first(mod, ("vllm_can_run", "can_run", "vllm_available", "check_vllm",
-                                "vllm_unavailable_reason", "why_not"))
-    if isinstance(ans, tuple):
-        ok, why = bool(ans[0]), str(ans[1]) if len(ans) > 1 else ""
-        return ok, why
-    if isinstance(ans, bool):
-        return ans, "" if ans else "vllm_peer says vLLM cannot run here"
-    if ans is None:
-        return True, ""
-    if isinstance(ans, str):
-        return False, ans
-    ok = bool(getattr(ans, "ok", getattr(ans, "available", False)))
-    return ok, str(getattr(ans, "reason", "") or "")
 
 
 # --------------------------------------------------------------------------- workloads
@@ -487,9 +466,10 @@ def print_point(tag: str, r: dict[str, Any]) -> None:
     cut = f", {r['unfinished']} cut off" if r.get("unfinished") else ""
     slo = f", SLO {r['slo_share']:.0%}" if r.get("slo_share") is not None else ""
     log(f"[{tag}] {r['tokens_per_s']:.1f} tok/s, TTFT p50/p99 "
-        f"{fmt_s(r['p50_ttft_s'])}/{fmt_s(r['p99_ttft_s'], r['ttft_lower_bound'])} s, "
-        f"latency p50/p99 {fmt_s(r['p50_latency_s'])}/"
-        f"{fmt_s(r['p99_latency_s'], r['latency_lower_bound'])} s, {r['requests']} req"
+        f"{fmt_s(r['p50_ttft_s'], r['p50_ttft_lower'])}/"
+        f"{fmt_s(r['p99_ttft_s'], r['p99_ttft_lower'])} s, "
+        f"latency p50/p99 {fmt_s(r['p50_latency_s'], r['p50_latency_lower'])}/"
+        f"{fmt_s(r['p99_latency_s'], r['p99_latency_lower'])} s, {r['requests']} req"
         f"{slo}{cut}{fail} (load {r['loadavg'][0]})")
 
 
@@ -555,8 +535,39 @@ def w_open(system: System, sizes: Sizes, rates: list[float], names: list[str],
         print_point(f"open {system.key} rate={rate}/s", r)
         rows.append(r)
         if r["unfinished"] and system.protocol != "seed":
-            time.sleep(3)  # cut-off streams are cancelled by the server; let it settle
+            r["idle_wait_s"] = wait_idle(system)  # cut-off streams: let the server drop them
+    measured = [r for r in rows if "skipped" not in r]
+    if measured and measured[-1]["unfinished"] and system.protocol == "seed":
+        waited = wait_idle(system)
+        log(f"[open {system.key}] waited {waited:.0f}s for its backlog of cut-off requests")
     return rows
+
+
+_BUSY = re.compile(r"^(loramux_running_sequences|loramux_queue_depth|"
+                   r"vllm:num_requests_running|vllm:num_requests_waiting)(?:\{[^}]*\})? (\S+)$",
+                   re.M)
+
+
+def wait_idle(system: System, timeout_s: float = 120.0) -> float:
+    """Wait until the server runs and queues nothing (its /metrics say so); the wait."""
+    t0 = time.monotonic()
+    if system.protocol == "seed":
+        # No metrics; its one lock is FIFO, so a 1-token request returns after the backlog.
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{system.url}/generate", json={"tenant_id": system.seed_probe_tenant,
+                                                       "prompt": "Hi", "max_new_tokens": 1},
+                       timeout=timeout_s * 5)
+        return round(time.monotonic() - t0, 1)
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            text = httpx.get(f"{system.url}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            break
+        found = _BUSY.findall(text)
+        if not found or all(float(v) == 0 for _, v in found):
+            break
+        time.sleep(1.0)
+    return round(time.monotonic() - t0, 1)
 
 
 def w_mixed(system: System, sizes: Sizes) -> list[dict[str, Any]]:
@@ -709,7 +720,11 @@ def target_inputs(report: dict[str, Any]) -> tuple[Any, Any, Any]:
     for r in report["open"]:
         if "skipped" in r:
             continue
-        open_loop.setdefault(r["system"], {})[r["rate"]] = r["p99_ttft_s"]
+        value = r["p99_ttft_s"]
+        # A bound below the limit says nothing: the cut-off requests could exceed it.
+        if r["p99_ttft_lower"] and (value or 0) <= report["settings"]["seed_p99_limit_s"]:
+            value = None
+        open_loop.setdefault(r["system"], {})[r["rate"]] = value
     return closed, open_loop, report.get("churn")
 
 
@@ -874,10 +889,10 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
             continue
         lines.append(
             f"| {r['rate']:.3g} | {r['system']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
-            f"{fmt_s(r['p50_ttft_s'], r['ttft_lower_bound'])} | "
-            f"{fmt_s(r['p99_ttft_s'], r['ttft_lower_bound'])} | "
-            f"{fmt_s(r['p50_latency_s'], r['latency_lower_bound'])} | "
-            f"{fmt_s(r['p99_latency_s'], r['latency_lower_bound'])} | "
+            f"{fmt_s(r['p50_ttft_s'], r['p50_ttft_lower'])} | "
+            f"{fmt_s(r['p99_ttft_s'], r['p99_ttft_lower'])} | "
+            f"{fmt_s(r['p50_latency_s'], r['p50_latency_lower'])} | "
+            f"{fmt_s(r['p99_latency_s'], r['p99_latency_lower'])} | "
             f"{(r['slo_share'] or 0):.0%} | {r['unfinished']} | {r['failed']} |")
     ch = report.get("churn")
     lines += ["", "### 4. Churn (loramux only)", ""]
@@ -927,6 +942,9 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
         lines.append("")
         for name in images:
             lines.append(f"![{name}]({img_rel}/{name})")
+    if report.get("errors"):
+        lines += ["", "**Failures in this run.**", ""] + [
+            f"- {e['where']}: `{e['error']}`" for e in report["errors"]]
     if report["notes"]:
         lines += ["", "**Notes.**", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -941,7 +959,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default="distinct,identical,open,churn,mixed",
                    help="comma-separated subset (distinct and identical run together)")
     p.add_argument("--no-vllm", action="store_true", help="leave vLLM out")
-    p.add_argument("--vllm-venv", type=Path, default=HERE / ".cache" / "vllm-venv")
+    p.add_argument("--vllm-venv", type=Path, default=None,
+                   help="vLLM's own venv (default: bench/vllm_peer.py's, "
+                   "bench/.cache/vllm-venv or $LORAMUX_VLLM_VENV)")
     p.add_argument("--saturation-rate", type=float, default=None,
                    help="requests/s of the open loop's saturation (default: loramux's best "
                    "distinct throughput over the mean output length)")
@@ -1027,7 +1047,7 @@ def main(argv: list[str] | None = None) -> None:
                      "seed_p99_limit_s": args.seed_p99_limit, "ignore_eos": True,
                      "decoding": "greedy"},
         "systems": systems, "commands": {}, "skipped_systems": skipped,
-        "closed": [], "open": [], "mixed": [], "churn": None, "notes": [],
+        "closed": [], "open": [], "mixed": [], "churn": None, "notes": [], "errors": [],
         "estimate_s": round(est),
     }
     facts = cpu_facts()
@@ -1070,52 +1090,65 @@ def main(argv: list[str] | None = None) -> None:
         rates = rates_from_saturation(report["saturation_rate"], sizes.rate_fractions)
         log(f"open loop: saturation ~{report['saturation_rate']} req/s -> rates {rates}")
 
+    @contextlib.contextmanager
+    def recorded(what: str) -> Iterator[None]:
+        """A failure of one workload (or server) is recorded and the suite goes on."""
+        try:
+            yield
+        except Exception as exc:  # recorded in the report, printed, and the suite goes on
+            why = f"{type(exc).__name__}: {exc}"[:500]
+            report["errors"].append({"where": what, "error": why})
+            log(f"[{what}] FAILED: {why}")
+        finally:
+            save()
+
     def run_system(system: System) -> None:
         if {"distinct", "identical"} & workloads:
-            rows = w_closed(system, sizes, distinct)
-            if system.key != "base":
-                rows = [r for r in rows if r["workload"] in workloads]
-            report["closed"] += rows
-            save()
+            with recorded(f"closed loop, {system.key}"):
+                rows = w_closed(system, sizes, distinct)
+                if system.key != "base":
+                    rows = [r for r in rows if r["workload"] in workloads]
+                report["closed"] += rows
         if "open" in workloads:
-            set_rates_from(report["closed"])
-            report["open"] += w_open(system, sizes, rates, open_names, prompts, args)
-            save()
+            with recorded(f"open loop, {system.key}"):
+                set_rates_from(report["closed"])
+                report["open"] += w_open(system, sizes, rates, open_names, prompts, args)
         if "mixed" in workloads:
-            report["mixed"] += w_mixed(system, sizes)
-            save()
+            with recorded(f"mixed ranks, {system.key}"):
+                report["mixed"] += w_mixed(system, sizes)
 
     try:
         if "loramux" in systems:
-            with local_server("loramux", loramux_argv(main_adapters, lmx_extra), args,
-                              "openai") as lmx:
+            with recorded("loramux server"), local_server(
+                    "loramux", loramux_argv(main_adapters, lmx_extra), args, "openai") as lmx:
                 report["commands"]["loramux"] = abbreviated(lmx.command)
                 warm_up(lmx, warm_tenants)
                 run_system(lmx)
             if "churn" in workloads:
                 flags = [*lmx_extra, "--device-adapter-slots", str(sizes.churn_slots)]
-                with local_server("loramux-churn", loramux_argv(churn_adapters, flags), args,
-                                  "openai") as lmx:
+                with recorded("churn, loramux"), local_server(
+                        "loramux-churn", loramux_argv(churn_adapters, flags), args,
+                        "openai") as lmx:
                     report["commands"]["loramux (churn)"] = abbreviated(lmx.command)
                     report["churn"] = w_churn(lmx, sizes, churn_names, prompts, args.seed)
-                    save()
         elif "churn" in workloads:
             report["churn_skipped"] = "loramux not among the systems run"
         if "base" in systems:
-            with local_server("base", loramux_argv({}, lmx_extra), args, "openai") as base:
+            with recorded("base server"), local_server(
+                    "base", loramux_argv({}, lmx_extra), args, "openai") as base:
                 base.base_model = base_model_name(base.url)
                 report["commands"]["base"] = abbreviated(base.command)
                 warm_up(base, [None])
                 run_system(base)
         if "seed" in systems:
-            with local_server("seed", seed_argv(main_adapters, model_dir, precision), args,
-                              "seed") as seed:
+            with recorded("seed server"), local_server(
+                    "seed", seed_argv(main_adapters, model_dir, precision), args,
+                    "seed") as seed:
                 report["commands"]["seed"] = abbreviated(seed.command)
                 warm_up(seed, warm_tenants)
                 run_system(seed)
         if "vllm" in systems:
-            run_vllm(args, report, main_adapters, model_dir, precision, warm_tenants,
-                     run_system)
+            run_vllm(args, report, main_adapters, precision, warm_tenants, run_system)
     finally:
         report["finished_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         report["wall_s"] = round(time.monotonic() - t_start, 1)
@@ -1127,6 +1160,15 @@ def main(argv: list[str] | None = None) -> None:
                                    seed_p99_limit_s=args.seed_p99_limit,
                                    lmx_p99_limit_s=args.slo_ttft)
         report["targets"] = [t.to_dict() for t in targets]
+        seed_open = sorted((r for r in report["open"] if r["system"] == "seed"
+                            and "skipped" not in r), key=lambda r: r["rate"])
+        if seed_open and (seed_open[0]["p99_ttft_s"] or 0) > args.seed_p99_limit:
+            report["notes"].append(
+                "The seed-style server's p99 TTFT exceeded the target's "
+                f"{args.seed_p99_limit:g} s already at the lowest rate run "
+                f"({seed_open[0]['rate']:.3g}/s): its TTFT is its whole latency (no "
+                "streaming), and one long answer alone can take that long at its speed. The "
+                "open-loop target is evaluated at that rate.")
         save()
     log(f"wrote {args.out}")
     if not args.no_docs:
@@ -1148,60 +1190,46 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_vllm(args: argparse.Namespace, report: dict[str, Any], adapters: dict[str, Path],
-             model_dir: Path, precision: Any, warm_tenants: list[str | None],
+             precision: Any, warm_tenants: list[str | None],
              run_system: Callable[[System], None]) -> None:
-    """vLLM through the other helper's module; any reason it cannot run is recorded."""
+    """vLLM through ``bench/vllm_peer.py``; any reason it cannot run is recorded."""
     mod, why = vllm_peer()
     if mod is None:
         report["skipped_systems"]["vllm"] = why
         log(f"[vllm] skipped: {why}")
         return
     try:
-        ok, why = vllm_can_run(mod, args.vllm_venv)
+        if not mod.is_installed(args.vllm_venv):
+            log("[vllm] building its venv first (once; about 5 minutes)")
+        ok, why = mod.vllm_can_run(args.vllm_venv)
         if not ok:
-            report["skipped_systems"]["vllm"] = why or "vllm_peer says it cannot run"
+            report["skipped_systems"]["vllm"] = why or "vllm_peer says it cannot run here"
             log(f"[vllm] skipped: {why}")
             return
-        venv = _call_first(mod, ("ensure_vllm_venv",), args.vllm_venv)
+        venv = mod.ensure_vllm_venv(args.vllm_venv)
+        # The same weights format loramux's auto picks, where vLLM has it (bf16 or fp32; it
+        # has no NF4 on CPU); 32 LoRA slots as loramux's default device slots, every
+        # adapter in its CPU cache as loramux's host cache; ranks padded to the largest.
         dtype = "bfloat16" if precision.compute_dtype == "bf16" else "float32"
-        ctx = make_vllm_server(mod, venv, model_dir, adapters, dtype, args)
-        with ctx as server:
-            url = getattr(server, "url", None) or getattr(server, "base_url", None)
-            if url is None:
-                raise RuntimeError("VllmServer gave no url")
-            system = System("vllm", str(url).rstrip("/").removesuffix("/v1"), "openai")
-            cmd = getattr(server, "argv", None) or getattr(server, "command", None) or []
-            report["commands"]["vllm"] = abbreviated([str(c) for c in cmd]) if cmd else \
-                "see bench/vllm_peer.py"
-            for attr in ("versions", "version_info", "info"):
-                value = getattr(server, attr, None) or getattr(mod, attr, None)
-                if callable(value):
-                    with contextlib.suppress(Exception):
-                        value = value()
-                if isinstance(value, dict):
-                    report["versions"].update({f"vllm:{k}" if k != "vllm" else k: v
-                                               for k, v in value.items()})
-                    break
+        if precision.quantization == "nf4":
+            report["notes"].append("vLLM runs unquantized weights (no NF4 on its CPU path) "
+                                   f"in {dtype}; loramux and the seed run NF4 here.")
+        server = mod.VllmServer(report["model_dir"], adapters, venv=venv, dtype=dtype,
+                                max_loras=32, max_cpu_loras=len(adapters),
+                                log_dir=args.log_dir, startup_timeout=args.startup_timeout)
+        with server:
+            system = System("vllm", server.url, "openai", command=list(server.argv),
+                            pid=server.pid)
+            report["commands"]["vllm"] = (" ".join(f"{k}={v}" for k, v in server.env.items())
+                                          + " " + abbreviated(list(server.argv)))
+            report["versions"].update({f"vllm venv {k}" if k != "vllm" else k: v
+                                       for k, v in server.versions.items()})
             warm_up(system, warm_tenants)
             run_system(system)
-    except Exception as exc:  # the peer is optional: record why
-        why = f"{type(exc).__name__}: {exc}"[:500]
-        report["skipped_systems"]["vllm"] = f"failed while running: {why}"
+    except Exception as exc:  # the peer is optional: record why it failed and go on
+        why = f"{type(exc).__name__}: {exc}"[-800:]
+        report["skipped_systems"]["vllm"] = f"failed: {why}"
         log(f"[vllm] FAILED: {why}")
-
-
-def make_vllm_server(mod: Any, venv: Any, model_dir: Path, adapters: dict[str, Path],
-                     dtype: str, args: argparse.Namespace) -> Any:
-    cls = mod.VllmServer
-    kwargs: dict[str, Any] = {"venv": venv, "model_dir": model_dir, "adapters": adapters,
-                              "dtype": dtype, "max_lora_rank": 64,
-                              "max_loras": 32, "log_dir": args.log_dir}
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return cls(**kwargs)
 
 
 if __name__ == "__main__":

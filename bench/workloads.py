@@ -138,9 +138,11 @@ class Summary:
     p50_latency_s: float | None
     p99_latency_s: float | None
     # Requests still waiting for their first token (or their end) when the run was cut off
-    # count with the time they had waited: the percentile is then a lower bound.
-    ttft_lower_bound: bool = False
-    latency_lower_bound: bool = False
+    # count with the time they had waited: such a percentile is only a lower bound.
+    p50_ttft_lower: bool = False
+    p99_ttft_lower: bool = False
+    p50_latency_lower: bool = False
+    p99_latency_lower: bool = False
     slo_ttft_s: float | None = None
     slo_share: float | None = None
     failure_samples: list[str] = field(default_factory=list)
@@ -196,7 +198,8 @@ def summarize(records: Iterable[RequestRecord], wall_s: float, cutoff_s: float |
         unfinished=len(unfinished), completion_tokens=tokens, wall_s=wall_s,
         tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
         p50_ttft_s=p50t, p99_ttft_s=p99t, p50_latency_s=p50l, p99_latency_s=p99l,
-        ttft_lower_bound=lb50t or lb99t, latency_lower_bound=lb50l or lb99l,
+        p50_ttft_lower=lb50t, p99_ttft_lower=lb99t, p50_latency_lower=lb50l,
+        p99_latency_lower=lb99l,
         slo_ttft_s=slo_ttft_s, slo_share=share,
         failure_samples=[r.error or "" for r in failed[:3]],
     )
@@ -274,9 +277,14 @@ def evaluate_targets(closed: dict[str, dict[str, dict[int, float]]],
         out.append(Target(name, None, lmx_p99_limit_s, "<", None,
                           "seed or loramux not measured in the open loop"))
     elif not over:
-        out.append(Target(name, None, lmx_p99_limit_s, "<", None,
-                          f"the seed's p99 TTFT stayed under {seed_p99_limit_s:g} s at every "
-                          f"rate run ({', '.join(f'{r:.3g}' for r in sorted(seed))}/s)"))
+        known = sorted(r for r, v in seed.items() if v is not None)
+        unknown = sorted(r for r, v in seed.items() if v is None)
+        detail = (f"the seed's p99 TTFT stayed under {seed_p99_limit_s:g} s at "
+                  f"{', '.join(f'{r:.3g}' for r in known) or 'no rate'}/s")
+        if unknown:
+            detail += (f"; unknown at {', '.join(f'{r:.3g}' for r in unknown)}/s (requests "
+                       "cut off before the limit)")
+        out.append(Target(name, None, lmx_p99_limit_s, "<", None, detail))
     else:
         rate = over[0]
         value = lmx_rates.get(rate)

@@ -102,15 +102,15 @@ def test_summary_counts_cut_off_requests_as_lower_bounds() -> None:
     assert (s.requests, s.finished, s.unfinished, s.failed) == (10, 8, 1, 1)
     assert s.tokens_per_s == pytest.approx(8.0)
     assert s.p99_ttft_s is not None and s.p99_ttft_s > 8  # the cut-off one waited 9 s
-    assert s.ttft_lower_bound and s.latency_lower_bound
+    assert s.p99_ttft_lower and s.p99_latency_lower and not s.p50_ttft_lower
     assert s.p50_ttft_s == pytest.approx(0.1)
     assert s.slo_share == pytest.approx(0.8)  # 8 of 10 sent
     # A cut-off request far above the 99th percentile's ranks does not make it a bound.
     many = [RequestRecord("a", sent_s=0.0, ttft_s=0.1 * i, latency_s=1.0) for i in range(300)]
     tail = summarize([*many, RequestRecord("b", sent_s=0.0)], wall_s=100.0, cutoff_s=100.0)
-    assert not tail.ttft_lower_bound and tail.p50_ttft_s == pytest.approx(15.0)
+    assert not tail.p99_ttft_lower and tail.p50_ttft_s == pytest.approx(15.0)
     clean = summarize(recs[:8], wall_s=10.0)
-    assert not clean.ttft_lower_bound and clean.p99_latency_s == pytest.approx(1.0)
+    assert not clean.p99_ttft_lower and clean.p99_latency_s == pytest.approx(1.0)
 
 
 def _closed(lmx: float, base: float, seed: float, vllm: float | None) -> dict:
@@ -152,6 +152,9 @@ def test_targets_not_evaluable_are_none() -> None:
     assert all(t.met is None for t in ts)
     open_t = next(t for t in ts if t.name.startswith("open loop"))
     assert "stayed under" in open_t.detail
+    ts = evaluate_targets({}, {"seed": {0.1: 3.0, 0.2: None}, "loramux": {0.1: 0.1}}, None)
+    open_t = next(t for t in ts if t.name.startswith("open loop"))
+    assert open_t.met is None and "unknown at 0.2/s" in open_t.detail
 
 
 def test_replace_section_keeps_outside_text() -> None:
