@@ -653,8 +653,10 @@ def test_tokens_per_minute_and_release_after_timeouts(start_server, tiny_model_d
                                                       limit_root):
     server = _limited_server(start_server, tiny_model_dir, limit_root,
                              "--tenant-tokens-per-minute", "60", "--tenant-max-queued", "1",
-                             # a timeout that a loaded machine still meets, a stall it cannot
-                             "--request-timeout-s", "5", stall_s=9)
+                             # a timeout that a loaded machine still meets (64 tokens of the
+                             # tiny model took over 5 s at load 7 on 2 cores), a stall it
+                             # cannot: the probe waits ~12 s of the 13 s stall
+                             "--request-timeout-s", "8", stall_s=13)
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
