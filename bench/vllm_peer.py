@@ -623,7 +623,8 @@ def _check(args: argparse.Namespace) -> int:
         specs = [(root / f"mixed-r{r}", r, ALL_LINEAR, 2000 + r) for r in (8, 16, 32, 64)]
         adapters.update({p.name: p for p in make_adapters(specs, model_dir)})
     with VllmServer(model_dir, adapters, venv=args.venv, dtype=args.dtype,
-                    max_lora_rank=64 if args.mixed else None, omp_bind=args.omp_bind,
+                    max_lora_rank=args.max_lora_rank or (64 if args.mixed else None),
+                    max_loras=args.max_loras, omp_bind=args.omp_bind,
                     kv_cache_gib=args.kv_cache_gib, name=f"vllm-check-{args.dtype}") as server:
         result = asyncio.run(_check_requests(server, list(adapters), args.clients,
                                              args.tokens, args.rounds))
@@ -647,6 +648,10 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--mixed", action="store_true",
                         help="add 4 all-linear adapters of ranks 8/16/32/64")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="default: the adapters' highest rank (64 with --mixed)")
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="LoRA slots per batch (default: the adapter count)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--omp-bind", default="auto")
     parser.add_argument("--kv-cache-gib", type=int, default=DEFAULT_KV_CACHE_GIB)
