@@ -425,12 +425,7 @@ class AdapterCache:
                 return Prepared.FAILED
             if entry.host is None:
                 if entry.loading is None:
-                    # One lookup, counted once: a device miss and a host miss now; the
-                    # promotion after the disk read is not a second lookup.
-                    self._metrics.cache_misses.labels("device").inc()
-                    self._metrics.cache_misses.labels("host").inc()
-                    entry.miss_counted = True
-                    self._start_disk_load(entry)
+                    self._start_miss_load(entry)
                 return Prepared.WAIT
             if not self._make_device_room(entry.nbytes):
                 return Prepared.WAIT
@@ -487,6 +482,33 @@ class AdapterCache:
     def _device_usage(self) -> tuple[int, int]:
         on_device = self._lru_entries(self._device_lru)
         return len(on_device), sum(e.nbytes for e in on_device)
+
+    def _start_miss_load(self, entry: AdapterEntry) -> None:
+        """A lookup that found the adapter on neither the device nor the host: counted once
+        (a device miss and a host miss now; the promotion after the disk read is not a
+        second lookup), and its disk read started on a loader thread. Lock held."""
+        self._metrics.cache_misses.labels("device").inc()
+        self._metrics.cache_misses.labels("host").inc()
+        entry.miss_counted = True
+        self._start_disk_load(entry)
+
+    def prefetch(self, entry: AdapterEntry) -> None:
+        """Bring a *waiting* request's adapter toward the device before its turn, never at
+        anyone's expense (engine thread only): its disk read starts on a loader thread,
+        overlapping the forward passes, and once it is on the host it goes onto the device
+        only into a free slot (nothing is evicted for it). Its turn then finds it ready."""
+        with self._lock:
+            if (entry.merged or entry.slot is not None or entry.state == AdapterState.FAILED
+                    or not self._registered(entry)):
+                return
+            if entry.host is None:
+                if entry.loading is None:
+                    self._start_miss_load(entry)
+                return
+            count, used = self._device_usage()
+            if count >= self.device_slots or used + entry.nbytes > self.device_bytes:
+                return
+        self.prepare(entry)  # room without eviction: prepare puts it on the device
 
     def _make_device_room(self, nbytes: int) -> bool:
         """Evict unpinned, idle entries (LRU first) until ``nbytes`` fit. Lock held."""

@@ -268,6 +268,7 @@ class Engine:
         prompt_token_cost: float = 1.0,
         output_token_cost: float = 2.0,
         default_policy: TenantPolicy = TenantPolicy(),  # noqa: B008 - frozen, immutable
+        prefetch_adapters: bool = True,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -279,6 +280,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = eos_token_ids or set()
+        self.prefetch_adapters = prefetch_adapters
         self.torch_threads = torch_threads or available_cpus()
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -519,11 +521,29 @@ class Engine:
             # Not in a finally: if the thread dies, _run ends these rows.
             self._prefilling = []
             worked = True
+        if self.prefetch_adapters and self._waiting:
+            self._prefetch()
         if self._batch is not None and self._batch.seqs:
             self._decode()
             worked = True
         self.metrics.running.set(self.running)
         return worked
+
+    PREFETCH_SCAN = 64  # waiting requests looked at per step, at most
+
+    def _prefetch(self) -> None:
+        """Start bringing the adapters of requests still waiting (the batch is full, or
+        their adapter is not ready) toward the device, in arrival order, before their turn:
+        disk reads overlap the decode steps, and free device slots are filled (never by
+        evicting). Bounded per step, so a long queue costs a step nothing that grows."""
+        seen: set[int] = set()
+        for seq in itertools.islice(self._waiting, self.PREFETCH_SCAN):
+            entry = seq.entry
+            if entry is None or id(entry) in seen:
+                continue
+            seen.add(id(entry))
+            if entry.slot is None:
+                self.cache.prefetch(entry)
 
     def _run_commands(self) -> bool:
         ran = False

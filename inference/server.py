@@ -164,6 +164,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         prompt_token_cost=settings.prompt_token_cost,
         output_token_cost=settings.output_token_cost,
         default_policy=default_policy(settings),
+        prefetch_adapters=settings.prefetch_adapters,
     )
     access.attach(lambda tenant, a: _apply_policy(settings, engine, tenant, a))
     runtime = Runtime(settings, base, cache, tenants, engine, metrics,

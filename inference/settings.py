@@ -106,6 +106,9 @@ class ServeSettings(LogSettings, BaseSettings):
     max_new_tokens_limit: int = Field(2048, ge=1)
     default_max_new_tokens: int = Field(128, ge=1)
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled per step.")
+    prefetch_adapters: bool = Field(
+        True, description="Start loading waiting requests' adapters (disk reads on a loader "
+        "thread; free device slots only, nothing evicted) before their turn.")
     request_timeout_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(60.0, gt=0, description="Max wait of DELETE for in-flight.")
     route_retry_s: float = Field(

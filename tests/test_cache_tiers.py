@@ -332,3 +332,51 @@ def test_version_evicted_while_it_is_read_resolves_its_load_and_leaves_no_trace(
     runtime.cache.release(held)
     draining.result(10)
     assert runtime.cache.consistency_problems() == []
+
+
+@pytest.mark.parametrize(("prefetch", "slots", "expect"), [
+    (True, 4, Residency.DEVICE),  # a free slot: the waiting request's adapter is put there
+    (False, 4, Residency.HOST),  # prefetch off: it waits for its turn on the host
+    (True, 1, Residency.HOST),  # no free slot: nothing is evicted for it
+])
+def test_a_waiting_requests_adapter_is_prefetched_into_a_free_device_slot(
+        make_runtime, adapter_root, prefetch, slots, expect):
+    """The batch is full (one row) with a long legal request; a support request waits. While
+    legal still decodes, support's adapter goes onto the device only when prefetching is
+    on and a slot is free, so its turn finds it ready; legal is never evicted for it."""
+    runtime = make_runtime(max_batch_size=1, device_adapter_slots=slots,
+                           prefetch_adapters=prefetch)
+    legal = _register(runtime, adapter_root, "legal")
+    support = _register(runtime, adapter_root, "support")
+    _until_ready(runtime, legal)
+    assert support.residency == Residency.HOST
+    tokenizer = runtime.tokenizer
+
+    def seq(tenant: str, tokens: int, loop) -> Sequence:
+        return Sequence(prompt_ids=tokenizer.encode("keep decoding"),
+                        params=SamplingParams(max_new_tokens=tokens, ignore_eos=True),
+                        entry=runtime.tenants.acquire(TenantRef(tenant)), loop=loop,
+                        timeout_s=120, stream=True)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        long = seq("legal", 400, loop)
+        runtime.engine.submit(long)
+        long_task = asyncio.ensure_future(_collect(long))
+        while not runtime.engine.running:
+            await asyncio.sleep(0.01)
+        waiting = seq("support", 2, loop)
+        runtime.engine.submit(waiting)
+        waiting_task = asyncio.ensure_future(_collect(waiting))
+        steps = runtime.engine.steps
+        while runtime.engine.steps < steps + 30 and not long_task.done():
+            await asyncio.sleep(0.01)  # 30 engine steps of legal with support waiting
+        during = (support.residency, legal.residency, long_task.done(), waiting_task.done())
+        await long_task
+        await waiting_task
+        return during
+
+    support_during, legal_during, long_done, waiting_done = asyncio.run(scenario())
+    assert not long_done and not waiting_done, "legal ended before the check: too fast"
+    assert legal_during == Residency.DEVICE
+    assert support_during == expect
