@@ -575,7 +575,8 @@ async def _check_requests(server: VllmServer, tenants: list[str], clients: int,
             solo[model] = {"text": data["choices"][0]["text"],
                            "completion_tokens": data["usage"]["completion_tokens"]}
         out["solo_16"] = solo
-        out["stream_16"] = await _stream_one(client, url, _body(tenants[0], PROMPTS[2], 16,
+        first = tenants[0] if tenants else server.base_model
+        out["stream_16"] = await _stream_one(client, url, _body(first, PROMPTS[2], 16,
                                                                 stream=True))
 
         async def closed(models: list[str]) -> dict[str, Any]:
@@ -600,7 +601,8 @@ async def _check_requests(server: VllmServer, tenants: list[str], clients: int,
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
-        out["closed_distinct"] = await closed(tenants)
+        if tenants:
+            out["closed_distinct"] = await closed(tenants)
         out["closed_base"] = await closed([server.base_model])
     return out
 
@@ -617,7 +619,7 @@ def _check(args: argparse.Namespace) -> int:
     from inference.model_loader import ensure_default_model
 
     model_dir = ensure_default_model()
-    adapters = tenant_adapters(args.adapters)
+    adapters = tenant_adapters(args.adapters) if args.adapters else {}
     if args.mixed:
         root = HERE / ".cache" / "vllm-check" / "adapters"
         specs = [(root / f"mixed-r{r}", r, ALL_LINEAR, 2000 + r) for r in (8, 16, 32, 64)]
@@ -645,7 +647,8 @@ def main() -> int:
     parser.add_argument("--can-run", action="store_true", help="print whether vLLM can run")
     parser.add_argument("--check", action="store_true",
                         help="start vLLM with adapters, check answers and streaming, measure")
-    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--adapters", type=int, default=8,
+                        help="rank-16 q/k/v/o tenants; 0 = the base model only, no LoRA")
     parser.add_argument("--mixed", action="store_true",
                         help="add 4 all-linear adapters of ranks 8/16/32/64")
     parser.add_argument("--max-lora-rank", type=int, default=None,
