@@ -522,15 +522,18 @@ def w_open(system: System, sizes: Sizes, rates: list[float], names: list[str],
                                         "off, still queued there)"})
             log(f"[open {system.key}] rates {rates[i:]} skipped: saturated at {rates[i - 1]}")
             break
-        plan = open_loop_plan(rate, sizes.open_duration_s, len(names), args.zipf_s,
-                              sizes.open_lengths, args.seed)
-        records, elapsed = asyncio.run(open_loop(system, plan, names, prompts,
-                                                 sizes.open_duration_s, sizes.open_grace_s))
-        cut = sizes.open_duration_s + sizes.open_grace_s
+        duration = sizes.open_duration_s
+        if args.quick:  # a smoke test should send a few requests even at a tiny rate
+            duration = max(duration, min(30.0, 3.0 / rate))
+        plan = open_loop_plan(rate, duration, len(names), args.zipf_s, sizes.open_lengths,
+                              args.seed)
+        records, elapsed = asyncio.run(open_loop(system, plan, names, prompts, duration,
+                                                 sizes.open_grace_s))
+        cut = duration + sizes.open_grace_s
         s = summarize(records, elapsed, cutoff_s=cut if elapsed >= cut else None,
                       slo_ttft_s=args.slo_ttft)
-        offered = sum(p.output_tokens for p in plan) / sizes.open_duration_s
-        r = row(s, system=system.key, workload="open", rate=rate,
+        offered = sum(p.output_tokens for p in plan) / duration
+        r = row(s, system=system.key, workload="open", rate=rate, duration_s=duration,
                 offered_tokens_per_s=round(offered, 1), distinct_tenants=len({p.tenant for p in
                                                                                plan}))
         print_point(f"open {system.key} rate={rate}/s", r)
@@ -975,6 +978,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "distinct throughput over the mean output length)")
     p.add_argument("--rates", default=None,
                    help="comma-separated offered rates, requests/s (overrides the fractions)")
+    p.add_argument("--closed-rounds", type=int, default=None,
+                   help="closed loop: requests per point = max(minimum, rounds x B) "
+                   "(default 1)")
+    p.add_argument("--open-duration", type=float, default=None,
+                   help="open loop: seconds of arrivals per rate (default 40)")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="SLO on TTFT, seconds")
     p.add_argument("--seed-p99-limit", type=float, default=10.0,
                    help="the target's seed p99 TTFT threshold, seconds")
@@ -1009,6 +1017,10 @@ def main(argv: list[str] | None = None) -> None:
         write_docs(json.loads(args.out.read_text()), args.docs)
         return
     sizes = dataclasses.replace(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if args.closed_rounds is not None:
+        sizes.closed_rounds = args.closed_rounds
+    if args.open_duration is not None:
+        sizes.open_duration_s = args.open_duration
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
