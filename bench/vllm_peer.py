@@ -540,7 +540,7 @@ def _body(model: str, prompt: str, max_tokens: int, stream: bool = False) -> dic
 async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     ttft = None
-    chunks = 0
+    chunks = empty = 0
     text = ""
     usage: dict[str, Any] = {}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
@@ -549,14 +549,17 @@ async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> dict[str, 
             if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
             obj = json.loads(line[5:])
-            piece = (obj.get("choices") or [{}])[0].get("text") or ""
+            choices = obj.get("choices") or []
+            piece = choices[0].get("text") or "" if choices else ""
+            empty += bool(choices) and not piece
             if piece:
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 chunks += 1
                 text += piece
             usage = obj.get("usage") or usage
     return {"ttft_s": ttft, "latency_s": time.perf_counter() - start, "chunks": chunks,
-            "text": text, "completion_tokens": usage.get("completion_tokens")}
+            "empty_text_chunks": empty, "text": text,
+            "completion_tokens": usage.get("completion_tokens")}
 
 
 async def _check_requests(server: VllmServer, tenants: list[str], clients: int,
@@ -578,6 +581,9 @@ async def _check_requests(server: VllmServer, tenants: list[str], clients: int,
         first = tenants[0] if tenants else server.base_model
         out["stream_16"] = await _stream_one(client, url, _body(first, PROMPTS[2], 16,
                                                                 stream=True))
+        # This prompt's first greedy token is EOS: its chunk's text is empty.
+        out["stream_16_eos_first"] = await _stream_one(client, url, _body(first, PROMPTS[1],
+                                                                          16, stream=True))
 
         async def closed(models: list[str]) -> dict[str, Any]:
             async def loop(i: int) -> list[dict[str, Any]]:
