@@ -279,11 +279,14 @@ def evaluate_targets(closed: dict[str, dict[str, dict[int, float]]],
     elif not over:
         known = sorted(r for r, v in seed.items() if v is not None)
         unknown = sorted(r for r, v in seed.items() if v is None)
-        detail = (f"the seed's p99 TTFT stayed under {seed_p99_limit_s:g} s at "
-                  f"{', '.join(f'{r:.3g}' for r in known) or 'no rate'}/s")
+        parts = []
+        if known:
+            parts.append(f"the seed's p99 TTFT stayed under {seed_p99_limit_s:g} s at "
+                         f"{', '.join(f'{r:.3g}' for r in known)}/s")
         if unknown:
-            detail += (f"; unknown at {', '.join(f'{r:.3g}' for r in unknown)}/s (requests "
-                       "cut off before the limit)")
+            parts.append(f"it is unknown at {', '.join(f'{r:.3g}' for r in unknown)}/s (no "
+                         "request, or requests cut off before the limit)")
+        detail = "; ".join(parts)
         out.append(Target(name, None, lmx_p99_limit_s, "<", None, detail))
     else:
         rate = over[0]
