@@ -740,28 +740,29 @@ def plot(report: dict[str, Any], img_dir: Path) -> list[str]:
 
     img_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for ax, workload in zip(axes, ("distinct", "identical"), strict=True):
-        for system, by_b in closed_table(report, workload).items():
-            bs = sorted(by_b)
-            ax.plot(bs, [by_b[b] for b in bs], marker="o", color=COLORS[system],
-                    label=SYSTEM_LABEL[system], linestyle="--" if system == "base" else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(report["sizes"]["closed_bs"], [str(b) for b in
-                                                     report["sizes"]["closed_bs"]])
-        ax.set_xlabel("concurrent clients B (closed loop)")
-        ax.set_title(f"{workload}: " + ("each client its own tenant" if workload == "distinct"
-                                        else "every client on one tenant"), fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("completion tokens / s")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Throughput vs concurrency — {report['model']}, {report['precision_label']}",
-                 fontsize=11)
-    fig.tight_layout()
-    path = img_dir / "suite_closed_loop.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path.name)
+    if report["closed"]:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+        for ax, workload in zip(axes, ("distinct", "identical"), strict=True):
+            for system, by_b in closed_table(report, workload).items():
+                bs = sorted(by_b)
+                ax.plot(bs, [by_b[b] for b in bs], marker="o", color=COLORS[system],
+                        label=SYSTEM_LABEL[system], linestyle="--" if system == "base" else "-")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(report["sizes"]["closed_bs"], [str(b) for b in
+                                                         report["sizes"]["closed_bs"]])
+            ax.set_xlabel("concurrent clients B (closed loop)")
+            ax.set_title(f"{workload}: " + ("each client its own tenant" if workload == "distinct"
+                                            else "every client on one tenant"), fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("completion tokens / s")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"Throughput vs concurrency — {report['model']}, {report['precision_label']}",
+                     fontsize=11)
+        fig.tight_layout()
+        path = img_dir / "suite_closed_loop.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
 
     rows = [r for r in report["open"] if "skipped" not in r]
     if rows:
