@@ -295,7 +295,11 @@ async def send(client: httpx.AsyncClient, system: System, tenant: str | None, pr
                     rec.error = f"stream error: {str(obj['error'])[:300]}"
                     return
                 choices = obj.get("choices") or []
-                if choices and choices[0].get("text"):
+                # A token chunk, even one whose text is empty (vLLM streams special tokens
+                # such as an ignored EOS as empty text; loramux sends no empty deltas). The
+                # final chunk of loramux (finish_reason, no text) is not a token.
+                if choices and (choices[0].get("text") or choices[0].get("finish_reason")
+                                is None):
                     if rec.ttft_s is None:
                         rec.ttft_s = time.perf_counter() - start
                     rec.completion_tokens += 1
@@ -681,7 +685,7 @@ def w_churn(system: System, sizes: Sizes, names: list[str], prompts: Prompts,
 def estimate_s(sizes: Sizes, systems: list[str], rates: int) -> float:
     total = 0.0
     for s in systems:
-        total += EST_START_S[s] + 20
+        total += (2 if s == "vllm" else 1) * EST_START_S[s] + 20  # vLLM: a server per rank set
         tps, tps1 = EST_TPS[s], EST_TPS_B1[s]
         n_closed = 1 if s == "base" else 2
         for b, n in closed_points(sizes):
@@ -1141,18 +1145,19 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             save()
 
-    def run_system(system: System) -> None:
-        if {"distinct", "identical"} & workloads:
+    def run_system(system: System, only: set[str] | None = None) -> None:
+        todo = workloads if only is None else workloads & only
+        if {"distinct", "identical"} & todo:
             with recorded(f"closed loop, {system.key}"):
                 rows = w_closed(system, sizes, distinct)
                 if system.key != "base":
-                    rows = [r for r in rows if r["workload"] in workloads]
+                    rows = [r for r in rows if r["workload"] in todo]
                 report["closed"] += rows
-        if "open" in workloads:
+        if "open" in todo:
             with recorded(f"open loop, {system.key}"):
                 set_rates_from(report["closed"])
                 report["open"] += w_open(system, sizes, rates, open_names, prompts, args)
-        if "mixed" in workloads:
+        if "mixed" in todo:
             with recorded(f"mixed ranks, {system.key}"):
                 report["mixed"] += w_mixed(system, sizes)
 
@@ -1187,7 +1192,8 @@ def main(argv: list[str] | None = None) -> None:
                 warm_up(seed, warm_tenants)
                 run_system(seed)
         if "vllm" in systems:
-            run_vllm(args, report, main_adapters, precision, warm_tenants, run_system)
+            run_vllm(args, report, main_adapters, precision, warm_tenants, sizes, workloads,
+                     run_system)
     finally:
         report["finished_utc"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         report["wall_s"] = round(time.monotonic() - t_start, 1)
@@ -1234,8 +1240,8 @@ def write_docs(report: dict[str, Any], docs: Path) -> None:
 
 
 def run_vllm(args: argparse.Namespace, report: dict[str, Any], adapters: dict[str, Path],
-             precision: Any, warm_tenants: list[str | None],
-             run_system: Callable[[System], None]) -> None:
+             precision: Any, warm_tenants: list[str | None], sizes: Sizes,
+             workloads: set[str], run_system: Callable[..., None]) -> None:
     """vLLM through ``bench/vllm_peer.py``; any reason it cannot run is recorded."""
     mod, why = vllm_peer()
     if mod is None:
@@ -1253,23 +1259,34 @@ def run_vllm(args: argparse.Namespace, report: dict[str, Any], adapters: dict[st
         venv = mod.ensure_vllm_venv(args.vllm_venv)
         # The same weights format loramux's auto picks, where vLLM has it (bf16 or fp32; it
         # has no NF4 on CPU); 32 LoRA slots as loramux's default device slots, every
-        # adapter in its CPU cache as loramux's host cache; ranks padded to the largest.
+        # adapter in its CPU cache as loramux's host cache.
         dtype = "bfloat16" if precision.compute_dtype == "bf16" else "float32"
         if precision.quantization == "nf4":
             report["notes"].append("vLLM runs unquantized weights (no NF4 on its CPU path) "
                                    f"in {dtype}; loramux and the seed run NF4 here.")
-        server = mod.VllmServer(report["model_dir"], adapters, venv=venv, dtype=dtype,
-                                max_loras=32, max_cpu_loras=len(adapters),
-                                log_dir=args.log_dir, startup_timeout=args.startup_timeout)
-        with server:
-            system = System("vllm", server.url, "openai", command=list(server.argv),
-                            pid=server.pid)
-            report["commands"]["vllm"] = (" ".join(f"{k}={v}" for k, v in server.env.items())
-                                          + " " + abbreviated(list(server.argv)))
-            report["versions"].update({f"vllm venv {k}" if k != "vllm" else k: v
-                                       for k, v in server.versions.items()})
-            warm_up(system, warm_tenants)
-            run_system(system)
+        # vLLM's CPU LoRA path computes at --max-lora-rank for every adapter, so one server
+        # with the rank-64 adapters of the mixed-ranks workload would tax the rank-16
+        # workloads (bench/VLLM.md): one server per rank set, each with the rank it needs.
+        mixed_names = {n for c in mixed_configs(sizes.mixed_clients).values() for n, _ in c}
+        groups = [("vllm", {k: v for k, v in adapters.items() if k not in mixed_names},
+                   {"distinct", "identical", "open"}),
+                  ("vllm (mixed ranks)", {k: v for k, v in adapters.items() if k in mixed_names},
+                   {"mixed"})]
+        for label, group, only in groups:
+            if not group or not (only & workloads):
+                continue
+            server = mod.VllmServer(report["model_dir"], group, venv=venv, dtype=dtype,
+                                    max_loras=32, max_cpu_loras=len(group),
+                                    log_dir=args.log_dir, startup_timeout=args.startup_timeout)
+            with server:
+                system = System("vllm", server.url, "openai", command=list(server.argv),
+                                pid=server.pid)
+                report["commands"][label] = (" ".join(f"{k}={v}" for k, v in server.env.items())
+                                             + " " + abbreviated(list(server.argv)))
+                report["versions"].update({f"vllm venv {k}" if k != "vllm" else k: v
+                                           for k, v in server.versions.items()})
+                warm_up(system, [t for t in warm_tenants if t in group])
+                run_system(system, only)
     except Exception as exc:  # the peer is optional: record why it failed and go on
         why = f"{type(exc).__name__}: {exc}"[-800:]
         report["skipped_systems"]["vllm"] = f"failed: {why}"
