@@ -498,9 +498,11 @@ def warm_up(system: System, tenants: list[str | None]) -> None:
     log(f"[{system.key}] warm-up: {len(tenants)} requests in {time.monotonic() - t:.1f}s")
 
 
-def w_closed(system: System, sizes: Sizes, distinct: list[str]) -> list[dict[str, Any]]:
+def w_closed(system: System, sizes: Sizes, distinct: list[str],
+             which: set[str]) -> list[dict[str, Any]]:
     rows = []
-    workloads = ["distinct", "identical"] if system.key != "base" else ["base"]
+    workloads = ([w for w in ("distinct", "identical") if w in which]
+                 if system.key != "base" else ["base"])
     for workload in workloads:
         for b, n in closed_points(sizes):
             # identical, and the base (whose server maps every request to the base model)
@@ -1149,10 +1151,7 @@ def main(argv: list[str] | None = None) -> None:
         todo = workloads if only is None else workloads & only
         if {"distinct", "identical"} & todo:
             with recorded(f"closed loop, {system.key}"):
-                rows = w_closed(system, sizes, distinct)
-                if system.key != "base":
-                    rows = [r for r in rows if r["workload"] in todo]
-                report["closed"] += rows
+                report["closed"] += w_closed(system, sizes, distinct, todo)
         if "open" in todo:
             with recorded(f"open loop, {system.key}"):
                 set_rates_from(report["closed"])
@@ -1276,6 +1275,7 @@ def run_vllm(args: argparse.Namespace, report: dict[str, Any], adapters: dict[st
             if not group or not (only & workloads):
                 continue
             server = mod.VllmServer(report["model_dir"], group, venv=venv, dtype=dtype,
+                                    name=label.replace(" (mixed ranks)", "-mixed"),
                                     max_loras=32, max_cpu_loras=len(group),
                                     log_dir=args.log_dir, startup_timeout=args.startup_timeout)
             with server:
