@@ -827,6 +827,8 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
         f"`{(report['git'].get('commit') or '?')[:10]}`"
         f"{' (inference/ had uncommitted edits)' if report['git'].get('inference_dirty') else ''}.",
         "",
+        *(["**A `--quick` smoke run: tiny sizes, targets at its largest B; these numbers are "
+           "not measurements.**", ""] if report.get("quick") else []),
         f"**Machine.** `{m['cpu_model']}`, {m['cpus']} CPUs (flags include "
         f"{', '.join(wanted) or 'none of avx2/avx512'}; all flags in the JSON). Load average "
         f"(1/5/15 min) at start {m['loadavg_start']}, at the end {m['loadavg_end']}; each "
