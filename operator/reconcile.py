@@ -363,6 +363,17 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
+def _start_moves(started: Mapping[ObjectKey, Move], placements: dict[ObjectKey, list[PodKey]],
+                 out: MovePlan) -> None:
+    """Record moves chosen this pass: each target is placed beside its source (load)."""
+    for key, move in started.items():
+        out.moves[key] = move
+        out.started.add(key)
+        placements[key] = sorted([*placements.get(key, []), (key[0], move.target)],
+                                 key=lambda p: p[1])
+        log.info("%s/%s: moving %s -> %s: %s", *key, move.source, move.target, move.reason)
+
+
 class Reconciler:
     def __init__(self, settings: OperatorSettings, *, kube: KubeApi | None = None,
                  http: httpx.AsyncClient | None = None) -> None:
@@ -921,13 +932,7 @@ class Reconciler:
                                cooldown_s=settings.rebalance_cooldown_seconds),
             ready_on=ready_on, busy_pools=busy, pinned_keys=pinned,
             device_slots=settings.placement_device_slots)
-        for key, move in started.items():
-            out.moves[key] = move
-            out.started.add(key)
-            placements[key] = sorted([*placements.get(key, []), (key[0], move.target)],
-                                     key=lambda p: p[1])
-            log.info("%s/%s: moving %s -> %s: %s", *key, move.source, move.target,
-                     move.reason)
+        _start_moves(started, placements, out)
         return out
 
     def _plan_unready(self, seen: Observed, placeable: Sequence[AdapterSpec],
@@ -950,13 +955,7 @@ class Reconciler:
             placeable, placements, candidates, unready, now=now, grace_s=grace,
             moving=waiting, policy=self.settings.placement_policy, rates=rates,
             device_slots=self.settings.placement_device_slots)
-        for key, move in started.items():
-            out.moves[key] = move
-            out.started.add(key)
-            placements[key] = sorted([*placements.get(key, []), (key[0], move.target)],
-                                     key=lambda p: p[1])
-            log.info("%s/%s: moving %s -> %s: %s", *key, move.source, move.target,
-                     move.reason)
+        _start_moves(started, placements, out)
 
     def _move_facts(self, spec: AdapterSpec, move: Move, members: Sequence[PodKey],
                     holds: Any, seen: Observed) -> MoveFacts:
