@@ -85,3 +85,18 @@ def stage_adapter(adapter_root: Path, staging: Path, tenant: str, version: str, 
         lora_alpha=float(config.get("lora_alpha", config["r"])),
         target_modules=config["target_modules"], files=describe_files(src)))
     return src, digest
+
+
+def publish_v1(s3: object, adapter_root: Path, staging: Path, bucket: str,
+               tenants: tuple[str, ...]) -> dict[str, str]:
+    """Each tenant's v1, staged and pushed to ``s3://bucket/pub/<tenant>/v1/`` with the same
+    code as ``loramux push``; tenant -> its URI. ``s3`` is the tests' moto server (``S3``)."""
+    from loramux.training.publish import push
+
+    s3.create_bucket(bucket)  # type: ignore[attr-defined]
+    uris = {}
+    for tenant in tenants:
+        uris[tenant] = f"s3://{bucket}/pub/{tenant}/v1/"
+        src, _ = stage_adapter(adapter_root, staging, tenant, "v1")
+        push(src, uris[tenant], client=s3.client, progress=False)  # type: ignore[attr-defined]
+    return uris

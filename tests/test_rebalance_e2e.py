@@ -45,7 +45,7 @@ import httpx
 import pytest
 
 import helpers
-from factories import stage_adapter
+from factories import publish_v1
 from k8s_harness import (
     CRD_PATH,
     INFERENCE_LABELS,
@@ -58,7 +58,6 @@ from k8s_harness import (
     pod_manifest,
     start_pods,
 )
-from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
 TOKEN = "rebalance-sidecar-token"
@@ -77,15 +76,8 @@ def wait(fn: Callable[[], T], what: str, timeout: float = 60, interval: float = 
 @pytest.fixture(scope="module")
 def published(s3_server: S3, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> dict[str, str]:
-    bucket = "rebalance"
-    s3_server.create_bucket(bucket)
-    staging = tmp_path_factory.mktemp("stage")
-    uris = {}
-    for tenant in TENANTS:
-        uris[tenant] = f"s3://{bucket}/pub/{tenant}/v1/"
-        src, _ = stage_adapter(adapter_root, staging, tenant, "v1")
-        push(src, uris[tenant], client=s3_server.client, progress=False)
-    return uris
+    return publish_v1(s3_server, adapter_root, tmp_path_factory.mktemp("stage"), "rebalance",
+                      TENANTS)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ import httpx
 import pytest
 
 import helpers
-from factories import stage_adapter
+from factories import publish_v1
 from k8s_harness import (
     CRD_PATH,
     INFERENCE_LABELS,
@@ -58,7 +58,6 @@ from k8s_harness import (
     inference_pod,
     start_pods,
 )
-from loramux.training.publish import push
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
 TOKEN = "scale-out-sidecar-token"
@@ -84,15 +83,8 @@ def wait(fn: Callable[[], T], what: str, timeout: float = 90, interval: float = 
 def published(s3_server: S3, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
               ) -> dict[str, str]:
     """tenant -> the s3:// URI of its v1 (pushed with the same code as `loramux push`)."""
-    bucket = "scale-out"
-    s3_server.create_bucket(bucket)
-    staging = tmp_path_factory.mktemp("stage")
-    uris = {}
-    for tenant in TENANTS:
-        uris[tenant] = f"s3://{bucket}/pub/{tenant}/v1/"
-        src, _ = stage_adapter(adapter_root, staging, tenant, "v1")
-        push(src, uris[tenant], client=s3_server.client, progress=False)
-    return uris
+    return publish_v1(s3_server, adapter_root, tmp_path_factory.mktemp("stage"), "scale-out",
+                      TENANTS)
 
 
 @pytest.fixture(scope="module")
