@@ -22,6 +22,7 @@ with :meth:`AdapterCache.acquire` on the entry it resolved.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import itertools
 import logging
@@ -35,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from loramux.contracts import AdapterState, AdapterView, Residency
+from loramux.contracts import STATS_BUCKETS, AdapterState, AdapterView, Residency, VersionStats
 from loramux.names import AdapterRef
 
 from .adapters import AdapterRejected, BaseFacts, DiskStamp, HostAdapter, read_adapter
@@ -67,6 +68,38 @@ class Prepared(StrEnum):
     FAILED = "failed"
 
 
+class OutcomeCounts:
+    """One version's finished requests, errors and latency histograms on this server (the
+    wire form is :class:`~loramux.contracts.VersionStats`; a canary analysis reads it).
+    Written by the engine thread, read by the API: a lock keeps a report consistent."""
+
+    __slots__ = ("_lock", "errors", "latency", "requests", "ttft")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self.ttft = [0] * (len(STATS_BUCKETS) + 1)
+        self.latency = [0] * (len(STATS_BUCKETS) + 1)
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft[bisect.bisect_left(STATS_BUCKETS, seconds)] += 1
+
+    def finished(self, seconds: float | None, *, error: bool) -> None:
+        with self._lock:
+            self.requests += 1
+            if error:
+                self.errors += 1
+            if seconds is not None:
+                self.latency[bisect.bisect_left(STATS_BUCKETS, seconds)] += 1
+
+    def view(self) -> VersionStats:
+        with self._lock:
+            return VersionStats(requests=self.requests, errors=self.errors,
+                                ttft=list(self.ttft), latency=list(self.latency))
+
+
 @dataclass(eq=False)
 class AdapterEntry:
     ref: AdapterRef
@@ -90,6 +123,7 @@ class AdapterEntry:
     merged: bool = False
     miss_counted: bool = False
     stamp: DiskStamp | None = None  # the files as first read; re-reads must find them
+    outcomes: OutcomeCounts = field(default_factory=OutcomeCounts)
 
     @property
     def residency(self) -> Residency:
@@ -99,15 +133,17 @@ class AdapterEntry:
             return Residency.HOST
         return Residency.DISK
 
-    def view(self, *, active: bool) -> AdapterView:
-        """This version as ``GET /admin/adapters`` lists it (``active`` is the directory's)."""
+    def view(self, *, active: bool, weight: int | None = None) -> AdapterView:
+        """This version as ``GET /admin/adapters`` lists it (``active`` and a canary's
+        ``weight`` are the directory's)."""
         return AdapterView(
             tenant=self.ref.tenant, version=self.ref.version, state=self.state,
             reason=self.reason, reason_code=self.reason_code, residency=self.residency,
             pinned=self.pinned, active=active, bytes=self.nbytes, rank=self.rank,
             in_flight=self.refcount, hits=self.hits, last_used=self.last_used or None,
             path=str(self.path), merged=self.merged, disk_load_seconds=self.disk_load_seconds,
-            host_to_device_seconds=self.host_to_device_seconds,
+            host_to_device_seconds=self.host_to_device_seconds, weight=weight,
+            stats=self.outcomes.view(),
         )
 
 

@@ -42,7 +42,9 @@ from loramux.contracts import (
     RouteList,
     RouteRequest,
     RouteView,
+    SplitRequest,
     TenantAccess,
+    VersionStats,
     error_body,
 )
 from loramux.http import (
@@ -196,10 +198,29 @@ class PortGate:
 
 
 # ---------------------------------------------------------------------- generation core
-def _target(runtime: Runtime, name: ModelName, *, openai: bool) -> Target:
+SPLIT_KEY_HEADER = "X-Loramux-Split-Key"
+
+
+def _split_key(request: Request, user: str | None = None) -> str:
+    """What a canary split hashes: the ``X-Loramux-Split-Key`` header, else OpenAI's
+    ``user``, else a random key of this request (one draw, however often it is asked)."""
+    key = getattr(request.state, "split_key", None)
+    if key is not None:
+        return key
+    key = request.headers.get(SPLIT_KEY_HEADER)
+    if key is not None and not 1 <= len(key) <= 256:
+        raise ServiceError(400, f"{SPLIT_KEY_HEADER} must be 1 to 256 characters",
+                           "invalid_split_key")
+    key = key if key is not None else user if user is not None else uuid.uuid4().hex
+    request.state.split_key = key
+    return key
+
+
+def _target(runtime: Runtime, name: ModelName, *, openai: bool,
+            split_key: str | None = None) -> Target:
     """The tenant directory's answer for ``name``, as HTTP errors."""
     try:
-        return runtime.tenants.target(name)
+        return runtime.tenants.target(name, split_key)
     except InvalidName as exc:
         if openai:
             raise ServiceError(404, f"model {name.text[:80]!r} not found: {exc}",
@@ -455,6 +476,8 @@ async def _maybe_forward_hot(runtime: Runtime, request: Request, name: ModelName
     route = router.match(want.tenant, want.version, request.headers)
     if route is None:
         return None
+    if want.version is None and runtime.tenants.canary_takes(want.tenant, _split_key(request)):
+        return None  # a hot tenant's canary share is served here, by the canary version
     result = await router.forward(route, request.url.path, await request.body(),
                                   request.headers, stream)
     if result is None:
@@ -614,13 +637,14 @@ health = APIRouter()
 async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep) -> Any:
     name = runtime.tenants.name(body.tenant_id)
     principal = _authorize(runtime, request, name)
+    _split_key(request)
     forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
     params = _params(runtime, body.max_new_tokens, body.temperature, body.top_p, body.stop,
                      body.ignore_eos, body.seed)
     prompt_ids = _tokenize(runtime, body.prompt, params)
-    target = _target(runtime, name, openai=False)
+    target = _target(runtime, name, openai=False, split_key=_split_key(request))
     _check_base_fallback(runtime, principal, target)
     version = target.entry.ref.version if target.entry is not None else None
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
@@ -656,7 +680,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName, principal
                      body.top_p, body.stop, body.ignore_eos, body.seed)
     # A chat template already carries its special tokens.
     prompt_ids = _tokenize(runtime, prompt, params, special=not chat)
-    target = _target(runtime, name, openai=True)
+    target = _target(runtime, name, openai=True, split_key=_split_key(request, body.user))
     _check_base_fallback(runtime, principal, target)
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     created = int(time.time())
@@ -710,6 +734,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName, principal
 async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep) -> Any:
     name = runtime.tenants.name(body.model)
     principal = _authorize(runtime, request, name)
+    _split_key(request, body.user)
     forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
@@ -722,6 +747,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            runtime: RuntimeDep) -> Any:
     name = runtime.tenants.name(body.model)
     principal = _authorize(runtime, request, name)
+    _split_key(request, body.user)
     forwarded = await _maybe_forward(runtime, request, name, body.stream)
     if forwarded is not None:
         return forwarded
@@ -847,6 +873,31 @@ async def set_active(tenant: str, body: ActivateRequest, runtime: RuntimeDep) ->
     except AdapterUnavailable as exc:
         raise ServiceError(409, str(exc), "not_ready") from exc
     return entry.view(active=runtime.tenants.is_active(ref))
+
+
+@admin.put("/tenants/{tenant}/split")
+async def set_split(tenant: str, body: SplitRequest, runtime: RuntimeDep) -> AdapterView:
+    """A canary: ``body.version`` answers ``body.weight`` percent of the bare tenant's
+    requests (by split key); the active version answers the rest."""
+    ref = _ref(tenant, body.version)
+    try:
+        entry = runtime.tenants.set_split(ref.tenant, ref.version, body.weight)
+    except UnknownAdapter as exc:
+        raise ServiceError(404, str(exc), "not_found") from exc
+    except AdapterUnavailable as exc:
+        raise ServiceError(409, str(exc), "not_ready") from exc
+    except AdapterConflict as exc:
+        raise ServiceError(409, str(exc), "conflict") from exc
+    return entry.view(active=False, weight=body.weight)
+
+
+@admin.delete("/tenants/{tenant}/split")
+async def clear_split(tenant: str, runtime: RuntimeDep) -> dict[str, Any]:
+    try:
+        validate_label(tenant, "tenant")
+    except InvalidName as exc:
+        raise ServiceError(422, str(exc), "invalid_name") from exc
+    return {"tenant": tenant, "removed": runtime.tenants.clear_split(tenant)}
 
 
 @admin.get("/routes")
@@ -994,6 +1045,21 @@ def _tenant_load(runtime: Runtime) -> list[tuple[str, str, int]]:
     return rows
 
 
+def _canary_versions(runtime: Runtime) -> list[tuple[str, str, str, VersionStats]]:
+    """(tenant, version, role, stats) of the tenants under a canary split, for the
+    per-version Prometheus series: their active (stable) and canary versions."""
+    rows = []
+    for tenant, (canary, _weight) in sorted(runtime.tenants.split_tenants().items()):
+        for view in runtime.tenants.tenant_views(tenant):
+            if view.stats is None:
+                continue
+            if view.version == canary:
+                rows.append((tenant, view.version, "canary", view.stats))
+            elif view.active:
+                rows.append((tenant, view.version, "stable", view.stats))
+    return rows
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -1012,6 +1078,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                   strict_content_type=False, dependencies=[Depends(require_json_body)])
     app.state.runtime = runtime
     runtime.metrics.track_tenant_load(lambda: _tenant_load(runtime))
+    runtime.metrics.track_canary_versions(lambda: _canary_versions(runtime))
     app.include_router(public)
     app.include_router(admin)
     app.include_router(health)

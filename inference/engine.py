@@ -117,12 +117,13 @@ def parse_faults(spec: str | None) -> dict[str, dict[str, float]]:
     out-of-memory (alone it fits); ``sample``: sampling ``tenant``'s row raises;
     ``stall``: the first forward pass of each ``tenant`` request sleeps ``seconds``;
     ``die``: the engine thread exits at ``tenant``'s first forward pass.
+    ``tenant`` may also be ``tenant@version``: the fault hits that version only (a bad canary).
     """
     faults: dict[str, dict[str, float]] = {}
     for item in (spec or "").split(","):
         if not item.strip():
             continue
-        kind, tenant, *rest = item.strip().split(":")
+        kind, tenant, *rest = item.strip().split(":")  # tenant: name or name@version
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (one of {FAULT_KINDS})")
         faults.setdefault(tenant, {})[kind] = float(rest[0]) if rest else 0.0
@@ -650,9 +651,18 @@ class Engine:
                 layer.keys, layer.values = keys, values
             raise
 
+    def _faults_of(self, seq: Sequence) -> dict[str, float]:
+        """The faults injected for ``seq``'s tenant, or for its exact ``tenant@version``."""
+        faults = self._faults.get(seq.tenant_label, {})
+        if seq.entry is not None:
+            exact = self._faults.get(str(seq.entry.ref))
+            if exact:
+                faults = {**faults, **exact}
+        return faults
+
     def _inject(self, seqs: list[Sequence], phase: str) -> None:
         for seq in seqs:
-            faults = self._faults.get(seq.tenant_label, {})
+            faults = self._faults_of(seq)
             if "stall" in faults and not seq.stalled:
                 seq.stalled = True
                 time.sleep(faults["stall"])
@@ -795,7 +805,7 @@ class Engine:
         finished: list[Sequence] = []
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             try:
-                if self._faults and "sample" in self._faults.get(seq.tenant_label, {}):
+                if self._faults and "sample" in self._faults_of(seq):
                     raise RuntimeError(f"injected sample fault for {seq.tenant_label}")
                 if isinstance(token, RowError):
                     raise token
@@ -823,6 +833,8 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.metrics.ttft.labels(seq.tenant_label).observe(now - seq.submitted_at)
+            if seq.entry is not None:
+                seq.entry.outcomes.first_token(now - seq.submitted_at)
         hit_eos = token in self.eos_token_ids and not seq.params.ignore_eos
         at_length = len(seq.generated) >= seq.params.max_new_tokens
         final = hit_eos or at_length
@@ -894,6 +906,8 @@ class Engine:
         self.metrics.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
         self.metrics.completion_tokens.labels(label).inc(len(seq.generated))
         self.metrics.e2e.labels(label).observe(now - seq.submitted_at)
+        if seq.entry is not None:
+            seq.entry.outcomes.finished(now - seq.submitted_at, error=False)
         self._emit(seq, FinishEvent(seq.tracker.text, reason, len(seq.prompt_ids),
                                     len(seq.generated)))
         self._release(seq)
@@ -907,5 +921,7 @@ class Engine:
             return
         outcome = {499: "cancelled", 504: "timeout"}.get(status, "error")
         self.metrics.requests.labels(seq.tenant_label, outcome).inc()
+        if seq.entry is not None and status != 499:  # a client that left is no verdict
+            seq.entry.outcomes.finished(None, error=status >= 500)
         self._emit(seq, ErrorEvent(status, reason))
         self._release(seq)

@@ -19,15 +19,19 @@ blow up label cardinality with made-up names.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from loramux.contracts import STATS_BUCKETS, VersionStats
 
 BASE_LABEL = "_base"
 OTHER_LABEL = "_other"
@@ -159,6 +163,7 @@ class Metrics:
                         "not_held", "failover_wait", "failover_expired", "client_gone"):
             self.peer_forwarded_requests.labels(outcome)
         self._tenant_load: _TenantLoad | None = None
+        self._versions: _CanaryVersions | None = None
         # What loramux_tenant_in_flight reads, kept as it changes instead of walked per
         # scrape: requests in flight per tenant (counted by the engine where it counts them
         # for fair shares) and the tenants with a version on the device (set by the adapter
@@ -214,6 +219,22 @@ class Metrics:
             self.public_registry.register(_SummedTenantLoad(self._tenant_load))
         else:
             self._tenant_load.source = source
+
+
+    def track_canary_versions(
+            self, source: Callable[[], Iterable[tuple[str, str, str, VersionStats]]]) -> None:
+        """Publish per-version series (``loramux_version_requests_total``,
+        ``loramux_version_ttft_seconds``, ``loramux_version_latency_seconds``) on the
+        per-tenant registry, from ``source`` read at scrape time: (tenant, version, role,
+        stats) for the tenants under a canary split only (role ``stable`` or ``canary``), so
+        the series are bounded by two per tenant in a rollout, whatever the number of
+        versions held. The same counts are in ``GET /admin/adapters`` (``stats``), which is
+        what the operator's analysis reads."""
+        if self._versions is None:
+            self._versions = _CanaryVersions(source)
+            self.registry.register(self._versions)
+        else:
+            self._versions.source = source
 
 
 class _BothRegistries(CollectorRegistry):
@@ -481,6 +502,48 @@ class _TenantLoad:
         for tenant, residency, in_flight in self.rows():
             family.add_metric([tenant, residency], in_flight)
         yield family
+
+
+class _CanaryVersions:
+    """The collector behind :meth:`Metrics.track_canary_versions`."""
+
+    LABELS: ClassVar[list[str]] = ["tenant", "version", "role"]
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, str, VersionStats]]]
+                 ) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            rows = list(self.source())
+        except Exception:  # a scrape must not fail because the engine is going away
+            rows = []
+        requests = CounterMetricFamily(
+            "loramux_version_requests", "Finished requests per version of a tenant under a "
+            "canary split, by outcome (error: a server-side failure).",
+            labels=[*self.LABELS, "outcome"])
+        ttft = HistogramMetricFamily(
+            "loramux_version_ttft_seconds", "Time to first token per version of a tenant "
+            "under a canary split.", labels=self.LABELS)
+        latency = HistogramMetricFamily(
+            "loramux_version_latency_seconds", "End-to-end latency of successful requests "
+            "per version of a tenant under a canary split.", labels=self.LABELS)
+        for tenant, version, role, stats in rows:
+            labels = [tenant, version, role]
+            requests.add_metric([*labels, "ok"], stats.requests - stats.errors)
+            requests.add_metric([*labels, "error"], stats.errors)
+            for family, counts in ((ttft, stats.ttft), (latency, stats.latency)):
+                buckets, total = [], 0
+                for bound, count in zip([*STATS_BUCKETS, math.inf], counts, strict=True):
+                    total += count
+                    buckets.append((floatToGoString(bound), total))
+                family.add_metric(labels, buckets, sum_value=None)
+        yield requests
+        yield ttft
+        yield latency
 
 
 class _SummedTenantLoad:

@@ -76,6 +76,9 @@ class _OpenAIBase(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    user: str | None = Field(
+        None, max_length=256, description="OpenAI's end-user id; during a canary it is the "
+        "split key (unless X-Loramux-Split-Key is sent), so one user sticks to one version")
 
 
 class CompletionRequest(_OpenAIBase):

@@ -24,7 +24,9 @@ calls into the directory).
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
+import secrets
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from loramux.names import AdapterRef, InvalidName, TenantRef
 
 from .adapter_cache import (
     AdapterCache,
+    AdapterConflict,
     AdapterEntry,
     AdapterState,
     AdapterUnavailable,
@@ -89,6 +92,7 @@ class TenantDirectory:
         self.merged: AdapterEntry | None = None
         self._lock = threading.RLock()
         self._active: dict[str, str] = {}
+        self._split: dict[str, tuple[str, int]] = {}  # tenant -> (canary version, percent)
 
     # ------------------------------------------------------------------ names
     def name(self, text: str) -> ModelName:
@@ -148,14 +152,60 @@ class TenantDirectory:
                     + (f" ({entry.reason})" if entry.reason else "")
                 )
             self._active[tenant] = version
+            if self._split.get(tenant, ("",))[0] == version:
+                self._split.pop(tenant)  # the canary was promoted: nothing left to split
         log.info("active version set", extra={"tenant": tenant, "version": version})
         return entry
+
+    def set_split(self, tenant: str, version: str, weight: int) -> AdapterEntry:
+        """``version`` (registered, not the active one) answers ``weight`` percent of the
+        bare tenant's requests while it is Ready; the active version answers the rest."""
+        with self._lock:
+            entry = self._cache.get(AdapterRef(tenant, version))
+            if entry is None:
+                raise UnknownAdapter(f"{tenant}@{version} is not registered")
+            if entry.state in (AdapterState.FAILED, AdapterState.DRAINING):
+                raise AdapterUnavailable(f"{tenant}@{version} cannot take a share of traffic: "
+                                         f"{entry.state}")
+            if self._active.get(tenant) == version:
+                raise AdapterConflict(f"{tenant}@{version} is the active version; a split "
+                                      "names the canary")
+            self._split[tenant] = (version, weight)
+        log.info("canary split set", extra={"tenant": tenant, "version": version,
+                                            "weight": weight})
+        return entry
+
+    def clear_split(self, tenant: str) -> bool:
+        with self._lock:
+            removed = self._split.pop(tenant, None)
+        if removed is not None:
+            log.info("canary split removed", extra={"tenant": tenant, "version": removed[0]})
+        return removed is not None
+
+    def canary_takes(self, tenant: str, split_key: str | None) -> bool:
+        """Whether a bare request for ``tenant`` with this key goes to its (Ready) canary."""
+        with self._lock:
+            return self._canary(tenant, split_key) is not None
+
+    def _canary(self, tenant: str, split_key: str | None) -> AdapterEntry | None:
+        """The tenant's canary when it is Ready and this key falls in its share (lock held)."""
+        split = self._split.get(tenant)
+        if split is None or not in_canary_share(tenant, split_key, split[1]):
+            return None
+        canary = self._cache.get(AdapterRef(tenant, split[0]))
+        return canary if canary is not None and canary.state == AdapterState.READY else None
+
+    def split_tenants(self) -> dict[str, tuple[str, int]]:
+        with self._lock:
+            return dict(self._split)
 
     def evict(self, ref: AdapterRef) -> concurrent.futures.Future:
         """Stop new requests on ``ref`` and remove it once idle (the cache's future). If it
         was its tenant's active version, the newest remaining ready version takes over."""
         with self._lock:
             future = self._cache.begin_evict(ref)
+            if self._split.get(ref.tenant, ("",))[0] == ref.version:
+                self._split.pop(ref.tenant)  # an evicted canary takes no more requests
             if self._active.get(ref.tenant) == ref.version:
                 # The sidecar activates a new version before evicting the old one; if it
                 # did not, fall back to the newest remaining ready version, else none.
@@ -179,14 +229,28 @@ class TenantDirectory:
     def views(self) -> list[AdapterView]:
         """Every version the server knows, sorted by reference (``GET /admin/adapters``)."""
         with self._lock:
-            return [entry.view(active=self._active.get(entry.ref.tenant) == entry.ref.version)
+            def weight(entry: AdapterEntry) -> int | None:
+                split = self._split.get(entry.ref.tenant)
+                return split[1] if split is not None and split[0] == entry.ref.version else None
+
+            return [entry.view(active=self._active.get(entry.ref.tenant) == entry.ref.version,
+                               weight=weight(entry))
                     for entry in sorted(self._cache.entries(), key=lambda e: str(e.ref))]
 
+    def tenant_views(self, tenant: str) -> list[AdapterView]:
+        return [v for v in self.views() if v.tenant == tenant]
+
     # ------------------------------------------------------------------ requests
-    def resolve(self, want: TenantRef) -> AdapterEntry:
-        """The entry ``want`` names: its version, else its tenant's active version."""
+    def resolve(self, want: TenantRef, split_key: str | None = None) -> AdapterEntry:
+        """The entry ``want`` names: its version, else its tenant's active version, or its
+        canary for the share of split keys the canary's weight covers (a Ready canary
+        only; otherwise the active version answers)."""
         with self._lock:
             version = want.version or self._active.get(want.tenant)
+            if want.version is None and version is not None:
+                canary = self._canary(want.tenant, split_key)
+                if canary is not None:
+                    return canary
             entry = self._cache.get(AdapterRef(want.tenant, version)) if version else None
             if entry is None:
                 raise UnknownAdapter(f"no adapter for {want}")
@@ -203,12 +267,12 @@ class TenantDirectory:
                 return False
             return entry.state not in (AdapterState.FAILED, AdapterState.DRAINING)
 
-    def acquire(self, want: TenantRef) -> AdapterEntry:
+    def acquire(self, want: TenantRef, split_key: str | None = None) -> AdapterEntry:
         """Resolve ``want`` and take a reference for one request; ``release`` must follow."""
         with self._lock:
-            return self._cache.acquire(self.resolve(want))
+            return self._cache.acquire(self.resolve(want, split_key))
 
-    def target(self, name: ModelName) -> Target:
+    def target(self, name: ModelName, split_key: str | None = None) -> Target:
         """What a request for ``name`` is served by, holding a reference.
 
         Raises :class:`InvalidName` (not a reference), :class:`UnknownAdapter` (nothing
@@ -223,7 +287,7 @@ class TenantDirectory:
             raise name.invalid or InvalidName(f"invalid model name {name.text[:80]!r}")
         want = name.ref
         try:
-            return Target(self.acquire(want))
+            return Target(self.acquire(want, split_key))
         except UnknownAdapter as exc:
             versions = [e for e in self._cache.entries() if e.ref.tenant == want.tenant]
             failed = [e for e in versions if e.state == AdapterState.FAILED]
@@ -242,4 +306,18 @@ class TenantDirectory:
             raise
 
 
-__all__ = ["ModelName", "Target", "TenantDirectory"]
+def in_canary_share(tenant: str, split_key: str | None, weight: int) -> bool:
+    """Whether a request falls in a canary's ``weight`` percent: a hash of the tenant and the
+    client's split key (the same key, the same version, on every pod), or a fresh random
+    draw when the request has no key."""
+    if weight <= 0:
+        return False
+    if weight >= 100:
+        return True
+    if split_key is None:
+        return secrets.randbelow(10_000) < weight * 100
+    digest = hashlib.sha256(f"{tenant}\0{split_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000 < weight * 100
+
+
+__all__ = ["ModelName", "Target", "TenantDirectory", "in_canary_share"]

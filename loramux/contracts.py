@@ -203,15 +203,26 @@ class DesiredAdapter(BaseModel):
         description="Hot tenant: the dedicated deployment's URL. While this (active) version "
                     "is Ready here, the server forwards the tenant's requests there and "
                     "serves them itself whenever that deployment cannot.")
+    weight: int | None = Field(
+        None, ge=0, le=100,
+        description="Canary (a version that is not active): the percentage of the bare "
+                    "tenant's requests it answers once Ready here (0: loaded, no traffic). "
+                    "None: no split.")
+
+    @model_validator(mode="after")
+    def _weight_only_on_a_canary(self) -> DesiredAdapter:
+        if self.weight is not None and self.active:
+            raise ValueError("weight is for a canary version; the active one takes the rest")
+        return self
 
     @property
     def ref(self) -> AdapterRef:
         return AdapterRef(self.tenant, self.version)
 
     def same_spec(self, other: DesiredAdapter | None) -> bool:
-        """Equal apart from credentials, route, access, ``active`` and ``pinned``: none of
-        them restarts a version (activation and pinning are applied to the loaded version)."""
-        skip = {"credentials", "route", "active", "pinned", "access"}
+        """Equal apart from credentials, route, access, ``active``, ``pinned`` and ``weight``:
+        none of them restarts a version (they are applied to the loaded version)."""
+        skip = {"credentials", "route", "active", "pinned", "access", "weight"}
         return other is not None and (self.model_dump(exclude=skip)
                                       == other.model_dump(exclude=skip))
 
@@ -250,6 +261,7 @@ class DesiredState(BaseModel):
     def _check(self) -> DesiredState:
         seen: set[tuple[str, str]] = set()
         active: set[str] = set()
+        canary: set[str] = set()
         for entry in self.adapters:
             key = (entry.tenant, entry.version)
             if key in seen:
@@ -259,6 +271,10 @@ class DesiredState(BaseModel):
                 if entry.tenant in active:
                     raise ValueError(f"tenant {entry.tenant} has more than one active version")
                 active.add(entry.tenant)
+            if entry.weight is not None:
+                if entry.tenant in canary:
+                    raise ValueError(f"tenant {entry.tenant} has more than one canary version")
+                canary.add(entry.tenant)
         return self
 
     def wire(self) -> dict[str, Any]:
@@ -289,6 +305,37 @@ class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(min_length=1, max_length=63)
+
+
+class SplitRequest(BaseModel):
+    """``PUT /admin/tenants/{tenant}/split``: a canary version answers ``weight`` percent of
+    the bare tenant's requests (chosen per split key, so a conversation sticks to one
+    version); the active version answers the rest. ``DELETE`` removes the split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: VersionName
+    weight: int = Field(ge=0, le=100)
+
+
+# Upper bounds (seconds) of the per-version latency histograms in VersionStats; the last
+# bucket is everything above. Fixed here so both ends agree on what a count means.
+STATS_BUCKETS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                                    60.0, 120.0)
+
+
+class VersionStats(BaseModel):
+    """Cumulative outcomes of one version on one server since it was loaded: what a canary
+    analysis compares (the operator sums pods and takes differences between two reports).
+    ``ttft``/``latency`` are per-bucket counts (not cumulative) over :data:`STATS_BUCKETS`
+    plus one overflow bucket."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    requests: int = 0  # finished, whatever the outcome
+    errors: int = 0  # finished with a server-side failure (5xx: generation failed, timeout)
+    ttft: list[int] = Field(default_factory=lambda: [0] * (len(STATS_BUCKETS) + 1))
+    latency: list[int] = Field(default_factory=lambda: [0] * (len(STATS_BUCKETS) + 1))
 
 
 class RouteRequest(BaseModel):
@@ -327,6 +374,8 @@ class AdapterView(_Report):
     merged: bool = False
     disk_load_seconds: float | None = None
     host_to_device_seconds: float | None = None
+    weight: int | None = None  # a canary's share of the bare tenant's requests, percent
+    stats: VersionStats | None = None
 
     @property
     def ref(self) -> AdapterRef:
@@ -584,6 +633,7 @@ class SyncState(_Report):
 
 __all__ = [
     "ALL_TENANTS",
+    "STATS_BUCKETS",
     "AccessFile",
     "AccessList",
     "AccessView",
@@ -610,10 +660,12 @@ __all__ = [
     "RouteList",
     "RouteRequest",
     "RouteView",
+    "SplitRequest",
     "SyncPhase",
     "SyncState",
     "TenantAccess",
     "TenantLimits",
+    "VersionStats",
     "VersionStatus",
     "error_body",
     "hash_key",

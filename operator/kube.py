@@ -162,6 +162,20 @@ class KubeApi:
             return None
         return body if isinstance(body, dict) else None
 
+    async def patch_adapter(self, namespace: str, name: str,
+                            patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the object itself (a canary's promotion rewrites its spec): the object
+        as written, or ``None`` when it is gone (404)."""
+        try:
+            body = await self._call(self.custom.patch_namespaced_custom_object,
+                                    GROUP, VERSION, namespace, PLURAL, name, dict(patch),
+                                    _content_type=MERGE_PATCH)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            return None
+        return body if isinstance(body, dict) else None
+
     async def post_event(self, obj: Mapping[str, Any], type_: str, reason: str,
                          message: str) -> None:
         """A core/v1 Event about ``obj``. Failures are logged, never raised: an API server

@@ -17,6 +17,7 @@ from typing import Any
 
 from loramux.contracts import TenantLimits
 from loramux.names import InvalidName, validate_label
+from loramux.operator.canary import CanarySpec, parse_canary
 from loramux.operator.hot_policy import Mode, Thresholds
 from loramux.s3 import S3Error, parse_s3_uri
 
@@ -284,6 +285,9 @@ class AdapterSpec:
     last_move: LastMove | None = None  # status.lastMove: the cool-down of rebalancing
     dedicated: DedicatedSpec = field(default_factory=DedicatedSpec)
     access: AccessSpec | None = None  # spec.access (None: no keys of its own)
+    canary: CanarySpec | None = None  # spec.canary (None: absent or malformed)
+    canary_error: str | None = None  # why spec.canary is malformed (the stable is unaffected)
+    canary_status: Mapping[str, Any] | None = None  # status.canary, as last written
     error: str | None = None
 
     @property
@@ -410,6 +414,8 @@ def parse_adapter(obj: Mapping[str, Any], *,
         "previous_source": ActiveSource.from_status(status.get("activeSource")),
         "move": Move.from_status(status.get("move")),
         "last_move": LastMove.from_status(status.get("lastMove")),
+        "canary_status": (status.get("canary") if isinstance(status.get("canary"), Mapping)
+                          else None),
     }
     if not isinstance(spec, Mapping):
         return AdapterSpec(**base, error="spec must be an object")
@@ -428,6 +434,8 @@ def parse_adapter(obj: Mapping[str, Any], *,
     }
     access, access_error = AccessSpec.parse(spec.get("access"))
     fields["access"] = access
+    fields["canary"], fields["canary_error"] = parse_canary(spec.get("canary"),
+                                                            fields["version"])
     error = _name_error(base["name"]) or _spec_error(spec, source, fields) or _dedicated_error(
         spec.get("dedicated"), max_dedicated_replicas) or access_error
     if error is not None:
@@ -435,6 +443,7 @@ def parse_adapter(obj: Mapping[str, Any], *,
         fields["sha256"] = None
         fields["credentials_secret"] = None
         fields["access"] = None
+        fields["canary"] = None
     return AdapterSpec(**base, **fields, error=error)
 
 

@@ -77,6 +77,8 @@ from loramux.contracts import (
     SyncState,
     TenantAccess,
 )
+from loramux.operator.canary import INVALID as CANARY_INVALID
+from loramux.operator.canary import CanaryFacts, CanaryStep, Counts, advance
 from loramux.operator.credentials import (
     SECRET_NOT_FOUND,
     AccessOutcome,
@@ -239,6 +241,7 @@ class PassPlan:
     # (tenant, source pod) pairs that table leaves out (remembered once delivered)
     peer_prints: dict[PodKey, tuple[str, frozenset[tuple[str, str]]]] = field(
         default_factory=dict)
+    canaries: dict[ObjectKey, CanaryStep] = field(default_factory=dict)
 
 
 @dataclass
@@ -847,8 +850,16 @@ class Reconciler:
         hot, hot_transient = self._plan_hot(seen, placeable, placements, credentials)
         routes = {(step.spec.namespace, step.spec.tenant, version): url
                   for step in hot.values() for version, url in step.todo.routes.items()}
+        canaries = {spec.key: self._plan_canary(spec, placements.get(spec.key, []),
+                                                seen.observations)
+                    for spec in placeable if spec.canary or spec.canary_error
+                    or spec.canary_status}
+        weights = {spec.key: (spec.canary, step.weight) for spec in placeable
+                   if spec.canary is not None
+                   and (step := canaries[spec.key]).weight is not None}
         desired = build_desired_sets(placeable, placements, list(seen.pool_pods),
-                                     seen.observations, credentials=credentials, routes=routes)
+                                     seen.observations, credentials=credentials, routes=routes,
+                                     canaries=weights)
         access = {k: a for k, a in seen.access.items() if k in keys}
         desired = with_access(desired, {(s.namespace, s.tenant): access[s.key].access
                                         for s in placeable if s.key in access})
@@ -861,10 +872,47 @@ class Reconciler:
                         credential_problems=problems, untrusted=seen.untrusted,
                         access=access, access_writes=writes, access_deletes=deletes,
                         transient=(hot_transient or bool(problems) or access_transient
-                                   or bool(moves.moves) or bool(moves.done)),
+                                   or bool(moves.moves) or bool(moves.done)
+                                   or any(c.transient for c in canaries.values())),
                         tables=tables, pool_access=pool_access(seen, placeable, access),
                         moves=moves,
-                        peer_prints=self._peer_prints(seen, placeable, moves, tables))
+                        peer_prints=self._peer_prints(seen, placeable, moves, tables),
+                        canaries=canaries)
+
+    @staticmethod
+    def _plan_canary(spec: AdapterSpec, pods: Sequence[PodKey],
+                     observations: Mapping[PodKey, PodObservation]) -> CanaryStep:
+        """The canary's next step, from what the tenant's placed pods report."""
+        stable_ready = bool(pods)
+        canary_ready = bool(pods)
+        failed: str | None = None
+        stable = canary = Counts() if pods else None
+        version = spec.canary.version if spec.canary is not None else None
+        for pod in pods:
+            obs = observations.get(pod)
+            if obs is None or not obs.server_ok:
+                stable_ready = canary_ready = False
+                stable = canary = None
+                continue
+            assert obs.server is not None
+            if obs.serving.get(spec.tenant) != spec.version:
+                stable_ready = False
+            views = {a.version: a for a in obs.server.adapters if a.tenant == spec.tenant}
+            if version is not None:
+                if obs.phase(spec.tenant, version) == SyncPhase.FAILED:
+                    item = obs.adapters.get((spec.tenant, version))
+                    failed = f"{pod[1]}: {item.reason if item else 'failed'}"
+                if (spec.tenant, version) not in obs.served or obs.phase(
+                        spec.tenant, version) != SyncPhase.READY:
+                    canary_ready = False
+            mine, theirs = views.get(version or ""), views.get(spec.version)
+            stable = (stable + Counts.of(theirs.stats) if stable is not None
+                      and theirs is not None and theirs.stats is not None else None)
+            canary = (canary + Counts.of(mine.stats) if canary is not None
+                      and mine is not None and mine.stats is not None else None)
+        facts = CanaryFacts(stable_ready=stable_ready, canary_ready=canary_ready,
+                            canary_failed=failed, canary=canary, stable=stable)
+        return advance(spec.canary, spec.canary_error, spec.canary_status, facts, time.time())
 
     def _plan_moves(self, seen: Observed, excluded: Mapping[ObjectKey, set[PodKey]],
                     placeable: Sequence[AdapterSpec],
@@ -1209,8 +1257,33 @@ class Reconciler:
                 transient = True  # the sidecars have not pushed the new hashes yet
             if status_differs(old, status) and not await self._write_status(spec, obj, status):
                 transient = True
+            elif spec.key in todo.canaries:
+                await self._canary_effects(spec, obj, todo.canaries[spec.key])
         result.transient = transient
         return result
+
+    async def _canary_effects(self, spec: AdapterSpec, obj: Mapping[str, Any],
+                              step: CanaryStep) -> None:
+        """After the status is written: the canary's Events, and its promotion (the spec
+        takes the canary's version and source; the stable rollout does the rest)."""
+        assert self.kube is not None
+        for type_, reason, message in step.events:
+            await self.kube.post_event(_event_target(obj), type_, reason, message)
+        canary = spec.canary
+        if not step.promote or canary is None:
+            return
+        patch = {"spec": {"version": canary.version, "canary": None,
+                          "source": {"uri": canary.uri, "sha256": canary.sha256}}}
+        try:
+            written = await self.kube.patch_adapter(spec.namespace, spec.name, patch)
+        except KubeError as exc:
+            log.warning("cannot promote %s@%s: %s", spec.tenant, canary.version, exc,
+                        extra={"tenant": spec.tenant, "version": canary.version})
+            return
+        if written is not None:
+            self.index.apply("adapter", "MODIFIED", written)
+            log.info("promoted %s@%s to spec.version", spec.tenant, canary.version,
+                     extra={"tenant": spec.tenant, "version": canary.version})
 
     def _remember_tables(self, seen: Observed, todo: PassPlan, delivered: Delivery) -> None:
         """Remember the fingerprints of the tables delivered during moves (and forget the
@@ -1274,7 +1347,25 @@ class Reconciler:
             status["dedicatedEndpoint"] = step.todo.endpoint
         elif old.get("dedicatedEndpoint"):
             status["dedicatedEndpoint"] = None
+        self._canary_status(spec, old, todo.canaries.get(spec.key), status, now)
         return status
+
+    @staticmethod
+    def _canary_status(spec: AdapterSpec, old: Mapping[str, Any], step: CanaryStep | None,
+                       status: dict[str, Any], now: str) -> None:
+        """``status.canary`` and the ``Canary`` condition; a rollback makes a Ready resource
+        Degraded (the stable version still serves, the figures say why)."""
+        if step is None or step.status is None:
+            return
+        status["canary"] = step.status
+        phase = step.status.get("phase")
+        message = str(step.status.get("message") or phase)
+        prev = {c.get("type"): c for c in old.get("conditions") or [] if isinstance(c, Mapping)}
+        healthy = step.degraded is None and phase != CANARY_INVALID
+        status.setdefault("conditions", []).append(_condition(
+            "Canary", healthy, str(phase), message, spec.generation, prev, now))
+        if step.degraded is not None and status.get("phase") == AdapterPhase.READY:
+            status["phase"] = AdapterPhase.DEGRADED
 
     def access_applied(self, spec: AdapterSpec, todo: PassPlan) -> tuple[int, int]:
         """(pods whose server holds the tenant's access as sent, pods it is placed on), from

@@ -34,6 +34,7 @@ from loramux.contracts import (
     SyncState,
     VersionStatus,
 )
+from loramux.operator.canary import CanarySpec
 from loramux.operator.model import AdapterSpec, ObjectKey, PodKey
 
 Routes = Mapping[tuple[str, str, str], str]  # (namespace, tenant, version) -> dedicated URL
@@ -117,8 +118,12 @@ def desired_entries(
     *,
     credentials: EntryCredentials | None = None,
     routes: Routes | None = None,
+    canary: tuple[CanarySpec, int] | None = None,
 ) -> list[DesiredAdapter]:
     """This adapter's entries on one pod (rollout step included, see the module doc).
+
+    ``canary``: the canary version and its weight (operator/canary.py), sent as a second,
+    inactive entry with ``weight`` once the stable version is the only one here.
 
     The old version's uri/sha256 come from ``status.activeSource`` (the source of the last
     version that became active), since the spec only knows the new one. Without it (no
@@ -150,6 +155,11 @@ def desired_entries(
                               sha256=source.sha256, pinned=spec.pinned, active=True,
                               credentials=credentials, route=route_of(source.version))
         return [keep, new.model_copy(update={"active": False})]
+    if canary is not None:
+        spec_c, weight = canary
+        return [new, DesiredAdapter(tenant=spec.tenant, version=spec_c.version, uri=spec_c.uri,
+                                    sha256=spec_c.sha256, pinned=spec.pinned, active=False,
+                                    credentials=credentials, weight=weight)]
     return [new]
 
 
@@ -161,11 +171,13 @@ def build_desired_sets(
     *,
     credentials: Mapping[ObjectKey, EntryCredentials] | None = None,
     routes: Routes | None = None,
+    canaries: Mapping[ObjectKey, tuple[CanarySpec, int]] | None = None,
 ) -> dict[PodKey, list[DesiredAdapter]]:
     """The full desired set of every pod in ``pods`` (an empty list is a real answer: the
     pod should hold nothing). Entries are sorted by tenant then version; a tenant claimed
     twice on one pod keeps the first adapter's entries only (duplicates are rejected before)."""
     credentials = credentials or {}
+    canaries = canaries or {}
     sets: dict[PodKey, list[DesiredAdapter]] = {pod: [] for pod in pods}
     tenants: dict[PodKey, set[str]] = {pod: set() for pod in sets}
     for spec in sorted(specs, key=lambda s: s.order):
@@ -175,7 +187,7 @@ def build_desired_sets(
             tenants[pod].add(spec.tenant)
             sets[pod].extend(desired_entries(
                 spec, observations.get(pod), credentials=credentials.get(spec.key),
-                routes=routes,
+                routes=routes, canary=canaries.get(spec.key),
             ))
     for items in sets.values():
         items.sort(key=lambda e: (e.tenant, e.version))

@@ -401,21 +401,22 @@ def status_differs(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> boo
 
 
 # Status fields that disappear (``None`` in the merge patch) when a new status lacks them.
-FORGETTABLE = ("activeVersion", "activeSource", "residency", "inFlight", "move")
+FORGETTABLE = ("activeVersion", "activeSource", "residency", "inFlight", "move", "canary")
 
 
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON merge patch from ``old`` to ``new``: :data:`FORGETTABLE` fields ``new`` lacks
-    are removed, and so are ``activeSource``'s own keys it no longer has (a merge patch
-    merges nested objects)."""
+    are removed, and so are ``activeSource``'s and ``canary``'s own keys it no longer has
+    (a merge patch merges nested objects)."""
     old = old or {}
     patch = dict(new)
     for key in FORGETTABLE:
         if key not in new and old.get(key):
             patch[key] = None
-    old_source, new_source = old.get("activeSource"), new.get("activeSource")
-    if isinstance(old_source, Mapping) and isinstance(new_source, Mapping):
-        patch["activeSource"] = {**{k: None for k in old_source}, **new_source}
+    for key in ("activeSource", "canary"):
+        old_part, new_part = old.get(key), new.get(key)
+        if isinstance(old_part, Mapping) and isinstance(new_part, Mapping):
+            patch[key] = {**{k: None for k in old_part}, **new_part}
     return patch
 
 

@@ -33,6 +33,7 @@ from loramux.contracts import (
     RouteList,
     RouteRequest,
     RouteView,
+    SplitRequest,
     SyncPhase,
     SyncState,
     TenantAccess,
@@ -248,7 +249,8 @@ class Reconciler:
 
         0. push each tenant's access to the server (and remove access no longer desired);
         1. fetch and load each desired version that is not ready on the server;
-        2. switch each tenant's active version once its target is ready;
+        2. switch each tenant's active version once its target is ready, and set each
+           canary's share of its tenant's requests once the canary is ready;
         3. evict versions no longer desired (once their tenant has settled);
         4. set or remove hot tenants' routes to their dedicated deployments;
         5. delete local files of versions neither desired nor loaded.
@@ -313,6 +315,8 @@ class Reconciler:
         if server is not None and self.desired_received:
             # 2. activation, 3. eviction
             server = await self._activate_and_evict(server)
+            # 2b. canary splits: a Ready canary's share of the bare tenant's requests
+            await self._sync_splits(server)
             # 4. hot tenants' routes to their dedicated deployments
             await self._sync_routes()
             # 5. local files neither desired nor loaded
@@ -608,6 +612,44 @@ class Reconciler:
                     else:
                         log.warning("evicting %s failed: %s", ref, exc.message)
         return server
+
+    async def _sync_splits(self, server: dict[AdapterRef, AdapterView]) -> None:
+        """Make each tenant's canary split on the server what is desired: the weight of its
+        desired canary (an entry with ``weight``) once that version is Ready there, and no
+        split for a tenant without a desired canary."""
+        wanted = {e.tenant: e for e in self.desired.values() if e.weight is not None}
+        live = {ref.tenant: (ref, view) for ref, view in server.items()
+                if view.weight is not None}
+        for tenant in sorted(set(wanted) | set(live)):
+            entry = wanted.get(tenant)
+            current = live.get(tenant)
+            if entry is None:
+                assert current is not None
+                try:
+                    await self._server("DELETE", f"/admin/tenants/{tenant}/split")
+                    current[1].weight = None
+                    log.info("removed the canary split of %s", tenant)
+                except ServerError as exc:
+                    log.warning("removing the split of %s failed: %s", tenant, exc.message)
+                continue
+            view = server.get(entry.ref)
+            status = self.status.get(entry.ref)
+            ready = (view is not None and view.state == AdapterState.READY and not view.active
+                     and status is not None and status.phase == SyncPhase.READY)
+            if not ready or (current is not None and current[0] == entry.ref
+                             and current[1].weight == entry.weight):
+                continue
+            try:
+                await self._server("PUT", f"/admin/tenants/{tenant}/split",
+                                   SplitRequest(version=entry.version, weight=entry.weight))
+                assert view is not None
+                view.weight = entry.weight
+                log.info("canary %s@%s takes %d%% of the tenant's requests", tenant,
+                         entry.version, entry.weight,
+                         extra={"tenant": tenant, "version": entry.version})
+            except ServerError as exc:
+                log.warning("setting the split of %s@%s failed: %s", tenant, entry.version,
+                            exc.message)
 
     def _owns(self, path: str | None) -> bool:
         """Whether the server loaded this adapter (from ``path``) from under our root, i.e.
