@@ -388,8 +388,10 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
             if isinstance(event, FinishEvent):
                 return event
             if isinstance(event, ErrorEvent):
+                # Which version failed, as on a success (a canary's failures are its own).
+                adapter = str(seq.entry.ref) if seq.entry is not None else "none"
                 raise ServiceError(event.status, public_reason(event.reason),
-                                   "generation_failed")
+                                   "generation_failed", {"X-Loramux-Adapter": adapter})
     finally:
         if not seq.done:
             seq.cancel()

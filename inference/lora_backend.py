@@ -113,54 +113,79 @@ class PeftMixedBatchBackend:
         return out.logits[:, -1, :].float()
 
 
-_MIN_BUCKET = 8
+# What one extra row group costs, in rows x tokens x rank units (an index_select of the
+# rows, one of A and B, two bmm and an index_add: fixed dispatch cost on a CPU, kernel
+# launches on a GPU). Measured with bench/suite.py's mixed-rank workload on the embedded
+# default model (2 CPU cores): 7 rank-8 rows + 1 rank-64 row ran 22% faster as two groups
+# than padded to 64 (extra padding 392 units), while ranks 8/16/32/64 x 2 ran 26% slower as
+# four groups than as one (padding 16 + 64 + 192 units): so one group is worth 256.
+GROUP_COST = 256
 
 
 def rank_bucket(rank: int) -> int:
-    """The stack width an adapter of this (largest) rank joins: the next power of two, >= 8.
-
-    Rows are grouped by bucket and each group runs at its own width, so one rank-64 tenant
-    costs its own rows a rank-64 product and every rank-8 row still a rank-8 one (a single
-    stack padded to the widest resident rank taxed every row: -22% measured in the suite).
-    Powers of two keep the number of groups per step small and padding below 2x.
-    """
-    return max(_MIN_BUCKET, 1 << (max(rank, 1) - 1).bit_length())
+    """The width a row group runs at: the next power of two of its rank, at least 8."""
+    return max(8, 1 << (max(rank, 1) - 1).bit_length())
 
 
-Key = tuple[int, int]  # (rank bucket, position in that bucket's stacks)
+def plan_groups(ranks: list[int], tokens: int, group_cost: int | None = None
+                ) -> list[tuple[list[int], int]]:
+    """Rows (by adapter rank, 0 = the base model) split into groups, each run at one width:
+    ``[(row positions, width)]``. Every row with the same power-of-two bucket starts in one
+    group; neighbouring groups merge (the lower padded to the higher width) while padding
+    costs less than a group: ``rows x tokens x extra width <= group_cost``. Base rows join
+    the narrowest group when that is cheaper than indexing the others around them."""
+    group_cost = GROUP_COST if group_cost is None else group_cost
+    buckets: dict[int, list[int]] = {}
+    base: list[int] = []
+    for row, rank in enumerate(ranks):
+        if rank <= 0:
+            base.append(row)
+        else:
+            buckets.setdefault(rank_bucket(rank), []).append(row)
+    groups = [(rows, width) for width, rows in sorted(buckets.items())]
+    merged = True
+    while merged and len(groups) > 1:
+        merged = False
+        costs = [len(groups[i][0]) * tokens * (groups[i + 1][1] - groups[i][1])
+                 for i in range(len(groups) - 1)]
+        best = min(range(len(costs)), key=costs.__getitem__)
+        if costs[best] <= group_cost:
+            low, high = groups[best], groups[best + 1]
+            groups[best:best + 2] = [(sorted(low[0] + high[0]), high[1])]
+            merged = True
+    if base and groups and len(base) * tokens * groups[0][1] <= group_cost:
+        groups[0] = (sorted(groups[0][0] + base), groups[0][1])
+    return groups
 
 
 class _RowContext:
     """The per-step adapter index the engine prepares; wrapped layers only read it.
 
-    Rows are grouped by rank bucket once per forward pass, and every layer reads the same
-    groups: each adapter sits at the same position of its bucket's stack in every layer (see
-    :class:`BatchedLoraBackend`). All groups' indices go to the device in one copy per step
-    (into a reused buffer on CUDA), never one per layer.
+    The rows are split into groups once per forward pass (:func:`plan_groups`), and every
+    layer reads the same groups: every adapter sits at its global id in every layer's
+    stack (see :class:`BatchedLoraLinear`). All groups' indices go to the device in one copy
+    per step (into a reused buffer on CUDA), never one per layer.
     """
 
     def __init__(self) -> None:
-        self.present: set[Key] = set()
-        self.uniform: Key | None = None  # set when every row uses the same adapter
-        # bucket -> (row positions, or None when the group is every row; positions in stack)
-        self.groups: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.present: set[int] = set()  # global adapter ids in this step
+        self.uniform: int | None = None  # set when every row uses the same adapter
+        # (row positions, or None when the group is every row; adapter ids; width)
+        self.groups: list[tuple[torch.Tensor | None, torch.Tensor, int]] = []
         self._device_buffer: torch.Tensor | None = None
 
-    def set(self, rows: list[Key | None], device: torch.device | None = None) -> None:
-        self.present = {key for key in rows if key is not None}
-        self.uniform = rows[0] if rows and len(set(rows)) == 1 else None
-        self.groups = {}
+    def set(self, row_ids: list[int], ranks: list[int] | None = None, tokens: int = 1,
+            device: torch.device | None = None) -> None:
+        self.present = set(row_ids) - {0}
+        self.uniform = row_ids[0] if row_ids and len(set(row_ids)) == 1 else None
+        self.groups = []
         if not self.present or self.uniform is not None:
             return
-        grouped: dict[int, tuple[list[int], list[int]]] = {}
-        for row, key in enumerate(rows):
-            if key is not None:
-                positions, locals_ = grouped.setdefault(key[0], ([], []))
-                positions.append(row)
-                locals_.append(key[1])
+        plan = plan_groups(ranks if ranks is not None else [1 if i else 0 for i in row_ids],
+                           tokens)
         flat: list[int] = []
-        for positions, locals_ in grouped.values():
-            flat += positions + locals_
+        for rows, _width in plan:
+            flat += rows + [row_ids[r] for r in rows]
         host = torch.tensor(flat, dtype=torch.long)
         if device is None or device.type == "cpu":
             values = host
@@ -172,11 +197,10 @@ class _RowContext:
             values = buf[: len(flat)]
             values.copy_(host, non_blocking=True)
         offset = 0
-        for bucket, (positions, _locals) in grouped.items():
-            n = len(positions)
-            every_row = n == len(rows)
-            self.groups[bucket] = (None if every_row else values[offset:offset + n],
-                                   values[offset + n:offset + 2 * n])
+        for rows, width in plan:
+            n = len(rows)
+            positions = None if n == len(row_ids) else values[offset:offset + n]
+            self.groups.append((positions, values[offset + n:offset + 2 * n], width))
             offset += 2 * n
 
     def clear(self) -> None:
@@ -184,77 +208,76 @@ class _RowContext:
 
 
 class BatchedLoraLinear(torch.nn.Module):
-    """A base linear layer plus every resident adapter's LoRA pair for it, in rank buckets.
+    """A base linear layer plus every resident adapter's LoRA pair for it, stacked.
 
-    Adapters live in preallocated stacks per rank bucket, ``A [capacity, bucket, in]`` and
-    ``B [capacity, out, bucket]`` (scaling folded into B, ranks zero-padded to the bucket).
-    An adapter sits at the same position of its bucket's stack in every layer; a layer it
-    does not target holds zeros there. A forward pass gathers each row group's pairs and
-    applies them with two batched matmuls per bucket present, so its cost does not grow with
-    the number of distinct tenants in the batch (Punica's BGMV idea, in plain torch), and a
-    row pays for its own bucket's width only. Adding an adapter writes its rows in place:
-    O(adapter size). A bucket's stack is freed when its last adapter leaves the layer.
+    Adapter weights live in preallocated stacks ``A [capacity, r_max, in]`` and
+    ``B [capacity, out, r_max]`` (scaling folded into B, ranks zero-padded to the largest
+    rank on this layer). An adapter sits at its *global* id in every layer's stack; position
+    0, and the position of any adapter that does not target this layer, is all zeros. So one
+    set of row groups per step serves every layer. A forward pass gathers each group's pairs
+    *sliced to the group's width* (not the stack's) and applies them with two batched
+    matmuls, so its cost does not grow with the number of distinct tenants in the batch
+    (Punica's BGMV idea, in plain torch), and a resident high-rank adapter costs nothing to
+    batches without it. Adding an adapter writes its rows in place: O(adapter size).
     """
 
-    def __init__(self, base_layer: torch.nn.Module, ctx: _RowContext,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, base_layer: torch.nn.Module, ctx: _RowContext, dtype: torch.dtype,
+                 capacity: int = 2) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.ctx = ctx
         self.in_features = int(base_layer.in_features)
         self.out_features = int(base_layer.out_features)
         self.lora_dtype = dtype
-        self.device = _module_device(base_layer)
-        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.rank_of: dict[Key, int] = {}  # (bucket, position) -> its rank on this layer
+        device = _module_device(base_layer)
+        self.register_buffer(
+            "A", torch.zeros(capacity, 1, self.in_features, dtype=dtype, device=device),
+            persistent=False)
+        self.register_buffer(
+            "B", torch.zeros(capacity, self.out_features, 1, dtype=dtype, device=device),
+            persistent=False)
+        self.rank_of: dict[int, int] = {}  # global adapter id -> its rank on this layer
 
-    def capacity(self, bucket: int) -> int:
-        stack = self.stacks.get(bucket)
-        return 0 if stack is None else int(stack[0].shape[0])
+    @property
+    def r_max(self) -> int:
+        return int(self.A.shape[1])
 
-    def resize(self, bucket: int, capacity: int) -> None:
-        """(Re)allocate one bucket's stacks with room for ``capacity`` adapters."""
-        a = torch.zeros(capacity, bucket, self.in_features, dtype=self.lora_dtype,
-                        device=self.device)
-        b = torch.zeros(capacity, self.out_features, bucket, dtype=self.lora_dtype,
-                        device=self.device)
-        old = self.stacks.get(bucket)
-        if old is not None:
-            rows = min(capacity, old[0].shape[0])
-            a[:rows] = old[0][:rows]
-            b[:rows] = old[1][:rows]
-        self.stacks[bucket] = (a, b)
+    @property
+    def capacity(self) -> int:
+        return int(self.A.shape[0])
 
-    def weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
-        """One adapter's (A, B) on this layer, sliced to its own rank (views)."""
-        rank = self.rank_of[key]
-        a, b = self.stacks[key[0]]
-        return a[key[1], :rank], b[key[1], :, :rank]
+    def resize(self, capacity: int, r_max: int) -> None:
+        """Reallocate the stacks (rare: a wider rank, or more adapters than ever before)."""
+        old_a, old_b = self.A, self.B
+        keep = min(r_max, old_a.shape[1])
+        rows = min(capacity, old_a.shape[0])
+        a = old_a.new_zeros(capacity, r_max, self.in_features)
+        b = old_b.new_zeros(capacity, self.out_features, r_max)
+        a[:rows, :keep] = old_a[:rows, :keep]
+        b[:rows, :, :keep] = old_b[:rows, :, :keep]
+        self.A, self.B = a, b
 
-    def add(self, key: Key, lora_a: torch.Tensor, lora_b: torch.Tensor, capacity: int) -> None:
-        bucket, position = key
+    def add(self, adapter_id: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         rank = int(lora_a.shape[0])
-        if rank > bucket:
-            raise ValueError(f"rank {rank} does not fit bucket {bucket}")
-        if self.capacity(bucket) < capacity:
-            self.resize(bucket, capacity)
-        a, b = self.stacks[bucket]
-        a[position].zero_()
-        b[position].zero_()
-        a[position, :rank] = lora_a.to(a)
-        b[position, :, :rank] = lora_b.to(b)
-        self.rank_of[key] = rank
+        if rank > self.r_max or adapter_id >= self.capacity:
+            self.resize(max(self.capacity, adapter_id + 1), max(self.r_max, rank))
+        self.A[adapter_id].zero_()
+        self.B[adapter_id].zero_()
+        self.A[adapter_id, :rank] = lora_a.to(self.A)
+        self.B[adapter_id, :, :rank] = lora_b.to(self.B)
+        self.rank_of[adapter_id] = rank
 
-    def remove(self, key: Key) -> None:
-        if self.rank_of.pop(key, None) is None:
+    def remove(self, adapter_id: int) -> None:
+        rank = self.rank_of.pop(adapter_id, None)
+        if rank is None:
             return
-        bucket, position = key
-        if not any(other[0] == bucket for other in self.rank_of):
-            del self.stacks[bucket]
-            return
-        a, b = self.stacks[bucket]
-        a[position].zero_()
-        b[position].zero_()
+        self.A[adapter_id].zero_()
+        self.B[adapter_id].zero_()
+        # Every row pays the padded rank: once the widest adapter leaves, narrow the stack
+        # so one high-rank tenant does not slow the others on this layer until a restart.
+        widest = max(self.rank_of.values(), default=1)
+        if rank == self.r_max and widest < self.r_max:
+            self.resize(self.capacity, widest)
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -262,19 +285,18 @@ class BatchedLoraLinear(torch.nn.Module):
         if not self.rank_of or ctx.present.isdisjoint(self.rank_of):
             return result
         xf = x.to(self.lora_dtype)
-        if ctx.uniform is not None:
-            a, b = self.weights(ctx.uniform)  # every row: the adapter's exact rank
+        if ctx.uniform is not None:  # every row: the adapter's own rank, no padding
+            rank = self.rank_of[ctx.uniform]
+            a, b = self.A[ctx.uniform, :rank], self.B[ctx.uniform, :, :rank]
             return result + ((xf @ a.T) @ b.T).to(result.dtype)
         rows = xf.shape[0]
         flat = xf.reshape(rows, -1, self.in_features)
         out = result.reshape(rows, -1, self.out_features)
-        for bucket, (positions, index) in ctx.groups.items():
-            stack = self.stacks.get(bucket)
-            if stack is None:
-                continue
-            index = index.to(self.device)  # a no-op unless the model spans devices
-            a = stack[0].index_select(0, index)  # [group rows, bucket, in]
-            b = stack[1].index_select(0, index)  # [group rows, out, bucket]
+        for positions, index, width in ctx.groups:
+            index = index.to(self.A.device)  # a no-op unless the model spans devices
+            width = min(width, self.r_max)
+            a = self.A[:, :width].index_select(0, index)  # [group rows, width, in]
+            b = self.B[:, :, :width].index_select(0, index)  # [group rows, out, width]
             part = flat if positions is None else flat.index_select(0, positions.to(index))
             delta = torch.bmm(torch.bmm(part, a.transpose(1, 2)), b.transpose(1, 2))
             if positions is None:
@@ -302,25 +324,26 @@ def _scaling(config: dict, module: str, rank: int) -> float:
 
 
 class BatchedLoraBackend:
-    """loramux's own multi-adapter layers: one gathered matmul pair per rank bucket per layer.
+    """loramux's own multi-adapter layers: one gathered matmul pair per layer per step.
 
     Each targeted linear layer of the base is wrapped once by :class:`BatchedLoraLinear`;
-    the engine's per-row adapter list becomes (bucket, position) keys in a shared context
-    that the layers read. Nothing in a layer knows about tenants.
+    the engine's per-row adapter list becomes integer ids in a shared context that the
+    layers read. Nothing in a layer knows about tenants.
     """
 
     def __init__(self, model: torch.nn.Module, lora_dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.lora_dtype = lora_dtype
         self._ctx = _RowContext()
-        self._keys: dict[str, Key] = {}
-        self._free: dict[int, list[int]] = {}  # bucket -> free positions
-        self._next: dict[int, int] = {}  # bucket -> first never-used position
-        # Every layer's stack of a bucket has this many positions (doubled when a position
-        # does not fit), so any row's key indexes every layer.
-        self._capacity: dict[int, int] = {}
+        self._ids: dict[str, int] = {}
+        self._ranks: dict[int, int] = {}  # global id -> the adapter's largest rank
+        self._free_ids: list[int] = []
+        self._next_id = 1
         self._layers: dict[str, BatchedLoraLinear] = {}
         self._slot_layers: dict[str, list[BatchedLoraLinear]] = {}
+        # Every layer's stacks have this many positions (ids 0..capacity-1; doubled when an
+        # id does not fit), so any row's id indexes every layer.
+        self._capacity = 8
         self._device = _module_device(model)
 
     def _layer(self, path: str) -> BatchedLoraLinear:
@@ -328,27 +351,11 @@ class BatchedLoraBackend:
         if layer is None:
             parent_path, _, child = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            layer = BatchedLoraLinear(getattr(parent, child), self._ctx, self.lora_dtype)
+            layer = BatchedLoraLinear(getattr(parent, child), self._ctx, self.lora_dtype,
+                                      capacity=self._capacity)
             setattr(parent, child, layer)
             self._layers[path] = layer
         return layer
-
-    def _take_position(self, bucket: int) -> int:
-        free = self._free.setdefault(bucket, [])
-        free.sort(reverse=True)  # reuse the lowest free position: stacks stay small
-        if free:
-            return free.pop()
-        position = self._next.get(bucket, 0)
-        self._next[bucket] = position + 1
-        capacity = self._capacity.get(bucket, 8)
-        if position >= capacity:
-            while position >= capacity:
-                capacity *= 2
-            for layer in self._layers.values():
-                if layer.capacity(bucket):
-                    layer.resize(bucket, capacity)
-        self._capacity[bucket] = capacity
-        return position
 
     def add(self, slot: str, adapter: HostAdapter) -> None:
         pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -357,32 +364,41 @@ class BatchedLoraBackend:
             module, _, _weight = stripped.rpartition(".")
             module, _, which = module.rpartition(".")
             pairs.setdefault(module, {})[which] = tensor
-        bucket = rank_bucket(max((int(p["lora_A"].shape[0]) for p in pairs.values()),
-                                 default=1))
-        key = (bucket, self._take_position(bucket))
+        self._free_ids.sort(reverse=True)  # reuse the lowest free id: stacks stay small
+        adapter_id = self._free_ids.pop() if self._free_ids else self._next_id
+        if adapter_id == self._next_id:
+            self._next_id += 1
+        if adapter_id >= self._capacity:
+            while adapter_id >= self._capacity:
+                self._capacity *= 2
+            for layer in self._layers.values():
+                layer.resize(self._capacity, layer.r_max)
         touched: list[BatchedLoraLinear] = []
         try:
             for module, pair in pairs.items():
                 rank = int(pair["lora_A"].shape[0])
                 layer = self._layer(module)
                 scale = _scaling(adapter.config, module, rank)
-                layer.add(key, pair["lora_A"], pair["lora_B"] * scale, self._capacity[bucket])
+                layer.add(adapter_id, pair["lora_A"], pair["lora_B"] * scale)
                 touched.append(layer)
         except Exception:
             for layer in touched:
-                layer.remove(key)
-            self._free[bucket].append(key[1])
+                layer.remove(adapter_id)
+            self._free_ids.append(adapter_id)
             raise
-        self._keys[slot] = key
+        self._ids[slot] = adapter_id
+        self._ranks[adapter_id] = max((layer.rank_of[adapter_id] for layer in touched),
+                                      default=1)
         self._slot_layers[slot] = touched
 
     def remove(self, slot: str) -> None:
-        key = self._keys.pop(slot, None)
-        if key is None:
+        adapter_id = self._ids.pop(slot, None)
+        if adapter_id is None:
             return
         for layer in self._slot_layers.pop(slot, []):
-            layer.remove(key)
-        self._free.setdefault(key[0], []).append(key[1])
+            layer.remove(adapter_id)
+        self._ranks.pop(adapter_id, None)
+        self._free_ids.append(adapter_id)
 
     @torch.inference_mode()
     def forward(
@@ -393,7 +409,9 @@ class BatchedLoraBackend:
         cache: object,
         slots: list[str | None],
     ) -> torch.Tensor:
-        self._ctx.set([self._keys[s] if s is not None else None for s in slots], self._device)
+        ids = [self._ids[s] if s is not None else 0 for s in slots]
+        self._ctx.set(ids, [self._ranks.get(i, 0) for i in ids], int(input_ids.shape[1]),
+                      self._device)
         try:
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
