@@ -476,10 +476,13 @@ def test_crd_schema_patterns_enums_status_and_columns():
     version = crd_version()
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Tenant", "Version", "Phase", "Ready", "Age", "Residency",
-                             "InFlight"]
+    assert list(columns) == ["Tenant", "Version", "Phase", "Ready", "Canary", "Weight",
+                             "Rollout", "Age", "Residency", "InFlight"]
     # scale-out routing: only `kubectl get lora -o wide` shows where a tenant is
-    assert [c.get("priority", 0) for c in columns.values()] == [0, 0, 0, 0, 0, 1, 1]
+    assert [c.get("priority", 0) for c in columns.values()] == [0] * 8 + [1, 1]
+    assert columns["Canary"]["jsonPath"] == ".status.canary.version"
+    assert columns["Weight"]["jsonPath"] == ".status.canary.weight"
+    assert columns["Rollout"]["jsonPath"] == ".status.canary.phase"
     assert columns["Residency"]["jsonPath"] == ".status.residency"
     assert columns["InFlight"]["jsonPath"] == ".status.inFlight"
     assert columns["Tenant"]["jsonPath"] == ".spec.tenant"
