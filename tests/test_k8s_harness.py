@@ -106,7 +106,8 @@ def test_kubectl_apply_get_patch_delete(k8s: K8s, crd: str) -> None:
     k8s.api.patch_status(*LORA, "legal", {"phase": "Ready", "readyPods": "2/2"})
     table = kubectl("get", "lora")
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "TENANT", "VERSION", "PHASE", "READY", "AGE"]
+    assert header.split() == ["NAME", "TENANT", "VERSION", "PHASE", "READY", "CANARY", "WEIGHT",
+                              "ROLLOUT", "AGE"]
     assert row.split()[:5] == ["legal", "legal", "v1", "Ready", "2/2"]
     assert "tenant: legal" in kubectl("get", "lora", "legal", "-o", "yaml")
 

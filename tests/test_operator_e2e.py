@@ -364,7 +364,9 @@ def test_printer_columns(env: Env) -> None:
     env.ready("legal", "v1")
     table = env.kubectl("get", "lora")
     lines = table.splitlines()
-    assert lines[0].split() == ["NAME", "TENANT", "VERSION", "PHASE", "READY", "AGE"], table
+    assert lines[0].split() == ["NAME", "TENANT", "VERSION", "PHASE", "READY", "CANARY",
+                                "WEIGHT", "ROLLOUT", "AGE"], table
+    # no canary: its three cells are blank, so the row splits into the other six
     row = next(line.split() for line in lines[1:] if line.split()[0] == "legal")
     assert row[:5] == ["legal", "legal", "v1", "Ready", "2/2"], table
     assert row[5][-1] in "sm" and row[5][:-1].isdigit(), table  # e.g. 12s
