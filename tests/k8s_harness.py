@@ -1716,6 +1716,25 @@ class OperatorProcess(ManagedProcess):
                          url_pattern=None, health_path=None)
 
 
+@contextlib.contextmanager
+def pool_operator(kubeconfig: Path, log_path: Path, token: str,
+                  owner_labels: Mapping[str, str], *extra: str,
+                  resync_seconds: float = 1) -> Iterator[OperatorProcess]:
+    """The operator of a test pool, started and stopped: namespace ``default``, this sidecar
+    token, the pool owned by ``owner_labels``, a fast resync, and ``extra`` flags."""
+    proc = OperatorProcess(kubeconfig, log_path, [
+        "--namespace", "default", "--resync-seconds", str(resync_seconds),
+        "--health-port", "0", "--sidecar-token", token,
+        "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in owner_labels.items()),
+        *extra])
+    proc.start()
+    proc.wait_for_log("loramux operator started", 60)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def kopf_process(handlers: Path, kubeconfig: Path, log_path: Path,
                  namespace: str = "default", extra: list[str] | None = None) -> ManagedProcess:
     """A plain ``kopf run`` of a handler file against the emulator, not started."""

@@ -29,16 +29,24 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
-import helpers
 from factories import stage_adapter
-from k8s_harness import CRD_PATH, INFERENCE_LABELS, S3, InferencePod, K8s, OperatorProcess
+from helpers import wait
+from k8s_harness import (
+    CRD_PATH,
+    INFERENCE_LABELS,
+    S3,
+    InferencePod,
+    K8s,
+    OperatorProcess,
+    pool_operator,
+)
 from k8s_harness import inference_pod as make_pod
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -48,13 +56,7 @@ PODS = ("infer-a", "infer-b")
 BAD = "prefill:legal@v3"
 ANALYSIS = {"intervalSeconds": 4, "minRequests": 10, "maxErrorRate": 0.01,
             "maxTtftP99Ratio": 3, "maxLatencyP99Ratio": 3, "minLatencyDeltaSeconds": 1.0}
-T = TypeVar("T")
-
 pytestmark = pytest.mark.timeout(400)
-
-
-def wait(fn: Callable[[], T], what: str, timeout: float = 60, interval: float = 0.2) -> T:
-    return helpers.wait(fn, what, timeout, interval)
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +99,9 @@ def pods(k8s: K8s, s3_server: S3, tiny_model_dir: Path,
 @pytest.fixture(scope="module")
 def operator(k8s: K8s, pods: dict[str, InferencePod],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        k8s.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
-        ["--namespace", "default", "--resync-seconds", "1", "--health-port", "0",
-         "--sidecar-token", TOKEN,
-         "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in OWNER_LABELS.items())])
-    proc.start()
-    proc.wait_for_log("loramux operator started", 60)
-    try:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with pool_operator(k8s.kubeconfig, log, TOKEN, OWNER_LABELS) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def lora(version: str, uri: str, canary: dict[str, Any] | None = None) -> str:
