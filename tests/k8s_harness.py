@@ -1716,6 +1716,20 @@ class OperatorProcess(ManagedProcess):
                          url_pattern=None, health_path=None)
 
 
+def table_rows(out: str) -> list[dict[str, str]]:
+    """The rows of a ``kubectl get`` table, cell by column: kubectl aligns every cell under
+    its header, so a blank cell (an unset printer column) is an empty string, not a shift."""
+    lines = out.splitlines()
+    if not lines:
+        return []
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    names = lines[0].split()
+    ends = [*starts[1:], None]
+    return [{name: line[start:end].strip() for name, start, end in zip(names, starts, ends,
+                                                                        strict=True)}
+            for line in lines[1:]]
+
+
 @contextlib.contextmanager
 def pool_operator(kubeconfig: Path, log_path: Path, token: str,
                   owner_labels: Mapping[str, str], *extra: str,

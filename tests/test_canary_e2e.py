@@ -46,6 +46,7 @@ from k8s_harness import (
     K8s,
     OperatorProcess,
     pool_operator,
+    table_rows,
 )
 from k8s_harness import inference_pod as make_pod
 
@@ -347,8 +348,9 @@ def test_a_bad_canary_is_rolled_back_and_the_stable_version_never_fails(
     rollback = [e for e in events(k8s) if e["reason"] == "CanaryRolledBack"]
     assert len(rollback) == 1 and rollback[0]["type"] == "Warning"
     assert "error rate" in rollback[0]["message"]
-    row = k8s.kubectl("get", "lora", "legal").splitlines()
-    assert "RolledBack" in row[1] and "Degraded" in row[1], row
+    (row,) = table_rows(k8s.kubectl("get", "lora", "legal"))
+    assert (row["PHASE"], row["CANARY"], row["WEIGHT"], row["ROLLOUT"]) == (
+        "Degraded", "v3", "0", "RolledBack"), row
     # Removing spec.canary clears the verdict: Ready again, v2 alone.
     k8s.kubectl("patch", "lora", "legal", "--type=json",
                 "-p", '[{"op": "remove", "path": "/spec/canary"}]')

@@ -57,6 +57,7 @@ from k8s_harness import (
     inference_pod,
     pod_manifest,
     start_pods,
+    table_rows,
 )
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -313,10 +314,7 @@ class WideWatcher:
             except Exception as exc:  # asserted by the test (watcher.errors)
                 self.errors.append(repr(exc))
                 continue
-            lines = out.splitlines()
-            header = lines[0].split()
-            for line in lines[1:]:
-                row = dict(zip(header, line.split(), strict=False))
+            for row in table_rows(out):
                 self.seen.setdefault(row["TENANT"], set()).add(row.get("RESIDENCY", ""))
 
 
@@ -397,9 +395,9 @@ def test_a_tenant_moves_to_a_pod_that_joined_under_load_without_a_failed_request
     assert moved in held_by(pods["infer-b"]) and moved not in held_by(pods["infer-a"])
     # kubectl -o wide: both holders while the source drained, then the new pod alone
     assert any(v.startswith("infer-a:") and ",infer-b:" in v for v in seen.get(moved, ())), seen
-    rows = {line.split()[0]: line.split() for line in
-            k8s.kubectl("get", "lora", "-o", "wide").splitlines()[1:]}
-    assert any(col.startswith("infer-b:") and "infer-a" not in col for col in rows[moved]), rows
+    rows = {row["NAME"]: row for row in table_rows(k8s.kubectl("get", "lora", "-o", "wide"))}
+    assert rows[moved]["RESIDENCY"].startswith("infer-b:"), rows
+    assert "infer-a" not in rows[moved]["RESIDENCY"], rows
 
     events = [e for e in k8s.api.list("v1", "events")["items"]
               if (e.get("involvedObject") or {}).get("name") == moved]

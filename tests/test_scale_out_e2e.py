@@ -57,6 +57,7 @@ from k8s_harness import (
     OperatorProcess,
     inference_pod,
     start_pods,
+    table_rows,
 )
 
 LORA = ("loramux.io/v1alpha1", "loraadapters")
@@ -309,12 +310,10 @@ def test_any_pod_answers_any_tenant_through_a_pod_deletion(
     # kubectl get lora -o wide: where each tenant is (each pod's best tier) and how hot
     def wide() -> dict[str, dict[str, str]] | None:
         out = k8s.kubectl("get", "lora", "-o", "wide")
-        lines = out.splitlines()
-        header = lines[0].split()
+        header = out.splitlines()[0].split()
         if header[-2:] != ["RESIDENCY", "INFLIGHT"]:
             raise AssertionError(out)
-        rows = {line.split()[0]: dict(zip(header, line.split(), strict=False))
-                for line in lines[1:]}
+        rows = {row["NAME"]: row for row in table_rows(out)}
         done = all(re.fullmatch(rf"{where[t]}:(device|host|disk)", rows[t]["RESIDENCY"])
                    and rows[t]["INFLIGHT"].isdigit() for t in TENANTS)
         return rows if done else None
