@@ -253,6 +253,12 @@ def test_a_good_canary_walks_its_steps_under_load_and_is_promoted(
         progressing = wait(lambda: (obj(k8s).get("status", {}).get("canary") or {}).get(
             "phase") == "Progressing" and obj(k8s), "the canary Progressing", 90)
         assert progressing["status"]["canary"]["weight"] == 10
+        # tenant@version still pins a version, whatever the split says
+        for version in ("v1", "v2"):
+            for _ in range(5):
+                r = httpx.post(f"{pods['infer-b'].server_url}/generate", timeout=30, json={
+                    "tenant_id": f"legal@{version}", "prompt": "Hi", "max_new_tokens": 1})
+                assert r.status_code == 200 and r.json()["adapter"] == f"legal@{version}"
         # Per-version series on the per-tenant metrics endpoint while both versions serve.
         def scrape() -> str | None:
             text = httpx.get(f"{pods['infer-a'].server_url}/admin/metrics", timeout=10).text
