@@ -40,6 +40,7 @@ from k8s_harness import (
     OperatorProcess,
     _flag,
     inference_pod,
+    pool_operator,
     start_pods,
 )
 from loramux.training.publish import push
@@ -274,18 +275,11 @@ def pods(k8s: K8s, crd: None, s3_server: S3, tiny_model_dir: Path,
 @pytest.fixture(scope="module")
 def operator(k8s: K8s, pods: dict[str, InferencePod],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        k8s.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
-        ["--namespace", "default", "--resync-seconds", "2", "--health-port", "0",
-         "--sidecar-token", TOKEN, "--delete-timeout-seconds", "60",
-         "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in OWNER_LABELS.items()),
-         "--log-level", "debug"])  # debug: the secret-leak check reads the most there is
-    proc.start()
-    proc.wait_for_log("loramux operator started", 60)
-    try:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    # debug: the secret-leak check reads the most there is
+    with pool_operator(k8s.kubeconfig, log, TOKEN, OWNER_LABELS, "--delete-timeout-seconds",
+                       "60", "--log-level", "debug", resync_seconds=2) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ from k8s_harness import (
     free_port,
     inference_pod,
     pod_manifest,
+    pool_operator,
     start_pods,
     table_rows,
 )
@@ -135,21 +136,14 @@ def publish(k8s: K8s, pod: InferencePod) -> None:
 @pytest.fixture(scope="module")
 def operator(k8s: K8s, pods: dict[str, InferencePod],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        k8s.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
-        ["--namespace", "default", "--resync-seconds", "1", "--health-port", "0",
-         "--sidecar-token", TOKEN,
-         "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in OWNER_LABELS.items()),
-         "--placement-policy", "leastLoaded", "--rebalance",
-         "--rebalance-ratio", "1.5", "--rebalance-floor-tokens-per-s", "1",
-         "--rebalance-cooldown-seconds", "600", "--move-drain-timeout-seconds", "30",
-         "--unready-grace-seconds", "4"])
-    proc.start()
-    proc.wait_for_log("loramux operator started", 60)
-    try:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with pool_operator(k8s.kubeconfig, log, TOKEN, OWNER_LABELS,
+                       "--placement-policy", "leastLoaded", "--rebalance",
+                       "--rebalance-ratio", "1.5", "--rebalance-floor-tokens-per-s", "1",
+                       "--rebalance-cooldown-seconds", "600",
+                       "--move-drain-timeout-seconds", "30",
+                       "--unready-grace-seconds", "4") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def lora(tenant: str, uri: str) -> str:

@@ -56,6 +56,7 @@ from k8s_harness import (
     K8s,
     OperatorProcess,
     inference_pod,
+    pool_operator,
     start_pods,
     table_rows,
 )
@@ -107,17 +108,10 @@ def pods(k8s: K8s, s3_server: S3, tiny_model_dir: Path,
 @pytest.fixture(scope="module")
 def operator(k8s: K8s, pods: dict[str, InferencePod],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        k8s.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
-        ["--namespace", "default", "--resync-seconds", "2", "--health-port", "0",
-         "--sidecar-token", TOKEN, "--delete-timeout-seconds", "30",
-         "--pool-owner-labels", ",".join(f"{k}={v}" for k, v in OWNER_LABELS.items())])
-    proc.start()
-    proc.wait_for_log("loramux operator started", 60)
-    try:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with pool_operator(k8s.kubeconfig, log, TOKEN, OWNER_LABELS,
+                       "--delete-timeout-seconds", "30", resync_seconds=2) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def new_pod(k8s: K8s, name: str, workdir: Path, model_dir: Path) -> InferencePod:
