@@ -908,9 +908,11 @@ class Engine:
         self.metrics.e2e.labels(label).observe(now - seq.submitted_at)
         if seq.entry is not None:
             seq.entry.outcomes.finished(now - seq.submitted_at, error=False)
+        # Release first: a client that has its answer may send the next request at once,
+        # and must not find this one still counted against its tenant's limits.
+        self._release(seq)
         self._emit(seq, FinishEvent(seq.tracker.text, reason, len(seq.prompt_ids),
                                     len(seq.generated)))
-        self._release(seq)
         if seq.entry is not None:
             log.debug("sequence finished", extra={"tenant": seq.entry.ref.tenant,
                                                   "version": seq.entry.ref.version,
@@ -923,5 +925,5 @@ class Engine:
         self.metrics.requests.labels(seq.tenant_label, outcome).inc()
         if seq.entry is not None and status != 499:  # a client that left is no verdict
             seq.entry.outcomes.finished(None, error=status >= 500)
+        self._release(seq)  # before the client hears of it, as in _finish_ok
         self._emit(seq, ErrorEvent(status, reason))
-        self._release(seq)
