@@ -33,7 +33,7 @@ Per-tenant limits (:class:`~.fairness.TenantPolicy`: requests waiting or running
 waiting, prompt+generated tokens per 60 s) are checked in :meth:`Engine.submit`, before the
 global queue bound; a refusal is :class:`~.fairness.TenantLimited`. Every way a sequence ends
 (finish, error, cancel, timeout, engine death) releases its counts, in ``_unqueue`` (it left
-the waiting queue) and ``_release`` (it ended).
+the waiting queue) and ``_end_sequence`` (it ended).
 
 ``LORAMUX_TEST_FAULTS`` (tests only) injects faults for chosen tenants; see
 :func:`parse_faults`.
@@ -882,12 +882,22 @@ class Engine:
         with contextlib.suppress(RuntimeError):
             seq.loop.call_soon_threadsafe(seq.events.put_nowait, event)
 
-    def _release(self, seq: Sequence) -> None:
+    def _end_sequence(self, seq: Sequence, event: Event) -> None:
+        """Release ``seq``'s tenant counts, tell its client, then release its adapter.
+
+        The counts go first: a client that has its answer may send the next request at once
+        and must not find this one still counted against its tenant's limits (nor in the
+        in-flight gauge). The adapter goes last, so an eviction waiting for it to drain is
+        answered after this request's client (the loop runs callbacks in order)."""
         if seq.done:
             return
         seq.done = True
+        self._release_counts(seq)
+        self._emit(seq, event)
         if seq.entry is not None:
             self.cache.release(seq.entry)
+
+    def _release_counts(self, seq: Sequence) -> None:
         label = seq.tenant_label
         if seq.admitted:
             self._waiting.release(label)
@@ -908,11 +918,8 @@ class Engine:
         self.metrics.e2e.labels(label).observe(now - seq.submitted_at)
         if seq.entry is not None:
             seq.entry.outcomes.finished(now - seq.submitted_at, error=False)
-        # Release first: a client that has its answer may send the next request at once,
-        # and must not find this one still counted against its tenant's limits.
-        self._release(seq)
-        self._emit(seq, FinishEvent(seq.tracker.text, reason, len(seq.prompt_ids),
-                                    len(seq.generated)))
+        self._end_sequence(seq, FinishEvent(seq.tracker.text, reason, len(seq.prompt_ids),
+                                            len(seq.generated)))
         if seq.entry is not None:
             log.debug("sequence finished", extra={"tenant": seq.entry.ref.tenant,
                                                   "version": seq.entry.ref.version,
@@ -925,5 +932,4 @@ class Engine:
         self.metrics.requests.labels(seq.tenant_label, outcome).inc()
         if seq.entry is not None and status != 499:  # a client that left is no verdict
             seq.entry.outcomes.finished(None, error=status >= 500)
-        self._release(seq)  # before the client hears of it, as in _finish_ok
-        self._emit(seq, ErrorEvent(status, reason))
+        self._end_sequence(seq, ErrorEvent(status, reason))
