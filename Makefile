@@ -31,9 +31,14 @@ AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 NUMERIC_TESTS := tests/test_lora_backends.py tests/test_isolation.py \
 	tests/test_merge_and_default_model.py tests/test_precision.py tests/test_engine_faults.py
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time:
+# most tests wait on real servers, operators and sidecars, so two workers on 2 cores take
+# about half the time of one.
+TEST_WORKERS ?= 2
+
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -x --durations=15 --ignore=tests/images
+	$(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=15 --ignore=tests/images
 	$(MAKE) --no-print-directory test-avx2
 
 test-avx2: setup
