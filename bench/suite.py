@@ -101,6 +101,9 @@ class Sizes:
     closed_tokens: int
     closed_min_requests: int  # per point; and at least rounds * B
     closed_rounds: int
+    # loramux and the base alone: each closed-loop point repeated this many times, the two
+    # servers up together and their points interleaved (the median repetition reported)
+    paired_repeats: int
     open_tenants: int
     open_lengths: tuple[int, int]
     open_duration_s: float
@@ -122,6 +125,7 @@ class Sizes:
 
 DEFAULT_SIZES = Sizes(
     closed_bs=[1, 4, 8, 16, 32], closed_tokens=32, closed_min_requests=8, closed_rounds=1,
+    paired_repeats=3,
     open_tenants=100, open_lengths=(8, 256), open_duration_s=40.0, open_grace_s=20.0,
     rate_fractions=[0.25, 0.5, 0.75, 1.0, 1.25],
     churn_adapters=200, churn_slots=16, churn_few=16, churn_clients=8,
@@ -131,6 +135,7 @@ DEFAULT_SIZES = Sizes(
 )
 QUICK_SIZES = Sizes(
     closed_bs=[1, 4], closed_tokens=8, closed_min_requests=4, closed_rounds=1,
+    paired_repeats=1,
     open_tenants=10, open_lengths=(8, 32), open_duration_s=6.0, open_grace_s=6.0,
     rate_fractions=[0.5, 1.0],
     churn_adapters=12, churn_slots=4, churn_few=4, churn_clients=4,
@@ -512,6 +517,39 @@ def w_closed(system: System, sizes: Sizes, distinct: list[str],
     return rows
 
 
+def w_closed_paired(lmx: System, base: System, sizes: Sizes, distinct: list[str],
+                    which: set[str]) -> list[dict[str, Any]]:
+    """The closed loop of loramux and the base alone, interleaved point by point.
+
+    Both servers are up; for each B, every (system, workload) pair runs once per
+    repetition, the order rotated each time, and the row reports the repetition with the
+    median throughput (all repetitions' tok/s kept in ``repeats_tps``). On a machine whose
+    speed drifts by tens of percent over minutes, a ratio between two points measured
+    seconds apart is far steadier than one between runs minutes apart."""
+    plan: list[tuple[System, str]] = [(lmx, w) for w in ("distinct", "identical")
+                                      if w in which] + [(base, "base")]
+    rows = []
+    for b, n in closed_points(sizes):
+        runs: dict[str, list[tuple[float, Summary]]] = {}
+        for rep in range(sizes.paired_repeats):
+            k = rep % len(plan)
+            for system, workload in plan[k:] + plan[:k]:
+                tenants: list[str | None] = (list(distinct[:b]) if workload == "distinct"
+                                             else [distinct[0]] * b)
+                records, wall = asyncio.run(closed_loop(system, tenants, DEFAULT_PROMPTS, n,
+                                                        sizes.closed_tokens))
+                summary = summarize(records, wall)
+                runs.setdefault(workload, []).append((summary.tokens_per_s, summary))
+        for system, workload in plan:
+            done = sorted(runs[workload], key=lambda t: t[0])
+            r = row(done[(len(done) - 1) // 2][1], system=system.key, workload=workload,
+                    clients=b, max_tokens=sizes.closed_tokens, B=b,
+                    repeats_tps=[round(t, 2) for t, _ in runs[workload]])
+            print_point(f"{workload} {system.key} B={b} (median of {len(done)})", r)
+            rows.append(r)
+    return rows
+
+
 def w_open(system: System, sizes: Sizes, rates: list[float], names: list[str],
            prompts: Prompts, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
@@ -689,7 +727,8 @@ def estimate_s(sizes: Sizes, systems: list[str], rates: int) -> float:
     for s in systems:
         total += (2 if s == "vllm" else 1) * EST_START_S[s] + 20  # vLLM: a server per rank set
         tps, tps1 = EST_TPS[s], EST_TPS_B1[s]
-        n_closed = 1 if s == "base" else 2
+        n_closed = (1 if s == "base" else 2) * (
+            sizes.paired_repeats if s in ("loramux", "base") else 1)
         for b, n in closed_points(sizes):
             total += n_closed * n * sizes.closed_tokens / (tps1 if b == 1 else tps)
         per_rate = sizes.open_duration_s + sizes.open_grace_s / 2
@@ -865,7 +904,10 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
               f"B clients, each sending its next request when the last is answered; "
               f"{sz['closed_tokens']} new tokens per request (`ignore_eos`, greedy), short "
               "prompts (12–16 tokens); per point max("
-              f"{sz['closed_min_requests']}, {sz['closed_rounds']}·B) requests. Distinct: "
+              f"{sz['closed_min_requests']}, {sz['closed_rounds']}·B) requests. loramux and "
+              "the base alone run side by side, their points interleaved and repeated "
+              f"{sz.get('paired_repeats', 1)} times (the order rotated each time); their rows "
+              "give the repetition with the median tok/s. Distinct: "
               "client i on tenant i (rank 16, q/k/v/o); identical: all on one tenant; the "
               "base alone runs the same requests on the base model. tok/s, and p50/p99 time "
               "to first token and latency in seconds (the seed-style server does not stream: "
@@ -1163,12 +1205,22 @@ def main(argv: list[str] | None = None) -> None:
                 report["mixed"] += w_mixed(system, sizes)
 
     try:
+        closed = {"distinct", "identical"} & workloads
+        paired = bool(closed) and {"loramux", "base"} <= set(systems)
         if "loramux" in systems:
             with recorded("loramux server"), local_server(
                     "loramux", loramux_argv(main_adapters, lmx_extra), args, "openai") as lmx:
                 report["commands"]["loramux"] = abbreviated(lmx.command)
                 warm_up(lmx, warm_tenants)
-                run_system(lmx)
+                if paired:
+                    with recorded("closed loop, loramux and base"), local_server(
+                            "base", loramux_argv({}, lmx_extra), args, "openai") as base:
+                        base.base_model = base_model_name(base.url)
+                        report["commands"]["base"] = abbreviated(base.command)
+                        warm_up(base, [None])
+                        report["closed"] += w_closed_paired(lmx, base, sizes, distinct,
+                                                            closed)
+                run_system(lmx, only=workloads - closed if paired else None)
             if "churn" in workloads:
                 flags = [*lmx_extra, "--device-adapter-slots", str(sizes.churn_slots)]
                 with recorded("churn, loramux"), local_server(
@@ -1184,7 +1236,7 @@ def main(argv: list[str] | None = None) -> None:
                 base.base_model = base_model_name(base.url)
                 report["commands"]["base"] = abbreviated(base.command)
                 warm_up(base, [None])
-                run_system(base)
+                run_system(base, only=workloads - closed if paired else None)
         if "seed" in systems:
             with recorded("seed server"), local_server(
                     "seed", seed_argv(main_adapters, model_dir, precision), args,

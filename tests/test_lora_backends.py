@@ -45,10 +45,20 @@ def _stacked_weights(backend: BatchedLoraBackend, tenants: tuple[str, ...]
         adapter_id = backend._ids[tenant]
         for path, layer in backend._layers.items():
             if adapter_id in layer.rank_of:
-                rank = layer.rank_of[adapter_id]
-                out[(tenant, path)] = (layer.A[adapter_id, :rank].clone(),
-                                       layer.B[adapter_id, :, :rank].clone())
+                lora_a, lora_b = layer.pair(adapter_id)
+                out[(tenant, path)] = (lora_a.clone(), lora_b.clone())
     return out
+
+
+@pytest.fixture(params=["dense", "gathered"])
+def form(request, monkeypatch):
+    """Every mixed batch through each of the two forms a layer can run a step in."""
+    from loramux.inference import lora_backend
+
+    dense = request.param == "dense"
+    monkeypatch.setattr(lora_backend, "DENSE_BUDGET", 10**9 if dense else 0)
+    monkeypatch.setattr(lora_backend, "DENSE_MAX_WASTE", 10**9 if dense else 0)
+    return request.param
 
 
 @pytest.mark.parametrize("slots", [
@@ -58,12 +68,47 @@ def _stacked_weights(backend: BatchedLoraBackend, tenants: tuple[str, ...]
     [None, None],
     ["support", "legal", "support", None, "legal"],
 ])
-def test_batched_layers_match_peft_mixed_batch(backends, slots):
+def test_batched_layers_match_peft_mixed_batch(backends, slots, form):
     reference, batched, _ = backends
     config = reference.model.config
     expected = _logits(reference, config, slots)
     got = _logits(batched, config, slots)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_row_never_reads_another_adapters_overflow(backends, form):
+    """Both forms compute other adapters' columns for a row (dense) or share a group with
+    them (gathered). An adapter whose activations overflow (finite weights, so loading
+    accepts it; fp16 on a GPU overflows at 65504) must leave other rows exact: the dense
+    form zeroes foreign columns with masked_fill, since 0 x inf would be NaN."""
+    import dataclasses
+
+    reference, batched, adapters = backends
+    config = reference.model.config
+    legal = adapters["legal"]
+    loud = dataclasses.replace(legal, tensors={
+        k: torch.full_like(v, 3e38) if "lora_A" in k else v for k, v in legal.tensors.items()})
+    from transformers import DynamicCache
+
+    torch.manual_seed(2)
+    ids = torch.randint(10, 1000, (4, 7))  # no padding: rows are independent
+    mask = torch.ones_like(ids)
+    positions = mask.cumsum(1) - 1
+    slots = ["loud", "medical", None, "legal"]
+
+    def run(rows: slice) -> torch.Tensor:
+        return batched.forward(ids[rows], mask[rows], positions[rows],
+                               DynamicCache(config=config), slots[rows])
+
+    batched.add("loud", loud)
+    try:
+        mixed = run(slice(None))
+        alone = run(slice(1, None))
+    finally:
+        batched.remove("loud")
+    assert not torch.isfinite(mixed[0]).all()  # the loud row itself overflows
+    torch.testing.assert_close(mixed[1:], alone, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(mixed[1:]).all()
 
 
 @pytest.mark.parametrize("group_cost", [0, 10**9], ids=["a-group-per-bucket", "one-group"])
