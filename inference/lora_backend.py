@@ -183,9 +183,11 @@ def plan_groups(ranks: list[int], tokens: int, group_cost: int | None = None
 # 32 rows at width 136: 254 / 374; 32 rows at width 528: 409 / 396 (a tie at 16,896 units).
 # Prefills (rows x tokens in the hundreds) take the gathered path.
 DENSE_BUDGET = 12_288
-# ... and never when it would read more than this many adapter positions per adapter of
-# the step (positions 0..used-1 are read, whether or not a row uses them): reading weights
-# is most of a CPU decode step (8 rows on ids 24-31 of 32: dense 71 ms a step, gathered 65).
+# ... and never when it would read more than this many times the adapter weights the step
+# needs: the dense form reads positions 0..used-1 at the layer's padded rank, whether or
+# not a row uses them, and reading weights is most of a CPU decode step. The two cases:
+# 8 rows on ids 24-31 of 32 in use, and rank-16 rows while a rank-64 adapter is resident
+# (every layer padded to 64, where the gathered form slices each group to its own width).
 DENSE_MAX_WASTE = 2
 
 
@@ -206,6 +208,7 @@ class _RowContext:
         self.rows = 0
         self.tokens = 1
         self.used = 0  # adapter positions 0..used-1 cover every row's adapter
+        self.needed = 0  # sum of the step's distinct adapters' rank buckets
         # (row positions, or None when the group is every row; adapter ids; width)
         self.groups: list[tuple[torch.Tensor | None, torch.Tensor, int]] = []
         self._ids: torch.Tensor | None = None  # each row's adapter id, on the device
@@ -218,6 +221,8 @@ class _RowContext:
         self.uniform = row_ids[0] if row_ids and len(set(row_ids)) == 1 else None
         self.rows, self.tokens = len(row_ids), tokens
         self.used = max(row_ids, default=0) + 1
+        rank_of = dict(zip(row_ids, ranks or [1] * len(row_ids), strict=True))
+        self.needed = sum(rank_bucket(rank_of[i]) for i in self.present)
         self.groups = []
         self._masks = {}
         self._ids = None
@@ -251,8 +256,9 @@ class _RowContext:
         Never when most adapter positions it would read belong to no row of this step:
         the dense form reads every position in use, and reading weights is most of a CPU
         decode step."""
-        return (self.rows * self.tokens * self.used * r_max <= DENSE_BUDGET
-                and self.used <= DENSE_MAX_WASTE * len(self.present) + 1)
+        width = self.used * r_max
+        return (self.rows * self.tokens * width <= DENSE_BUDGET
+                and width <= DENSE_MAX_WASTE * self.needed + r_max)
 
     def foreign(self, r_max: int) -> torch.Tensor:
         """[rows, used x r_max], True where a column belongs to another row's adapter (or,

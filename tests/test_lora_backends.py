@@ -262,3 +262,25 @@ def test_a_prefill_projects_only_the_last_position_without_copying_the_lm_head(
         want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
     tol = 1e-4 if compute == "fp32" else 2e-2  # the same math, summed in another order
     torch.testing.assert_close(got, want.float(), rtol=tol, atol=tol)
+
+
+def test_a_step_runs_dense_only_when_it_reads_little_more_than_it_needs():
+    """The dense form reads adapter positions 0..used-1 at the layer's padded rank: it is
+    chosen for a decode step of adapters packed at low ids, never for a prefill, for low
+    rows on high ids, or for rank-16 rows on a layer padded to 64 by a resident wide one."""
+    from loramux.inference.lora_backend import _RowContext
+
+    ctx = _RowContext()
+    ctx.set(list(range(1, 9)), [16] * 8, tokens=1)
+    assert ctx.dense(16)
+    assert not ctx.dense(64)  # a resident rank-64 adapter padded this layer
+    ctx.set(list(range(1, 9)), [16] * 8, tokens=40)
+    assert not ctx.dense(16)  # a prefill
+    ctx.set(list(range(25, 33)), [16] * 8, tokens=1)
+    assert not ctx.dense(16)  # 32 positions read for 8 adapters
+    ctx.set([1, 2, 0, 0], [64, 64, 0, 0], tokens=1)
+    assert ctx.dense(64)  # wide adapters that the rows do use
+    mask = ctx.foreign(64)
+    assert mask.shape == (4, 3 * 64)
+    assert not mask[0, 64:128].any() and mask[0, :64].all() and mask[0, 128:].all()
+    assert mask[2].all() and mask[3].all()  # base rows read no adapter column
