@@ -100,6 +100,13 @@ def _merge_ref(settings: ServeSettings, path: Path) -> AdapterRef:
         ) from exc
 
 
+def lora_dtype(settings: ServeSettings, base: BaseModel) -> torch.dtype:
+    """The batched LoRA stacks' dtype: fp32, or (``auto``) the base's compute dtype."""
+    if settings.lora_dtype in ("auto", "compute") and base.precision is not None:
+        return base.precision.torch_dtype
+    return torch.float32
+
+
 def build_runtime(settings: ServeSettings) -> Runtime:
     confine_torch_threads()  # before loading: this thread must not own an OpenMP team
     # Before the model: a bad access file fails start-up at once (AccessFileError).
@@ -132,7 +139,8 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         log.info("adapter merged into the base",
                  extra={"tenant": merged_ref.tenant, "version": merged_ref.version})
     backend: LoraBackend = (
-        BatchedLoraBackend(base.model) if settings.lora_backend == "batched"
+        BatchedLoraBackend(base.model, lora_dtype=lora_dtype(settings, base))
+        if settings.lora_backend == "batched"
         else PeftMixedBatchBackend(base.model)
     )
     cache = AdapterCache(

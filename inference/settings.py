@@ -141,6 +141,12 @@ class ServeSettings(LogSettings, BaseSettings):
         description="batched = loramux's gathered-matmul layers (cost flat in distinct "
         "tenants); peft = PEFT's mixed-batch forward (reference implementation).",
     )
+    lora_dtype: Literal["auto", "fp32", "compute"] = Field(
+        "auto",
+        description="dtype of the batched LoRA stacks and their two small matmuls: fp32, or "
+        "the model's compute dtype (bf16 halves the bytes a decode step reads per adapter). "
+        "auto = compute (docs/benchmarks.md, 'LoRA stacks in the compute dtype').",
+    )
     max_lora_rank: int = Field(64, ge=1)
     device_adapter_slots: int = Field(32, ge=1)
     device_cache_bytes: int = Field(1 * GiB, ge=1)

@@ -284,3 +284,56 @@ def test_a_step_runs_dense_only_when_it_reads_little_more_than_it_needs():
     assert mask.shape == (4, 3 * 64)
     assert not mask[0, 64:128].any() and mask[0, :64].all() and mask[0, 128:].all()
     assert mask[2].all() and mask[3].all()  # base rows read no adapter column
+
+
+def test_lora_stacks_follow_the_compute_dtype_and_compute_the_same_function(tiny_model_dir,
+                                                                          adapter_root):
+    """``--lora-dtype auto`` keeps the stacks in the base's compute dtype (bf16 halves the
+    bytes a decode step reads per adapter), ``fp32`` keeps them in fp32; both compute the
+    same logits on a bf16 base, to bf16's precision, in the dense and the gathered form."""
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from loramux.inference import lora_backend
+    from loramux.inference.model_loader import load_base_model
+    from loramux.inference.server import lora_dtype
+    from loramux.inference.settings import ServeSettings
+
+    base = load_base_model(tiny_model_dir, "bf16", "cpu", compute_dtype="bf16")
+    assert lora_dtype(ServeSettings(), base) == torch.bfloat16
+    assert lora_dtype(ServeSettings(lora_dtype="fp32"), base) == torch.float32
+    assert lora_dtype(ServeSettings(), SimpleNamespace(precision=None)) == torch.float32
+
+    facts = BaseFacts.from_model(base.model, ("tiny-llama",))
+    torch.manual_seed(3)
+    ids = torch.randint(10, 1000, (4, 6))
+    mask = torch.ones_like(ids)
+    positions = mask.cumsum(1) - 1
+    slots = ["legal", "medical", None, "retail"]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_base_model(tiny_model_dir, "bf16", "cpu", compute_dtype="bf16").model
+        backend = BatchedLoraBackend(model, lora_dtype=dtype)
+        for tenant in ("legal", "medical", "retail"):
+            backend.add(tenant, read_adapter(adapter_root / tenant / "v1", facts, max_rank=64))
+        layer = next(iter(backend._layers.values()))
+        assert layer.A.dtype == dtype and layer.B.dtype == dtype
+        for budget in (0, 10**9):  # gathered, dense
+            lora_backend.DENSE_BUDGET, saved = budget, lora_backend.DENSE_BUDGET
+            lora_backend.DENSE_MAX_WASTE, saved_waste = 10**9, lora_backend.DENSE_MAX_WASTE
+            try:
+                logits[(dtype, budget)] = backend.forward(
+                    ids, mask, positions, DynamicCache(config=model.config), slots)
+            finally:
+                lora_backend.DENSE_BUDGET, lora_backend.DENSE_MAX_WASTE = saved, saved_waste
+        if dtype == torch.float32:
+            no_adapter = backend.forward(ids, mask, positions, DynamicCache(config=model.config),
+                                         [None] * 4)
+    want = logits[(torch.float32, 0)]
+    scale = float(want.abs().max())
+    for key, got in logits.items():
+        torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * scale, msg=str(key))
+    # the tolerance is tight enough to see the adapters: their rows move beyond it
+    for row in (0, 1, 3):
+        assert not torch.allclose(no_adapter[row], want[row], rtol=0.03, atol=0.03 * scale)
