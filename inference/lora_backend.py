@@ -173,15 +173,16 @@ def plan_groups(ranks: list[int], tokens: int, group_cost: int | None = None
 
 
 # When a step's LoRA runs *dense*: every row's input times every adapter in use at once (A
-# read as one [in, used x r_max] matrix), the other adapters' columns zeroed per row, then
+# read as one [used x r_max, in] matrix), the other adapters' columns zeroed per row, then
 # one matmul with every B. Four small ops per layer, against about ten for gathering each
 # row's pair (index_select of A and B, two bmm, an index_add); on a CPU a decode step is
 # made of small ops that each pay a fixed dispatch cost, so the dense form wins until its
-# wasted columns cost real compute. The budget is in rows x tokens x width units. Measured
-# per layer on 2 cores (fp32 LoRA, bf16 base, in 576, extra time over the base layer):
-# 8 rows at width 144 dense 74 us / gathered 98 us; 8 rows at width 576 (rank 64) 181 / 361;
-# 32 rows at width 136: 254 / 374; 32 rows at width 528: 409 / 396 (a tie at 16,896 units).
-# Prefills (rows x tokens in the hundreds) take the gathered path.
+# wasted columns cost real compute. The budget is in rows x tokens x width units.
+# bench/bench_lora_layer.py (2 cores, bf16 base, in 576, out 576, extra us over the base
+# layer, gathered / dense): fp32 stacks, 8 rows at width 144: 118 / 86; 8 rows at rank 64
+# (width 576): 298 / 165; 32 rows at width 528 (16,896 units): 279 / 303, past the budget.
+# bf16 stacks: 142 / 96, 342 / 173, 295 / 229. Prefills (rows x tokens in the hundreds)
+# take the gathered path.
 DENSE_BUDGET = 12_288
 # ... and never when it would read more than this many times the adapter weights the step
 # needs: the dense form reads positions 0..used-1 at the layer's padded rank, whether or
