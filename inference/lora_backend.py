@@ -186,9 +186,9 @@ def plan_groups(ranks: list[int], tokens: int, group_cost: int | None = None
 DENSE_BUDGET = 12_288
 # ... and never when it would read more than this many times the adapter weights the step
 # needs: the dense form reads positions 0..used-1 at the layer's padded rank, whether or
-# not a row uses them, and reading weights is most of a CPU decode step. The two cases:
-# 8 rows on ids 24-31 of 32 in use, and rank-16 rows while a rank-64 adapter is resident
-# (every layer padded to 64, where the gathered form slices each group to its own width).
+# not a row uses them, and reading weights is most of a CPU decode step (8 rows on ids
+# 24-31 of 32 in use). A layer padded wide by a resident high-rank adapter is read only up
+# to the widest rank bucket of the step's adapters (_RowContext.rank_width).
 DENSE_MAX_WASTE = 2
 
 
@@ -210,6 +210,7 @@ class _RowContext:
         self.tokens = 1
         self.used = 0  # adapter positions 0..used-1 cover every row's adapter
         self.needed = 0  # sum of the step's distinct adapters' rank buckets
+        self.widest = 0  # the widest of them
         # (row positions, or None when the group is every row; adapter ids; width)
         self.groups: list[tuple[torch.Tensor | None, torch.Tensor, int]] = []
         self._ids: torch.Tensor | None = None  # each row's adapter id, on the device
@@ -224,6 +225,7 @@ class _RowContext:
         self.used = max(row_ids, default=0) + 1
         rank_of = dict(zip(row_ids, ranks or [1] * len(row_ids), strict=True))
         self.needed = sum(rank_bucket(rank_of[i]) for i in self.present)
+        self.widest = max((rank_bucket(rank_of[i]) for i in self.present), default=0)
         self.groups = []
         self._masks = {}
         self._ids = None
@@ -252,24 +254,31 @@ class _RowContext:
             self.groups.append((positions, values[offset + n:offset + 2 * n], width))
             offset += 2 * n
 
+    def rank_width(self, r_max: int) -> int:
+        """The ranks a layer of this padded rank reads per position this step: the widest
+        rank bucket among the step's adapters, so a resident wider adapter (which padded the
+        layer) costs the step nothing."""
+        return min(r_max, self.widest)
+
     def dense(self, r_max: int) -> bool:
         """Whether a layer of this padded rank runs this step dense (see DENSE_BUDGET).
         Never when most adapter positions it would read belong to no row of this step:
         the dense form reads every position in use, and reading weights is most of a CPU
         decode step."""
-        width = self.used * r_max
+        rank = self.rank_width(r_max)
+        width = self.used * rank
         return (self.rows * self.tokens * width <= DENSE_BUDGET
-                and width <= DENSE_MAX_WASTE * self.needed + r_max)
+                and width <= DENSE_MAX_WASTE * self.needed + rank)
 
-    def foreign(self, r_max: int) -> torch.Tensor:
-        """[rows, used x r_max], True where a column belongs to another row's adapter (or,
+    def foreign(self, rank: int) -> torch.Tensor:
+        """[rows, used x rank], True where a column belongs to another row's adapter (or,
         for a base row, to any adapter): the columns the dense form zeroes."""
-        mask = self._masks.get(r_max)
+        mask = self._masks.get(rank)
         if mask is None:
             assert self._ids is not None
-            owner = torch.arange(self.used, device=self._ids.device).repeat_interleave(r_max)
+            owner = torch.arange(self.used, device=self._ids.device).repeat_interleave(rank)
             mask = (owner[None, :] != self._ids[:, None]) | (self._ids[:, None] == 0)
-            self._masks[r_max] = mask
+            self._masks[rank] = mask
         return mask
 
     def clear(self) -> None:
@@ -374,15 +383,19 @@ class BatchedLoraLinear(torch.nn.Module):
             rank = self.rank_of[ctx.uniform]
             delta = F.linear(xf, self.A[ctx.uniform, :rank]) @ self.B[ctx.uniform, :rank]
         elif ctx.dense(r_max):
-            width = ctx.used * r_max
-            h = F.linear(xf, self.A[:ctx.used].view(width, self.in_features))  # [N, width]
+            rank = ctx.rank_width(r_max)
+            width = ctx.used * rank
+            # views when rank == r_max; else one copy of the used positions' leading ranks
+            a = self.A[:ctx.used, :rank].reshape(width, self.in_features)
+            b = self.B[:ctx.used, :rank].reshape(width, self.out_features)
+            h = F.linear(xf, a)  # [rows x tokens, width]
             # masked_fill, not a multiply by 0/1: another tenant's inf must not become NaN
-            foreign = ctx.foreign(r_max)
+            foreign = ctx.foreign(rank)
             if ctx.tokens == 1:
                 h.masked_fill_(foreign, 0)
             else:
                 h.view(ctx.rows, -1, width).masked_fill_(foreign[:, None, :], 0)
-            delta = h @ self.B.view(-1, self.out_features)[:width]
+            delta = h @ b
         else:
             return self._gathered(xf, result)
         if result.is_contiguous():  # the base layer's fresh output: add in place

@@ -265,15 +265,17 @@ def test_a_prefill_projects_only_the_last_position_without_copying_the_lm_head(
 
 
 def test_a_step_runs_dense_only_when_it_reads_little_more_than_it_needs():
-    """The dense form reads adapter positions 0..used-1 at the layer's padded rank: it is
-    chosen for a decode step of adapters packed at low ids, never for a prefill, for low
-    rows on high ids, or for rank-16 rows on a layer padded to 64 by a resident wide one."""
+    """The dense form reads adapter positions 0..used-1, each up to the widest rank bucket
+    of the step: it is chosen for a decode step of adapters packed at low ids (also on a
+    layer a resident rank-64 adapter padded, read at rank 16 then), never for a prefill or
+    for few rows on high ids."""
     from loramux.inference.lora_backend import _RowContext
 
     ctx = _RowContext()
     ctx.set(list(range(1, 9)), [16] * 8, tokens=1)
-    assert ctx.dense(16)
-    assert not ctx.dense(64)  # a resident rank-64 adapter padded this layer
+    assert ctx.dense(16) and ctx.rank_width(16) == 16
+    assert ctx.dense(64) and ctx.rank_width(64) == 16  # padded to 64 by a resident one
+    assert ctx.foreign(16).shape == (8, 9 * 16)
     ctx.set(list(range(1, 9)), [16] * 8, tokens=40)
     assert not ctx.dense(16)  # a prefill
     ctx.set(list(range(25, 33)), [16] * 8, tokens=1)
