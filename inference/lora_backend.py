@@ -190,6 +190,13 @@ DENSE_BUDGET = 12_288
 # 24-31 of 32 in use). A layer padded wide by a resident high-rank adapter is read only up
 # to the widest rank bucket of the step's adapters (_RowContext.rank_width).
 DENSE_MAX_WASTE = 2
+# On such a widened layer the dense form copies the used positions' leading ranks first; past
+# this many columns the copy costs more than gathering each row's pair. In process, 32
+# residents at scattered ids with two rank-64 ones among them, bf16, best step in ms
+# (bench/bench_decode_wide.py, two runs): 16 rows (30 positions x 16 = 480 columns) copy
+# 116.3 / 91.3, gathered 106.0 / 86.4; 8 rows (18 x 16 = 288 columns) copy 91.5 / 76.6,
+# gathered 95.9 / 71.8.
+DENSE_MAX_COPY = 256
 
 
 class _RowContext:
@@ -268,7 +275,8 @@ class _RowContext:
         rank = self.rank_width(r_max)
         width = self.used * rank
         return (self.rows * self.tokens * width <= DENSE_BUDGET
-                and width <= DENSE_MAX_WASTE * self.needed + rank)
+                and width <= DENSE_MAX_WASTE * self.needed + rank
+                and (rank == r_max or width <= DENSE_MAX_COPY))
 
     def foreign(self, rank: int) -> torch.Tensor:
         """[rows, used x rank], True where a column belongs to another row's adapter (or,

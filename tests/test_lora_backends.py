@@ -267,8 +267,8 @@ def test_a_prefill_projects_only_the_last_position_without_copying_the_lm_head(
 def test_a_step_runs_dense_only_when_it_reads_little_more_than_it_needs():
     """The dense form reads adapter positions 0..used-1, each up to the widest rank bucket
     of the step: it is chosen for a decode step of adapters packed at low ids (also on a
-    layer a resident rank-64 adapter padded, read at rank 16 then), never for a prefill or
-    for few rows on high ids."""
+    layer a resident rank-64 adapter padded, read at rank 16 then, while the copy that
+    takes is small), never for a prefill or for few rows on high ids."""
     from loramux.inference.lora_backend import _RowContext
 
     ctx = _RowContext()
@@ -276,6 +276,9 @@ def test_a_step_runs_dense_only_when_it_reads_little_more_than_it_needs():
     assert ctx.dense(16) and ctx.rank_width(16) == 16
     assert ctx.dense(64) and ctx.rank_width(64) == 16  # padded to 64 by a resident one
     assert ctx.foreign(16).shape == (8, 9 * 16)
+    ctx.set(list(range(1, 17)), [16] * 16, tokens=1)
+    assert ctx.dense(16)  # the stacks as they are: views
+    assert not ctx.dense(64)  # a copy of 17 x 16 columns first: gathering is cheaper
     ctx.set(list(range(1, 9)), [16] * 8, tokens=40)
     assert not ctx.dense(16)  # a prefill
     ctx.set(list(range(25, 33)), [16] * 8, tokens=1)
