@@ -34,6 +34,31 @@ from bench_adapters import tenant_adapters  # noqa: E402
 PROMPT = "Explain the difference between a virus and a bacterium."
 
 
+def decode_step_times(backend, model_config, prompt, row_slots: list[str | None],
+                      steps: int) -> list[float]:
+    """Prefill ``prompt`` once per row, then time ``steps`` decode steps of the backend's
+    ``forward`` (seconds each), every row on its slot in ``row_slots``."""
+    import torch
+    from transformers import DynamicCache
+
+    rows = len(row_slots)
+    ids = prompt.repeat(rows, 1)
+    length = ids.shape[1]
+    cache = DynamicCache(config=model_config)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    positions = torch.arange(length).repeat(rows, 1)
+    last = backend.forward(ids, mask, positions, cache, row_slots).argmax(-1)
+    pos = torch.full((rows,), length)
+    samples = []
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1)
+        t = time.perf_counter()
+        logits = backend.forward(last[:, None], mask, pos[:, None], cache, row_slots)
+        samples.append(time.perf_counter() - t)
+        last, pos = logits.argmax(-1), pos + 1
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -45,7 +70,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import DynamicCache
 
     from loramux.inference import lora_backend
     from loramux.inference.adapters import BaseFacts, read_adapter
@@ -79,21 +103,7 @@ def main() -> None:
 
         def step_ms(row_slots: list[str | None], steps: int, backend=backend,
                     prompt=prompt, base=base) -> float:
-            rows = len(row_slots)
-            ids = prompt.repeat(rows, 1)
-            length = ids.shape[1]
-            cache = DynamicCache(config=base.model.config)
-            mask = torch.ones(rows, length, dtype=torch.long)
-            positions = torch.arange(length).repeat(rows, 1)
-            last = backend.forward(ids, mask, positions, cache, row_slots).argmax(-1)
-            pos = torch.full((rows,), length)
-            samples = []
-            for _ in range(steps):
-                mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1)
-                t = time.perf_counter()
-                logits = backend.forward(last[:, None], mask, pos[:, None], cache, row_slots)
-                samples.append(time.perf_counter() - t)
-                last, pos = logits.argmax(-1), pos + 1
+            samples = decode_step_times(backend, base.model.config, prompt, row_slots, steps)
             return statistics.median(samples) * 1000
 
         def run_all(where: str, name: str = name, cases: dict = cases, step_ms=step_ms,

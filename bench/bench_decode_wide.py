@@ -14,16 +14,20 @@ measurement behind ``DENSE_MAX_COPY`` in ``inference/lora_backend.py``.
 from __future__ import annotations
 
 import random
-import time
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent / ".cache" / "suite" / "adapters"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_decode_step import decode_step_times  # noqa: E402
+
+ROOT = HERE / ".cache" / "suite" / "adapters"
 PROMPT = "Explain the difference between a virus and a bacterium."
 
 
 def main() -> None:
     import torch
-    from transformers import DynamicCache
 
     from loramux.inference import lora_backend
     from loramux.inference.adapters import BaseFacts, read_adapter
@@ -42,22 +46,7 @@ def main() -> None:
     prompt = base.tokenizer(PROMPT, return_tensors="pt").input_ids
 
     def best_step_ms(slots: list[str | None], steps: int = 10) -> float:
-        rows = len(slots)
-        ids = prompt.repeat(rows, 1)
-        length = ids.shape[1]
-        cache = DynamicCache(config=base.model.config)
-        mask = torch.ones(rows, length, dtype=torch.long)
-        positions = torch.arange(length).repeat(rows, 1)
-        last = backend.forward(ids, mask, positions, cache, slots).argmax(-1)
-        pos = torch.full((rows,), length)
-        best = float("inf")
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1)
-            start = time.perf_counter()
-            logits = backend.forward(last[:, None], mask, pos[:, None], cache, slots)
-            best = min(best, time.perf_counter() - start)
-            last, pos = logits.argmax(-1), pos + 1
-        return best * 1000
+        return min(decode_step_times(backend, base.model.config, prompt, slots, steps)) * 1000
 
     print("ids of a0..a15:", sorted(backend._ids[f"a{i}"] for i in range(16)),
           "rank-64 ids:", backend._ids["w0"], backend._ids["w1"])
