@@ -264,7 +264,7 @@ class _RowContext:
     def rank_width(self, r_max: int) -> int:
         """The ranks a layer of this padded rank reads per position this step: the widest
         rank bucket among the step's adapters, so a resident wider adapter (which padded the
-        layer) costs the step nothing."""
+        layer) costs a dense step one small copy (DENSE_MAX_COPY), not its padding."""
         return min(r_max, self.widest)
 
     def dense(self, r_max: int) -> bool:
