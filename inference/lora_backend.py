@@ -213,6 +213,7 @@ class _RowContext:
     def __init__(self) -> None:
         self.present: set[int] = set()  # global adapter ids in this step
         self.uniform: int | None = None  # set when every row uses the same adapter
+        self.merge = False  # a uniform step may run on weights with the adapter merged in
         self.rows = 0
         self.tokens = 1
         self.used = 0  # adapter positions 0..used-1 cover every row's adapter
@@ -306,8 +307,10 @@ class BatchedLoraLinear(torch.nn.Module):
     dimension contiguous runs in a third of the time of one that reads a transposed operand
     (9 against 29 us for 8 rows at width 144, fp32, 2 cores).
 
-    A step runs in one of three forms. Every row on one adapter: that adapter's own pair at
-    its own rank. Few tokens and a narrow stack (a decode step): *dense*, every row's input
+    A step runs in one of four forms. Every row on one adapter: on a plain float base, one
+    matmul with that adapter merged into the weight (``merged_weight``: the base alone's
+    cost, after one merge when the merged adapter changes); on a quantized base, that
+    adapter's own pair at its own rank. Few tokens and a narrow stack (a decode step): *dense*, every row's input
     times every adapter in use, each row's foreign columns zeroed between the two matmuls.
     Else *gathered*: each row group's pairs gathered sliced to the group's width and
     applied with two batched matmuls (Punica's BGMV idea, in plain torch). Neither form's
@@ -331,6 +334,41 @@ class BatchedLoraLinear(torch.nn.Module):
             "B", torch.zeros(capacity, 1, self.out_features, dtype=dtype, device=device),
             persistent=False)
         self.rank_of: dict[int, int] = {}  # global adapter id -> its rank on this layer
+        # The base weight with one adapter merged in (see merged_weight); None until a
+        # uniform step first needs it, then reused for every later merge.
+        self._merged: torch.Tensor | None = None
+        self._merged_id: int | None = None
+        # Whether the base weight is a plain float matrix an adapter can be merged into (not
+        # NF4/int8: a merge there would need a dequantized copy of the layer, and rounds).
+        weight = getattr(base_layer, "weight", None)
+        self.mergeable = (isinstance(base_layer, torch.nn.Linear) and weight is not None
+                          and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                          and not hasattr(weight, "quant_state"))
+
+    @property
+    def merged_id(self) -> int | None:
+        return self._merged_id
+
+    def merged_weight(self, adapter_id: int) -> torch.Tensor:
+        """``W + B A`` for one adapter (scale folded into B), in the base weight's dtype,
+        summed in fp32 and rounded once. Computed when a uniform step on this adapter first
+        comes, kept until another adapter's uniform step or until this adapter's id is
+        removed or rewritten; one buffer per layer, so the memory is one copy of the
+        wrapped layers' weights, allocated once."""
+        if self._merged_id != adapter_id or self._merged is None:
+            weight = self.base_layer.weight
+            if self._merged is None:
+                self._merged = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            rank = self.rank_of[adapter_id]
+            a = self.A[adapter_id, :rank].float()
+            b = self.B[adapter_id, :rank].float()
+            self._merged.copy_(torch.addmm(weight.float(), b.T, a))
+            self._merged_id = adapter_id
+        return self._merged
+
+    def _forget_merge(self, adapter_id: int) -> None:
+        if self._merged_id == adapter_id:
+            self._merged_id = None
 
     @property
     def r_max(self) -> int:
@@ -360,6 +398,7 @@ class BatchedLoraLinear(torch.nn.Module):
     def add(self, adapter_id: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         """``lora_a [rank, in]`` and ``lora_b [out, rank]``, PEFT's layout, scale folded."""
         rank = int(lora_a.shape[0])
+        self._forget_merge(adapter_id)
         if rank > self.r_max or adapter_id >= self.capacity:
             self.resize(max(self.capacity, adapter_id + 1), max(self.r_max, rank))
         self.A[adapter_id].zero_()
@@ -369,6 +408,7 @@ class BatchedLoraLinear(torch.nn.Module):
         self.rank_of[adapter_id] = rank
 
     def remove(self, adapter_id: int) -> None:
+        self._forget_merge(adapter_id)
         rank = self.rank_of.pop(adapter_id, None)
         if rank is None:
             return
@@ -381,8 +421,11 @@ class BatchedLoraLinear(torch.nn.Module):
             self.resize(self.capacity, widest)
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         ctx = self.ctx
+        if ctx.merge and ctx.uniform in self.rank_of and self.mergeable:
+            # every row on one adapter: one matmul with the merged weight, as the base alone
+            return F.linear(x, self.merged_weight(ctx.uniform), self.base_layer.bias)
+        result = self.base_layer(x, *args, **kwargs)
         if not self.rank_of or ctx.present.isdisjoint(self.rank_of):
             return result
         xf = x.reshape(-1, self.in_features).to(self.lora_dtype)
@@ -454,10 +497,12 @@ class BatchedLoraBackend:
     layers read. Nothing in a layer knows about tenants.
     """
 
-    def __init__(self, model: torch.nn.Module, lora_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: torch.nn.Module, lora_dtype: torch.dtype = torch.float32,
+                 merge_uniform: bool = True) -> None:
         self.model = model
         self.lora_dtype = lora_dtype
         self._ctx = _RowContext()
+        self._ctx.merge = merge_uniform
         self._ids: dict[str, int] = {}
         self._ranks: dict[int, int] = {}  # global id -> the adapter's largest rank
         self._free_ids: list[int] = []

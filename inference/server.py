@@ -139,7 +139,8 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         log.info("adapter merged into the base",
                  extra={"tenant": merged_ref.tenant, "version": merged_ref.version})
     backend: LoraBackend = (
-        BatchedLoraBackend(base.model, lora_dtype=lora_dtype(settings, base))
+        BatchedLoraBackend(base.model, lora_dtype=lora_dtype(settings, base),
+                           merge_uniform=settings.merge_uniform_batches)
         if settings.lora_backend == "batched"
         else PeftMixedBatchBackend(base.model)
     )

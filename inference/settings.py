@@ -147,6 +147,12 @@ class ServeSettings(LogSettings, BaseSettings):
         "the model's compute dtype (bf16 halves the bytes a decode step reads per adapter). "
         "auto = compute (docs/benchmarks.md, 'LoRA stacks in the compute dtype').",
     )
+    merge_uniform_batches: bool = Field(
+        True, description="When every row of a forward pass uses one adapter, run it on the "
+        "base weights with that adapter merged in (one matmul per layer, as the base alone) "
+        "instead of base + LoRA pair. Plain float bases only (not NF4/int8). Costs one copy "
+        "of the adapted layers' weights, and one merge (about one decode step) whenever the "
+        "merged adapter changes.")
     max_lora_rank: int = Field(64, ge=1)
     device_adapter_slots: int = Field(32, ge=1)
     device_cache_bytes: int = Field(1 * GiB, ge=1)

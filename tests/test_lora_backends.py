@@ -342,3 +342,88 @@ def test_lora_stacks_follow_the_compute_dtype_and_compute_the_same_function(tiny
     # the tolerance is tight enough to see the adapters: their rows move beyond it
     for row in (0, 1, 3):
         assert not torch.allclose(no_adapter[row], want[row], rtol=0.03, atol=0.03 * scale)
+
+
+def _merged_ids(backend: BatchedLoraBackend) -> set[int | None]:
+    return {layer.merged_id for layer in backend._layers.values()}
+
+
+def test_a_uniform_batch_runs_on_merged_weights_and_computes_what_the_pair_does(backends):
+    """Every row on one adapter: the layers run one matmul with W + BA (computed once,
+    kept for later uniform steps) instead of base + pair. Same logits as the pair and as
+    PEFT in fp32; the base weights are never written, so mixed batches are unaffected."""
+    reference, batched, _ = backends
+    config = reference.model.config
+    weights = {path: layer.base_layer.weight.clone() for path, layer in batched._layers.items()}
+    slots = ["medical"] * 3
+    batched._ctx.merge = False
+    try:
+        pair = _logits(batched, config, slots)
+    finally:
+        batched._ctx.merge = True
+    merged = _logits(batched, config, slots)
+    medical = batched._ids["medical"]
+    touched = [layer for layer in batched._layers.values() if medical in layer.rank_of]
+    assert touched and all(layer.merged_id == medical for layer in touched)
+    torch.testing.assert_close(merged, pair, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, _logits(reference, config, slots), rtol=1e-4, atol=1e-4)
+    # the adapter is visible at this tolerance: its rows are not the base's
+    assert not torch.allclose(merged, _logits(batched, config, [None] * 3), rtol=1e-4, atol=1e-4)
+    for path, layer in batched._layers.items():
+        assert torch.equal(layer.base_layer.weight, weights[path]), path
+    mixed = ["medical", "legal", None]
+    torch.testing.assert_close(_logits(batched, config, mixed),
+                               _logits(reference, config, mixed), rtol=1e-4, atol=1e-4)
+
+
+def test_a_merge_never_outlives_its_adapter(tiny_model_dir, adapter_root):
+    """A removed adapter's id is reused by the next one: a uniform step on the newcomer must
+    merge the newcomer, not reuse the weights merged for the adapter that held the id."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    backend = BatchedLoraBackend(model)
+    facts = BaseFacts.from_model(model, ("tiny-llama",))
+    legal = read_adapter(adapter_root / "legal" / "v1", facts, max_rank=64)
+    medical = read_adapter(adapter_root / "medical" / "v1", facts, max_rank=64)
+    backend.add("legal", legal)
+    legal_logits = _logits(backend, model.config, ["legal"] * 2)
+    legal_id = backend._ids["legal"]
+    assert legal_id in _merged_ids(backend)
+    backend.remove("legal")
+    backend.add("medical", medical)
+    assert backend._ids["medical"] == legal_id  # the id was reused
+    merged = _logits(backend, model.config, ["medical"] * 2)
+    backend._ctx.merge = False
+    pair = _logits(backend, model.config, ["medical"] * 2)
+    torch.testing.assert_close(merged, pair, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged, legal_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantization,compute", [("bf16", "bf16"), ("nf4", "fp32")])
+def test_merging_follows_the_weights_format(tiny_model_dir, adapter_root, quantization,
+                                            compute):
+    """A bf16 base merges (summed in fp32, rounded once to bf16: the same logits as the pair
+    to bf16's precision, which still sees the adapter); a 4-bit base never does (a merge
+    would need a dequantized copy) and runs the pair."""
+    from loramux.inference.model_loader import load_base_model
+
+    base = load_base_model(tiny_model_dir, quantization, "cpu", compute_dtype=compute)
+    backend = BatchedLoraBackend(base.model, lora_dtype=torch.float32)
+    facts = BaseFacts.from_model(base.model, ("tiny-llama",))
+    backend.add("legal", read_adapter(adapter_root / "legal" / "v1", facts, max_rank=64))
+    slots = ["legal"] * 3
+    merged = _logits(backend, base.model.config, slots)
+    backend._ctx.merge = False
+    pair = _logits(backend, base.model.config, slots)
+    none = _logits(backend, base.model.config, [None] * 3)
+    if quantization == "nf4":
+        assert not any(layer.mergeable for layer in backend._layers.values())
+        assert _merged_ids(backend) == {None}
+        torch.testing.assert_close(merged, pair, rtol=1e-5, atol=1e-5)  # the same ops
+        return
+    assert all(layer.mergeable for layer in backend._layers.values())
+    assert _merged_ids(backend) == {backend._ids["legal"]}
+    scale = float(pair.abs().max())
+    torch.testing.assert_close(merged, pair, rtol=0.03, atol=0.03 * scale)
+    assert not torch.allclose(none, pair, rtol=0.03, atol=0.03 * scale)
