@@ -310,8 +310,9 @@ class BatchedLoraLinear(torch.nn.Module):
     A step runs in one of four forms. Every row on one adapter: on a plain float base, one
     matmul with that adapter merged into the weight (``merged_weight``: the base alone's
     cost, after one merge when the merged adapter changes); on a quantized base, that
-    adapter's own pair at its own rank. Few tokens and a narrow stack (a decode step): *dense*, every row's input
-    times every adapter in use, each row's foreign columns zeroed between the two matmuls.
+    adapter's own pair at its own rank. Few tokens and a narrow stack (a decode step):
+    *dense*, every row's input times every adapter in use, each row's foreign columns
+    zeroed between the two matmuls.
     Else *gathered*: each row group's pairs gathered sliced to the group's width and
     applied with two batched matmuls (Punica's BGMV idea, in plain torch). Neither form's
     cost grows with the number of distinct tenants in the batch, and adding an adapter
