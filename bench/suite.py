@@ -289,6 +289,7 @@ async def send(client: httpx.AsyncClient, system: System, tenant: str | None, pr
                 rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
                 return
             usage = None
+            last_token = start
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -305,8 +306,12 @@ async def send(client: httpx.AsyncClient, system: System, tenant: str | None, pr
                 # final chunk of loramux (finish_reason, no text) is not a token.
                 if choices and (choices[0].get("text") or choices[0].get("finish_reason")
                                 is None):
+                    now = time.perf_counter()
                     if rec.ttft_s is None:
-                        rec.ttft_s = time.perf_counter() - start
+                        rec.ttft_s = now - start
+                    else:
+                        rec.max_gap_s = max(rec.max_gap_s or 0.0, now - last_token)
+                    last_token = now
                     rec.completion_tokens += 1
                 if obj.get("usage"):
                     usage = obj["usage"]
@@ -479,7 +484,8 @@ def print_point(tag: str, r: dict[str, Any]) -> None:
         f"{fmt_s(r['p50_ttft_s'], r['p50_ttft_lower'])}/"
         f"{fmt_s(r['p99_ttft_s'], r['p99_ttft_lower'])} s, "
         f"latency p50/p99 {fmt_s(r['p50_latency_s'], r['p50_latency_lower'])}/"
-        f"{fmt_s(r['p99_latency_s'], r['p99_latency_lower'])} s, {r['requests']} req"
+        f"{fmt_s(r['p99_latency_s'], r['p99_latency_lower'])} s, stall p99 "
+        f"{fmt_s(r.get('p99_max_gap_s'))} s, {r['requests']} req"
         f"{slo}{cut}{fail} (load {r['loadavg'][0]})")
 
 
@@ -936,16 +942,19 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
               f"Requests still running {sz['open_grace_s']:g} s after the last arrival are "
               "cut off; they enter the percentiles with the time they had waited, shown as "
               f"≥. SLO: TTFT ≤ {report['settings']['slo_ttft_s']:g} s, share of all requests "
-              "sent. The seed-style server's TTFT is its latency (no streaming).", "",
+              "sent. The seed-style server's TTFT is its latency (no streaming). Stall: "
+              "each finished streamed request's longest wait between two tokens (while "
+              "other requests' prompts are prefilled, for one), p50 and p99 over requests.",
+              "",
               "| rate req/s | system | requests | tok/s | TTFT p50 | TTFT p99 | latency p50 | "
-              "latency p99 | within SLO | cut off | failed |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "latency p99 | stall p50 | stall p99 | within SLO | cut off | failed |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if not report["open"]:
-        lines.append("| not run in this invocation | | | | | | | | | | |")
+        lines.append("| not run in this invocation | | | | | | | | | | | | |")
     for r in sorted(report["open"], key=lambda r: (r["rate"], SYSTEMS.index(r["system"]))):
         if "skipped" in r:
             lines.append(f"| {r['rate']:.3g} | {r['system']} | not run: {r['skipped']} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         lines.append(
             f"| {r['rate']:.3g} | {r['system']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
@@ -953,6 +962,7 @@ def markdown(report: dict[str, Any], images: list[str], img_rel: str) -> str:
             f"{fmt_s(r['p99_ttft_s'], r['p99_ttft_lower'])} | "
             f"{fmt_s(r['p50_latency_s'], r['p50_latency_lower'])} | "
             f"{fmt_s(r['p99_latency_s'], r['p99_latency_lower'])} | "
+            f"{fmt_s(r.get('p50_max_gap_s'))} | {fmt_s(r.get('p99_max_gap_s'))} | "
             f"{(r['slo_share'] or 0):.0%} | {r['unfinished']} | {r['failed']} |")
     ch = report.get("churn")
     lines += ["", "### 4. Churn (loramux only)", ""]

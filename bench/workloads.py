@@ -115,6 +115,9 @@ class RequestRecord:
     prompt_tokens: int | None = None
     error: str | None = None
     warm: bool | None = None  # churn: the adapter was on the device when it was sent
+    # streamed: the longest wait between two tokens after the first (a stall, e.g. while
+    # other requests' prompts are prefilled)
+    max_gap_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,6 +148,9 @@ class Summary:
     p99_latency_lower: bool = False
     slo_ttft_s: float | None = None
     slo_share: float | None = None
+    # over finished streamed requests: each one's longest wait between two tokens
+    p50_max_gap_s: float | None = None
+    p99_max_gap_s: float | None = None
     failure_samples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +196,7 @@ def summarize(records: Iterable[RequestRecord], wall_s: float, cutoff_s: float |
     p50l, lb50l = pct(lats, lat_censored, 50)
     p99l, lb99l = pct(lats, lat_censored, 99)
     tokens = sum(r.completion_tokens for r in live)
+    gaps = sorted(r.max_gap_s for r in finished if r.max_gap_s is not None)
     share = None
     if slo_ttft_s is not None and recs:
         share = sum(1 for r in live if r.ttft_s is not None and r.ttft_s <= slo_ttft_s) / len(recs)
@@ -201,6 +208,7 @@ def summarize(records: Iterable[RequestRecord], wall_s: float, cutoff_s: float |
         p50_ttft_lower=lb50t, p99_ttft_lower=lb99t, p50_latency_lower=lb50l,
         p99_latency_lower=lb99l,
         slo_ttft_s=slo_ttft_s, slo_share=share,
+        p50_max_gap_s=percentile(gaps, 50), p99_max_gap_s=percentile(gaps, 99),
         failure_samples=[r.error or "" for r in failed[:3]],
     )
 

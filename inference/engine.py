@@ -243,6 +243,20 @@ class _Usage:
         return self.in_flight == 0 and not self.buckets
 
 
+@dataclass(eq=False)
+class _Chunked:
+    """An admitted group prefilled a chunk of columns per step, between decode steps, so
+    its prompts do not stall the running rows for the whole prefill (``prefill_chunk_tokens``)."""
+
+    seqs: list[Sequence]
+    ids: torch.Tensor  # [rows, longest] left-padded prompts
+    mask: torch.Tensor  # [rows, longest]
+    positions: torch.Tensor  # [rows, longest]
+    cache: Any  # transformers DynamicCache, filled up to column ``done``
+    width: int  # columns per chunk
+    done: int = 0
+
+
 def _pad_left(t: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
     if amount == 0:
         return t
@@ -263,6 +277,7 @@ class Engine:
         max_batch_size: int,
         max_queue: int,
         max_prefill_tokens: int = 4096,
+        prefill_chunk_tokens: int = 0,
         eos_token_ids: set[int] | None = None,
         torch_threads: int | None = None,
         admission: str = "fair",
@@ -280,6 +295,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = eos_token_ids or set()
         self.prefetch_adapters = prefetch_adapters
         self.torch_threads = torch_threads or available_cpus()
@@ -303,6 +319,8 @@ class Engine:
             weight=lambda tenant: self._policy(tenant).weight)
         self._batch: _Batch | None = None
         self._prefilling: list[Sequence] = []  # admitted, not yet in the batch
+        self._chunked: _Chunked | None = None  # a group prefilled over several steps
+        self.prefill_chunks = 0  # forward passes that prefilled part of a group
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.last_progress = time.monotonic()
@@ -507,20 +525,25 @@ class Engine:
             self._waiting.push(seq.tenant_label, seq)
         self.cache.promote_pinned()
         self._reap()
-        admitted = self._admit()
-        if admitted:
-            self._prefilling = admitted
+        # One group prefills at a time: while one is chunked, nothing else is admitted.
+        admitted = [] if self._chunked is not None else self._admit()
+        if admitted or self._chunked is not None:
+            self._prefilling = self._prefilling or admitted
             try:
-                self._prefill(admitted)
+                if self._chunked is not None:
+                    self._prefill_chunk()
+                else:
+                    self._prefill(admitted)
             except Exception:
                 # Admitted rows are in neither the waiting queue nor the batch yet: end them
                 # here so no client waits forever.
-                for seq in admitted:
+                for seq in self._prefilling:
                     self._finish_error(seq, 503, "the engine failed to prefill this request")
-                self._prefilling = []
+                self._prefilling, self._chunked = [], None
                 raise
             # Not in a finally: if the thread dies, _run ends these rows.
-            self._prefilling = []
+            if self._chunked is None:
+                self._prefilling = []
             worked = True
         if self.prefetch_adapters and self._waiting:
             self._prefetch()
@@ -673,31 +696,76 @@ class Engine:
             if phase == "prefill" and "batch-prefill-oom" in faults and len(seqs) > 1:
                 raise torch.OutOfMemoryError("injected: out of memory prefilling a group")
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence], chunk: bool = True) -> None:
         """Prefill ``seqs`` together; if that raises, one by one, so only a row that fails
-        on its own gets an error (and a group too large for memory costs nobody)."""
+        on its own gets an error (and a group too large for memory costs nobody). While rows
+        decode, a group of more than ``prefill_chunk_tokens`` padded prompt tokens starts a
+        chunked prefill instead (:meth:`_prefill_chunk` runs its first chunk now)."""
         try:
-            group, logits = self._prefill_group(seqs)
-        except Exception as exc:
-            if len(seqs) > 1:
-                log.warning("prefill of %d rows failed (%s); prefilling them one by one",
-                            len(seqs), type(exc).__name__)
-                for seq in seqs:
-                    self._prefill([seq])
+            ids, mask, positions = self._group_inputs(seqs)
+            budget = self.prefill_chunk_tokens
+            if chunk and budget and self.running and ids.numel() > budget:
+                self._chunked = _Chunked(list(seqs), ids, mask, positions, self._new_cache(),
+                                         width=max(1, budget // len(seqs)))
+                self._prefill_chunk()
                 return
-            log.exception("prefill failed", extra={"tenant": seqs[0].tenant_label})
-            self.metrics.row_failures.labels(seqs[0].tenant_label, "prefill").inc()
-            oom = isinstance(exc, torch.OutOfMemoryError)
-            self._finish_error(seqs[0], 503, "the server ran out of memory prefilling this "
-                               "request" if oom else "the engine failed to prefill this request")
+            cache = self._new_cache()
+            logits = self._forward(seqs, "prefill", ids, mask, positions, cache)
+        except Exception as exc:
+            self._prefill_failed(seqs, exc)
             return
-        self._merge(group)
-        assert self._batch is not None
-        self._accept_tokens(list(seqs), logits, offset=len(self._batch.seqs) - len(seqs))
+        self._join(seqs, cache, mask, logits)
 
-    def _prefill_group(self, seqs: list[Sequence]) -> tuple[_Batch, torch.Tensor]:
+    def _prefill_failed(self, seqs: list[Sequence], exc: Exception) -> None:
+        if len(seqs) > 1:
+            log.warning("prefill of %d rows failed (%s); prefilling them one by one",
+                        len(seqs), type(exc).__name__)
+            for seq in seqs:
+                self._prefill([seq], chunk=False)
+            return
+        log.error("prefill failed", exc_info=exc, extra={"tenant": seqs[0].tenant_label})
+        self.metrics.row_failures.labels(seqs[0].tenant_label, "prefill").inc()
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        self._finish_error(seqs[0], 503, "the server ran out of memory prefilling this "
+                           "request" if oom else "the engine failed to prefill this request")
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the chunked group: ``width`` columns (every remaining column
+        once no row decodes any more, since then nobody waits for the step). The last chunk
+        joins the group to the batch and yields its first tokens. If a chunk raises, the
+        group is prefilled again from the start, one row at a time (as :meth:`_prefill`)."""
+        group = self._chunked
+        assert group is not None
+        if all(s.cancelled for s in group.seqs):  # nobody is left to answer: stop here
+            self._chunked = None
+            now = time.monotonic()
+            for seq in group.seqs:
+                self._end(seq, now)
+            return
+        longest = group.ids.shape[1]
+        end = min(longest, group.done + group.width) if self.running else longest
+        try:
+            logits = self._forward(group.seqs, "prefill", group.ids[:, group.done:end],
+                                   group.mask[:, :end], group.positions[:, group.done:end],
+                                   group.cache)
+        except Exception as exc:
+            self._chunked = None
+            self._prefill_failed(group.seqs, exc)
+            return
+        self.prefill_chunks += 1
+        group.done = end
+        if end == longest:
+            self._chunked = None
+            self._join(group.seqs, group.cache, group.mask, logits)
+
+    def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
+        return DynamicCache(config=self.model_config)
+
+    def _group_inputs(self, seqs: list[Sequence]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ``(ids, mask, positions)`` of the group's prompts, on the device."""
         longest = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), longest), dtype=torch.long)
@@ -706,17 +774,21 @@ class Engine:
             ids[row, longest - n:] = torch.tensor(seq.prompt_ids, dtype=torch.long)
             mask[row, longest - n:] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model_config)
-        logits = self._forward(seqs, "prefill", ids.to(self.device), mask.to(self.device),
-                               positions.to(self.device), cache)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _join(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor,
+              logits: torch.Tensor) -> None:
+        """A prefilled group joins the running batch and takes its first tokens."""
         group = _Batch(
             seqs=list(seqs),
             cache=cache,
-            mask=mask.to(self.device),
-            positions=mask.sum(dim=1).to(self.device),
+            mask=mask,
+            positions=mask.sum(dim=1),
             last_tokens=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
         )
-        return group, logits
+        self._merge(group)
+        assert self._batch is not None
+        self._accept_tokens(list(seqs), logits, offset=len(self._batch.seqs) - len(seqs))
 
     def _merge(self, group: _Batch) -> None:
         if self._batch is None or not self._batch.seqs:

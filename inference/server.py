@@ -167,6 +167,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         eos_token_ids=eos,
         torch_threads=settings.torch_threads,
         admission=settings.admission,

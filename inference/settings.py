@@ -106,6 +106,10 @@ class ServeSettings(LogSettings, BaseSettings):
     max_new_tokens_limit: int = Field(2048, ge=1)
     default_max_new_tokens: int = Field(128, ge=1)
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled per step.")
+    prefill_chunk_tokens: int = Field(
+        0, ge=0, description="While rows decode, prefill a newly admitted group of more than "
+        "this many (padded) prompt tokens in chunks of about this many, one per decode step, "
+        "so long prompts do not stall every running stream. 0 = one pass.")
     prefetch_adapters: bool = Field(
         True, description="Start loading waiting requests' adapters (disk reads on a loader "
         "thread; free device slots only, nothing evicted) before their turn.")

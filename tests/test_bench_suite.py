@@ -113,6 +113,20 @@ def test_summary_counts_cut_off_requests_as_lower_bounds() -> None:
     assert not clean.p99_ttft_lower and clean.p99_latency_s == pytest.approx(1.0)
 
 
+def test_stall_percentiles_cover_finished_streamed_requests_only() -> None:
+    """Each request's longest wait between two tokens; requests without one (not streamed,
+    one token, cut off, failed) are left out."""
+    recs = [RequestRecord("a", sent_s=0.0, ttft_s=0.1, latency_s=1.0, max_gap_s=0.01 * i)
+            for i in range(1, 101)]
+    recs.append(RequestRecord("b", sent_s=0.0, ttft_s=0.1, latency_s=0.1))  # one token
+    recs.append(RequestRecord("c", sent_s=0.0, ttft_s=0.1, max_gap_s=9.0))  # cut off
+    recs.append(RequestRecord("d", sent_s=0.0, max_gap_s=9.0, error="HTTP 503"))
+    s = summarize(recs, wall_s=10.0, cutoff_s=10.0)
+    assert s.p50_max_gap_s == pytest.approx(0.505)
+    assert s.p99_max_gap_s == pytest.approx(0.9901)
+    assert summarize(recs[100:101], wall_s=1.0).p99_max_gap_s is None
+
+
 def _closed(lmx: float, base: float, seed: float, vllm: float | None) -> dict:
     systems = {"loramux": {8: lmx, 16: lmx}, "base": {8: base, 16: base},
                "seed": {8: seed, 16: seed}}
