@@ -253,7 +253,6 @@ class _Chunked:
     mask: torch.Tensor  # [rows, longest]
     positions: torch.Tensor  # [rows, longest]
     cache: Any  # transformers DynamicCache, filled up to column ``done``
-    width: int  # columns per chunk
     done: int = 0
 
 
@@ -318,8 +317,8 @@ class Engine:
             prompt_token_cost=prompt_token_cost, output_token_cost=output_token_cost,
             weight=lambda tenant: self._policy(tenant).weight)
         self._batch: _Batch | None = None
-        self._prefilling: list[Sequence] = []  # admitted, not yet in the batch
-        self._chunked: _Chunked | None = None  # a group prefilled over several steps
+        self._prefilling: list[Sequence] = []  # admitted, being prefilled in this step
+        self._chunked: _Chunked | None = None  # admitted, prefilled over several steps
         self.prefill_chunks = 0  # forward passes that prefilled part of a group
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -462,7 +461,8 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Rows run or requests wait (submitted, not yet admitted or ended)."""
-        return self.running > 0 or self._pending > 0 or bool(self._prefilling)
+        return (self.running > 0 or self._pending > 0 or bool(self._prefilling)
+                or self._chunked is not None)
 
     def stalled_for(self, limit_s: float) -> float | None:
         """Seconds without a completed loop iteration while busy, if more than ``limit_s``."""
@@ -483,7 +483,7 @@ class Engine:
         finally:
             # Nobody waits for an engine that is gone: every row and queued request ends now.
             self._fail_batch(503, reason)
-            for seq in self._prefilling:
+            for seq in [*self._prefilling, *(self._chunked.seqs if self._chunked else [])]:
                 self._finish_error(seq, 503, reason)
             while True:
                 try:
@@ -525,25 +525,23 @@ class Engine:
             self._waiting.push(seq.tenant_label, seq)
         self.cache.promote_pinned()
         self._reap()
-        # One group prefills at a time: while one is chunked, nothing else is admitted.
-        admitted = [] if self._chunked is not None else self._admit()
-        if admitted or self._chunked is not None:
-            self._prefilling = self._prefilling or admitted
-            try:
-                if self._chunked is not None:
-                    self._prefill_chunk()
-                else:
-                    self._prefill(admitted)
-            except Exception:
-                # Admitted rows are in neither the waiting queue nor the batch yet: end them
-                # here so no client waits forever.
-                for seq in self._prefilling:
-                    self._finish_error(seq, 503, "the engine failed to prefill this request")
-                self._prefilling, self._chunked = [], None
-                raise
-            # Not in a finally: if the thread dies, _run ends these rows.
-            if self._chunked is None:
-                self._prefilling = []
+        if self._chunked is None:
+            admitted = self._admit(self.max_prefill_tokens)
+            if admitted:
+                self._guarded(admitted, lambda: self._prefill(admitted))
+                worked = True
+        else:
+            # A step's prefill work stays within prefill_chunk_tokens: requests that fit in
+            # half of it are admitted and prefilled in one pass (short prompts do not wait
+            # for a long one), the chunk takes the rest.
+            budget = self.prefill_chunk_tokens
+            side = self._admit(budget // 2, padded=True)
+            if side:
+                self._guarded(side, lambda: self._prefill(side, chunk=False))
+            used = len(side) * max((len(s.prompt_ids) for s in side), default=0)
+            chunked = self._chunked
+            if chunked is not None:
+                self._guarded(chunked.seqs, lambda: self._prefill_chunk(budget - used))
             worked = True
         if self.prefetch_adapters and self._waiting:
             self._prefetch()
@@ -554,6 +552,22 @@ class Engine:
         return worked
 
     PREFETCH_SCAN = 64  # waiting requests looked at per step, at most
+
+    def _guarded(self, seqs: list[Sequence], prefill: Callable[[], None]) -> None:
+        """Run a prefill of admitted ``seqs``; if it raises past its own handling, end them
+        (they are in neither the waiting queue nor the batch: nobody else would)."""
+        self._prefilling = seqs
+        try:
+            prefill()
+        except Exception:
+            for seq in seqs:
+                self._finish_error(seq, 503, "the engine failed to prefill this request")
+            if self._chunked is not None and self._chunked.seqs[0] in seqs:
+                self._chunked = None
+            self._prefilling = []
+            raise
+        # Not in a finally: if the thread dies, _run ends these rows.
+        self._prefilling = []
 
     def _prefetch(self) -> None:
         """Start bringing the adapters of requests still waiting (the batch is full, or
@@ -614,9 +628,15 @@ class Engine:
             self._pending -= 1
         self.metrics.queue_depth.dec()
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, budget: int, padded: bool = False) -> list[Sequence]:
+        """Waiting requests for one prefill group: ready ones, fairly ordered, within the
+        batch's free rows and ``budget`` prompt tokens (``padded``: counted as the group's
+        rows x longest prompt, what a one-pass prefill computes; a lone request longer than
+        an unpadded budget is still admitted, alone)."""
         room = self.max_batch_size - self.running
-        budget = self.max_prefill_tokens
+        if self._chunked is not None:
+            room -= len(self._chunked.seqs)
+        longest = 0
         admitted: list[Sequence] = []
         # Adapter states seen in this round that are not READY (prepare once per entry).
         states: dict[int, Prepared] = {}
@@ -644,8 +664,12 @@ class Engine:
             failed.clear()
             if seq is None:
                 break
-            if admitted and len(seq.prompt_ids) > budget:
+            n = len(seq.prompt_ids)
+            if padded and (len(admitted) + 1) * max(longest, n) > budget:
                 break
+            if not padded and admitted and n > budget:
+                break
+            longest = max(longest, n)
             label = self._waiting.take(seq)
             seq.admitted = True
             self._unqueue(seq)
@@ -654,7 +678,8 @@ class Engine:
             self._count_tokens(label, len(seq.prompt_ids), now)
             admitted.append(seq)
             room -= 1
-            budget -= len(seq.prompt_ids)
+            if not padded:
+                budget -= n
         return admitted
 
     def _slots(self, seqs: list[Sequence]) -> list[str | None]:
@@ -705,9 +730,8 @@ class Engine:
             ids, mask, positions = self._group_inputs(seqs)
             budget = self.prefill_chunk_tokens
             if chunk and budget and self.running and ids.numel() > budget:
-                self._chunked = _Chunked(list(seqs), ids, mask, positions, self._new_cache(),
-                                         width=max(1, budget // len(seqs)))
-                self._prefill_chunk()
+                self._chunked = _Chunked(list(seqs), ids, mask, positions, self._new_cache())
+                self._prefill_chunk(budget)
                 return
             cache = self._new_cache()
             logits = self._forward(seqs, "prefill", ids, mask, positions, cache)
@@ -729,9 +753,9 @@ class Engine:
         self._finish_error(seqs[0], 503, "the server ran out of memory prefilling this "
                            "request" if oom else "the engine failed to prefill this request")
 
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the chunked group: ``width`` columns (every remaining column
-        once no row decodes any more, since then nobody waits for the step). The last chunk
+    def _prefill_chunk(self, tokens: int) -> None:
+        """The next chunk of the chunked group: ``tokens // rows`` columns, at least one
+        (every remaining column once no row decodes, since then nobody waits). The last chunk
         joins the group to the batch and yields its first tokens. If a chunk raises, the
         group is prefilled again from the start, one row at a time (as :meth:`_prefill`)."""
         group = self._chunked
@@ -743,7 +767,8 @@ class Engine:
                 self._end(seq, now)
             return
         longest = group.ids.shape[1]
-        end = min(longest, group.done + group.width) if self.running else longest
+        width = max(1, tokens // len(group.seqs))
+        end = min(longest, group.done + width) if self.running else longest
         try:
             logits = self._forward(group.seqs, "prefill", group.ids[:, group.done:end],
                                    group.mask[:, :end], group.positions[:, group.done:end],

@@ -29,9 +29,9 @@ def _spy(rig: EngineRig, runner) -> tuple[list[int], list[torch.Tensor]]:
     joined: list[torch.Tensor] = []
     real_chunk, real_join = engine._prefill_chunk, engine._join
 
-    def chunk() -> None:
+    def chunk(tokens: int) -> None:
         counts.append(len(runner.generated))
-        real_chunk()
+        real_chunk(tokens)
 
     def join(seqs, cache, mask, logits) -> None:
         joined.append(logits.clone())
@@ -90,6 +90,34 @@ def test_a_long_group_is_prefilled_between_decode_steps_with_one_pass_logits(rig
     torch.testing.assert_close(joined[0], _one_pass_logits(rig, group), rtol=1e-4, atol=1e-4)
 
 
+def test_a_short_request_does_not_wait_for_a_long_prefill(rig):
+    """While a long group is chunked, a request whose prompt fits in half the chunk budget
+    is admitted and prefilled in one pass, in the same step as a (narrower) chunk."""
+    engine = rig.engine
+    runner = _start_runner(rig)
+    short = rig.seq("retail", 3, prompt_len=CHUNK // 2)
+    real_chunk = engine._prefill_chunk
+    widths: list[int] = []
+
+    def chunk(tokens: int) -> None:
+        if not widths:
+            rig.submit(short)  # arrives while the long group is being chunked
+        widths.append(tokens)
+        real_chunk(tokens)
+
+    engine._prefill_chunk = chunk
+    try:
+        long = rig.seq("medical", 4, prompt_len=LONG_PROMPT)
+        rig.submit(long)
+        rig.wait_until(lambda: long.done and short.done and runner.done)
+    finally:
+        engine.__dict__.pop("_prefill_chunk", None)
+    assert short.first_token_at < long.first_token_at
+    assert len(short.generated) == 3 and len(long.generated) == 4
+    # the step that prefilled the short prompt gave the chunk only what was left
+    assert widths[0] == CHUNK and CHUNK - CHUNK // 2 in widths
+
+
 def test_a_short_group_or_an_idle_engine_prefills_in_one_pass(rig):
     before = rig.engine.prefill_chunks
     alone = rig.seq("retail", 3, prompt_len=LONG_PROMPT)  # nobody decodes: one pass
@@ -143,9 +171,9 @@ def test_cancelled_rows_stop_their_chunked_prefill(rig):
     real_chunk = engine._prefill_chunk
     chunks: list[int] = []
 
-    def chunk() -> None:
+    def chunk(tokens: int) -> None:
         chunks.append(engine._chunked.done)
-        real_chunk()
+        real_chunk(tokens)
         seq.cancel()  # as the HTTP side does when the client disconnects
 
     engine._prefill_chunk = chunk
