@@ -276,7 +276,7 @@ class Engine:
         max_batch_size: int,
         max_queue: int,
         max_prefill_tokens: int = 4096,
-        prefill_chunk_tokens: int = 0,
+        prefill_chunk_tokens: int = 512,
         eos_token_ids: set[int] | None = None,
         torch_threads: int | None = None,
         admission: str = "fair",

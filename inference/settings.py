@@ -107,9 +107,11 @@ class ServeSettings(LogSettings, BaseSettings):
     default_max_new_tokens: int = Field(128, ge=1)
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled per step.")
     prefill_chunk_tokens: int = Field(
-        0, ge=0, description="While rows decode, prefill a newly admitted group of more than "
-        "this many (padded) prompt tokens in chunks of about this many, one per decode step, "
-        "so long prompts do not stall every running stream. 0 = one pass.")
+        512, ge=0, description="While rows decode, prefill a newly admitted group of more "
+        "than this many (padded) prompt tokens in chunks of about this many, one per decode "
+        "step, so long prompts do not stall every running stream; requests that fit in half "
+        "of it are prefilled beside the chunk. 0 = always one pass. On a GPU, prefill is "
+        "cheap per token: a few thousand suits it better.")
     prefetch_adapters: bool = Field(
         True, description="Start loading waiting requests' adapters (disk reads on a loader "
         "thread; free device slots only, nothing evicted) before their turn.")
