@@ -11,6 +11,9 @@ engine thread loops:
    keeps), or arrival order (``"fifo"``). A sequence whose adapter is still loading stays
    waiting and does not hold up anyone else;
 4. prefill the admitted prompts in one forward pass and splice them into the running batch;
+   while rows decode, a group of more than ``prefill_chunk_tokens`` padded prompt tokens
+   is prefilled that many per step instead (a chunk, then step 5), and requests that fit
+   in half the budget are prefilled beside it, so a long prompt stalls nobody for long;
 5. decode one token for every running sequence, whatever its tenant, in one forward pass.
 
 Each row carries its own adapter slot; there is no model-wide active adapter and no lock
