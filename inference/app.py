@@ -803,7 +803,7 @@ async def list_adapters(runtime: RuntimeDep) -> AdapterList:
     return AdapterList(adapters=runtime.tenants.views(), base_model=runtime.base_name,
                        base_model_aliases=list(runtime.base_names),
                        queue_depth=max(0, int(getattr(engine, "queue_depth", 0))),
-                       running=max(0, int(getattr(engine, "running", 0))))
+                       running=max(0, int(getattr(engine, "rows_in_use", 0))))
 
 
 @admin.put("/adapters/{tenant}/{version}")

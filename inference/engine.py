@@ -453,6 +453,13 @@ class Engine:
         return len(batch.seqs) if batch is not None else 0
 
     @property
+    def rows_in_use(self) -> int:
+        """Running rows plus the rows of a group still being prefilled in chunks (the load
+        the pool's placement table sees)."""
+        chunked = self._chunked
+        return self.running + (len(chunked.seqs) if chunked is not None else 0)
+
+    @property
     def queue_depth(self) -> int:
         """Requests submitted and not yet admitted to a row (the server's load, for routing)."""
         return self._pending
@@ -763,9 +770,9 @@ class Engine:
         group is prefilled again from the start, one row at a time (as :meth:`_prefill`)."""
         group = self._chunked
         assert group is not None
-        if all(s.cancelled for s in group.seqs):  # nobody is left to answer: stop here
-            self._chunked = None
-            now = time.monotonic()
+        now = time.monotonic()
+        if all(s.cancelled or now - s.submitted_at > s.timeout_s for s in group.seqs):
+            self._chunked = None  # nobody is left to answer (gone or timed out): stop here
             for seq in group.seqs:
                 self._end(seq, now)
             return

@@ -162,19 +162,29 @@ def test_a_chunk_that_fails_costs_nobody(rig):
     assert engine._chunked is None and not engine._prefilling
 
 
-def test_cancelled_rows_stop_their_chunked_prefill(rig):
-    """The client goes away during the first chunk: the next step drops the group (499)
-    instead of prefilling the rest of it for nobody."""
+@pytest.mark.parametrize("ending", ["cancel", "timeout"])
+def test_cancelled_or_timed_out_rows_stop_their_chunked_prefill(rig, ending):
+    """The client goes away (or the request's timeout passes) during the first chunk: the
+    next step drops the group (499 or 504) instead of prefilling the rest for nobody. While
+    chunked, its row counts in the load the placement table sees."""
     engine = rig.engine
     runner = _start_runner(rig)
     seq = rig.seq("medical", 5, prompt_len=LONG_PROMPT)
+    outcome = {"cancel": "cancelled", "timeout": "timeout"}[ending]
+    counts = engine.metrics.requests._per_tenant
+    before = counts.get(("medical", outcome), 0.0)
     real_chunk = engine._prefill_chunk
     chunks: list[int] = []
+    load: list[int] = []
 
     def chunk(tokens: int) -> None:
         chunks.append(engine._chunked.done)
         real_chunk(tokens)
-        seq.cancel()  # as the HTTP side does when the client disconnects
+        load.append(engine.rows_in_use)
+        if ending == "cancel":
+            seq.cancel()  # as the HTTP side does when the client disconnects
+        else:
+            seq.timeout_s = 0.0
 
     engine._prefill_chunk = chunk
     try:
@@ -183,5 +193,7 @@ def test_cancelled_rows_stop_their_chunked_prefill(rig):
     finally:
         engine.__dict__.pop("_prefill_chunk", None)
     assert chunks == [0, CHUNK]  # one chunk ran; the next call saw nobody left and stopped
+    assert load[0] == 2  # the runner's row and the chunked one
+    assert counts.get(("medical", outcome), 0.0) == before + 1  # ended 499 / 504
     assert len(seq.generated) == 0 and len(runner.generated) == 48
     assert engine._chunked is None and not engine._prefilling
