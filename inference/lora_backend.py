@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import HostAdapter
+from .precision import cpu_info
 
 log = logging.getLogger("loramux.backend")
 
@@ -184,6 +185,14 @@ def plan_groups(ranks: list[int], tokens: int, group_cost: int | None = None
 # bf16 stacks: 142 / 96, 342 / 173, 295 / 229. Prefills (rows x tokens in the hundreds)
 # take the gathered path.
 DENSE_BUDGET = 12_288
+# ... but with fp32 stacks on a CPU without native bf16 (AVX2 FMA only, as AMD EPYC and
+# older Xeons), the dense form's wasted columns are real compute from a few rows on: in
+# process on an AVX2 EPYC (bench/bench_lora_layer.py --dtype fp32, extra us, gathered /
+# dense), 16 rows at width 272: 152 / 213; 8 rows on 16 adapters (2,176 units): 118 / 132;
+# 8 rows at width 144: 119 / 126; 4 rows: 103 / 100. Whole decode steps, the default model
+# with 16 rank-16 q/k/v/o tenants, 5 interleaved repetitions, median ms: 16 distinct rows
+# 144.9 gathered against 161.6 dense (the base rows alone 126.8); 8 rows 134.3 / 136.1.
+DENSE_BUDGET_FP32_AVX2 = 1_024
 # ... and never when it would read more than this many times the adapter weights the step
 # needs: the dense form reads positions 0..used-1 at the layer's padded rank, whether or
 # not a row uses them, and reading weights is most of a CPU decode step (8 rows on ids
@@ -214,6 +223,9 @@ class _RowContext:
         self.present: set[int] = set()  # global adapter ids in this step
         self.uniform: int | None = None  # set when every row uses the same adapter
         self.merge = False  # a uniform step may run on weights with the adapter merged in
+        # fp32 stacks on a CPU without native bf16: dense only for the smallest steps
+        # (DENSE_BUDGET_FP32_AVX2)
+        self.fp32_avx2 = False
         self.rows = 0
         self.tokens = 1
         self.used = 0  # adapter positions 0..used-1 cover every row's adapter
@@ -275,7 +287,8 @@ class _RowContext:
         decode step."""
         rank = self.rank_width(r_max)
         width = self.used * rank
-        return (self.rows * self.tokens * width <= DENSE_BUDGET
+        budget = DENSE_BUDGET_FP32_AVX2 if self.fp32_avx2 else DENSE_BUDGET
+        return (self.rows * self.tokens * width <= budget
                 and width <= DENSE_MAX_WASTE * self.needed + rank
                 and (rank == r_max or width <= DENSE_MAX_COPY))
 
@@ -504,6 +517,8 @@ class BatchedLoraBackend:
         self.lora_dtype = lora_dtype
         self._ctx = _RowContext()
         self._ctx.merge = merge_uniform
+        self._ctx.fp32_avx2 = (lora_dtype == torch.float32 and _module_device(model).type == "cpu"
+                               and not cpu_info().native_bf16)
         self._ids: dict[str, int] = {}
         self._ranks: dict[int, int] = {}  # global id -> the adapter's largest rank
         self._free_ids: list[int] = []

@@ -57,6 +57,7 @@ def form(request, monkeypatch):
 
     dense = request.param == "dense"
     monkeypatch.setattr(lora_backend, "DENSE_BUDGET", 10**9 if dense else 0)
+    monkeypatch.setattr(lora_backend, "DENSE_BUDGET_FP32_AVX2", 10**9 if dense else 0)
     monkeypatch.setattr(lora_backend, "DENSE_MAX_WASTE", 10**9 if dense else 0)
     return request.param
 
@@ -289,6 +290,31 @@ def test_a_step_runs_dense_only_when_it_reads_little_more_than_it_needs():
     assert mask.shape == (4, 3 * 64)
     assert not mask[0, 64:128].any() and mask[0, :64].all() and mask[0, 128:].all()
     assert mask[2].all() and mask[3].all()  # base rows read no adapter column
+    # fp32 stacks on a CPU without native bf16: dense only for the smallest steps
+    ctx.fp32_avx2 = True
+    ctx.set(list(range(1, 17)), [16] * 16, tokens=1)
+    assert not ctx.dense(16)
+    ctx.set(list(range(1, 5)), [16] * 4, tokens=1)
+    assert ctx.dense(16)
+
+
+@pytest.mark.parametrize("flags,dtype,expected", [
+    ({"avx2"}, torch.float32, True),
+    ({"avx2", "avx512_bf16", "amx_bf16"}, torch.float32, False),
+    ({"avx2"}, torch.bfloat16, False),
+])
+def test_the_dense_budget_follows_the_cpu_and_the_stacks_dtype(tiny_model_dir, monkeypatch,
+                                                               flags, dtype, expected):
+    """fp32 stacks on a CPU without native bf16 get the small dense budget; any other
+    combination keeps DENSE_BUDGET."""
+    from loramux.inference import lora_backend
+    from loramux.inference.model_loader import load_base_model
+    from loramux.inference.precision import CpuInfo
+
+    monkeypatch.setattr(lora_backend, "cpu_info",
+                        lambda: CpuInfo("test cpu", frozenset(flags)))
+    model = load_base_model(tiny_model_dir, "none", "cpu", compute_dtype="fp32").model
+    assert BatchedLoraBackend(model, lora_dtype=dtype)._ctx.fp32_avx2 is expected
 
 
 def test_lora_stacks_follow_the_compute_dtype_and_compute_the_same_function(tiny_model_dir,
@@ -325,6 +351,7 @@ def test_lora_stacks_follow_the_compute_dtype_and_compute_the_same_function(tiny
         layer = next(iter(backend._layers.values()))
         assert layer.A.dtype == dtype and layer.B.dtype == dtype
         for budget in (0, 10**9):  # gathered, dense
+            backend._ctx.fp32_avx2 = False  # DENSE_BUDGET decides on any CPU
             lora_backend.DENSE_BUDGET, saved = budget, lora_backend.DENSE_BUDGET
             lora_backend.DENSE_MAX_WASTE, saved_waste = 10**9, lora_backend.DENSE_MAX_WASTE
             try:
