@@ -58,7 +58,15 @@ from loramux.names import AdapterRef, InvalidName, TenantRef, validate_label
 from .access import Principal, Unauthenticated
 from .adapter_cache import AdapterConflict, AdapterUnavailable, UnknownAdapter
 from .adapters import AdapterRejected
-from .engine import EngineDown, ErrorEvent, FinishEvent, QueueFull, Sequence, TokenEvent
+from .engine import (
+    EngineDown,
+    ErrorEvent,
+    FinishEvent,
+    Overloaded,
+    QueueFull,
+    Sequence,
+    TokenEvent,
+)
 from .fairness import TenantLimited
 from .metrics import BASE_LABEL
 from .routing import Forwarded, TenantRouter, UsageReader, was_forwarded
@@ -355,8 +363,9 @@ def _submit(runtime: Runtime, target: Target, prompt_ids: list[int],
                            {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
     except QueueFull as exc:
         _release(runtime, target)
-        raise ServiceError(429, f"server is busy: {exc}", "queue_full",
-                           {"Retry-After": "1"}) from exc
+        raise ServiceError(429, f"server is busy: {exc}",
+                           "overloaded" if isinstance(exc, Overloaded) else "queue_full",
+                           {"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
     return seq
 
 
@@ -365,8 +374,13 @@ def _release(runtime: Runtime, target: Target) -> None:
         runtime.cache.release(target.entry)
 
 
+def _error_code(event: ErrorEvent) -> str:
+    # 429 from the engine: shed after waiting longer than --max-queue-wait-s
+    return "overloaded" if event.status == 429 else "generation_failed"
+
+
 def _error_payload(event: ErrorEvent) -> dict:
-    return error_body(event.status, "generation_failed", public_reason(event.reason))["error"]
+    return error_body(event.status, _error_code(event), public_reason(event.reason))["error"]
 
 
 async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
@@ -390,8 +404,11 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
             if isinstance(event, ErrorEvent):
                 # Which version failed, as on a success (a canary's failures are its own).
                 adapter = str(seq.entry.ref) if seq.entry is not None else "none"
+                headers = {"X-Loramux-Adapter": adapter}
+                if event.status == 429:
+                    headers["Retry-After"] = "1"
                 raise ServiceError(event.status, public_reason(event.reason),
-                                   "generation_failed", {"X-Loramux-Adapter": adapter})
+                                   _error_code(event), headers)
     finally:
         if not seq.done:
             seq.cancel()

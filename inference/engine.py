@@ -38,6 +38,15 @@ global queue bound; a refusal is :class:`~.fairness.TenantLimited`. Every way a 
 (finish, error, cancel, timeout, engine death) releases its counts, in ``_unqueue`` (it left
 the waiting queue) and ``_end_sequence`` (it ended).
 
+A bound on the wait for a row (``max_queue_wait_s``, off by default) keeps time to first
+token low under overload by refusing early what would wait too long. :meth:`Engine.submit`
+estimates the new request's wait from the requests ahead of it (under fair admission, about
+one round of the backlogged tenants per request of its own tenant already waiting) and the
+admissions of the recent past, and refuses it at once (:class:`Overloaded`, 429 with
+``Retry-After``) if the estimate exceeds the bound; a request that still waits longer (the
+estimate was wrong) is ended with a 429 when it does. Neither counts against its adapter
+version's health: overload is not the adapter's fault.
+
 ``LORAMUX_TEST_FAULTS`` (tests only) injects faults for chosen tenants; see
 :func:`parse_faults`.
 """
@@ -99,6 +108,19 @@ def confine_torch_threads() -> None:
 
 class QueueFull(RuntimeError):
     """Too many requests wait to join the batch (HTTP 429)."""
+
+    retry_after_s = 1.0
+
+
+class Overloaded(QueueFull):
+    """The new request would wait longer than ``max_queue_wait_s`` for a row (HTTP 429)."""
+
+    def __init__(self, estimate_s: float, limit_s: float) -> None:
+        super().__init__(f"a new request would wait about {estimate_s:.1f}s for a row, more "
+                         f"than this server's max_queue_wait_s of {limit_s:g}s")
+        self.estimate_s = estimate_s
+        # the backlog beyond the bound should have drained by then
+        self.retry_after_s = min(60.0, max(1.0, estimate_s - limit_s))
 
 
 class EngineDown(RuntimeError):
@@ -287,6 +309,7 @@ class Engine:
         output_token_cost: float = 2.0,
         default_policy: TenantPolicy = TenantPolicy(),  # noqa: B008 - frozen, immutable
         prefetch_adapters: bool = True,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -300,6 +323,11 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = eos_token_ids or set()
         self.prefetch_adapters = prefetch_adapters
+        self.max_queue_wait_s = max_queue_wait_s
+        # When recent requests left the waiting queue for a row (the engine thread appends;
+        # submit reads a snapshot): the service rate behind the wait estimate.
+        self._admitted_at: deque[float] = deque(maxlen=256)
+        self._backlogged = 0  # tenants with a request waiting (tenant lock)
         self.torch_threads = torch_threads or available_cpus()
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -371,12 +399,19 @@ class Engine:
             policy = self._policy(label)
             usage = self._usage.get(label) or _Usage()
             self._check_limits(label, policy, usage, now)
+            if self.max_queue_wait_s is not None:
+                wait = self._estimated_wait(usage.waiting, now)
+                if wait is not None and wait > self.max_queue_wait_s:
+                    self.metrics.requests_shed.labels(label, "estimated_wait").inc()
+                    raise Overloaded(wait, self.max_queue_wait_s)
             with self._pending_lock:
                 if self._pending >= self.max_queue:
                     raise QueueFull(
                         f"{self._pending} requests already wait (limit {self.max_queue})")
                 self._pending += 1
             self._usage[label] = usage
+            if usage.waiting == 0:
+                self._backlogged += 1
             usage.waiting += 1
             usage.in_flight += 1
             self.metrics.request_started(label)  # loramux_tenant_in_flight, without a walk
@@ -386,6 +421,29 @@ class Engine:
         self.metrics.queue_depth.inc()
         self._inbox.put(seq)
         self._wake.set()
+
+    def _estimated_wait(self, own_waiting: int, now: float) -> float | None:
+        """Seconds a request submitted now would wait for a row, or None without the
+        evidence to say (an empty queue, or fewer than 4 admissions in the window).
+
+        The requests ahead of it: every waiting one under fifo; under fair admission about
+        one per backlogged tenant for each request its own tenant already has waiting (a
+        tenant with nothing waiting is near the front: its counter starts at the lowest).
+        Weights are ignored. The service rate: admissions in the last max(10 s, 2 x the
+        bound), over the time since the window's first, so a stalled queue's rate decays."""
+        pending = self._pending
+        if pending == 0 or self.max_queue_wait_s is None:
+            return None
+        window = max(10.0, 2 * self.max_queue_wait_s)
+        times = [t for t in list(self._admitted_at) if now - t <= window]  # list(): atomic
+        if len(times) < 4:
+            return None
+        rate = len(times) / max(now - times[0], 1e-3)
+        if self.admission == "fifo":
+            ahead = pending
+        else:
+            ahead = min(pending, (own_waiting + 1) * max(1, self._backlogged))
+        return ahead / rate
 
     def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
         """Set ``tenant``'s weight and limits (``None``: back to the default policy). Applies
@@ -609,11 +667,19 @@ class Engine:
     def _reap(self) -> None:
         """Finish cancelled or timed-out sequences, waiting or running."""
         now = time.monotonic()
+        limit = self.max_queue_wait_s
         for seq in list(self._waiting):
-            if seq.cancelled or now - seq.submitted_at > seq.timeout_s:
+            waited = now - seq.submitted_at
+            if seq.cancelled or waited > seq.timeout_s:
                 self._waiting.remove(seq)
                 self._unqueue(seq)
                 self._end(seq, now)
+            elif limit is not None and waited > limit:
+                self._waiting.remove(seq)
+                self._unqueue(seq)
+                self.metrics.requests_shed.labels(seq.tenant_label, "queue_wait").inc()
+                self._finish_error(seq, 429, f"waited {waited:.1f}s for a row, more than "
+                                   f"this server's max_queue_wait_s of {limit:g}s; retry")
         if self._batch is not None:
             gone = [s for s in self._batch.seqs
                     if s.cancelled or now - s.submitted_at > s.timeout_s]
@@ -634,6 +700,8 @@ class Engine:
             usage = self._usage.get(seq.tenant_label)
             if usage is not None and usage.waiting > 0:
                 usage.waiting -= 1
+                if usage.waiting == 0:
+                    self._backlogged -= 1
         with self._pending_lock:
             self._pending -= 1
         self.metrics.queue_depth.dec()
@@ -684,6 +752,7 @@ class Engine:
             seq.admitted = True
             self._unqueue(seq)
             now = time.monotonic()
+            self._admitted_at.append(now)
             self._waiting.charge(label, prompt_tokens=len(seq.prompt_ids))
             self._count_tokens(label, len(seq.prompt_ids), now)
             admitted.append(seq)
@@ -1035,8 +1104,9 @@ class Engine:
     def _finish_error(self, seq: Sequence, status: int, reason: str) -> None:
         if seq.done:
             return
-        outcome = {499: "cancelled", 504: "timeout"}.get(status, "error")
+        outcome = {499: "cancelled", 504: "timeout", 429: "shed"}.get(status, "error")
         self.metrics.requests.labels(seq.tenant_label, outcome).inc()
-        if seq.entry is not None and status != 499:  # a client that left is no verdict
+        # a client that left, or a request shed for overload, is no verdict on the adapter
+        if seq.entry is not None and status not in (429, 499):
             seq.entry.outcomes.finished(None, error=status >= 500)
         self._end_sequence(seq, ErrorEvent(status, reason))

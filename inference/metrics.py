@@ -142,6 +142,13 @@ class Metrics:
             "tokens_per_minute, max_queued).",
             ["tenant", "limit"], registry=r,
         )
+        self.requests_shed = TenantCounter(
+            "loramux_requests_shed_total",
+            "Requests refused with 429 for overload under --max-queue-wait-s: estimated_wait "
+            "(refused at submission: the estimated wait for a row exceeded the bound), "
+            "queue_wait (ended after waiting longer than the bound).",
+            ["tenant", "reason"], registry=r,
+        )
         self.auth_failures = Counter(
             "loramux_auth_failures_total",
             "Requests refused for their key: 401 (missing or unknown key) or 403 (the key "

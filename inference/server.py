@@ -175,6 +175,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         output_token_cost=settings.output_token_cost,
         default_policy=default_policy(settings),
         prefetch_adapters=settings.prefetch_adapters,
+        max_queue_wait_s=settings.max_queue_wait_s,
     )
     access.attach(lambda tenant, a: _apply_policy(settings, engine, tenant, a))
     runtime = Runtime(settings, base, cache, tenants, engine, metrics,

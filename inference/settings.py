@@ -115,6 +115,12 @@ class ServeSettings(LogSettings, BaseSettings):
     prefetch_adapters: bool = Field(
         True, description="Start loading waiting requests' adapters (disk reads on a loader "
         "thread; free device slots only, nothing evicted) before their turn.")
+    max_queue_wait_s: float | None = Field(
+        None, gt=0, description="Bound on a request's wait for a row, to keep time to first "
+        "token low under overload: a request whose estimated wait (requests ahead of it over "
+        "the recent admission rate) exceeds it is refused at once with 429 and Retry-After, "
+        "and one that still waits longer is ended with 429. Default: no bound (requests "
+        "wait up to request_timeout_s, within max_queue).")
     request_timeout_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(60.0, gt=0, description="Max wait of DELETE for in-flight.")
     route_retry_s: float = Field(

@@ -397,6 +397,10 @@ capabilities:
   value: {{ $inf.limits.maxPrefillTokens | quote }}
 - name: LORAMUX_REQUEST_TIMEOUT_S
   value: {{ $inf.limits.requestTimeoutSeconds | quote }}
+{{- if not (kindIs "invalid" $inf.limits.maxQueueWaitSeconds) }}
+- name: LORAMUX_MAX_QUEUE_WAIT_S
+  value: {{ $inf.limits.maxQueueWaitSeconds | quote }}
+{{- end }}
 - name: LORAMUX_PEER_FAILOVER_S
   value: {{ $inf.peers.failoverSeconds | quote }}
 - name: LORAMUX_PEER_CONNECT_TIMEOUT_S

@@ -1,0 +1,166 @@
+"""A bound on the wait for a row (``--max-queue-wait-s``): a request whose estimated wait
+exceeds it is refused at submission (429 ``overloaded``, ``Retry-After``), one that still
+waits longer is ended with 429, and neither counts against its adapter version. The
+estimate is fair-share aware: a tenant with nothing waiting is not refused for another
+tenant's backlog. Real engine thread and real server process, tiny model, fp32."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from engine_rig import HANG_GUARD_S, EngineRig
+
+from conftest import preload_flags
+from helpers import metric_value
+from loramux.inference.engine import Overloaded
+
+LIMIT_S = 1.5
+
+
+def _rig(tiny_model_dir, adapter_root, admission: str) -> EngineRig:
+    return EngineRig(tiny_model_dir, adapter_root, ["legal", "medical", "retail"],
+                     max_batch_size=1, max_queue_wait_s=LIMIT_S, admission=admission)
+
+
+@pytest.fixture(scope="module")
+def fair(tiny_model_dir, adapter_root):
+    made = _rig(tiny_model_dir, adapter_root, "fair")
+    yield made
+    made.close()
+
+
+def _one_admission_per_second(rig: EngineRig) -> None:
+    """The recent past as the estimate reads it: 10 admissions over the last 10 s."""
+    now = time.monotonic()
+    rig.engine._admitted_at.clear()
+    rig.engine._admitted_at.extend(now - 10 + i for i in range(10))
+
+
+def _submit_all(rig: EngineRig, tenants: list[str]) -> list[str | float]:
+    """Submit one request per tenant in order, the engine held: what each got ("ok", or
+    the refusal's Retry-After)."""
+    results: list[str | float] = []
+    for tenant in tenants:
+        seq = rig.seq(tenant, 2)
+        try:
+            rig.submit(seq)
+            results.append("ok")
+        except Overloaded as exc:
+            assert exc.estimate_s > LIMIT_S
+            results.append(exc.retry_after_s)
+    return results
+
+
+def _drain(rig: EngineRig, gate) -> None:
+    gate.set()
+    rig.wait_until(lambda: rig.engine.queue_depth == 0 and rig.engine.rows_in_use == 0)
+
+
+def test_the_estimate_refuses_a_backlogged_tenant_but_not_a_light_one(fair):
+    """One admission per second and a bound of 1.5 s. medical's third request would wait
+    for its own two (about 2 s): refused. retail, with nothing waiting, would be admitted
+    after about one round of the one backlogged tenant (1 s): accepted, although 2
+    requests wait in all. legal then finds 2 tenants backlogged (2 s): refused."""
+    engine = fair.engine
+    shed = engine.metrics.requests_shed._per_tenant
+    before = shed.get(("medical", "estimated_wait"), 0.0)
+    gate = fair.hold()
+    try:
+        _one_admission_per_second(fair)
+        results = _submit_all(fair, ["medical", "medical", "medical", "retail", "legal"])
+    finally:
+        _drain(fair, gate)
+    assert results[:2] == ["ok", "ok"] and results[3] == "ok", results
+    assert isinstance(results[2], float) and results[2] >= 1.0
+    assert isinstance(results[4], float)
+    assert shed.get(("medical", "estimated_wait"), 0.0) == before + 1
+
+
+def test_under_fifo_every_request_waits_behind_the_whole_queue(tiny_model_dir, adapter_root):
+    rig = _rig(tiny_model_dir, adapter_root, "fifo")
+    try:
+        gate = rig.hold()
+        try:
+            _one_admission_per_second(rig)
+            results = _submit_all(rig, ["medical", "medical", "retail"])
+        finally:
+            _drain(rig, gate)
+    finally:
+        rig.close()
+    assert results[:2] == ["ok", "ok"] and isinstance(results[2], float), results
+
+
+def test_no_estimate_without_recent_admissions(fair):
+    """A queue with no admissions in the window (a fresh server) refuses nothing up front:
+    the bound at the queue still holds."""
+    gate = fair.hold()
+    try:
+        fair.engine._admitted_at.clear()
+        results = _submit_all(fair, ["medical"] * 4)
+    finally:
+        _drain(fair, gate)
+    assert results == ["ok"] * 4
+
+
+def test_a_request_that_waits_longer_than_the_bound_ends_with_429(fair):
+    """Held past the bound, a waiting request is shed (429, counted as shed and not against
+    its adapter version) at the next step; a request submitted after runs."""
+    engine = fair.engine
+    counts, shed = engine.metrics.requests._per_tenant, engine.metrics.requests_shed._per_tenant
+    before = counts.get(("legal", "shed"), 0.0), shed.get(("legal", "queue_wait"), 0.0)
+    gate = fair.hold()
+    try:
+        engine._admitted_at.clear()
+        late = fair.seq("legal", 2)
+        fair.submit(late)
+        outcomes = late.entry.outcomes
+        verdicts_before = outcomes.view()
+        time.sleep(LIMIT_S + 0.2)
+    finally:
+        gate.set()
+    fair.wait_until(lambda: late.done)
+    assert counts.get(("legal", "shed"), 0.0) == before[0] + 1
+    assert shed.get(("legal", "queue_wait"), 0.0) == before[1] + 1
+    assert len(late.generated) == 0
+    assert outcomes.view() == verdicts_before  # overload is no verdict on the adapter
+    on_time = fair.seq("legal", 3)
+    fair.submit(on_time)
+    fair.wait_until(lambda: on_time.done)
+    assert len(on_time.generated) == 3
+
+
+def test_a_flooded_server_answers_429_overloaded_and_serves_the_rest(
+        start_server, tiny_model_dir, adapter_root):
+    """Over HTTP: one row, a bound of 0.3 s and 8 long requests at once. The ones that
+    would wait too long get 429 with code overloaded and Retry-After; the rest are served
+    in full; the server takes work again once the flood is over."""
+    server = start_server(
+        "--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text",
+        "--auth", "none", "--max-batch-size", "1", "--max-queue-wait-s", "0.3",
+        *preload_flags(adapter_root, ["legal"]))
+    body = {"tenant_id": "legal", "prompt": "flood", "max_new_tokens": 400,
+            "ignore_eos": True}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=HANG_GUARD_S) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}/generate", json=body)
+                                          for _ in range(8)))
+
+    responses = asyncio.run(flood())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "overloaded", r.text
+            assert "max_queue_wait_s" in r.json()["error"]["message"]
+            assert int(r.headers["retry-after"]) >= 1
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 400
+    with httpx.Client(timeout=HANG_GUARD_S) as http:
+        text = http.get(f"{server.url}/metrics").text
+        assert metric_value(text, "loramux_requests_shed_total") == statuses.count(429)
+        small = {**body, "max_new_tokens": 2}
+        assert http.post(f"{server.url}/generate", json=small).status_code == 200
