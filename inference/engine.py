@@ -424,25 +424,30 @@ class Engine:
 
     def _estimated_wait(self, own_waiting: int, now: float) -> float | None:
         """Seconds a request submitted now would wait for a row, or None without the
-        evidence to say (an empty queue, or fewer than 4 admissions in the window).
+        evidence to say (fewer than 4 admissions at capacity in the window).
 
         The requests ahead of it: every waiting one under fifo; under fair admission about
         one per backlogged tenant for each request its own tenant already has waiting (a
-        tenant with nothing waiting is near the front: its counter starts at the lowest).
-        Weights are ignored. The service rate: admissions in the last max(10 s, 2 x the
-        bound), over the time since the window's first, so a stalled queue's rate decays."""
+        tenant with nothing waiting is near the front: its counter starts at the lowest);
+        weights are ignored. Free rows take that many at once. The service rate: the
+        admissions made at capacity (a full batch, or requests left waiting) in the last
+        max(10 s, 2 x the bound). A queue that has stopped moving is the reaper's to bound,
+        not the estimate's."""
         pending = self._pending
         if pending == 0 or self.max_queue_wait_s is None:
             return None
-        window = max(10.0, 2 * self.max_queue_wait_s)
-        times = [t for t in list(self._admitted_at) if now - t <= window]  # list(): atomic
-        if len(times) < 4:
-            return None
-        rate = len(times) / max(now - times[0], 1e-3)
         if self.admission == "fifo":
             ahead = pending
         else:
             ahead = min(pending, (own_waiting + 1) * max(1, self._backlogged))
+        ahead -= max(0, self.max_batch_size - self.rows_in_use)
+        if ahead <= 0:
+            return 0.0
+        window = max(10.0, 2 * self.max_queue_wait_s)
+        times = [t for t in list(self._admitted_at) if now - t <= window]  # list(): atomic
+        if len(times) < 4 or times[-1] <= times[0]:
+            return None
+        rate = (len(times) - 1) / (times[-1] - times[0])
         return ahead / rate
 
     def set_tenant_policy(self, tenant: str, policy: TenantPolicy | None) -> None:
@@ -752,13 +757,17 @@ class Engine:
             seq.admitted = True
             self._unqueue(seq)
             now = time.monotonic()
-            self._admitted_at.append(now)
             self._waiting.charge(label, prompt_tokens=len(seq.prompt_ids))
             self._count_tokens(label, len(seq.prompt_ids), now)
             admitted.append(seq)
             room -= 1
             if not padded:
                 budget -= n
+        if admitted and (room == 0 or len(self._waiting)):
+            # admissions at capacity (a full batch, or requests left waiting): the service
+            # rate the wait estimate reads; a lightly loaded server's admissions only tell
+            # its arrival rate
+            self._admitted_at.extend([time.monotonic()] * len(admitted))
         return admitted
 
     def _slots(self, seqs: list[Sequence]) -> list[str | None]:

@@ -33,10 +33,19 @@ def fair(tiny_model_dir, adapter_root):
 
 
 def _one_admission_per_second(rig: EngineRig) -> None:
-    """The recent past as the estimate reads it: 10 admissions over the last 10 s."""
+    """The recent past as the estimate reads it: 9 admissions at capacity over the last
+    9 s, one per second."""
     now = time.monotonic()
     rig.engine._admitted_at.clear()
-    rig.engine._admitted_at.extend(now - 10 + i for i in range(10))
+    rig.engine._admitted_at.extend(now - 9.5 + i for i in range(9))
+
+
+def _busy_row(rig: EngineRig):
+    """A request on the only row (held with the engine, it keeps it): no free row."""
+    runner = rig.seq("retail", 40, prompt_len=6)
+    rig.submit(runner)
+    rig.wait_until(lambda: len(runner.generated) >= 1)
+    return runner
 
 
 def _submit_all(rig: EngineRig, tenants: list[str]) -> list[str | float]:
@@ -67,6 +76,7 @@ def test_the_estimate_refuses_a_backlogged_tenant_but_not_a_light_one(fair):
     engine = fair.engine
     shed = engine.metrics.requests_shed._per_tenant
     before = shed.get(("medical", "estimated_wait"), 0.0)
+    _busy_row(fair)
     gate = fair.hold()
     try:
         _one_admission_per_second(fair)
@@ -82,6 +92,7 @@ def test_the_estimate_refuses_a_backlogged_tenant_but_not_a_light_one(fair):
 def test_under_fifo_every_request_waits_behind_the_whole_queue(tiny_model_dir, adapter_root):
     rig = _rig(tiny_model_dir, adapter_root, "fifo")
     try:
+        _busy_row(rig)
         gate = rig.hold()
         try:
             _one_admission_per_second(rig)
@@ -93,16 +104,32 @@ def test_under_fifo_every_request_waits_behind_the_whole_queue(tiny_model_dir, a
     assert results[:2] == ["ok", "ok"] and isinstance(results[2], float), results
 
 
-def test_no_estimate_without_recent_admissions(fair):
-    """A queue with no admissions in the window (a fresh server) refuses nothing up front:
-    the bound at the queue still holds."""
-    gate = fair.hold()
+def test_no_estimate_without_admissions_at_capacity_and_free_rows_wait_for_nobody(
+        tiny_model_dir, adapter_root):
+    """No admissions at capacity in the window (a fresh or lightly loaded server):
+    nothing is refused up front, the bound at the queue still holds. And requests that
+    free rows take at once are never refused, whatever the rate."""
+    rig = EngineRig(tiny_model_dir, adapter_root, ["legal", "medical", "retail"],
+                    max_batch_size=3, max_queue_wait_s=LIMIT_S)
     try:
-        fair.engine._admitted_at.clear()
-        results = _submit_all(fair, ["medical"] * 4)
+        gate = rig.hold()
+        try:
+            rig.engine._admitted_at.clear()
+            no_history = _submit_all(rig, ["medical"] * 5)
+        finally:
+            _drain(rig, gate)
+        gate = rig.hold()
+        try:
+            _one_admission_per_second(rig)
+            # 3 free rows take medical's first 4 at once (3 ahead of the 4th); its 5th has 1
+            # ahead after them (about 1 s); its 6th has 2 (about 2 s): refused
+            free_rows = _submit_all(rig, ["medical"] * 6)
+        finally:
+            _drain(rig, gate)
     finally:
-        _drain(fair, gate)
-    assert results == ["ok"] * 4
+        rig.close()
+    assert no_history == ["ok"] * 5
+    assert free_rows[:5] == ["ok"] * 5 and isinstance(free_rows[5], float), free_rows
 
 
 def test_a_request_that_waits_longer_than_the_bound_ends_with_429(fair):
