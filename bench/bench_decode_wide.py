@@ -2,13 +2,14 @@
 
 32 residents added in a shuffled order (so the tenants' ids are scattered, as after the
 suite's concurrent warm-up), two of them rank 64 (so every q/k/v/o layer is padded to 64),
-the others the suite's rank-16 ``s<i>``; LoRA stacks bf16; 8 and 16 distinct rows, and the
-base rows alone. A dense step on such a layer first copies the used positions' leading
+the others the suite's rank-16 ``s<i>``; LoRA stacks in the compute dtype ``auto`` picks
+(bf16 on a CPU with native bf16, else fp32; ``--dtype`` to force); 8 and 16 distinct rows,
+and the base rows alone. A dense step on such a layer first copies the used positions' leading
 ranks. Each case runs 10 decode steps per repetition (best step kept), 4 interleaved
 repetitions. Needs the suite's adapters (run ``bench/suite.py`` once). This is the
 measurement behind ``DENSE_MAX_COPY`` in ``inference/lora_backend.py``.
 
-    .venv/bin/python bench/bench_decode_wide.py
+    .venv/bin/python bench/bench_decode_wide.py [--dtype auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ PROMPT = "Explain the difference between a virus and a bacterium."
 
 
 def main() -> None:
+    import argparse
+
     import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    args = parser.parse_args()
 
     from loramux.inference import lora_backend
     from loramux.inference.adapters import BaseFacts, read_adapter
@@ -38,7 +45,10 @@ def main() -> None:
     facts = BaseFacts.from_model(base.model, base.aliases)
     paths = {f"a{i}": ROOT / "r16" / f"s{i}" / "v1" for i in range(30)}
     paths.update(w0=ROOT / "r64" / "m64-0" / "v1", w1=ROOT / "r64" / "m64-1" / "v1")
-    backend = lora_backend.BatchedLoraBackend(base.model, lora_dtype=torch.bfloat16)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (
+        base.precision.torch_dtype if base.precision is not None else torch.float32)
+    print("LoRA stacks:", dtype)
+    backend = lora_backend.BatchedLoraBackend(base.model, lora_dtype=dtype)
     order = list(paths)
     random.Random(0).shuffle(order)
     for name in order:
