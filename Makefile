@@ -7,9 +7,16 @@ PIP := $(PY) -m pip
 # the standard library's `operator` when Python runs from the repo root with `-m`.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test test-avx2 images test-images lint bench bench-suite clean
+.PHONY: setup kernel demo test test-avx2 images test-images lint bench bench-suite clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed kernel
+
+# loramux's CPU LoRA kernel (inference/bgmv.py), compiled once per machine into
+# ~/.cache/loramux/kernels (a no-op when it is there). Without a C++ compiler the server
+# runs the plain-torch path, so this only warns.
+kernel: $(VENV)/.installed
+	@$(PY) -m loramux.inference.bgmv >/dev/null \
+		|| echo "warning: the CPU LoRA kernel could not be built; the server will use plain torch"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +35,7 @@ demo: setup
 # The numerical tests once more as an AVX2-only CPU runs them (no native bf16: torch's own
 # kernels and oneDNN limited to AVX2), so both CPU kinds are proven in every run.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-NUMERIC_TESTS := tests/test_lora_backends.py tests/test_isolation.py \
+NUMERIC_TESTS := tests/test_lora_backends.py tests/test_kernel.py tests/test_isolation.py \
 	tests/test_merge_and_default_model.py tests/test_precision.py tests/test_engine_faults.py
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time:

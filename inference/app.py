@@ -68,6 +68,7 @@ from .engine import (
     TokenEvent,
 )
 from .fairness import TenantLimited
+from .lora_backend import BatchedLoraBackend
 from .metrics import BASE_LABEL
 from .routing import Forwarded, TenantRouter, UsageReader, was_forwarded
 from .sampling import SamplingParams
@@ -802,7 +803,16 @@ async def models(request: Request, runtime: RuntimeDep) -> Any:
                          "version": entry.ref.version, "merged": entry.merged})
     return {"object": "list", "data": data, "base_model": runtime.base_name,
             "base_model_aliases": list(runtime.base_names),
-            "precision": runtime.base.precision_view()}
+            "precision": runtime.base.precision_view(),
+            "lora_kernel": lora_kernel_view(runtime)}
+
+
+def lora_kernel_view(runtime: Runtime) -> dict[str, str]:
+    """What one-token steps of distinct tenants run: loramux's CPU kernel or plain torch."""
+    backend = runtime.backend
+    if not isinstance(backend, BatchedLoraBackend):
+        return {"state": "torch", "reason": "--lora-backend peft"}
+    return {"state": backend.kernel_state, "reason": backend.kernel_reason}
 
 
 def _ref(tenant: str, version: str) -> AdapterRef:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import HostAdapter
+from .bgmv import Kernel
 from .precision import cpu_info
 
 log = logging.getLogger("loramux.backend")
@@ -206,6 +207,7 @@ DENSE_MAX_WASTE = 2
 # 116.3 / 91.3, gathered 106.0 / 86.4; 8 rows (18 x 16 = 288 columns) copy 91.5 / 76.6,
 # gathered 95.9 / 71.8.
 DENSE_MAX_COPY = 256
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _RowContext:
@@ -226,6 +228,11 @@ class _RowContext:
         # fp32 stacks on a CPU without native bf16: dense only for the smallest steps
         # (DENSE_BUDGET_FP32_AVX2)
         self.fp32_avx2 = False
+        # loramux's CPU decode kernel (inference/bgmv.py), when it is loaded and the stacks
+        # are on the CPU; kernel_rows is (each row's adapter id, the ranks it reads) for a
+        # one-token step that runs it
+        self.kernel: Kernel | None = None
+        self.kernel_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows = 0
         self.tokens = 1
         self.used = 0  # adapter positions 0..used-1 cover every row's adapter
@@ -249,8 +256,13 @@ class _RowContext:
         self.groups = []
         self._masks = {}
         self._ids = None
+        self.kernel_rows = None
         if not self.present or self.uniform is not None:
             return
+        if self.kernel is not None and tokens == 1:
+            row_ranks = [rank_of[i] if i else 0 for i in row_ids]
+            self.kernel_rows = (torch.tensor(row_ids, dtype=torch.long),
+                                torch.tensor(row_ranks, dtype=torch.long))
         plan = plan_groups(ranks if ranks is not None else [1 if i else 0 for i in row_ids],
                            tokens)
         flat: list[int] = list(row_ids)
@@ -442,17 +454,22 @@ class BatchedLoraLinear(torch.nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if not self.rank_of or ctx.present.isdisjoint(self.rank_of):
             return result
-        xf = x.reshape(-1, self.in_features).to(self.lora_dtype)
+        if ctx.kernel_rows is not None and self._kernel(x, result):
+            return result
+        math = _math_dtype(x.dtype, self.lora_dtype)
+        xf = x.reshape(-1, self.in_features).to(math)
         r_max = self.r_max
         if ctx.uniform is not None:  # every row: the adapter's own rank, no padding
             rank = self.rank_of[ctx.uniform]
-            delta = F.linear(xf, self.A[ctx.uniform, :rank]) @ self.B[ctx.uniform, :rank]
+            a, b = self.A[ctx.uniform, :rank].to(math), self.B[ctx.uniform, :rank].to(math)
+            delta = F.linear(xf, a) @ b
         elif ctx.dense(r_max):
             rank = ctx.rank_width(r_max)
             width = ctx.used * rank
-            # views when rank == r_max; else one copy of the used positions' leading ranks
-            a = self.A[:ctx.used, :rank].reshape(width, self.in_features)
-            b = self.B[:ctx.used, :rank].reshape(width, self.out_features)
+            # views when rank == r_max (and the stacks are in the math dtype); else one copy
+            # of the used positions' leading ranks
+            a = self.A[:ctx.used, :rank].reshape(width, self.in_features).to(math)
+            b = self.B[:ctx.used, :rank].reshape(width, self.out_features).to(math)
             h = F.linear(xf, a)  # [rows x tokens, width]
             # masked_fill, not a multiply by 0/1: another tenant's inf must not become NaN
             foreign = ctx.foreign(rank)
@@ -468,6 +485,18 @@ class BatchedLoraLinear(torch.nn.Module):
             return result
         return result + delta.view(result.shape).to(result.dtype)
 
+    def _kernel(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """One decode step through loramux's CPU kernel: each row's pair read in place, the
+        delta added into ``result``. False (nothing done) where the kernel does not apply."""
+        kernel, rows = self.ctx.kernel, self.ctx.kernel_rows
+        if (kernel is None or rows is None or self.A.device.type != "cpu"
+                or not result.is_contiguous() or result.dtype not in _KERNEL_DTYPES
+                or x.dtype not in _KERNEL_DTYPES):
+            return False
+        kernel(result.view(-1, self.out_features), x.reshape(-1, self.in_features).contiguous(),
+               self.A, self.B, rows[0], rows[1])
+        return True
+
     def _gathered(self, xf: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         rows = self.ctx.rows
         flat = xf.view(rows, -1, self.in_features)
@@ -475,8 +504,8 @@ class BatchedLoraLinear(torch.nn.Module):
         for positions, index, width in self.ctx.groups:
             index = index.to(self.B.device)  # a no-op unless the model spans devices
             width = min(width, self.r_max)
-            a = self.A[:, :width].index_select(0, index)  # [group rows, width, in]
-            b = self.B[:, :width].index_select(0, index)  # [group rows, width, out]
+            a = self.A[:, :width].index_select(0, index).to(flat.dtype)  # [rows, width, in]
+            b = self.B[:, :width].index_select(0, index).to(flat.dtype)  # [rows, width, out]
             part = flat if positions is None else flat.index_select(0, positions.to(index))
             delta = torch.bmm(torch.bmm(part, a.transpose(1, 2)), b)
             if positions is None:
@@ -484,6 +513,13 @@ class BatchedLoraLinear(torch.nn.Module):
             else:
                 out = out.index_add(0, positions.to(index), delta.to(out.dtype))
         return out.reshape(result.shape)
+
+
+def _math_dtype(activations: torch.dtype, stacks: torch.dtype) -> torch.dtype:
+    """The dtype the plain-torch LoRA paths multiply in: fp32 when either the activations or
+    the stacks are fp32 (bf16 stacks under an fp32 model are upcast after slicing: storage
+    only), else the stacks' dtype."""
+    return torch.float32 if torch.float32 in (activations, stacks) else stacks
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -512,12 +548,16 @@ class BatchedLoraBackend:
     """
 
     def __init__(self, model: torch.nn.Module, lora_dtype: torch.dtype = torch.float32,
-                 merge_uniform: bool = True) -> None:
+                 merge_uniform: bool = True, kernel: Kernel | None = None) -> None:
         self.model = model
         self.lora_dtype = lora_dtype
         self._ctx = _RowContext()
         self._ctx.merge = merge_uniform
-        self._ctx.fp32_avx2 = (lora_dtype == torch.float32 and _module_device(model).type == "cpu"
+        # What decode steps of distinct tenants run, for /v1/models: "kernel", "torch", or
+        # "building" (torch until the kernel is ready), and why.
+        self.kernel_state, self.kernel_reason = "torch", "not requested"
+        self._ctx.fp32_avx2 = (lora_dtype in (torch.float32, torch.bfloat16)
+                               and _module_device(model).type == "cpu"
                                and not cpu_info().native_bf16)
         self._ids: dict[str, int] = {}
         self._ranks: dict[int, int] = {}  # global id -> the adapter's largest rank
@@ -529,6 +569,27 @@ class BatchedLoraBackend:
         # id does not fit), so any row's id indexes every layer.
         self._capacity = 8
         self._device = _module_device(model)
+        if kernel is not None:
+            self.enable_kernel(kernel)
+
+    def enable_kernel(self, kernel: Kernel, reason: str = "loaded") -> bool:
+        """Run one-token steps of distinct tenants through loramux's CPU kernel from the next
+        step on (safe while the engine runs: a step reads the context once, when it starts).
+        Only for a model on the CPU; False otherwise."""
+        if self._device.type != "cpu":
+            self.set_kernel_state("torch", f"the model is on {self._device.type}: the "
+                                  "kernel is CPU-only")
+            return False
+        self._ctx.kernel = kernel
+        self.set_kernel_state("kernel", reason)
+        return True
+
+    @property
+    def model_device(self) -> torch.device:
+        return self._device
+
+    def set_kernel_state(self, state: str, reason: str) -> None:
+        self.kernel_state, self.kernel_reason = state, reason
 
     def _layer(self, path: str) -> BatchedLoraLinear:
         layer = self._layers.get(path)

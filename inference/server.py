@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class Runtime:
     admin_token: Token  # .current() per request: a rotated token file takes effect
     access: AccessControl  # who may call which model (API key hashes)
     router: TenantRouter | None = None
+    # The LoRA backend the cache loads adapters into (reports what decode steps run).
+    backend: LoraBackend | None = None
     # The port /admin/* is served on when it is separate (settings.admin_port, bound).
     admin_port: int | None = None
     # The port the per-tenant /metrics is served on (settings.metrics_port, bound).
@@ -107,6 +110,35 @@ def lora_dtype(settings: ServeSettings, base: BaseModel) -> torch.dtype:
     return torch.float32
 
 
+def start_kernel(backend: BatchedLoraBackend, settings: ServeSettings) -> None:
+    """Give the backend loramux's CPU decode kernel (inference/bgmv.py): at once when it is
+    built on this machine, else after a build in the background (about a minute, once per
+    machine) while the plain-torch path serves. Where it cannot be built, plain torch."""
+    from . import bgmv
+
+    if settings.lora_kernel == "off":
+        backend.set_kernel_state("torch", "--lora-kernel off")
+        return
+    if backend.model_device.type != "cpu":
+        backend.set_kernel_state("torch", f"the model is on {backend.model_device.type}: the "
+                                 "kernel is CPU-only")
+        return
+
+    def load() -> None:
+        op, reason = bgmv.load(settings.kernel_dir)
+        if op is None:
+            backend.set_kernel_state("torch", reason)
+        else:
+            backend.enable_kernel(op, reason)
+
+    if bgmv.built(settings.kernel_dir):
+        load()
+        return
+    backend.set_kernel_state("building", "building the CPU kernel in the background; plain "
+                             "torch until it is ready")
+    threading.Thread(target=load, name="kernel-build", daemon=True).start()
+
+
 def build_runtime(settings: ServeSettings) -> Runtime:
     confine_torch_threads()  # before loading: this thread must not own an OpenMP team
     # Before the model: a bad access file fails start-up at once (AccessFileError).
@@ -144,6 +176,8 @@ def build_runtime(settings: ServeSettings) -> Runtime:
         if settings.lora_backend == "batched"
         else PeftMixedBatchBackend(base.model)
     )
+    if isinstance(backend, BatchedLoraBackend):
+        start_kernel(backend, settings)
     cache = AdapterCache(
         facts, backend, metrics,
         device_slots=settings.device_adapter_slots,
@@ -179,7 +213,7 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     )
     access.attach(lambda tenant, a: _apply_policy(settings, engine, tenant, a))
     runtime = Runtime(settings, base, cache, tenants, engine, metrics,
-                      settings.resolved_admin_token(), access)
+                      settings.resolved_admin_token(), access, backend=backend)
     if merged_ref is not None:
         tenants.register_merged(merged_ref, merged_bytes, merged_rank)
     pinned = set(settings.pin)

@@ -159,6 +159,15 @@ class ServeSettings(LogSettings, BaseSettings):
         "the model's compute dtype (bf16 halves the bytes a decode step reads per adapter). "
         "auto = compute (docs/benchmarks.md, 'LoRA stacks in the compute dtype').",
     )
+    lora_kernel: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto = on a CPU, decode steps of distinct tenants run loramux's CPU "
+        "kernel, which reads each row's adapter where it lies (built once per machine with "
+        "the C++ compiler torch finds; while it builds, and where it cannot, the plain-torch "
+        "path runs); off = the plain-torch path always.")
+    kernel_dir: Path | None = Field(
+        None, description="Where the CPU kernel is built and looked up (default "
+        "~/.cache/loramux/kernels). The CPU image ships it prebuilt.")
     merge_uniform_batches: bool = Field(
         True, description="When every row of a forward pass uses one adapter, run it on the "
         "base weights with that adapter merged in (one matmul per layer, as the base alone) "

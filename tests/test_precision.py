@@ -180,8 +180,9 @@ def test_server_reports_its_choice_in_models_and_metrics(start_server, tiny_mode
     from helpers import metrics
 
     emulated = start_server("--model", str(tiny_model_dir), "--quantization", "nf4",
-                            "--log-format", "text", env=AVX2_ENV)
+                            "--log-format", "text", "--lora-kernel", "off", env=AVX2_ENV)
     models = httpx.get(f"{emulated.url}/v1/models").json()
+    assert models["lora_kernel"] == {"state": "torch", "reason": "--lora-kernel off"}
     assert models["data"][0]["compute_dtype"] == "fp32"
     assert models["precision"]["quantization"] == "nf4"
     assert models["precision"]["cpu"]["native_bf16"] is False
@@ -199,7 +200,10 @@ def test_server_reports_its_choice_in_models_and_metrics(start_server, tiny_mode
 
     auto = start_server("--model", str(tiny_model_dir), "--log-format", "text",
                         env={"ONEDNN_MAX_CPU_ISA": "", "ATEN_CPU_CAPABILITY": ""})
-    base = httpx.get(f"{auto.url}/v1/models").json()["data"][0]
+    models = httpx.get(f"{auto.url}/v1/models").json()
+    base = models["data"][0]
+    # `make setup` built the CPU kernel on this machine, so the server loads it at start
+    assert models["lora_kernel"]["state"] == "kernel", models["lora_kernel"]
     if _native_here():
         assert (base["quantization"], base["compute_dtype"]) == ("bf16", "bf16")
     else:
