@@ -137,7 +137,9 @@ def _load(directory: Path | None, allow_build: bool) -> tuple[Kernel | None, str
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from loramux.logs import configure_logging
+
+    configure_logging("info", "text")
     op, reason = load()
     print(reason)
     if op is None:

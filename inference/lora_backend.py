@@ -556,8 +556,7 @@ class BatchedLoraBackend:
         # What decode steps of distinct tenants run, for /v1/models: "kernel", "torch", or
         # "building" (torch until the kernel is ready), and why.
         self.kernel_state, self.kernel_reason = "torch", "not requested"
-        self._ctx.fp32_avx2 = (lora_dtype in (torch.float32, torch.bfloat16)
-                               and _module_device(model).type == "cpu"
+        self._ctx.fp32_avx2 = (lora_dtype == torch.float32 and _module_device(model).type == "cpu"
                                and not cpu_info().native_bf16)
         self._ids: dict[str, int] = {}
         self._ranks: dict[int, int] = {}  # global id -> the adapter's largest rank

@@ -216,6 +216,8 @@ def test_inference_image_serves_the_embedded_model_and_hot_loads_an_adapter(
         models = httpx.get(f"{url}/v1/models").json()
         assert models["base_model"] == "SmolLM2-135M-Instruct"
         assert models["precision"]["device"] == "cpu"
+        # the CPU kernel was built into the image: loaded at start, no compiler at run time
+        assert models["lora_kernel"]["state"] == "kernel", models["lora_kernel"]
         r = httpx.put(f"{url}/admin/adapters/legal/v1",
                       json={"path": "/adapters/legal/v1", "activate": True}, timeout=120)
         assert r.status_code == 200, r.text
