@@ -90,6 +90,7 @@ def build(directory: Path | None = None) -> Path:
         return path
     work = directory / f"{name}.build"
     work.mkdir(parents=True, exist_ok=True)
+    _ninja_on_path()
     log.info("building the CPU LoRA kernel (once per machine)", extra={"path": str(path)})
     load_inline(name, cpp_sources=SOURCE.read_text(), functions=None, extra_cflags=build_flags(),
                 build_directory=str(work), is_python_module=False, verbose=False)
@@ -103,6 +104,19 @@ def build(directory: Path | None = None) -> Path:
 def built(directory: Path | None = None) -> bool:
     """Whether this machine's library is in ``directory`` (loading it takes milliseconds)."""
     return (kernel_dir(directory) / f"{library_name()}.so").exists()
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip package's binary sits in the venv's
+    bin folder, which is not on PATH when the venv's python is run without activating it
+    (make, the image build, a service unit)."""
+    try:
+        import ninja
+    except ImportError:
+        return  # a system ninja may still be on PATH
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
 
 
 def load(directory: Path | None = None, allow_build: bool = True) -> tuple[Kernel | None, str]:

@@ -342,6 +342,11 @@ class BatchedLoraLinear(torch.nn.Module):
     applied with two batched matmuls (Punica's BGMV idea, in plain torch). Neither form's
     cost grows with the number of distinct tenants in the batch, and adding an adapter
     writes its rows in place: O(adapter size).
+
+    On a CPU with loramux's kernel loaded (inference/bgmv.py), a one-token step of
+    distinct adapters runs neither: the kernel reads each row's pair where it lies in the
+    stacks, at that row's own rank, and adds the delta into the base output in place (one
+    call per layer instead of the gathered form's copies of every row's pair).
     """
 
     def __init__(self, base_layer: torch.nn.Module, ctx: _RowContext, dtype: torch.dtype,
@@ -540,7 +545,8 @@ def _scaling(config: dict, module: str, rank: int) -> float:
 
 
 class BatchedLoraBackend:
-    """loramux's own multi-adapter layers: one gathered matmul pair per layer per step.
+    """loramux's own multi-adapter layers: per step and layer, one merged matmul (every row
+    on one adapter), the CPU kernel (decode steps), or one gathered or dense matmul pair.
 
     Each targeted linear layer of the base is wrapped once by :class:`BatchedLoraLinear`;
     the engine's per-row adapter list becomes integer ids in a shared context that the
