@@ -8,7 +8,7 @@ vLLM's CPU backend uses the same plain-torch gather as our fallback. So this one
 written by hand, and everything else stays in torch.
 
 The library is compiled once per machine with the compiler torch's own extension builder
-finds (``torch.utils.cpp_extension.load_inline``, ninja), into ``LORAMUX_KERNEL_DIR``
+finds (``torch.utils.cpp_extension.load``, ninja), into ``LORAMUX_KERNEL_DIR``
 (default ``~/.cache/loramux/kernels``), named by a hash of the source, the flags and the
 torch version, and loaded from there by later processes without a compiler. ``make setup``
 builds it; the CPU image ships it prebuilt. Where it cannot be built (no compiler, an
@@ -70,6 +70,7 @@ def library_name() -> str:
     digest.update(" ".join(build_flags()).encode())
     digest.update(torch.__version__.encode())
     digest.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
+    digest.update(b"cpp_extension.load")  # how it is built (an inline build pulled in pybind)
     return f"loramux_bgmv_{digest.hexdigest()[:16]}"
 
 
@@ -81,7 +82,7 @@ def build(directory: Path | None = None) -> Path:
     """Compile the library into ``directory`` (default :func:`kernel_dir`) unless it is
     there already; return its path. Raises on any build failure. A build also loads the op
     into this process (torch's builder does), so callers must not load the file again."""
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import load as load_extension
 
     name = library_name()
     directory = kernel_dir(directory)
@@ -92,8 +93,10 @@ def build(directory: Path | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     _ninja_on_path()
     log.info("building the CPU LoRA kernel (once per machine)", extra={"path": str(path)})
-    load_inline(name, cpp_sources=SOURCE.read_text(), functions=None, extra_cflags=build_flags(),
-                build_directory=str(work), is_python_module=False, verbose=False)
+    # the file as it is: load_inline would prepend <torch/extension.h>, which needs Python's
+    # headers (absent from a Debian python3 without python3-dev, as in the image's build)
+    load_extension(name, sources=[str(SOURCE)], extra_cflags=build_flags(),
+                   build_directory=str(work), is_python_module=False, verbose=False)
     built = work / f"{name}.so"
     tmp = directory / f".{name}.{os.getpid()}.so"
     tmp.write_bytes(built.read_bytes())
@@ -146,8 +149,16 @@ def _load(directory: Path | None, allow_build: bool) -> tuple[Kernel | None, str
             torch.ops.load_library(str(path))
         return _op(), f"loaded {path.name}"
     except Exception as exc:  # no compiler or ninja, a broken toolchain, a corrupt file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"unavailable ({type(exc).__name__}: {first[:200]}); plain torch instead"
+        return None, f"unavailable ({_why(exc)}); plain torch instead"
+
+
+def _why(exc: Exception) -> str:
+    """The line of a failed build that says what went wrong (the compiler's first error),
+    not the command line torch's message starts with."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()]  # the compiler's style
+    line = (errors or lines or [""])[0]
+    return f"{type(exc).__name__}: {line[:300]}"
 
 
 def main() -> None:
