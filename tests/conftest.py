@@ -36,6 +36,28 @@ TENANTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
+def reference_and_batched(tiny_model_dir: Path, adapter_root: Path, **batched: object):
+    """PEFT's mixed-batch backend and loramux's batched one, each on its own copy of the
+    tiny model, with every tenant of TENANTS loaded: ``(reference, batched, adapters)``.
+    ``batched`` are BatchedLoraBackend's keyword arguments."""
+    from transformers import AutoModelForCausalLM
+
+    from loramux.inference.adapters import BaseFacts, read_adapter
+    from loramux.inference.lora_backend import BatchedLoraBackend, PeftMixedBatchBackend
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    reference = PeftMixedBatchBackend(base())
+    backend = BatchedLoraBackend(base(), **batched)
+    facts = BaseFacts.from_model(reference.model, ("tiny-llama",))
+    adapters = {t: read_adapter(adapter_root / t / "v1", facts, max_rank=64) for t in TENANTS}
+    for tenant, adapter in adapters.items():
+        reference.add(tenant, adapter)
+        backend.add(tenant, adapter)
+    return reference, backend, adapters
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M converted to safetensors (cached across runs)."""

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TENANTS
+from conftest import reference_and_batched
 from loramux.inference import bgmv
-from loramux.inference.adapters import BaseFacts, read_adapter
-from loramux.inference.lora_backend import BatchedLoraBackend, PeftMixedBatchBackend
+from loramux.inference.lora_backend import BatchedLoraBackend
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +81,7 @@ def test_the_kernel_refuses_what_does_not_fit(kernel):
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, adapter_root, kernel):
-    from transformers import AutoModelForCausalLM
-
-    def base():
-        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-    reference = PeftMixedBatchBackend(base())
-    batched = BatchedLoraBackend(base(), kernel=kernel)
-    facts = BaseFacts.from_model(reference.model, ("tiny-llama",))
-    adapters = {t: read_adapter(adapter_root / t / "v1", facts, max_rank=64) for t in TENANTS}
-    for tenant, adapter in adapters.items():
-        reference.add(tenant, adapter)
-        batched.add(tenant, adapter)
-    return reference, batched, adapters
+    return reference_and_batched(tiny_model_dir, adapter_root, kernel=kernel)
 
 
 def _greedy(backend, config, slots, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -5,25 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TENANTS
+from conftest import reference_and_batched
 from loramux.inference.adapters import BaseFacts, read_adapter
-from loramux.inference.lora_backend import BatchedLoraBackend, PeftMixedBatchBackend
+from loramux.inference.lora_backend import BatchedLoraBackend
 
 
 @pytest.fixture(scope="module")
 def backends(tiny_model_dir, adapter_root):
-    from transformers import AutoModelForCausalLM
-
-    def base():
-        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-    reference, batched = PeftMixedBatchBackend(base()), BatchedLoraBackend(base())
-    facts = BaseFacts.from_model(reference.model, ("tiny-llama",))
-    adapters = {t: read_adapter(adapter_root / t / "v1", facts, max_rank=64) for t in TENANTS}
-    for tenant, adapter in adapters.items():
-        reference.add(tenant, adapter)
-        batched.add(tenant, adapter)
-    return reference, batched, adapters
+    return reference_and_batched(tiny_model_dir, adapter_root)
 
 
 def _logits(backend, config, slots):
