@@ -35,7 +35,7 @@ demo: setup
 # The numerical tests once more as an AVX2-only CPU runs them (no native bf16: torch's own
 # kernels and oneDNN limited to AVX2), so both CPU kinds are proven in every run.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-NUMERIC_TESTS := tests/test_lora_backends.py tests/test_kernel.py tests/test_isolation.py \
+NUMERIC_TESTS := tests/test_lora_backends.py tests/test_kernel.py tests/test_cpu_linear.py tests/test_isolation.py \
 	tests/test_merge_and_default_model.py tests/test_precision.py tests/test_engine_faults.py
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time:

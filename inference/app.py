@@ -804,7 +804,8 @@ async def models(request: Request, runtime: RuntimeDep) -> Any:
     return {"object": "list", "data": data, "base_model": runtime.base_name,
             "base_model_aliases": list(runtime.base_names),
             "precision": runtime.base.precision_view(),
-            "lora_kernel": lora_kernel_view(runtime)}
+            "lora_kernel": lora_kernel_view(runtime),
+            "cpu_linear": runtime.cpu_linear.view()}
 
 
 def lora_kernel_view(runtime: Runtime) -> dict[str, str]:

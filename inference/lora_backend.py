@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .adapters import HostAdapter
 from .bgmv import Kernel
+from .cpu_linear import pack_weight, packed_linear
 from .precision import cpu_info
 
 log = logging.getLogger("loramux.backend")
@@ -369,6 +370,8 @@ class BatchedLoraLinear(torch.nn.Module):
         # uniform step first needs it, then reused for every later merge.
         self._merged: torch.Tensor | None = None
         self._merged_id: int | None = None
+        # The merged weight packed for oneDNN, when the base layer runs packed (cpu_linear).
+        self._merged_packed: torch.Tensor | None = None
         # Whether the base weight is a plain float matrix an adapter can be merged into (not
         # NF4/int8: a merge there would need a dequantized copy of the layer, and rounds).
         weight = getattr(base_layer, "weight", None)
@@ -394,6 +397,9 @@ class BatchedLoraLinear(torch.nn.Module):
             a = self.A[adapter_id, :rank].float()
             b = self.B[adapter_id, :rank].float()
             self._merged.copy_(torch.addmm(weight.float(), b.T, a))
+            self._merged_packed = (pack_weight(self._merged)
+                                   if getattr(self.base_layer, "_packed", None) is not None
+                                   else None)
             self._merged_id = adapter_id
         return self._merged
 
@@ -455,7 +461,11 @@ class BatchedLoraLinear(torch.nn.Module):
         ctx = self.ctx
         if ctx.merge and ctx.uniform in self.rank_of and self.mergeable:
             # every row on one adapter: one matmul with the merged weight, as the base alone
-            return F.linear(x, self.merged_weight(ctx.uniform), self.base_layer.bias)
+            merged = self.merged_weight(ctx.uniform)
+            if (self._merged_packed is not None and x.dtype == merged.dtype
+                    and x.device.type == "cpu"):
+                return packed_linear(x, self._merged_packed, self.base_layer.bias)
+            return F.linear(x, merged, self.base_layer.bias)
         result = self.base_layer(x, *args, **kwargs)
         if not self.rank_of or ctx.present.isdisjoint(self.rank_of):
             return result

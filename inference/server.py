@@ -26,6 +26,7 @@ from loramux.tokens import Token
 from .access import AccessControl
 from .adapter_cache import AdapterCache
 from .adapters import AdapterRejected, BaseFacts, read_adapter
+from .cpu_linear import CpuLinearState, pack_linears
 from .engine import Engine, confine_torch_threads
 from .fairness import TenantPolicy
 from .lora_backend import BatchedLoraBackend, LoraBackend, PeftMixedBatchBackend
@@ -52,6 +53,9 @@ class Runtime:
     router: TenantRouter | None = None
     # The LoRA backend the cache loads adapters into (reports what decode steps run).
     backend: LoraBackend | None = None
+    # What the base's linear layers run on a CPU: oneDNN on packed weights, or torch.
+    cpu_linear: CpuLinearState = field(
+        default_factory=lambda: CpuLinearState("torch", "not requested"))
     # The port /admin/* is served on when it is separate (settings.admin_port, bound).
     admin_port: int | None = None
     # The port the per-tenant /metrics is served on (settings.metrics_port, bound).
@@ -178,6 +182,8 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     )
     if isinstance(backend, BatchedLoraBackend):
         start_kernel(backend, settings)
+    # After any merge and after the backend wrapped its layers: packing copies the weights.
+    cpu_linear = pack_linears(base.model, settings.cpu_linear)
     cache = AdapterCache(
         facts, backend, metrics,
         device_slots=settings.device_adapter_slots,
@@ -213,7 +219,8 @@ def build_runtime(settings: ServeSettings) -> Runtime:
     )
     access.attach(lambda tenant, a: _apply_policy(settings, engine, tenant, a))
     runtime = Runtime(settings, base, cache, tenants, engine, metrics,
-                      settings.resolved_admin_token(), access, backend=backend)
+                      settings.resolved_admin_token(), access, backend=backend,
+                      cpu_linear=cpu_linear)
     if merged_ref is not None:
         tenants.register_merged(merged_ref, merged_bytes, merged_rank)
     pinned = set(settings.pin)

@@ -32,13 +32,14 @@ def _serve(argv: list[str]) -> int:
 
     settings = settings_from_cli(ServeSettings, argv, "loramux serve")
     from loramux.inference.access import AccessFileError
+    from loramux.inference.cpu_linear import CpuLinearError
     from loramux.inference.model_loader import ModelLoadError
     from loramux.inference.server import serve
 
     try:
         serve(settings)
-    except (ModelLoadError, AccessFileError) as exc:  # a missing model, a bad access file,
-        # an impossible precision: say it once
+    except (ModelLoadError, AccessFileError, CpuLinearError) as exc:  # a missing model, a bad
+        # access file, an impossible precision or linear path: say it once
         print(f"loramux serve: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -183,6 +183,8 @@ def test_server_reports_its_choice_in_models_and_metrics(start_server, tiny_mode
                             "--log-format", "text", "--lora-kernel", "off", env=AVX2_ENV)
     models = httpx.get(f"{emulated.url}/v1/models").json()
     assert models["lora_kernel"] == {"state": "torch", "reason": "--lora-kernel off"}
+    # NF4 layers stay bitsandbytes'; the fp32 output layer runs through oneDNN, packed.
+    assert models["cpu_linear"]["state"] == "onednn" and models["cpu_linear"]["layers"] == 1
     assert models["data"][0]["compute_dtype"] == "fp32"
     assert models["precision"]["quantization"] == "nf4"
     assert models["precision"]["cpu"]["native_bf16"] is False
@@ -206,8 +208,11 @@ def test_server_reports_its_choice_in_models_and_metrics(start_server, tiny_mode
     assert models["lora_kernel"]["state"] == "kernel", models["lora_kernel"]
     if _native_here():
         assert (base["quantization"], base["compute_dtype"]) == ("bf16", "bf16")
+        assert models["cpu_linear"]["state"] == "torch"  # auto packs fp32 weights only
     else:
         assert (base["quantization"], base["compute_dtype"]) == ("none", "fp32")
+        assert models["cpu_linear"]["state"] == "onednn", models["cpu_linear"]
+        assert models["cpu_linear"]["layers"] == 2 * 7 + 1  # every linear of the tiny model
 
 
 def test_a_contradictory_precision_is_refused_at_start_with_the_reason(tiny_model_dir):
