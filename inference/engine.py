@@ -308,7 +308,7 @@ class Engine:
         prompt_token_cost: float = 1.0,
         output_token_cost: float = 2.0,
         default_policy: TenantPolicy = TenantPolicy(),  # noqa: B008 - frozen, immutable
-        prefetch_adapters: bool = True,
+        prefetch_adapters: bool = False,
         max_queue_wait_s: float | None = None,
     ) -> None:
         self.model_config = model_config

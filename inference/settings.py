@@ -113,8 +113,10 @@ class ServeSettings(LogSettings, BaseSettings):
         "of it are prefilled beside the chunk. 0 = always one pass. On a GPU, prefill is "
         "cheap per token: a few thousand suits it better.")
     prefetch_adapters: bool = Field(
-        True, description="Start loading waiting requests' adapters (disk reads on a loader "
-        "thread; free device slots only, nothing evicted) before their turn.")
+        False, description="Start loading waiting requests' adapters (disk reads on a loader "
+        "thread; free device slots only, nothing evicted) before their turn. Off by default: "
+        "no benchmark here has shown it to pay (docs/benchmarks.md, 'Prefetch'); it may where "
+        "adapters come from a slow volume.")
     max_queue_wait_s: float | None = Field(
         None, gt=0, description="Bound on a request's wait for a row, to keep time to first "
         "token low under overload: a request whose estimated wait (requests ahead of it over "
