@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -386,8 +386,21 @@ def _error_payload(event: ErrorEvent) -> dict:
 
 async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
     """Wait for the sequence's end; cancel it if the client disconnects meanwhile."""
+    return cast(FinishEvent, await _await_event(seq, request, first=False))
+
+
+async def _await_first(seq: Sequence, request: Request) -> TokenEvent | FinishEvent:
+    """A stream's first token (or its end): what decides the response's status. An error
+    before any token (shed after waiting, a failed prefill) is an HTTP error, not a 200
+    stream that carries one, so clients, proxies and peer routers see the status."""
+    return await _await_event(seq, request, first=True)
+
+
+async def _await_event(seq: Sequence, request: Request,
+                       first: bool) -> TokenEvent | FinishEvent:
     # The engine enforces the request timeout; this is a backstop so a handler never hangs.
     backstop = time.monotonic() + seq.timeout_s + 30
+    answered = False
     try:
         while True:
             try:
@@ -400,7 +413,8 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
                     seq.cancel()
                     raise ServiceError(499, "client disconnected", "client_closed") from None
                 continue
-            if isinstance(event, FinishEvent):
+            if isinstance(event, FinishEvent) or (first and isinstance(event, TokenEvent)):
+                answered = True
                 return event
             if isinstance(event, ErrorEvent):
                 # Which version failed, as on a success (a canary's failures are its own).
@@ -411,13 +425,18 @@ async def _await_finish(seq: Sequence, request: Request) -> FinishEvent:
                 raise ServiceError(event.status, public_reason(event.reason),
                                    _error_code(event), headers)
     finally:
-        if not seq.done:
+        if not answered and not seq.done:
             seq.cancel()
 
 
-async def _stream_events(seq: Sequence) -> AsyncIterator[TokenEvent | FinishEvent | ErrorEvent]:
-    """Yield events until the end; a cancelled stream (client gone) cancels the sequence."""
+async def _stream_events(seq: Sequence, first: TokenEvent | FinishEvent
+                         ) -> AsyncIterator[TokenEvent | FinishEvent | ErrorEvent]:
+    """Yield ``first`` (from :func:`_await_first`), then events until the end; a cancelled
+    stream (client gone) cancels the sequence."""
     try:
+        yield first
+        if isinstance(first, FinishEvent):
+            return
         while True:
             event = await seq.events.get()
             yield event
@@ -669,8 +688,10 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep)
     version = target.entry.ref.version if target.entry is not None else None
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     if body.stream:
+        first = await _await_first(seq, request)
+
         async def events() -> AsyncIterator[bytes]:
-            async for event in _stream_events(seq):
+            async for event in _stream_events(seq, first):
                 if isinstance(event, TokenEvent):
                     yield _sse({"text": event.text})
                 elif isinstance(event, FinishEvent):
@@ -707,6 +728,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName, principal
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     headers = {"X-Loramux-Adapter": target.adapter or "none"}
     if body.stream:
+        first = await _await_first(seq, request)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -724,7 +746,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName, principal
         async def events() -> AsyncIterator[bytes]:
             if chat:
                 yield _sse(chunk(None, None, first=True))
-            async for event in _stream_events(seq):
+            async for event in _stream_events(seq, first):
                 if isinstance(event, TokenEvent):
                     yield _sse(chunk(event.text, None))
                 elif isinstance(event, FinishEvent):

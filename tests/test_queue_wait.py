@@ -7,6 +7,7 @@ tenant's backlog. Real engine thread and real server process, tiny model, fp32."
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -159,17 +160,20 @@ def test_a_request_that_waits_longer_than_the_bound_ends_with_429(fair):
     assert len(on_time.generated) == 3
 
 
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_flooded_server_answers_429_overloaded_and_serves_the_rest(
-        start_server, tiny_model_dir, adapter_root):
+        start_server, tiny_model_dir, adapter_root, stream):
     """Over HTTP: one row, a bound of 0.3 s and 8 long requests at once. The ones that
-    would wait too long get 429 with code overloaded and Retry-After; the rest are served
-    in full; the server takes work again once the flood is over."""
+    would wait too long get 429 with code overloaded and Retry-After (streams too: as an
+    HTTP status, never as an error inside a 200 stream, whether refused at submission or
+    shed after waiting); the rest are served in full; the server takes work again once the
+    flood is over."""
     server = start_server(
         "--model", str(tiny_model_dir), "--quantization", "none", "--log-format", "text",
         "--auth", "none", "--max-batch-size", "1", "--max-queue-wait-s", "0.3",
         *preload_flags(adapter_root, ["legal"]))
     body = {"tenant_id": "legal", "prompt": "flood", "max_new_tokens": 400,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream": stream}
 
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=HANG_GUARD_S) as client:
@@ -184,10 +188,15 @@ def test_a_flooded_server_answers_429_overloaded_and_serves_the_rest(
             assert r.json()["error"]["code"] == "overloaded", r.text
             assert "max_queue_wait_s" in r.json()["error"]["message"]
             assert int(r.headers["retry-after"]) >= 1
+        elif stream:
+            events = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            assert not [e for e in events if "error" in e], r.text
+            assert events[-1]["usage"]["completion_tokens"] == 400
         else:
             assert r.json()["usage"]["completion_tokens"] == 400
     with httpx.Client(timeout=HANG_GUARD_S) as http:
         text = http.get(f"{server.url}/metrics").text
         assert metric_value(text, "loramux_requests_shed_total") == statuses.count(429)
-        small = {**body, "max_new_tokens": 2}
+        small = {**body, "max_new_tokens": 2, "stream": False}
         assert http.post(f"{server.url}/generate", json=small).status_code == 200
