@@ -20,7 +20,8 @@ COLORS = {"loramux": "tab:blue", "base": "tab:green", "seed": "tab:red", "vllm":
 def _series(run: dict, workload: str) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for row in run.get("closed", []):
-        if row["workload"] == workload and row.get("tokens_per_s"):
+        # The base alone runs once per B (workload "base"): the bound of both panels.
+        if row["workload"] in (workload, "base") and row.get("tokens_per_s"):
             out.setdefault(row["system"], []).append((int(row["B"]), float(row["tokens_per_s"])))
     return {k: sorted(v) for k, v in out.items()}
 
@@ -40,7 +41,8 @@ def main() -> None:
 
     run = json.loads(args.run.read_text())
     before = json.loads(args.before.read_text()) if args.before else None
-    workloads = [w for w in ("distinct", "identical") if _series(run, w)]
+    workloads = [w for w in ("distinct", "identical")
+                 if any(r["workload"] == w for r in run.get("closed", []))]
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
     for ax, workload in zip(axes[0], workloads, strict=True):
         for system, points in _series(run, workload).items():
@@ -58,7 +60,7 @@ def main() -> None:
         ax.set_title(f"{workload} tenants")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    cpu = run.get("machine", {}).get("cpu", "")
+    cpu = run.get("machine", {}).get("cpu_model", "")
     fig.suptitle(f"{cpu}: {run.get('precision_label', '')}", fontsize=10)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
