@@ -96,6 +96,8 @@ def test_auto_packs_only_fp32_and_torch_packs_nothing():
     assert state.state == "torch" and "no plain fp32" in state.reason
 
 
+# torch warns about Intel-GPU TF32 whenever the mkldnn flags are set on a CPU-only build.
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_disabled_onednn_is_refused_by_name_and_auto_keeps_torch():
     model = _tied_model()
     with torch.backends.mkldnn.flags(enabled=False):
