@@ -58,6 +58,31 @@ def reference_and_batched(tiny_model_dir: Path, adapter_root: Path, **batched: o
     return reference, backend, adapters
 
 
+def greedy_decode(backend, config, slots: list[str | None], steps: int):
+    """Greedy decoding from one random prompt per row (row 0 left-padded), each row on its
+    slot: ``(tokens [rows, steps + 1], logits of the prefill and of every decode step)``."""
+    import torch
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (len(slots), 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        logits = backend.forward(ids, mask, positions, cache, slots)
+        tokens, all_logits = [logits.argmax(-1)], [logits]
+        pos = positions[:, -1]
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones(len(slots), 1, dtype=mask.dtype)], 1)
+            pos = pos + 1
+            logits = backend.forward(tokens[-1][:, None], mask, pos[:, None], cache, slots)
+            all_logits.append(logits)
+            tokens.append(logits.argmax(-1))
+    return torch.stack(tokens, 1), all_logits
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M converted to safetensors (cached across runs)."""

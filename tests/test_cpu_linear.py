@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import reference_and_batched
+from conftest import greedy_decode, reference_and_batched
 from loramux.inference import cpu_linear
 from loramux.inference.cpu_linear import (
     CpuLinearError,
@@ -121,28 +121,6 @@ def packed_models(tiny_model_dir, adapter_root):
     return reference, batched
 
 
-def _greedy(backend, config, slots, steps: int):
-    from transformers import DynamicCache
-
-    torch.manual_seed(0)
-    ids = torch.randint(10, 1000, (len(slots), 9))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=config)
-    with torch.no_grad():
-        logits = backend.forward(ids, mask, positions, cache, slots)
-        tokens, all_logits = [logits.argmax(-1)], [logits]
-        pos = positions[:, -1]
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones(len(slots), 1, dtype=mask.dtype)], 1)
-            pos = pos + 1
-            logits = backend.forward(tokens[-1][:, None], mask, pos[:, None], cache, slots)
-            all_logits.append(logits)
-            tokens.append(logits.argmax(-1))
-    return torch.stack(tokens, 1), all_logits
-
-
 @pytest.mark.parametrize("slots", [
     ["legal", "medical", "finance", "retail", "support", "travel", None],  # distinct + base
     ["medical"] * 4,  # one adapter on every row: the merged-weights path
@@ -161,8 +139,8 @@ def test_greedy_decoding_on_packed_linears_equals_pefts_token_for_token(
         return real(*args)
 
     monkeypatch.setattr(cpu_linear, "packed_linear", counting)
-    got_tokens, got = _greedy(batched, batched.model.config, slots, steps=6)
-    want_tokens, want = _greedy(reference, reference.model.config, slots, steps=6)
+    got_tokens, got = greedy_decode(batched, batched.model.config, slots, steps=6)
+    want_tokens, want = greedy_decode(reference, reference.model.config, slots, steps=6)
     assert calls, "no layer ran the packed op"
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)

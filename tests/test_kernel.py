@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import reference_and_batched
+from conftest import greedy_decode, reference_and_batched
 from loramux.inference import bgmv
 from loramux.inference.lora_backend import BatchedLoraBackend
 
@@ -84,29 +84,6 @@ def models(tiny_model_dir, adapter_root, kernel):
     return reference_and_batched(tiny_model_dir, adapter_root, kernel=kernel)
 
 
-def _greedy(backend, config, slots, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy decoding from one left-padded prompt per row: the tokens, and each step's
-    logits."""
-    from transformers import DynamicCache
-
-    torch.manual_seed(0)
-    ids = torch.randint(10, 1000, (len(slots), 9))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=config)
-    logits = backend.forward(ids, mask, positions, cache, slots)
-    tokens, steps_logits = [logits.argmax(-1)], []
-    pos = positions[:, -1]
-    for _ in range(steps):
-        mask = torch.cat([mask, torch.ones(len(slots), 1, dtype=mask.dtype)], 1)
-        pos = pos + 1
-        logits = backend.forward(tokens[-1][:, None], mask, pos[:, None], cache, slots)
-        steps_logits.append(logits)
-        tokens.append(logits.argmax(-1))
-    return torch.stack(tokens, 1), steps_logits
-
-
 def test_decode_steps_through_the_kernel_equal_pefts_token_for_token(models):
     """Six tenants of ranks 2 to 32 on different layers and a base row, fp32: the decode
     steps run the kernel (checked), and every step's logits and the greedy tokens equal
@@ -123,10 +100,10 @@ def test_decode_steps_through_the_kernel_equal_pefts_token_for_token(models):
 
     batched._ctx.kernel = counting
     try:
-        got_tokens, got = _greedy(batched, config, slots, steps=6)
+        got_tokens, got = greedy_decode(batched, config, slots, steps=6)
     finally:
         batched._ctx.kernel = real
-    want_tokens, want = _greedy(reference, config, slots, steps=6)
+    want_tokens, want = greedy_decode(reference, config, slots, steps=6)
     assert calls, "no decode step ran the kernel"
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)
