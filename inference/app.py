@@ -688,10 +688,10 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep)
     version = target.entry.ref.version if target.entry is not None else None
     seq = _submit(runtime, target, prompt_ids, params, body.stream)
     if body.stream:
-        first = await _await_first(seq, request)
+        first_event = await _await_first(seq, request)
 
         async def events() -> AsyncIterator[bytes]:
-            async for event in _stream_events(seq, first):
+            async for event in _stream_events(seq, first_event):
                 if isinstance(event, TokenEvent):
                     yield _sse({"text": event.text})
                 elif isinstance(event, FinishEvent):
@@ -728,7 +728,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName, principal
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     headers = {"X-Loramux-Adapter": target.adapter or "none"}
     if body.stream:
-        first = await _await_first(seq, request)
+        first_event = await _await_first(seq, request)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -746,7 +746,7 @@ async def _openai(runtime: Runtime, request: Request, name: ModelName, principal
         async def events() -> AsyncIterator[bytes]:
             if chat:
                 yield _sse(chunk(None, None, first=True))
-            async for event in _stream_events(seq, first):
+            async for event in _stream_events(seq, first_event):
                 if isinstance(event, TokenEvent):
                     yield _sse(chunk(event.text, None))
                 elif isinstance(event, FinishEvent):
