@@ -92,16 +92,27 @@ class OneDnnLinear(torch.nn.Linear):
         self._packed_version = None if self.weight.is_inference() else self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = getattr(self, "_packed", None)
-        if (packed is None or x.dtype != packed.dtype or self.weight.dtype != packed.dtype
-                or x.device.type != "cpu"
-                or self.weight.device.type != "cpu"
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if not _applies(x, self.weight, self._packed):
             return F.linear(x, self.weight, self.bias)
         if self._packed_version is not None and self.weight._version != self._packed_version:
             self.repack()
-            packed = self._packed
-        return packed_linear(x, packed, self.bias)
+        return packed_linear(x, self._packed, self.bias)
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    # A CPU input and weight of the packed dtype, and no autograd graph to build.
+    return (packed is not None and x.dtype == packed.dtype and weight.dtype == packed.dtype
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, run on ``packed`` (``weight`` packed by
+    :func:`pack_weight`) where that applies, else on the dense weight."""
+    if _applies(x, weight, packed):
+        return packed_linear(x, packed, bias)  # type: ignore[arg-type]
+    return F.linear(x, weight, bias)
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import cpu_linear
 from .adapters import HostAdapter
 from .bgmv import Kernel
-from .cpu_linear import pack_weight, packed_linear
 from .precision import cpu_info
 
 log = logging.getLogger("loramux.backend")
@@ -397,7 +397,7 @@ class BatchedLoraLinear(torch.nn.Module):
             a = self.A[adapter_id, :rank].float()
             b = self.B[adapter_id, :rank].float()
             self._merged.copy_(torch.addmm(weight.float(), b.T, a))
-            self._merged_packed = (pack_weight(self._merged)
+            self._merged_packed = (cpu_linear.pack_weight(self._merged)
                                    if getattr(self.base_layer, "_packed", None) is not None
                                    else None)
             self._merged_id = adapter_id
@@ -462,10 +462,7 @@ class BatchedLoraLinear(torch.nn.Module):
         if ctx.merge and ctx.uniform in self.rank_of and self.mergeable:
             # every row on one adapter: one matmul with the merged weight, as the base alone
             merged = self.merged_weight(ctx.uniform)
-            if (self._merged_packed is not None and x.dtype == merged.dtype
-                    and x.device.type == "cpu"):
-                return packed_linear(x, self._merged_packed, self.base_layer.bias)
-            return F.linear(x, merged, self.base_layer.bias)
+            return cpu_linear.linear(x, merged, self.base_layer.bias, self._merged_packed)
         result = self.base_layer(x, *args, **kwargs)
         if not self.rank_of or ctx.present.isdisjoint(self.rank_of):
             return result
