@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -61,6 +60,8 @@ import kmock
 import pytest
 import yaml
 from kmock._internal import parsing as _kmock_parsing
+
+from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_PATH = REPO_ROOT / "crds" / "loraadapter.yaml"
@@ -1573,12 +1574,6 @@ def crd_manifest() -> str:
 # --------------------------------------------------------------------------------------------
 
 _UVICORN_URL = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ManagedProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from botocore.config import Config
 from moto.server import ThreadedMotoServer
 from safetensors.torch import save_file
 
+from helpers import free_port
 from loramux.inference.adapter_store import (
     INCOMING_DIR,
     FetchError,
@@ -316,9 +316,7 @@ def test_missing_object_not_found(s3: Any, published: Published, tmp_path: Path)
 
 
 def test_unreachable_endpoint_is_retryable(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     client = boto3.session.Session().client(
         "s3",
         endpoint_url=f"http://127.0.0.1:{port}",

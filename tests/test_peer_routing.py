@@ -376,7 +376,7 @@ def test_the_failover_wait_ends_with_a_503_or_when_the_client_leaves(pods) -> No
     disconnects meanwhile ends its wait. No more than ``MAX_WAITING`` requests wait: the
     next one gets its 503 at once."""
     d = pods["d"]
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens: like a killed process
+    dead = f"http://127.0.0.1:{helpers.free_port()}"  # nothing listens: like a killed process
     _put_table(d, {"finance": [_holder("gone", dead)], "travel": []},
                reasons={"travel": "no Ready placement: travel@v1 is Pending on pod-9"})
     expired, gone = _peer(d, "failover_expired"), _peer(d, "client_gone")
@@ -461,12 +461,6 @@ def test_a_busy_holder_is_passed_over_and_the_last_ones_429_relayed(pods) -> Non
         assert json.loads(text)["error"]["code"] == "tenant_tokens_per_minute"
         assert took < FAILOVER_S / 2
     assert _peer(d, "failover_wait") == waits
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SilentServer:
