@@ -27,6 +27,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from factories import stage_adapter
+from helpers import free_port
 from loramux.inference.adapter_store import INCOMING_DIR
 from loramux.training.publish import push
 
@@ -144,7 +145,9 @@ class Env:
 def env(start_server, start_sidecar, tiny_model_dir: Path, adapter_root: Path, moto: Moto,
         tmp_path_factory: pytest.TempPathFactory) -> Env:
     e = Env()
-    e.server = start_server(*server_args(tiny_model_dir, adapter_root))
+    # a port of this worker's block: a test restarts the server on it (see helpers.free_port)
+    e.server = start_server(*server_args(tiny_model_dir, adapter_root), "--port",
+                            str(free_port()))
     e.root = tmp_path_factory.mktemp("proc-volume")
     e.sidecar = launch_sidecar(start_sidecar, e, moto)
     return e
