@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--backends", default="batched,peft")
     parser.add_argument("--precisions", default="nf4:auto",
                         help="comma list of QUANT[:COMPUTE], e.g. nf4:bf16,nf4:fp32,bf16,none,auto")
+    parser.add_argument("--cpu-linear", default="auto",
+                        help="comma list of --cpu-linear modes (auto,onednn,torch), each packed "
+                             "after the backend as loramux serve does")
     parser.add_argument("--no-worker-thread", action="store_true",
                         help="time the main thread only")
     args = parser.parse_args()
@@ -73,6 +76,7 @@ def main() -> None:
 
     from loramux.inference import lora_backend
     from loramux.inference.adapters import BaseFacts, read_adapter
+    from loramux.inference.cpu_linear import CpuLinearError, pack_linears
     from loramux.inference.model_loader import load_base_model
     from loramux.inference.precision import cpu_info
 
@@ -82,13 +86,19 @@ def main() -> None:
     combos = [(p.partition(":")[0], p.partition(":")[2] or "auto")
               for p in (x.strip() for x in args.precisions.split(",")) if p]
 
-    for (quant, compute), name in itertools.product(
-            combos, [b.strip() for b in args.backends.split(",") if b.strip()]):
+    modes = [m.strip() for m in args.cpu_linear.split(",") if m.strip()]
+    for (quant, compute), name, mode in itertools.product(
+            combos, [b.strip() for b in args.backends.split(",") if b.strip()], modes):
         base = load_base_model(None, quant, "cpu", compute_dtype=compute)  # type: ignore[arg-type]
-        label_p = f"{base.quantization}/{base.compute_dtype}"
         facts = BaseFacts.from_model(base.model, base.aliases)
         backend = (lora_backend.BatchedLoraBackend(base.model) if name == "batched"
                    else lora_backend.PeftMixedBatchBackend(base.model))
+        try:
+            linear = pack_linears(base.model, mode)  # type: ignore[arg-type]
+        except CpuLinearError as exc:
+            print(f"{quant}:{compute} {name} --cpu-linear {mode}: skipped ({exc})", flush=True)
+            continue
+        label_p = f"{base.quantization}/{base.compute_dtype}/{linear.state}"
         slots = []
         for i, path in enumerate(adapters.values()):
             backend.add(f"s{i}", read_adapter(path, facts, max_rank=64))
@@ -122,10 +132,10 @@ def main() -> None:
 
     print(f"\nCPU: {json.dumps(cpu_info().describe())}")
     print(f"decode step, ms (median of {args.steps}); torch threads: {torch.get_num_threads()}")
-    print(f"{'precision':10} {'backend':8} {'thread':14} {'batch':28} {'ms/step':>8} {'tok/s':>7}")
+    print(f"{'precision':20} {'backend':8} {'thread':14} {'batch':28} {'ms/step':>8} {'tok/s':>7}")
     for label_p, name, where, label, ms in results:
         rows = 1 if label.startswith("1 row") else 8
-        print(f"{label_p:10} {name:8} {where:14} {label:28} {ms:8.1f} {rows * 1000 / ms:7.1f}")
+        print(f"{label_p:20} {name:8} {where:14} {label:28} {ms:8.1f} {rows * 1000 / ms:7.1f}")
 
 
 if __name__ == "__main__":

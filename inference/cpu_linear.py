@@ -5,7 +5,11 @@ step (a few rows against a wide weight) MKL picks a slow path on some CPUs. On a
 (AVX2) the default model's output layer (8 rows x 576 -> 49152) took 48 ms through MKL and
 14 ms through oneDNN with the weight reordered once into oneDNN's blocked layout; a whole
 8-row decode step went from 184 to 126 ms (docs/benchmarks.md, "The base's linear layers
-through oneDNN"). vLLM's CPU backend also runs its linear layers through oneDNN.
+through oneDNN"). torch's bf16 ``F.linear`` runs oneDNN already, but reorders the weight on
+every call: on an AMD EPYC with AVX512-BF16 (Zen 4), packing bf16 weights once made the
+server's 8-tenant decode 1.4x faster (docs/benchmarks.md, "bf16 weights packed too").
+vLLM's CPU backend also runs its linear layers through oneDNN, and IPEX packs bf16 weights
+the same way.
 
 torch ships the two ops its compiler uses for this when it freezes a model,
 ``mkldnn::_reorder_linear_weight`` (pack once) and ``mkldnn::_linear_pointwise`` (run on the
@@ -138,19 +142,31 @@ def _packable(name: str, module: torch.nn.Module, dtypes: tuple[torch.dtype, ...
     return weight.device.type == "cpu" and weight.dtype in dtypes
 
 
-def pack_linears(model: torch.nn.Module, mode: CpuLinearMode = "auto") -> CpuLinearState:
+def pack_linears(model: torch.nn.Module, mode: CpuLinearMode = "auto",
+                 native_bf16: bool | None = None) -> CpuLinearState:
     """Pack every plain ``nn.Linear`` of ``model`` for oneDNN where ``mode`` asks for it.
 
-    ``auto`` packs fp32 weights (measured faster on AVX2; a bf16 base on a CPU already runs
-    through oneDNN in torch); ``onednn`` also packs bf16 weights and raises
+    ``auto`` packs fp32 weights, and bf16 weights on a CPU with native bf16
+    (``native_bf16``; default: this CPU, as ``precision.cpu_info`` sees it, ISA limits
+    included): both measured faster than torch's ``F.linear`` for decode steps
+    (docs/benchmarks.md). Where bf16 is emulated (AVX2 only), bf16 weights stay on torch:
+    not measured to pay. ``onednn`` packs both dtypes anywhere and raises
     :class:`CpuLinearError` where the ops cannot run; ``torch`` packs nothing."""
     if mode == "torch":
         return CpuLinearState("torch", "--cpu-linear torch")
-    dtypes = (torch.float32,) if mode == "auto" else (torch.float32, torch.bfloat16)
+    if mode == "auto":
+        if native_bf16 is None:
+            from .precision import cpu_info
+            native_bf16 = cpu_info().native_bf16
+        dtypes = (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
+    else:
+        dtypes = (torch.float32, torch.bfloat16)
     layers = [(n, m) for n, m in model.named_modules() if _packable(n, m, dtypes)]
     if not layers:
-        return CpuLinearState("torch", "no plain fp32 linear layers on the CPU to pack "
-                              "(a GPU, or NF4/bf16 weights)")
+        kinds = " or ".join(str(d).removeprefix("torch.").replace("float32", "fp32")
+                            .replace("bfloat16", "bf16") for d in dtypes)
+        return CpuLinearState("torch", f"no plain {kinds} linear layers on the CPU to pack "
+                              "(a GPU, NF4 weights, or bf16 weights where bf16 is emulated)")
     for dtype in sorted({m.weight.dtype for _, m in layers}, key=str):
         reason = probe(dtype)
         if reason is not None:

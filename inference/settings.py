@@ -169,11 +169,11 @@ class ServeSettings(LogSettings, BaseSettings):
         "path runs); off = the plain-torch path always.")
     cpu_linear: Literal["auto", "onednn", "torch"] = Field(
         "auto",
-        description="auto = on a CPU, the base's fp32 linear layers run through oneDNN on "
-        "weights packed once at start-up (faster than torch's MKL path for decode steps; "
-        "costs a second copy of those weights in memory), where a start-up probe shows it "
-        "works; onednn = also bf16 weights, and fail start-up where it cannot run; torch = "
-        "torch's F.linear.")
+        description="auto = on a CPU, the base's fp32 linear layers, and its bf16 ones on a "
+        "CPU with native bf16, run through oneDNN on weights packed once at start-up (faster "
+        "than torch's F.linear for decode steps; costs a second copy of those weights in "
+        "memory), where a start-up probe shows it works; onednn = also bf16 weights where "
+        "bf16 is emulated, and fail start-up where it cannot run; torch = torch's F.linear.")
     kernel_dir: Path | None = Field(
         None, description="Where the CPU kernel is built and looked up (default "
         "~/.cache/loramux/kernels). The CPU image ships it prebuilt.")

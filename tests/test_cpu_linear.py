@@ -18,6 +18,7 @@ from loramux.inference.cpu_linear import (
     pack_linears,
     pack_weight,
     packed_linear,
+    probe,
 )
 
 
@@ -87,13 +88,39 @@ def test_autograd_and_other_dtypes_take_f_linear():
         assert layer.double()(xb).dtype == torch.float64
 
 
-def test_auto_packs_only_fp32_and_torch_packs_nothing():
+def test_auto_packs_bf16_only_where_bf16_is_native_and_torch_packs_nothing():
     model = _tied_model()
     assert pack_linears(model, "torch").state == "torch"
     assert not any(isinstance(m, OneDnnLinear) for m in model.modules())
-    bf16 = _tied_model().to(torch.bfloat16)
-    state = pack_linears(bf16, "auto")
-    assert state.state == "torch" and "no plain fp32" in state.reason
+    emulated = _tied_model().to(torch.bfloat16)
+    state = pack_linears(emulated, "auto", native_bf16=False)
+    assert state.state == "torch" and "no plain fp32 linear layers" in state.reason
+    assert not any(isinstance(m, OneDnnLinear) for m in emulated.modules())
+
+    native = _tied_model().to(torch.bfloat16)
+    ids = torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        want = native(ids).logits.float()
+        state = pack_linears(native, "auto", native_bf16=True)
+        got = native(ids).logits.float()
+    refusal = probe(torch.bfloat16)
+    if refusal is None:  # oneDNN runs bf16 here (natively or not): packed, same logits
+        assert state.state == "onednn" and state.layers == 2 * 7 + 1, state
+        assert state.packed_bytes == sum(m.weight.numel() * 2 for m in native.modules()
+                                         if isinstance(m, OneDnnLinear))
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    else:  # the probe's refusal is reported, nothing is packed
+        assert state.state == "torch" and state.reason == refusal
+        assert not any(isinstance(m, OneDnnLinear) for m in native.modules())
+
+
+def test_auto_follows_this_cpus_bf16_by_default():
+    from loramux.inference.precision import cpu_info
+
+    model = _tied_model().to(torch.bfloat16)
+    state = pack_linears(model)
+    packed = any(isinstance(m, OneDnnLinear) for m in model.modules())
+    assert packed == (cpu_info().native_bf16 and probe(torch.bfloat16) is None), state
 
 
 # torch warns about Intel-GPU TF32 whenever the mkldnn flags are set on a CPU-only build.
